@@ -1,0 +1,121 @@
+"""Calibration sources: real inputs for static quantization and error checks.
+
+A source yields feed dicts (input name -> array) for a graph. Every source's
+feeds are checked against the graph's inputs (names, dtypes, ranks) before
+any long work starts, so a mismatched folder fails in a second, not after
+minutes of calibration.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import PipelineError
+
+Feeds = dict[str, np.ndarray]
+DATA_DIR = Path(__file__).parent / "data"
+
+
+class SourceParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class SourceContext:
+    """What a source may know: the base model file (for sidecars) and how to resolve paths."""
+
+    model_path: Path
+    resolve: Callable[[str], Path] = Path
+
+
+class CalibrationSource:
+    name: ClassVar[str]
+    Params: ClassVar[type[SourceParams]] = SourceParams
+
+    def __init__(self, params: SourceParams, ctx: SourceContext):
+        self.params = params
+        self.ctx = ctx
+
+    def feeds(self) -> Iterator[Feeds]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+def _registry() -> dict[str, type[CalibrationSource]]:
+    from .npz_folder import NpzFolder
+    from .piper_sentences import PiperSentences
+
+    return {cls.name: cls for cls in (PiperSentences, NpzFolder)}
+
+
+def source_names() -> list[str]:
+    return sorted(_registry())
+
+
+def make_source(name: str, params: dict[str, Any], ctx: SourceContext, where: str = "calibration") -> CalibrationSource:
+    registry = _registry()
+    if name not in registry:
+        raise PipelineError(f"{where}.source: unknown calibration source {name!r} (known: {', '.join(sorted(registry))})")
+    cls = registry[name]
+    try:
+        parsed = cls.Params.model_validate(params)
+    except ValidationError as e:
+        from pipeline.recipe import format_validation_error
+
+        raise PipelineError(format_validation_error(f"{where}.params", e, cls.Params)) from None
+    return cls(parsed, ctx)
+
+
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def graph_inputs(model: onnx.ModelProto) -> dict[str, tuple[type, int]]:
+    """Real inputs of a graph (initializers excluded): name -> (numpy dtype, rank)."""
+    inits = {t.name for t in model.graph.initializer}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        out[inp.name] = (_ONNX_TO_NUMPY.get(tt.elem_type), len(tt.shape.dim))
+    return out
+
+
+def check_feeds(feeds: Feeds, model: onnx.ModelProto, where: str) -> None:
+    """One clear error when a feed does not fit the graph's inputs."""
+    expected = graph_inputs(model)
+    missing = sorted(set(expected) - set(feeds))
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        raise PipelineError(f"{where}: feed names do not match the graph inputs "
+                            f"(graph wants {sorted(expected)}; missing {missing}, unexpected {extra})")
+    for name, (dtype, rank) in expected.items():
+        value = np.asarray(feeds[name])
+        if dtype is not None and value.dtype != dtype:
+            raise PipelineError(f"{where}: input {name!r} has dtype {value.dtype}, the graph wants {np.dtype(dtype)}")
+        if value.ndim != rank:
+            raise PipelineError(f"{where}: input {name!r} has rank {value.ndim} (shape {list(value.shape)}), "
+                                f"the graph wants rank {rank}")
+
+
+def checked_feeds(source: CalibrationSource, model: onnx.ModelProto, where: str = "calibration") -> list[Feeds]:
+    """All feeds of a source, each checked against `model`; an empty source is an error."""
+    feeds = []
+    for i, f in enumerate(source.feeds()):
+        check_feeds(f, model, f"{where} ({source.describe()}), sample {i}")
+        feeds.append(f)
+    if not feeds:
+        raise PipelineError(f"{where}: source {source.describe()} yields no samples")
+    return feeds

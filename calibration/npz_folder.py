@@ -1,0 +1,36 @@
+"""npz source: a folder of `.npz` files, each one feed dict (input name -> array)."""
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+from . import CalibrationSource, Feeds, SourceParams
+
+
+class NpzParams(SourceParams):
+    folder: str
+    pattern: str = "*.npz"
+
+
+class NpzFolder(CalibrationSource):
+    name = "npz"
+    Params = NpzParams
+
+    def feeds(self) -> Iterator[Feeds]:
+        folder = self.ctx.resolve(self.params.folder)
+        if not folder.is_dir():
+            raise PipelineError(f"calibration folder not found: {folder}")
+        for path in sorted(folder.glob(self.params.pattern)):
+            try:
+                # allow_pickle=False: an .npz must hold plain arrays, never objects.
+                with np.load(path, allow_pickle=False) as data:
+                    yield {k: data[k] for k in data.files}
+            except (OSError, ValueError, zipfile.BadZipFile) as e:
+                raise PipelineError(f"cannot read calibration file {path}: {e}") from None
+
+    def describe(self) -> str:
+        return f"npz folder {self.params.folder}"

@@ -1,0 +1,96 @@
+"""Piper source: real sentences phonemized through the voice's own phoneme map.
+
+Uses piper-tts's phonemizer (it bundles espeak-ng, so it works offline) and the
+voice's `.onnx.json`, exactly as `PiperVoice.synthesize` does, so calibration
+sees the ids the voice sees in use.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.errors import PipelineError
+
+from . import DATA_DIR, CalibrationSource, Feeds, SourceParams
+
+
+class PiperParams(SourceParams):
+    sentences: str | None = None  # text file, one sentence per line; default: the shipped set
+    count: int | None = Field(default=None, ge=1)  # first N sentences; default all
+    config: str | None = None  # voice .onnx.json; default: the model's sidecar
+    noise_scale: float = 0.0
+    length_scale: float = 1.0
+    noise_w: float = 0.0
+
+
+def read_sentences(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise PipelineError(f"cannot read sentences file {path}: {e.strerror}") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def load_phonemizer(config_path: Path):
+    """A PiperVoice without a session: only its phonemize/phonemes_to_ids are used."""
+    from piper import PiperVoice
+    from piper.config import PiperConfig
+
+    try:
+        config = PiperConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError) as e:
+        raise PipelineError(f"cannot read Piper voice config {config_path}: {e}") from None
+    return PiperVoice(session=None, config=config)
+
+
+def phoneme_ids(voice, text: str) -> list[int]:
+    """All sentences of `text` joined into one id sequence, as one utterance."""
+    ids: list[int] = []
+    for sentence in voice.phonemize(text):
+        if sentence:
+            ids.extend(voice.phonemes_to_ids(sentence))
+    return ids
+
+
+def piper_feeds(ids: list[int], noise_scale: float = 0.0, length_scale: float = 1.0, noise_w: float = 0.0) -> Feeds:
+    return {
+        "input": np.array([ids], dtype=np.int64),
+        "input_lengths": np.array([len(ids)], dtype=np.int64),
+        "scales": np.array([noise_scale, length_scale, noise_w], dtype=np.float32),
+    }
+
+
+class PiperSentences(CalibrationSource):
+    """Real English sentences -> phoneme ids -> (input, input_lengths, scales)."""
+
+    name = "piper"
+    Params = PiperParams
+
+    def _config_path(self) -> Path:
+        if self.params.config:
+            return self.ctx.resolve(self.params.config)
+        sidecar = self.ctx.model_path.with_name(self.ctx.model_path.name + ".json")
+        if not sidecar.is_file():
+            raise PipelineError(f"calibration source 'piper' needs the voice config: no {sidecar.name} next to "
+                                f"the model; set calibration.params.config")
+        return sidecar
+
+    def sentences(self) -> list[str]:
+        path = self.ctx.resolve(self.params.sentences) if self.params.sentences else DATA_DIR / "sentences_en.txt"
+        sentences = read_sentences(path)
+        return sentences[: self.params.count] if self.params.count else sentences
+
+    def feeds(self) -> Iterator[Feeds]:
+        voice = load_phonemizer(self._config_path())
+        p = self.params
+        for text in self.sentences():
+            ids = phoneme_ids(voice, text)
+            if ids:
+                yield piper_feeds(ids, p.noise_scale, p.length_scale, p.noise_w)
+
+    def describe(self) -> str:
+        return f"piper sentences ({self.params.sentences or 'shipped set'})"

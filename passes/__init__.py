@@ -1,0 +1,16 @@
+"""The registry of passes: one module each, listed here explicitly."""
+from __future__ import annotations
+
+from pipeline.errors import PipelineError
+
+from .base import Pass
+from .quantize import Quantize
+from .simplify import Simplify
+
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Simplify, Quantize)}
+
+
+def get_pass(name: str, where: str = "step") -> Pass:
+    if name not in PASSES:
+        raise PipelineError(f"{where}: unknown pass {name!r} (known passes: {', '.join(sorted(PASSES))})")
+    return PASSES[name]()

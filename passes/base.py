@@ -1,0 +1,69 @@
+"""What every pass shares: parameters, context and result.
+
+A pass sees one ONNX graph and a context, nothing else: it never imports the
+runner or the CLI, so it can be tested on a model built in a test.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.blocks import BlockPartition
+
+
+class Params(BaseModel):
+    """Base of every pass's parameter schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass
+class PassContext:
+    graph_name: str
+    blocks: BlockPartition
+    # Node names the step's scope selects; None means the whole graph.
+    selected: set[str] | None
+    workdir: Path
+    # Yields real feed dicts for this graph (calibration); None when the recipe has none.
+    calibration: Callable[[], Iterator[Feeds]] | None = None
+    log: Callable[[str], None] = lambda msg: None
+
+    def in_scope(self, node: onnx.NodeProto) -> bool:
+        return self.selected is None or node.name in self.selected
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    changed: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Subclasses set `name`, `Params`, and implement `apply`; the docstring is the help text."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+    # Passes that rewrite the whole graph (simplify) cannot honour a block scope.
+    scoped: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = False
+
+    def needs_calibration_for(self, params: Params) -> bool:
+        return self.needs_calibration
+
+    def apply(self, model: onnx.ModelProto, params: Params, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(Counter(n.op_type for n in model.graph.node))

@@ -1,0 +1,156 @@
+"""`pipeline`: run, validate, inspect and benchmark ONNX shrinking recipes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import PipelineError
+
+console = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+class _Group(click.Group):
+    """Turns user errors into one line and a non-zero exit; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            console.print("interrupted; finished steps are kept, re-run to resume")
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as e:  # a bug: still one line unless asked for the traceback
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            console.print(f"[bold red]internal error:[/] {type(e).__name__}: {' '.join(str(e).split())[:500]} "
+                          f"(re-run with --debug for the traceback)", soft_wrap=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(__version__, prog_name="pipeline")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Shrink text-to-speech ONNX models (FP16, INT8) from a YAML recipe, block by block.
+
+    Start with `pipeline run recipes/piper_int8.yaml`.
+    """
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Run folder (default: the recipe's `output`, else runs/<recipe name>).")
+def run(recipe: Path, out_dir: Path | None) -> None:
+    """Run RECIPE: base model, then each step; finished steps are reused on a re-run."""
+    from .recipe import load_recipe
+    from .runner import Runner, plan_recipe
+
+    r = load_recipe(recipe)
+    target = out_dir or Path(r.output or f"runs/{r.name}")
+    with console.status(f"checking recipe {recipe} ..."):
+        plan = plan_recipe(r)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        tasks: dict[str, int] = {}
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = progress.add_task(what, total=total)
+            progress.update(tasks[what], completed=done)
+
+        result = Runner(plan, target, log=lambda m: progress.console.print(m), progress=on_progress).run()
+    _print_run_summary(result)
+
+
+def _print_run_summary(result) -> None:
+    table = Table(title=f"run folder: {result.out_dir}")
+    for col in ("step", "pass", "cached", "MB", "nodes", "time s"):
+        table.add_column(col, justify="right" if col in ("MB", "nodes", "time s") else "left")
+    for rec in result.steps:
+        m = rec.manifest
+        graphs = m.get("graphs", {})
+        table.add_row(rec.folder, m.get("pass", ""), "yes" if rec.cached else "no",
+                      f"{sum(g['bytes'] for g in graphs.values()) / 1e6:.1f}",
+                      str(sum(g["nodes"] for g in graphs.values())), f"{m.get('wall_s', 0):.1f}")
+    out.print(table)
+    files = ", ".join(g.file for g in result.final.graphs)
+    out.print(f"final model: {result.out_dir / 'final'} ({files}); total {result.wall_s:.1f} s")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+def validate(recipe: Path) -> None:
+    """Check RECIPE (schema, passes, parameters, scopes, model, calibration) without running it."""
+    from .recipe import load_recipe
+    from .runner import plan_recipe
+
+    r = load_recipe(recipe)
+    plan = plan_recipe(r)
+    n = len(plan.calibration) if plan.calibration else 0
+    out.print(f"{recipe}: ok ({len(plan.steps)} steps" + (f", {n} calibration samples" if n else "") + ")")
+
+
+@main.command()
+def passes() -> None:
+    """List every pass with its parameters and defaults."""
+    from passes import PASSES
+
+    for name, cls in sorted(PASSES.items()):
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+        out.print(f"[bold]{name}[/]" + ("" if cls.scoped else "  (whole graph, no scope)"))
+        out.print(f"  {doc.splitlines()[0] if doc else ''}")
+        for field_name, field in cls.Params.model_fields.items():
+            ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+            out.print(f"    {field_name}: {ann} ({default})")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--blocks", "pattern", help="Regex over node names; capture groups form the block id.")
+@click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,
+              help="Match the regex against node names or the `namespace` metadata.")
+def inspect(model: Path, pattern: str | None, on: str) -> None:
+    """List the blocks of MODEL with node counts, parameter counts and op types."""
+    from pydantic import ValidationError
+
+    from .blocks import BlockPartition
+    from .onnx_io import load_onnx
+    from .recipe import BlockSpec
+
+    m = load_onnx(model)
+    spec = None
+    if pattern:
+        try:
+            spec = BlockSpec(patterns=[pattern], on=on)
+        except ValidationError as e:
+            raise PipelineError(f"--blocks: {e.errors()[0]['msg']}") from None
+    partition = BlockPartition(m, spec)
+    table = Table(title=f"{model.name}: {len(m.graph.node)} nodes, {len(partition.blocks)} blocks")
+    for col in ("block", "nodes", "params", "op types"):
+        table.add_column(col, justify="right" if col in ("nodes", "params") else "left")
+    for block in partition.blocks.values():
+        ops = ", ".join(f"{op} {n}" for op, n in block.op_types.most_common(6))
+        more = len(block.op_types) - 6
+        table.add_row(block.id, str(len(block.nodes)), f"{block.params:,}", ops + (f", +{more} more" if more > 0 else ""))
+    out.print(table)
+
+
+if __name__ == "__main__":
+    main()

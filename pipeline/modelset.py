@@ -1,0 +1,126 @@
+"""ModelSet: the named ONNX graphs that flow between steps, plus how they chain.
+
+On disk a ModelSet is a folder: one `.onnx` file per graph, the sidecar files
+a runtime needs (a Piper voice's `.onnx.json`), and `modelset.json`:
+
+    {"graphs": [{"name": "model", "file": "en_US-joe-medium.onnx", "sha256": "..."}],
+     "sidecars": {"en_US-joe-medium.onnx.json": "model"},
+     "chain": []}
+
+`chain` lists the edges between graphs (`{"from": "encoder.z", "to": "decoder.z"}`);
+it is empty for a single-graph ModelSet.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .errors import PipelineError
+from .onnx_io import load_onnx, save_onnx
+
+MANIFEST = "modelset.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class GraphFile:
+    name: str
+    file: str
+    sha256: str = ""
+
+
+@dataclass
+class ModelSet:
+    """A folder of graphs. Protos are loaded lazily: a cached step never parses them."""
+
+    root: Path
+    graphs: list[GraphFile]
+    sidecars: dict[str, str] = field(default_factory=dict)  # sidecar file -> graph it belongs to
+    chain: list[dict[str, Any]] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [g.name for g in self.graphs]
+
+    def graph(self, name: str) -> GraphFile:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise PipelineError(f"no graph named {name!r} in the model set (graphs: {', '.join(self.names())})")
+
+    def path(self, name: str) -> Path:
+        return self.root / self.graph(name).file
+
+    def load(self, name: str) -> onnx.ModelProto:
+        return load_onnx(self.path(name))
+
+    def content_hash(self) -> str:
+        """Hash over every graph's bytes and the chain: the cache key of what a step reads."""
+        h = hashlib.sha256()
+        for g in self.graphs:
+            h.update(g.name.encode())
+            h.update((g.sha256 or file_sha256(self.root / g.file)).encode())
+        h.update(json.dumps(self.chain, sort_keys=True).encode())
+        return h.hexdigest()
+
+    def total_bytes(self) -> int:
+        return sum((self.root / g.file).stat().st_size for g in self.graphs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"graphs": [vars(g) for g in self.graphs], "sidecars": self.sidecars, "chain": self.chain}
+
+    def write_manifest(self) -> None:
+        (self.root / MANIFEST).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, root: Path) -> ModelSet:
+        path = root / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+            graphs = [GraphFile(**g) for g in data["graphs"]]
+        except FileNotFoundError:
+            raise PipelineError(f"{root}: not a model set folder (no {MANIFEST})") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise PipelineError(f"{path}: unreadable model set manifest: {e}") from None
+        ms = cls(root, graphs, data.get("sidecars", {}), data.get("chain", []))
+        for g in graphs:
+            if not (root / g.file).is_file():
+                raise PipelineError(f"{path}: lists {g.file} for graph {g.name!r}, but the file is missing")
+        return ms
+
+    def verify(self) -> bool:
+        """True when every graph file still has the hash the manifest recorded."""
+        try:
+            return all(file_sha256(self.root / g.file) == g.sha256 for g in self.graphs)
+        except OSError:
+            return False
+
+    def derive(self, root: Path) -> ModelSet:
+        """An empty twin in another folder (same graph names and files), for a step's output."""
+        return ModelSet(root, [GraphFile(g.name, g.file) for g in self.graphs], dict(self.sidecars), list(self.chain))
+
+    def save_graph(self, name: str, model: onnx.ModelProto) -> None:
+        g = self.graph(name)
+        save_onnx(model, self.root / g.file)
+        g.sha256 = file_sha256(self.root / g.file)
+
+    def copy_graph_from(self, other: ModelSet, name: str) -> None:
+        g = self.graph(name)
+        shutil.copyfile(other.path(name), self.root / g.file)
+        g.sha256 = other.graph(name).sha256 or file_sha256(self.root / g.file)
+
+    def copy_sidecars_from(self, other: ModelSet) -> None:
+        for sidecar in self.sidecars:
+            shutil.copyfile(other.root / sidecar, self.root / sidecar)

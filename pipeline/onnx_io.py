@@ -1,0 +1,89 @@
+"""Loading, checking and running ONNX models, with user-facing errors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from .errors import PipelineError
+
+MAX_PROTO_BYTES = 2 * 1024**3
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load and sanity-check an ONNX file; every failure is one clear PipelineError."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"model file not found: {path}")
+    if not path.is_file():
+        raise PipelineError(f"model path is not a file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise PipelineError(f"model file is empty: {path}")
+    if size >= MAX_PROTO_BYTES:
+        raise PipelineError(f"{path}: model is over 2 GB; models with external data are not supported yet")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, or others on garbage
+        raise PipelineError(f"{path}: not a valid ONNX model (truncated or corrupt?): {_one_line(e)}") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise PipelineError(f"{path}: model keeps weights in external data files; not supported yet")
+    if model.ir_version == 0 or len(model.graph.node) == 0:
+        raise PipelineError(f"{path}: not a valid ONNX model (no IR version or no nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise PipelineError(f"{path}: ONNX checker rejects the model: {_one_line(e)}") from None
+    return model
+
+
+def session(model: onnx.ModelProto | str | Path, threads: int = 2,
+            optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            ) -> ort.InferenceSession:
+    """A CPU session with a fixed thread count, so timings compare."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = optimization
+    opts.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def check_loads(model: onnx.ModelProto, what: str) -> None:
+    """onnx.checker, then an ORT CPU session: a step whose result cannot load fails here."""
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise PipelineError(f"{what}: result fails the ONNX checker: {_one_line(e)}") from None
+    try:
+        session(model, threads=1, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    except Exception as e:
+        raise PipelineError(f"{what}: ONNX Runtime cannot load the result: {_one_line(e)}") from None
+
+
+def set_provenance(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Write `pipeline.*` keys into metadata_props, replacing older values."""
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:600] + ("..." if len(text) > 600 else "")
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """Write via a temporary name in the same folder, then rename: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -1,0 +1,187 @@
+"""Recipe schema and loader.
+
+A recipe is YAML, loaded with the safe loader and validated by pydantic models
+that forbid unknown keys, so a typo is an error that names the file, the key
+path and the valid keys instead of a silently ignored setting.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PipelineError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSource(Strict):
+    """Where the base model comes from: an ONNX path or a file inside an installed package."""
+
+    path: str | None = None
+    package: str | None = None
+    file: str | None = None
+
+    def model_post_init(self, __context: Any) -> None:
+        if bool(self.path) == bool(self.package):
+            raise ValueError("give either 'path' or 'package' + 'file'")
+        if self.package and not self.file:
+            raise ValueError("'package' needs 'file' (the file's path inside the package)")
+
+
+class BlockSpec(Strict):
+    """How nodes are grouped into blocks.
+
+    Each pattern is a regex searched in the node name (or in the node's
+    `namespace` metadata, which the dynamo exporter writes); the first pattern
+    that matches wins and its capture groups, joined by '/', form the block id.
+    Nodes that match no pattern belong to the block named by `rest`.
+    """
+
+    patterns: list[str] = Field(min_length=1)
+    on: Literal["name", "namespace"] = "name"
+    rest: str = "rest"
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        import re
+
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"pattern {p!r} is not a valid regex: {e}") from None
+        return patterns
+
+
+class Scope(Strict):
+    """Which blocks a step touches: regexes matched in full against block ids."""
+
+    graphs: list[str] | None = None
+    include: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+
+    @property
+    def is_everything(self) -> bool:
+        return self.graphs is None and self.include is None and not self.exclude
+
+
+class CalibrationSpec(Strict):
+    source: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Step(Strict):
+    # `pass` is a Python keyword, hence the alias.
+    pass_name: str = Field(alias="pass")
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    scope: Scope = Field(default_factory=Scope)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.pass_name
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    model: ModelSource
+    blocks: BlockSpec | None = None
+    calibration: CalibrationSpec | None = None
+    steps: list[Step] = Field(min_length=1)
+    output: str | None = None
+
+    # Where the recipe was read from: relative paths in it resolve against it.
+    source_path: Path | None = Field(default=None, exclude=True)
+
+    def spec_hash(self) -> str:
+        """Hash of everything that changes the result (not descriptions or output folders)."""
+        spec = self.model_dump(mode="json", by_alias=True, exclude={"description", "output", "source_path"})
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+    def resolve_path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.source_path is not None:
+            p = self.source_path.parent / p
+        return p
+
+
+def format_validation_error(where: str, err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: `file: key.path: message (valid keys: ...)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<top>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden" and model is not None:
+            valid = _valid_keys_at(model, e["loc"][:-1])
+            if valid:
+                msg = f"unknown key '{e['loc'][-1]}' (valid keys: {', '.join(valid)})"
+        lines.append(f"{where}: {loc}: {msg}")
+    return "; ".join(lines)
+
+
+def _valid_keys_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the schema along `loc` to list the keys allowed there."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = _field_by_alias(current, part)
+        if field is None:
+            return []
+        current = _inner_model(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(f.alias or n for n, f in current.model_fields.items() if not f.exclude)
+    return []
+
+
+def _field_by_alias(model: type[BaseModel], key: str):
+    for n, f in model.model_fields.items():
+        if key in (n, f.alias):
+            return f
+    return None
+
+
+def _inner_model(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PipelineError(f"{path}: invalid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not a text file") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path}: a recipe must be a YAML mapping with keys name, model, steps")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise PipelineError(format_validation_error(str(path), e, Recipe)) from None
+    recipe.source_path = path.resolve()
+    return recipe

@@ -1,0 +1,342 @@
+"""Run a recipe: base model, then ordered passes, each step cached by content.
+
+Run folder layout (stable; scripts rely on it):
+
+    DIR/steps/00-base/        the base model (a copy; the input is never touched)
+    DIR/steps/NN-<step>/      each step's ModelSet + step.json (its manifest)
+    DIR/final/                the final ModelSet's files, with sidecars
+    DIR/manifest.json         the whole run: recipe, steps, final files
+    DIR/tmp/                  scratch (ORT calibration files); emptied after a run
+
+A step's cache key hashes (input graphs, step spec, block spec, calibration
+feeds, tool version). A step folder appears only complete (built under a
+temporary name, then renamed), so an interrupted run resumes at the step it
+was in, and a re-run of a finished recipe only re-reads hashes.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from calibration import Feeds, SourceContext, checked_feeds, make_source
+from passes import get_pass
+from passes.base import Pass, PassContext, op_counts
+from passes.base import Params as PassParams
+
+from . import __version__
+from .blocks import BlockPartition, adopt_new_nodes
+from .errors import PipelineError
+from .modelset import ModelSet, file_sha256
+from .onnx_io import check_loads, load_onnx, set_provenance
+from .recipe import Recipe, Step, format_validation_error
+from .sources import materialize_base, resolve_model_path
+
+STEP_MANIFEST = "step.json"
+
+
+@dataclass
+class PlannedStep:
+    index: int
+    step: Step
+    pass_: Pass
+    params: PassParams
+
+    @property
+    def folder(self) -> str:
+        return f"{self.index:02d}-{self.step.label}"
+
+    def spec(self) -> dict[str, Any]:
+        return {"pass": self.pass_.name, "params": self.params.model_dump(mode="json"),
+                "scope": self.step.scope.model_dump(mode="json")}
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    model_path: Path
+    steps: list[PlannedStep]
+    calibration: list[Feeds] | None = None
+
+    def calibration_hash(self) -> str:
+        h = hashlib.sha256()
+        for feeds in self.calibration or []:
+            for name in sorted(feeds):
+                h.update(name.encode())
+                h.update(np.ascontiguousarray(feeds[name]).tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class StepRecord:
+    folder: str
+    cached: bool
+    manifest: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    final: ModelSet
+    steps: list[StepRecord] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def plan_recipe(recipe: Recipe, *, load_calibration: bool = True) -> Plan:
+    """Check everything that can be checked before long work starts."""
+    where = str(recipe.source_path or recipe.name)
+    model_path = resolve_model_path(recipe.model, recipe)
+    base = load_onnx(model_path)
+    steps = []
+    for i, step in enumerate(recipe.steps, start=1):
+        at = f"{where}: steps.{i - 1}"
+        pass_ = get_pass(step.pass_name, at)
+        try:
+            params = pass_.Params.model_validate(step.params)
+        except ValidationError as e:
+            raise PipelineError(format_validation_error(f"{at}.params", e, pass_.Params)) from None
+        if not pass_.scoped and not step.scope.is_everything:
+            raise PipelineError(f"{at}: pass {pass_.name!r} rewrites the whole graph and takes no scope")
+        steps.append(PlannedStep(i, step, pass_, params))
+    _check_scopes(recipe, base, steps, where)
+    plan = Plan(recipe, model_path, steps)
+    if any(s.pass_.needs_calibration_for(s.params) for s in steps):
+        if recipe.calibration is None:
+            raise PipelineError(f"{where}: a step needs calibration data, but the recipe has no 'calibration' section")
+        if load_calibration:
+            source = make_source(recipe.calibration.source, recipe.calibration.params,
+                                 SourceContext(model_path, recipe.resolve_path), where=f"{where}: calibration")
+            plan.calibration = checked_feeds(source, base, where=f"{where}: calibration")
+    return plan
+
+
+def _check_scopes(recipe: Recipe, base, steps: list[PlannedStep], where: str) -> None:
+    partition = BlockPartition(base, recipe.blocks)
+    for s in steps:
+        scope = s.step.scope
+        if scope.graphs is not None and scope.graphs != ["model"]:
+            unknown = [g for g in scope.graphs if g != "model"]
+            raise PipelineError(f"{where}: steps.{s.index - 1}.scope.graphs: no graph named "
+                                f"{', '.join(map(repr, unknown))} (graphs: model)")
+        partition.select(scope, where=f"{where}: steps.{s.index - 1}.scope")
+
+
+class Runner:
+    def __init__(self, plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
+                 progress: Callable[[str, int, int], None] | None = None):
+        self.plan = plan
+        self.out_dir = out_dir
+        self.log = log
+        self.progress = progress or (lambda what, done, total: None)
+
+    def run(self) -> RunResult:
+        start = time.perf_counter()
+        prepare_out_dir(self.out_dir)
+        steps_dir = self.out_dir / "steps"
+        steps_dir.mkdir(exist_ok=True)
+        records = [self._base(steps_dir)]
+        current = ModelSet.read(steps_dir / records[0].folder)
+        applied: list[str] = []
+        for planned in self.plan.steps:
+            applied.append(planned.step.label)
+            record = self._step(planned, current, steps_dir, applied)
+            records.append(record)
+            current = ModelSet.read(steps_dir / record.folder)
+        final = self._final(current)
+        result = RunResult(self.out_dir, final, records, time.perf_counter() - start)
+        self._write_manifest(result)
+        return result
+
+    # -- steps -------------------------------------------------------------
+
+    def _base(self, steps_dir: Path) -> StepRecord:
+        folder = "00-base"
+        key = _hash({"version": __version__, "base": file_sha256(self.plan.model_path)})
+        cached = _cached(steps_dir / folder, key)
+        if cached is not None:
+            self.log("step 00 base: cached")
+            return StepRecord(folder, True, cached)
+        t0 = time.perf_counter()
+        with _building(steps_dir / folder) as tmp:
+            ms = materialize_base(self.plan.model_path, tmp)
+            manifest = {"step": folder, "pass": "base", "key": key, "source": str(self.plan.model_path.name),
+                        "output_hash": ms.content_hash(), "graphs": _graph_facts(ms),
+                        "wall_s": round(time.perf_counter() - t0, 3)}
+            _write_json(tmp / STEP_MANIFEST, manifest)
+        self.log(f"step 00 base: {self.plan.model_path.name}")
+        return StepRecord(folder, False, manifest)
+
+    def _step(self, planned: PlannedStep, source: ModelSet, steps_dir: Path, applied: list[str]) -> StepRecord:
+        uses_calibration = planned.pass_.needs_calibration_for(planned.params)
+        key = _hash({"version": __version__, "input": source.content_hash(), "step": planned.spec(),
+                     "blocks": self.plan.recipe.blocks.model_dump(mode="json") if self.plan.recipe.blocks else None,
+                     "calibration": self.plan.calibration_hash() if uses_calibration else None,
+                     "recipe": self.plan.recipe.name, "applied": applied})
+        target = steps_dir / planned.folder
+        cached = _cached(target, key)
+        label = f"step {planned.index:02d} {planned.step.label}"
+        if cached is not None:
+            self.log(f"{label}: cached")
+            return StepRecord(planned.folder, True, cached)
+        self.log(f"{label}: {planned.pass_.name} ...")
+        t0 = time.perf_counter()
+        stats: dict[str, Any] = {}
+        with _building(target) as tmp, _scratch_tmpdir(self.out_dir / "tmp") as scratch:
+            out = source.derive(tmp)
+            for graph in source.names():
+                scope = planned.step.scope
+                if scope.graphs is not None and graph not in scope.graphs:
+                    out.copy_graph_from(source, graph)
+                    continue
+                model = source.load(graph)
+                blocks = BlockPartition(model, self.plan.recipe.blocks)
+                selected = None if scope.is_everything else blocks.select(scope, where=f"{label}.scope")
+                ctx = PassContext(graph, blocks, selected, scratch,
+                                  calibration=self._calibration(label) if uses_calibration else None, log=self.log)
+                before = {n.name for n in model.graph.node}
+                result = planned.pass_.apply(model, planned.params, ctx)
+                adopt_new_nodes(result.model, before, self.plan.recipe.blocks)
+                set_provenance(result.model, {"pipeline.recipe": self.plan.recipe.name,
+                                              "pipeline.passes": ",".join(applied),
+                                              "pipeline.version": __version__})
+                check_loads(result.model, f"{label} ({graph})")
+                out.save_graph(graph, result.model)
+                stats[graph] = result.stats | {"changed": result.changed}
+            out.copy_sidecars_from(source)
+            out.write_manifest()
+            manifest = {"step": planned.folder, **planned.spec(), "key": key, "input_hash": source.content_hash(),
+                        "output_hash": out.content_hash(), "graphs": _graph_facts(out), "stats": stats,
+                        "wall_s": round(time.perf_counter() - t0, 3)}
+            _write_json(tmp / STEP_MANIFEST, manifest)
+        self.log(f"{label}: done in {manifest['wall_s']:.1f} s")
+        return StepRecord(planned.folder, False, manifest)
+
+    def _calibration(self, label: str) -> Callable[[], Iterator[Feeds]]:
+        feeds = self.plan.calibration or []
+
+        def iterate() -> Iterator[Feeds]:
+            for i, f in enumerate(feeds):
+                self.progress(f"{label}: calibrating", i, len(feeds))
+                yield f
+            self.progress(f"{label}: calibrating", len(feeds), len(feeds))
+
+        return iterate
+
+    def _final(self, last: ModelSet) -> ModelSet:
+        """Copy the last step's graphs to final/, stamped with the recipe's name and hash."""
+        target = self.out_dir / "final"
+        recipe_hash = self.plan.recipe.spec_hash()
+        key = _hash({"last": last.content_hash(), "recipe": recipe_hash})
+        cached = _cached(target, key, manifest=".final.json")
+        if cached is not None:
+            return ModelSet.read(target)
+        with _building(target) as tmp:
+            out = last.derive(tmp)
+            for graph in last.names():
+                model = last.load(graph)
+                set_provenance(model, {"pipeline.recipe_sha256": recipe_hash})
+                out.save_graph(graph, model)
+            out.copy_sidecars_from(last)
+            out.write_manifest()
+            _write_json(tmp / ".final.json", {"key": key, "output_hash": out.content_hash()})
+        return ModelSet.read(target)
+
+    def _write_manifest(self, result: RunResult) -> None:
+        recipe = self.plan.recipe
+        manifest = {
+            "recipe": {"name": recipe.name, "path": str(recipe.source_path) if recipe.source_path else None,
+                       "sha256": recipe.spec_hash()},
+            "version": __version__,
+            "model": str(self.plan.model_path),
+            "steps": [r.manifest | {"cached": r.cached} for r in result.steps],
+            "final": {"folder": "final", "graphs": _graph_facts(result.final), "sidecars": list(result.final.sidecars)},
+            "wall_s": round(result.wall_s, 3),
+        }
+        _write_json(self.out_dir / "manifest.json", manifest)
+
+
+def prepare_out_dir(out_dir: Path) -> None:
+    """Create the run folder and prove it is writable, before any work."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{id(out_dir)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PipelineError(f"cannot write to output folder {out_dir}: {e.strerror or e}") from None
+
+
+def _graph_facts(ms: ModelSet) -> dict[str, Any]:
+    facts = {}
+    for g in ms.graphs:
+        path = ms.root / g.file
+        model = load_onnx(path)
+        facts[g.name] = {"file": g.file, "bytes": path.stat().st_size, "sha256": g.sha256,
+                         "nodes": len(model.graph.node), "op_counts": op_counts(model)}
+    return facts
+
+
+def _cached(folder: Path, key: str, manifest: str = STEP_MANIFEST) -> dict[str, Any] | None:
+    """The folder's manifest if it was built with `key` and its files are intact."""
+    try:
+        data = json.loads((folder / manifest).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("key") != key:
+        return None
+    try:
+        ms = ModelSet.read(folder)
+    except PipelineError:
+        return None
+    return data if ms.verify() else None
+
+
+@contextlib.contextmanager
+def _building(target: Path) -> Iterator[Path]:
+    """Build a folder under a temporary name; rename it into place only when complete."""
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _scratch_tmpdir(path: Path) -> Iterator[Path]:
+    """Point Python's tempfile (which ORT's quantizer uses) into the run folder."""
+    path.mkdir(parents=True, exist_ok=True)
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(path)
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,74 @@
+"""Model sources: where a recipe's base model comes from (step 00)."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import onnx
+
+from .blocks import adopt_new_nodes
+from .errors import PipelineError
+from .modelset import GraphFile, ModelSet, file_sha256
+from .onnx_io import load_onnx
+from .recipe import ModelSource, Recipe
+
+# Files a runtime reads next to the model; copied along so the result drops in unchanged.
+SIDECAR_SUFFIXES = (".json",)  # Piper: voice.onnx + voice.onnx.json
+
+
+def package_file(package: str, file: str) -> Path:
+    """A file inside an installed package, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    if not path.is_file():
+        raise PipelineError(f"package {package!r} has no file {file!r}")
+    return path
+
+
+def resolve_model_path(source: ModelSource, recipe: Recipe | None = None) -> Path:
+    if source.package:
+        return package_file(source.package, source.file)
+    return recipe.resolve_path(source.path) if recipe else Path(source.path)
+
+
+def sidecars_of(model_path: Path) -> list[Path]:
+    return [p for p in (model_path.with_name(model_path.name + s) for s in SIDECAR_SUFFIXES) if p.is_file()]
+
+
+def name_all_nodes(model: onnx.ModelProto) -> int:
+    """Give unnamed nodes a name and scope-less nodes the scope of their neighbours.
+
+    TorchScript loses the names of ops inlined from scripted functions (the
+    tanh/sigmoid gates of VITS's WaveNet layers come out as `Tanh_6089` or
+    nameless); without a scope they would fall outside their flow's block.
+    """
+    scoped = {n.name for n in model.graph.node if n.name.startswith("/")}
+    if len(scoped) == len(model.graph.node):
+        return 0
+    return adopt_new_nodes(model, scoped, None) or 1
+
+
+def materialize_base(model_path: Path, dest: Path) -> ModelSet:
+    """Copy an existing ONNX (and its sidecars) into `dest` as a one-graph ModelSet.
+
+    The copy is what later steps read; the user's file is only ever read.
+    """
+    model = load_onnx(model_path)  # every bad-model error surfaces here, before any work
+    dest.mkdir(parents=True, exist_ok=True)
+    ms = ModelSet(dest, [GraphFile("model", model_path.name)])
+    if name_all_nodes(model):
+        ms.save_graph("model", model)
+    else:
+        shutil.copyfile(model_path, dest / model_path.name)
+        ms.graphs[0].sha256 = file_sha256(dest / model_path.name)
+    for sidecar in sidecars_of(model_path):
+        shutil.copyfile(sidecar, dest / sidecar.name)
+        ms.sidecars[sidecar.name] = "model"
+    ms.write_manifest()
+    return ms
