@@ -102,7 +102,7 @@ class Quantize(Pass):
             root.setLevel(level)
             if out_path.exists():
                 os.unlink(out_path)
-        per_block = _quantized_per_block(quantized, ctx)
+        per_block = _quantized_per_block(quantized, ctx, params.op_types)
         count = sum(per_block.values())
         if params.expect_min_nodes is not None and count < params.expect_min_nodes:
             raise PipelineError(f"quantize on {ctx.graph_name!r}: expected at least {params.expect_min_nodes} "
@@ -118,18 +118,19 @@ def _count(model: onnx.ModelProto, op: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op)
 
 
-def _quantized_per_block(model: onnx.ModelProto, ctx: PassContext) -> dict[str, int]:
+def _quantized_per_block(model: onnx.ModelProto, ctx: PassContext, op_types: list[str] | None) -> dict[str, int]:
     """Original nodes that now compute on INT8 data, by block of the input graph.
 
-    In QDQ form a node is quantized when one of its inputs comes out of a
-    DequantizeLinear; in operator form it became an integer op.
+    In QDQ form a node (of the requested op types) is quantized when one of its
+    inputs comes out of a DequantizeLinear; in operator form it became an integer op.
     """
     dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     counts: Counter[str] = Counter()
     for node in model.graph.node:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        if node.op_type in _INTEGER_OPS or any(i in dq_outputs for i in node.input):
+        qdq = any(i in dq_outputs for i in node.input) and (op_types is None or node.op_type in op_types)
+        if node.op_type in _INTEGER_OPS or qdq:
             name = node.name
             for suffix in ("_quant", "_QuantizeLinear"):
                 name = name.removesuffix(suffix)

@@ -13,7 +13,8 @@ from . import __version__
 from .errors import PipelineError
 
 console = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Rich falls back to 80 columns when piped, which truncates the wide tables.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 class _Group(click.Group):
@@ -150,6 +151,58 @@ def inspect(model: Path, pattern: str | None, on: str) -> None:
         more = len(block.op_types) - 6
         table.add_row(block.id, str(len(block.nodes)), f"{block.params:,}", ops + (f", +{more} more" if more > 0 else ""))
     out.print(table)
+
+
+@main.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--sentences", "count", default=5, show_default=True, help="Evaluation sentences to use.")
+@click.option("--sentences-file", type=click.Path(path_type=Path), help="Text file, one sentence a line "
+              "(default: the shipped evaluation set, disjoint from the calibration set).")
+@click.option("--repeat", default=5, show_default=True, help="Interleaved latency repetitions.")
+@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--no-rss", is_flag=True, help="Skip the per-variant peak-RSS child processes.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_file: Path | None, repeat: int,
+          threads: int, no_rss: bool, json_path: Path | None) -> None:
+    """Compare CANDIDATES with REFERENCE (Piper voices: .onnx files or run folders' final/).
+
+    Size ratio, latency ratio (interleaved in one process), peak RSS, and
+    quality on real sentences with noise at 0: length difference, waveform
+    SNR where lengths match, log-mel distance over the common length.
+    """
+    import json
+
+    from .bench import piper_eval_feeds, resolve_variant, run_bench
+
+    variants = [resolve_variant(reference)] + [resolve_variant(c) for c in candidates]
+    labels = [v.label for v in variants]
+    for i, v in enumerate(variants):  # two final/ folders of different runs must stay apart
+        if labels.count(v.label) > 1:
+            v.label = f"{v.label}#{i}"
+    texts, feeds = piper_eval_feeds(variants[0].path, count, sentences_file)
+    with console.status("benchmarking ...") as status:
+        result = run_bench(variants, feeds, texts, repeat=repeat, threads=threads, measure_rss=not no_rss,
+                           progress=lambda m: status.update(f"benchmarking: {m}"))
+    m = result["machine"]
+    table = Table(title=f"{len(texts)} sentences, {repeat} interleaved repetitions, {threads} threads, "
+                        f"{m['cpus']} CPUs ({m['processor']})")
+    cols = ("variant", "MB", "size x", "latency ms", "latency x", "peak RSS MB", "max |len| %",
+            "total len %", "log-mel mean", "log-mel max", "min SNR dB")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v in result["variants"]:
+        snrs = [s["snr_db"] for s in v["sentences"] if s["snr_db"] is not None]
+        min_snr = "-" if len(snrs) < len(v["sentences"]) else f"{min(snrs):.1f}"
+        table.add_row(v["label"], f"{v['bytes'] / 1e6:.1f}", f"{v['size_ratio']:.3f}",
+                      f"{v['latency_s'] * 1e3:.0f}", f"{v['latency_ratio']:.2f}", f"{v['peak_rss_mb']:.0f}",
+                      f"{v['max_abs_length_diff'] * 100:.2f}", f"{v['total_length_diff'] * 100:+.2f}",
+                      f"{v['mean_log_mel']:.4f}", f"{v['max_log_mel']:.4f}", min_snr)
+    out.print(table)
+    out.print("log-mel distance is over the common length where lengths differ; "
+              "min SNR is shown only when every sentence kept its length.")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

