@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import numpy as np
+from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
+
+from pipeline.audio import (N_MELS, SAMPLE_RATE, _hz_to_mel, _mel_to_hz, compare_audio, log_mel_distance,
+                            mel_filterbank, mel_spectrogram, sqnr_db)
+
+
+def tone(hz: float, seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(SAMPLE_RATE * seconds)) / SAMPLE_RATE
+    return (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def test_tone_lands_in_the_band_centred_on_it():
+    centres = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(8000.0), N_MELS + 2))[1:-1]
+    for hz in (300.0, 1000.0, 4000.0):
+        mel = mel_spectrogram(tone(hz))
+        # HiFi-GAN framing: pad (n_fft - hop) / 2 each side, no centring.
+        assert mel.shape == (N_MELS, 1 + (SAMPLE_RATE + 768 - 1024) // 256)
+        assert abs(int(np.argmax(mel.mean(axis=1))) - int(np.argmin(abs(centres - hz)))) <= 1
+
+
+def test_filterbank_is_slaney_shaped():
+    fb = mel_filterbank()
+    assert fb.shape == (80, 513)
+    assert (fb >= 0).all() and (fb.sum(axis=1) > 0).all()
+    assert fb[:, 513 * 8000 // 11025 + 2:].max() == 0  # nothing above fmax = 8 kHz
+
+
+def test_log_mel_distance_zero_for_identical_and_grows_with_noise():
+    x = tone(440.0)
+    rng = np.random.default_rng(0)
+    assert log_mel_distance(x, x) == 0.0
+    small = log_mel_distance(x, x + 1e-3 * rng.standard_normal(x.size).astype(np.float32))
+    large = log_mel_distance(x, x + 1e-1 * rng.standard_normal(x.size).astype(np.float32))
+    assert 0 < small < large
+
+
+def test_sqnr_matches_onnxruntime_and_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(10_000).astype(np.float32)
+    y = x + 0.01 * rng.standard_normal(10_000).astype(np.float32)
+    ours = sqnr_db(x, y)
+    ort = compute_signal_to_quantization_noice_ratio(x, y)
+    by_hand = 10 * np.log10(np.sum(x.astype(np.float64) ** 2) / np.sum((x.astype(np.float64) - y) ** 2))
+    assert abs(ours - ort) < 1e-3 and abs(ours - by_hand) < 1e-6
+    assert 39 < ours < 41  # noise at 1% of the signal's RMS
+
+
+def test_compare_audio_reports_length_difference():
+    x = tone(440.0)
+    same = compare_audio(x, x.copy())
+    assert same.snr_db == float("inf") and same.length_diff == 0
+    longer = compare_audio(x, np.concatenate([x, x[:2205]]))
+    assert longer.snr_db is None
+    assert abs(longer.length_diff - 0.1) < 1e-6
+    # Same signal over the common part: only the edge frames differ.
+    assert longer.log_mel_distance < 0.2 * log_mel_distance(x, tone(880.0))
