@@ -56,10 +56,14 @@ class Pass:
     Params: ClassVar[type[Params]] = Params
     # Passes that rewrite the whole graph (simplify) cannot honour a block scope.
     scoped: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = False
 
     def needs_calibration_for(self, params: Params) -> bool:
-        return self.needs_calibration
+        """True when the pass cannot run without the recipe's calibration data."""
+        return False
+
+    def wants_calibration(self, params: Params) -> bool:
+        """True when the pass uses calibration data if the recipe has some."""
+        return self.needs_calibration_for(params)
 
     def apply(self, model: onnx.ModelProto, params: Params, ctx: PassContext) -> PassResult:
         raise NotImplementedError

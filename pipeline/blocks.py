@@ -17,7 +17,7 @@ import onnx
 from .errors import PipelineError
 from .recipe import BlockSpec, Scope
 
-GRAPH_LEVEL = "(graph)"
+GRAPH_LEVEL = "/"  # nodes at the root scope (`/Exp`) or with no scope at all
 _INDEXED = re.compile(r"^[^/]*\.\d+$")
 
 

@@ -92,7 +92,7 @@ class RunResult:
     wall_s: float = 0.0
 
 
-def plan_recipe(recipe: Recipe, *, load_calibration: bool = True) -> Plan:
+def plan_recipe(recipe: Recipe) -> Plan:
     """Check everything that can be checked before long work starts."""
     where = str(recipe.source_path or recipe.name)
     model_path = resolve_model_path(recipe.model, recipe)
@@ -110,13 +110,14 @@ def plan_recipe(recipe: Recipe, *, load_calibration: bool = True) -> Plan:
         steps.append(PlannedStep(i, step, pass_, params))
     _check_scopes(recipe, base, steps, where)
     plan = Plan(recipe, model_path, steps)
-    if any(s.pass_.needs_calibration_for(s.params) for s in steps):
-        if recipe.calibration is None:
-            raise PipelineError(f"{where}: a step needs calibration data, but the recipe has no 'calibration' section")
-        if load_calibration:
-            source = make_source(recipe.calibration.source, recipe.calibration.params,
-                                 SourceContext(model_path, recipe.resolve_path), where=f"{where}: calibration")
-            plan.calibration = checked_feeds(source, base, where=f"{where}: calibration")
+    needing = [s for s in steps if s.pass_.needs_calibration_for(s.params)]
+    if needing and recipe.calibration is None:
+        raise PipelineError(f"{where}: steps.{needing[0].index - 1} ({needing[0].pass_.name}) needs calibration "
+                            f"data, but the recipe has no 'calibration' section")
+    if recipe.calibration is not None and any(s.pass_.wants_calibration(s.params) for s in steps):
+        source = make_source(recipe.calibration.source, recipe.calibration.params,
+                             SourceContext(model_path, recipe.resolve_path), where=f"{where}: calibration")
+        plan.calibration = checked_feeds(source, base, where=f"{where}: calibration")
     return plan
 
 
@@ -177,7 +178,7 @@ class Runner:
         return StepRecord(folder, False, manifest)
 
     def _step(self, planned: PlannedStep, source: ModelSet, steps_dir: Path, applied: list[str]) -> StepRecord:
-        uses_calibration = planned.pass_.needs_calibration_for(planned.params)
+        uses_calibration = planned.pass_.wants_calibration(planned.params) and self.plan.calibration is not None
         key = _hash({"version": __version__, "input": source.content_hash(), "step": planned.spec(),
                      "blocks": self.plan.recipe.blocks.model_dump(mode="json") if self.plan.recipe.blocks else None,
                      "calibration": self.plan.calibration_hash() if uses_calibration else None,

@@ -1,0 +1,226 @@
+"""fp16: convert float tensors and weights to FP16 with onnxconverter-common.
+
+Halves the file. On ONNX Runtime's CPU provider most ops have no FP16 kernel,
+so ORT casts back to FP32 at load: the saving is download and disk, not speed
+or RAM; on GPUs FP16 also runs faster.
+
+The converter alone produces models ORT refuses to load, so this pass adds
+what it misses, by itself:
+- ops that cannot be FP16 stay FP32: the converter's default block list plus
+  `RandomNormalLike` (its `dtype` attribute stays float) and `Range`;
+- an existing `Cast(to=FLOAT)` whose output the converter re-typed as FP16 is
+  made to cast to FP16 (the Piper voice's `/enc_p/Cast_1` type clash);
+- an initializer shared by a kept-FP32 node and a converted node is split, so
+  neither sees the other's type;
+- the converter wraps every kept node in its own Cast pair, so a tensor
+  flowing between two kept nodes still rounds through FP16; those round trips
+  are removed, so a kept region really computes in FP32;
+- with calibration data, tensors whose magnitude comes near the FP16 limit
+  (`overflow_threshold`) are found on real inputs and their producers kept FP32.
+
+Nodes outside the step's scope stay FP32 too (a VITS duration predictor in
+FP16 flips `Ceil` on durations near an integer and shifts the audio).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnxconverter_common import float16
+from pydantic import Field
+
+from pipeline.errors import PipelineError
+from pipeline.onnx_io import session
+
+from .base import Params, Pass, PassContext, PassResult
+
+ALWAYS_FP32_OPS = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | {"RandomNormalLike", "RandomNormal", "RandomUniform"})
+FP16_MAX = 65504.0
+
+
+class Fp16Params(Params):
+    keep_io_types: bool = True
+    op_block_list: list[str] = Field(default_factory=list)  # extra op types to keep FP32
+    node_block_list: list[str] = Field(default_factory=list)  # extra node names to keep FP32
+    overflow_guard: bool = True  # needs the recipe's calibration data; skipped without it
+    overflow_threshold: float = Field(default=FP16_MAX / 4, gt=0)
+    min_positive_val: float = 1e-7
+    max_finite_val: float = 1e4
+
+
+class Fp16(Pass):
+    name = "fp16"
+    Params = Fp16Params
+
+    def wants_calibration(self, params: Fp16Params) -> bool:
+        return params.overflow_guard
+
+    def apply(self, model: onnx.ModelProto, params: Fp16Params, ctx: PassContext) -> PassResult:
+        names = {n.name for n in model.graph.node}
+        unknown = sorted(set(params.node_block_list) - names)
+        if unknown:
+            raise PipelineError(f"fp16 on {ctx.graph_name!r}: node_block_list names no node: {', '.join(unknown[:5])}")
+        op_block = sorted(set(ALWAYS_FP32_OPS) | set(params.op_block_list))
+        reasons: dict[str, str] = {}
+        for n in model.graph.node:
+            if n.op_type in op_block:
+                reasons[n.name] = "op type"
+            elif not ctx.in_scope(n):
+                reasons[n.name] = "out of scope"
+        for name in params.node_block_list:
+            reasons[name] = "node_block_list"
+        if params.overflow_guard and ctx.calibration is not None:
+            for name in _overflowing_nodes(model, ctx, params.overflow_threshold):
+                reasons.setdefault(name, "overflow")
+        elif params.overflow_guard:
+            ctx.log(f"fp16 on {ctx.graph_name}: no calibration data, overflow guard skipped")
+        node_block = sorted(n for n, why in reasons.items() if why != "op type")
+        model = _copy(model)
+        unshared = _unshare_initializers(model, set(op_block), set(node_block))
+        # The converter warns about every clamped weight; the stats say what matters.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("onnxconverter_common").setLevel(logging.ERROR)
+            try:
+                converted = float16.convert_float_to_float16(
+                    model, min_positive_val=params.min_positive_val, max_finite_val=params.max_finite_val,
+                    keep_io_types=params.keep_io_types, op_block_list=op_block, node_block_list=node_block)
+            except Exception as e:
+                raise PipelineError(f"fp16 conversion failed on {ctx.graph_name!r}: "
+                                    f"{' '.join(str(e).split())[:400]}") from None
+        cast_fixed = _fix_cast_targets(converted)
+        roundtrips = _remove_fp16_round_trips(converted)
+        kept = Counter(reasons.values())
+        fp16_inits = sum(1 for t in converted.graph.initializer if t.data_type == TensorProto.FLOAT16)
+        stats = {
+            "nodes_converted": len(names) - len(reasons),
+            "nodes_kept_fp32": dict(kept),
+            "ops_kept_fp32": dict(Counter(n.op_type for n in model.graph.node if reasons.get(n.name) == "op type")),
+            "overflow_nodes": sorted(n for n, why in reasons.items() if why == "overflow"),
+            "initializers_fp16": fp16_inits,
+            "casts": sum(1 for n in converted.graph.node if n.op_type == "Cast"),
+            "cast_targets_fixed": cast_fixed,
+            "initializers_unshared": unshared,
+            "fp16_round_trips_removed": roundtrips,
+        }
+        return PassResult(converted, changed=True, stats=stats)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: float) -> list[str]:
+    """Nodes whose float outputs reach `threshold` in magnitude on the calibration inputs.
+
+    Every float intermediate becomes a graph output for this one FP32 session;
+    only a running max per tensor is kept, never the activations themselves.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model)
+    float_types = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+                   if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    producer = {o: n.name for n in model.graph.node for o in n.output if o in float_types}
+    probe = _copy(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in producer:
+        if name not in existing:
+            probe.graph.output.add(name=name)
+    sess = session(probe)
+    outputs = [o.name for o in sess.get_outputs()]
+    peak: dict[str, float] = {}
+    for feeds in ctx.calibration():
+        for name, value in zip(outputs, sess.run(None, feeds)):
+            if name in producer and value.size and np.issubdtype(value.dtype, np.floating):
+                finite = np.abs(value[np.isfinite(value)])
+                m = float(finite.max()) if finite.size else 0.0
+                peak[name] = max(peak.get(name, 0.0), m)
+    return sorted({producer[t] for t, m in peak.items() if m >= threshold})
+
+
+def _unshare_initializers(model: onnx.ModelProto, op_block: set[str], node_block: set[str]) -> int:
+    """Give kept-FP32 consumers their own copy of a float initializer shared with converted nodes.
+
+    The converter keeps a shared initializer FP32 if any consumer is kept, and the
+    converted consumers then see a float input among FP16 ones.
+    """
+    inits = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            if i in inits:
+                users.setdefault(i, []).append(n)
+    count = 0
+    for name, nodes in users.items():
+        kept = [n for n in nodes if n.op_type in op_block or n.name in node_block]
+        if kept and len(kept) < len(nodes):
+            twin = TensorProto()
+            twin.CopyFrom(inits[name])
+            twin.name = f"{name}_fp32"
+            model.graph.initializer.append(twin)
+            for n in kept:
+                for k, x in enumerate(n.input):
+                    if x == name:
+                        n.input[k] = twin.name
+            count += 1
+    return count
+
+
+def _fix_cast_targets(model: onnx.ModelProto) -> list[str]:
+    """Cast(to=FLOAT) nodes whose output the converter declared FP16 now cast to FP16."""
+    declared = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    fixed = []
+    for n in model.graph.node:
+        if n.op_type != "Cast":
+            continue
+        for a in n.attribute:
+            if a.name == "to" and a.i == TensorProto.FLOAT and declared.get(n.output[0]) == TensorProto.FLOAT16:
+                a.i = TensorProto.FLOAT16
+                fixed.append(n.name)
+    return fixed
+
+
+def _remove_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """Rewire Cast(FLOAT)(Cast(FLOAT16)(x: float)) to x, and drop Casts left unused."""
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    producer = {o: n for n in model.graph.node for o in n.output}
+    graph_outputs = {o.name for o in model.graph.output}
+
+    def cast_to(n: onnx.NodeProto) -> int:
+        return next(a.i for a in n.attribute if a.name == "to")
+
+    rewire: dict[str, str] = {}
+    for n in model.graph.node:
+        if n.op_type != "Cast" or cast_to(n) != TensorProto.FLOAT or n.output[0] in graph_outputs:
+            continue
+        src = producer.get(n.input[0])
+        if src is not None and src.op_type == "Cast" and cast_to(src) == TensorProto.FLOAT16 \
+                and types.get(src.input[0]) == TensorProto.FLOAT:
+            rewire[n.output[0]] = src.input[0]
+    if not rewire:
+        return 0
+    for n in model.graph.node:
+        for k, i in enumerate(n.input):
+            if i in rewire:
+                n.input[k] = rewire[i]
+    nodes = list(model.graph.node)
+    while True:  # dropping one dead Cast can make its input Cast dead
+        used = {i for n in nodes for i in n.input} | graph_outputs
+        alive = [n for n in nodes if n.op_type != "Cast" or n.output[0] in used]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    live = {o for n in nodes for o in n.output}
+    value_info = [v for v in model.graph.value_info if v.name in live]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(value_info)
+    return len(rewire)
