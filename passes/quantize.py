@@ -96,8 +96,13 @@ class Quantize(Pass):
         except PipelineError:
             raise
         except Exception as e:
+            hint = ""
+            if "inhomogeneous" in str(e) and params.calibration_method != "minmax":
+                # ORT's histogram calibrators stack samples, so they need one shape for all.
+                hint = (f" (calibration_method {params.calibration_method!r} needs calibration samples of one "
+                        f"shape; use 'minmax' for variable-length inputs such as sentences)")
             raise PipelineError(f"quantize ({params.mode}) failed on {ctx.graph_name!r}: "
-                                f"{' '.join(str(e).split())[:400]}") from None
+                                f"{' '.join(str(e).split())[:400]}{hint}") from None
         finally:
             root.setLevel(level)
             if out_path.exists():

@@ -109,14 +109,26 @@ class BlockPartition:
                 raise PipelineError(f"{where}: exclude pattern {pattern!r} matches no block "
                                     f"(blocks: {_preview(ids)})")
             chosen.difference_update(hits)
-        return {n for b in chosen for n in self.blocks[b].nodes}
+        nodes = {n for b in chosen for n in self.blocks[b].nodes}
+        for pattern in scope.nodes or []:
+            rx = _compile(pattern)
+            if not any(rx.search(n) for n in nodes):
+                raise PipelineError(f"{where}: nodes pattern {pattern!r} matches no node in the chosen blocks")
+        if scope.nodes:
+            rxs = [_compile(p) for p in scope.nodes]
+            nodes = {n for n in nodes if any(rx.search(n) for rx in rxs)}
+        return nodes
+
+
+def _compile(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise PipelineError(f"scope pattern {pattern!r} is not a valid regex: {e}") from None
 
 
 def _full_matches(pattern: str, ids: list[str]) -> list[str]:
-    try:
-        rx = re.compile(pattern)
-    except re.error as e:
-        raise PipelineError(f"scope pattern {pattern!r} is not a valid regex: {e}") from None
+    rx = _compile(pattern)
     return [i for i in ids if rx.fullmatch(i)]
 
 

@@ -62,15 +62,20 @@ class BlockSpec(Strict):
 
 
 class Scope(Strict):
-    """Which blocks a step touches: regexes matched in full against block ids."""
+    """Which blocks a step touches: regexes matched in full against block ids.
+
+    `nodes` narrows further, inside the chosen blocks, to nodes whose name
+    matches one of its regexes (searched, not fully matched).
+    """
 
     graphs: list[str] | None = None
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
+    nodes: list[str] | None = None
 
     @property
     def is_everything(self) -> bool:
-        return self.graphs is None and self.include is None and not self.exclude
+        return self.graphs is None and self.include is None and not self.exclude and self.nodes is None
 
 
 class CalibrationSpec(Strict):

