@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Literal
 
 import onnx
-from onnxsim import simplify as onnxsim_simplify
 
 from pipeline.errors import PipelineError
 
@@ -32,6 +31,9 @@ class Simplify(Pass):
     scoped = False
 
     def apply(self, model: onnx.ModelProto, params: SimplifyParams, ctx: PassContext) -> PassResult:
+        # Imported here: onnxsim pulls in torch when it is installed, seconds a cached run need not pay.
+        from onnxsim import simplify as onnxsim_simplify
+
         before = len(model.graph.node)
         try:
             simplified, ok = onnxsim_simplify(

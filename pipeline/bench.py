@@ -185,3 +185,28 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
                                   "mean_log_mel": r.mean_log_mel, "max_log_mel": r.max_log_mel}
                      for r in results],
     }
+
+
+BENCH_NOTE = ("log-mel distance is over the common length where lengths differ; "
+              "min SNR is shown only when every sentence kept its length.")
+
+
+def results_table(result: dict[str, Any]):
+    """The bench results as a rich table, one row per variant."""
+    from rich.table import Table
+
+    m = result["machine"]
+    table = Table(title=f"{result['sentences']} sentences, {result['repeat']} interleaved repetitions, "
+                        f"{m['threads']} threads, {m['cpus']} CPUs ({m['processor']})")
+    cols = ("variant", "MB", "size x", "latency ms", "latency x", "peak RSS MB", "max |len| %",
+            "total len %", "log-mel mean", "log-mel max", "min SNR dB")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for v in result["variants"]:
+        snrs = [s["snr_db"] for s in v["sentences"] if s["snr_db"] is not None]
+        min_snr = "-" if len(snrs) < len(v["sentences"]) else f"{min(snrs):.1f}"
+        table.add_row(v["label"], f"{v['bytes'] / 1e6:.1f}", f"{v['size_ratio']:.3f}",
+                      f"{v['latency_s'] * 1e3:.0f}", f"{v['latency_ratio']:.2f}", f"{v['peak_rss_mb']:.0f}",
+                      f"{v['max_abs_length_diff'] * 100:.2f}", f"{v['total_length_diff'] * 100:+.2f}",
+                      f"{v['mean_log_mel']:.4f}", f"{v['max_log_mel']:.4f}", min_snr)
+    return table

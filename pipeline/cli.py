@@ -173,7 +173,7 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_f
     """
     import json
 
-    from .bench import piper_eval_feeds, resolve_variant, run_bench
+    from .bench import BENCH_NOTE, piper_eval_feeds, resolve_variant, results_table, run_bench
 
     variants = [resolve_variant(reference)] + [resolve_variant(c) for c in candidates]
     labels = [v.label for v in variants]
@@ -184,23 +184,8 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_f
     with console.status("benchmarking ...") as status:
         result = run_bench(variants, feeds, texts, repeat=repeat, threads=threads, measure_rss=not no_rss,
                            progress=lambda m: status.update(f"benchmarking: {m}"))
-    m = result["machine"]
-    table = Table(title=f"{len(texts)} sentences, {repeat} interleaved repetitions, {threads} threads, "
-                        f"{m['cpus']} CPUs ({m['processor']})")
-    cols = ("variant", "MB", "size x", "latency ms", "latency x", "peak RSS MB", "max |len| %",
-            "total len %", "log-mel mean", "log-mel max", "min SNR dB")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for v in result["variants"]:
-        snrs = [s["snr_db"] for s in v["sentences"] if s["snr_db"] is not None]
-        min_snr = "-" if len(snrs) < len(v["sentences"]) else f"{min(snrs):.1f}"
-        table.add_row(v["label"], f"{v['bytes'] / 1e6:.1f}", f"{v['size_ratio']:.3f}",
-                      f"{v['latency_s'] * 1e3:.0f}", f"{v['latency_ratio']:.2f}", f"{v['peak_rss_mb']:.0f}",
-                      f"{v['max_abs_length_diff'] * 100:.2f}", f"{v['total_length_diff'] * 100:+.2f}",
-                      f"{v['mean_log_mel']:.4f}", f"{v['max_log_mel']:.4f}", min_snr)
-    out.print(table)
-    out.print("log-mel distance is over the common length where lengths differ; "
-              "min SNR is shown only when every sentence kept its length.")
+    out.print(results_table(result))
+    out.print(BENCH_NOTE)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 

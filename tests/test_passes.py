@@ -145,3 +145,50 @@ def test_fp16_on_the_piper_voice_loads_and_keeps_lengths(tmp_path, piper_model):
         ref, cand = ref_sess.run(None, f)[0], cand_sess.run(None, f)[0]
         assert ref.shape == cand.shape
         assert 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - cand)) > 15
+
+
+@pytest.mark.parametrize("dtype, ratio, min_sqnr", [("int8", 0.30, 30), ("fp16", 0.55, 60)])
+def test_compress_weights_shrinks_and_ort_folds_it(tmp_path, dtype, ratio, min_sqnr):
+    model = tiny.conv_net(channels=32)
+    result = apply("compress_weights", model, tmp_path, {"dtype": dtype, "min_elements": 64},
+                   scope=Scope(include=[r"/enc/layers\.[12]"]))
+    assert result.stats["tensors"] == 2  # layer 0 out of scope; biases below min_elements
+    assert result.stats["bytes_after"] <= ratio * result.stats["bytes_before"]
+    assert set(result.stats["tensors_per_block"]) == {"/enc/layers.1", "/enc/layers.2"}
+    names = {t.name for t in result.model.graph.initializer}
+    assert "enc.layers.0.conv.weight" in names and "enc.layers.1.conv.weight" not in names
+    x = feeds(1)[0]["x"]
+    ref, out = run(model, x), run(result.model, x)
+    assert 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - out)) > min_sqnr
+    # ORT folds the Cast/Mul into constants: the optimized graph has no decompression nodes left.
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(result.model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"))
+    assert not [n for n in optimized.graph.node if n.op_type in ("Cast", "Mul", "DequantizeLinear")
+                and n.input[0].endswith(("_int8", "_fp16"))]
+
+
+def test_compress_weights_int8_is_per_channel():
+    from passes.compress_weights import _compress
+
+    w = np.stack([np.linspace(-1, 1, 12), np.linspace(-100, 100, 12)]).reshape(2, 3, 4).astype(np.float32)
+    nodes, (q, scale), out = _compress("w", w, "int8", "Conv")
+    scale = onnx.numpy_helper.to_array(scale)
+    assert scale.shape == (2, 1, 1)
+    np.testing.assert_allclose(scale.ravel(), [1 / 127, 100 / 127], rtol=1e-6)
+    assert onnx.numpy_helper.to_array(q).dtype == np.int8
+
+
+def test_compress_weights_expectation(tmp_path):
+    with pytest.raises(PipelineError, match="expected at least 9 weights, found"):
+        apply("compress_weights", tiny.conv_net(), tmp_path, {"dtype": "int8", "expect_min_tensors": 9})
+
+
+def test_scope_nodes_filter_narrows_inside_blocks():
+    p = BlockPartition(tiny.conv_net())
+    assert p.select(Scope(include=[r"/enc/.*"], nodes=[r"/Relu$"])) == {
+        "/enc/layers.0/Relu", "/enc/layers.1/Relu", "/enc/layers.2/Relu"}
+    with pytest.raises(PipelineError, match="nodes pattern 'Softmax' matches no node"):
+        p.select(Scope(include=[r"/enc/.*"], nodes=["Softmax"]))
