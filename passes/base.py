@@ -71,3 +71,10 @@ class Pass:
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy: passes that edit in place work on one, so their input stays as it was."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy

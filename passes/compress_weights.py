@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field
 
-from .base import Params, Pass, PassContext, PassResult
+from .base import Params, Pass, PassContext, PassResult, copy_model
 
 # (op type, input index) pairs where an initializer is a weight.
 _WEIGHT_SLOTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1), ("Gather", 0)}
@@ -46,6 +46,7 @@ class CompressWeights(Pass):
     def apply(self, model: onnx.ModelProto, params: CompressWeightsParams, ctx: PassContext) -> PassResult:
         from pipeline.errors import PipelineError
 
+        model = copy_model(model)
         graph = model.graph
         inits = {t.name: t for t in graph.initializer}
         uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}

@@ -36,7 +36,7 @@ from pydantic import Field
 from pipeline.errors import PipelineError
 from pipeline.onnx_io import session
 
-from .base import Params, Pass, PassContext, PassResult
+from .base import Params, Pass, PassContext, PassResult, copy_model
 
 ALWAYS_FP32_OPS = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | {"RandomNormalLike", "RandomNormal", "RandomUniform"})
 FP16_MAX = 65504.0
@@ -79,7 +79,7 @@ class Fp16(Pass):
         elif params.overflow_guard:
             ctx.log(f"fp16 on {ctx.graph_name}: no calibration data, overflow guard skipped")
         node_block = sorted(n for n, why in reasons.items() if why != "op type")
-        model = _copy(model)
+        model = copy_model(model)
         unshared = _unshare_initializers(model, set(op_block), set(node_block))
         # The converter warns about every clamped weight; the stats say what matters.
         with warnings.catch_warnings():
@@ -110,12 +110,6 @@ class Fp16(Pass):
         return PassResult(converted, changed=True, stats=stats)
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
-
-
 def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: float) -> list[str]:
     """Nodes whose float outputs reach `threshold` in magnitude on the calibration inputs.
 
@@ -126,7 +120,7 @@ def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: floa
     float_types = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
                    if v.type.tensor_type.elem_type == TensorProto.FLOAT}
     producer = {o: n.name for n in model.graph.node for o in n.output if o in float_types}
-    probe = _copy(model)
+    probe = copy_model(model)
     existing = {o.name for o in probe.graph.output}
     for name in producer:
         if name not in existing:

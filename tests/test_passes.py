@@ -192,3 +192,15 @@ def test_scope_nodes_filter_narrows_inside_blocks():
         "/enc/layers.0/Relu", "/enc/layers.1/Relu", "/enc/layers.2/Relu"}
     with pytest.raises(PipelineError, match="nodes pattern 'Softmax' matches no node"):
         p.select(Scope(include=[r"/enc/.*"], nodes=["Softmax"]))
+
+
+@pytest.mark.parametrize("name, params", [
+    ("simplify", {}), ("fp16", {"overflow_guard": False}), ("quantize", {"mode": "dynamic"}),
+    ("compress_weights", {"dtype": "int8", "min_elements": 8}),
+])
+def test_passes_leave_their_input_model_unchanged(tmp_path, name, params):
+    model = tiny.conv_net()
+    before = model.SerializeToString()
+    result = apply(name, model, tmp_path, params)
+    assert result.changed
+    assert model.SerializeToString() == before
