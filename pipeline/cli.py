@@ -117,9 +117,20 @@ def passes() -> None:
         out.print(f"[bold]{name}[/]" + ("" if cls.scoped else "  (whole graph, no scope)"))
         out.print(f"  {doc.splitlines()[0] if doc else ''}")
         for field_name, field in cls.Params.model_fields.items():
-            ann = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+            ann = _type_name(field.annotation)
             default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
             out.print(f"    {field_name}: {ann} ({default})")
+
+
+def _type_name(annotation) -> str:
+    """`Literal['a', 'b']` -> `a|b`, `list[str] | None` -> `list[str] | None`."""
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
 
 
 @main.command()

@@ -117,3 +117,18 @@ def test_cli_run_prints_summary(tmp_path, tiny_model, tiny_feeds):
     assert "02-quantize" in res.stdout and "final model" in res.stdout
     res2 = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert res2.code == 0 and res2.stderr.count("cached") == 3
+
+
+def test_a_result_that_cannot_load_fails_naming_the_node(piper_model):
+    """onnxconverter-common alone breaks the Piper voice (DESIGN.md): the load check must say where."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    from pipeline.onnx_io import check_loads
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        naive = float16.convert_float_to_float16(onnx.load(str(piper_model)), keep_io_types=True)
+    with pytest.raises(PipelineError, match=r"step 01 fp16 \(model\): ONNX Runtime cannot load the result: .*/enc_p/Cast_1"):
+        check_loads(naive, "step 01 fp16 (model)")
