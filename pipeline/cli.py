@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -26,7 +27,7 @@ class _Group(click.Group):
         except PipelineError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             sys.exit(2)
         except KeyboardInterrupt:
             console.print("interrupted; finished steps are kept, re-run to resume")
@@ -36,7 +37,7 @@ class _Group(click.Group):
         except Exception as e:  # a bug: still one line unless asked for the traceback
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            console.print(f"[bold red]internal error:[/] {type(e).__name__}: {' '.join(str(e).split())[:500]} "
+            console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(' '.join(str(e).split())[:500])} "
                           f"(re-run with --debug for the traceback)", soft_wrap=True)
             sys.exit(1)
 
@@ -75,7 +76,7 @@ def run(recipe: Path, out_dir: Path | None) -> None:
                 tasks[what] = progress.add_task(what, total=total)
             progress.update(tasks[what], completed=done)
 
-        result = Runner(plan, target, log=lambda m: progress.console.print(m), progress=on_progress).run()
+        result = Runner(plan, target, log=lambda m: progress.console.print(escape(m)), progress=on_progress).run()
     _print_run_summary(result)
 
 
@@ -91,7 +92,7 @@ def _print_run_summary(result) -> None:
                       str(sum(g["nodes"] for g in graphs.values())), f"{m.get('wall_s', 0):.1f}")
     out.print(table)
     files = ", ".join(g.file for g in result.final.graphs)
-    out.print(f"final model: {result.out_dir / 'final'} ({files}); total {result.wall_s:.1f} s")
+    out.print(escape(f"final model: {result.out_dir / 'final'} ({files}); total {result.wall_s:.1f} s"))
 
 
 @main.command()
@@ -104,7 +105,7 @@ def validate(recipe: Path) -> None:
     r = load_recipe(recipe)
     plan = plan_recipe(r)
     n = len(plan.calibration) if plan.calibration else 0
-    out.print(f"{recipe}: ok ({len(plan.steps)} steps" + (f", {n} calibration samples" if n else "") + ")")
+    out.print(escape(f"{recipe}: ok ({len(plan.steps)} steps" + (f", {n} calibration samples" if n else "") + ")"))
 
 
 @main.command()
@@ -115,11 +116,11 @@ def passes() -> None:
     for name, cls in sorted(PASSES.items()):
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
         out.print(f"[bold]{name}[/]" + ("" if cls.scoped else "  (whole graph, no scope)"))
-        out.print(f"  {doc.splitlines()[0] if doc else ''}")
+        out.print(escape(f"  {doc.splitlines()[0] if doc else ''}"))
         for field_name, field in cls.Params.model_fields.items():
             ann = _type_name(field.annotation)
             default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-            out.print(f"    {field_name}: {ann} ({default})")
+            out.print(escape(f"    {field_name}: {ann} ({default})"))
 
 
 def _type_name(annotation) -> str:
