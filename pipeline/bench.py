@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import platform
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from .audio import compare_audio
 from .errors import PipelineError
 from .modelset import ModelSet
 from .onnx_io import load_onnx, session
+from .procinfo import peak_rss_mb as process_peak_rss_mb
 
 
 @dataclass
@@ -112,19 +112,7 @@ def _peak_rss_child(path: str, feeds: list[Feeds], threads: int, queue) -> None:
     sess = session(path, threads=threads)
     for f in feeds:
         sess.run(None, f)
-    queue.put(_high_water_mb())
-
-
-def _high_water_mb() -> float:
-    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss
-    across fork+exec, so a spawned child would report its parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put(process_peak_rss_mb())
 
 
 def peak_rss_mb(path: Path, feeds: list[Feeds], threads: int) -> float:

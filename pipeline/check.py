@@ -1,0 +1,404 @@
+"""Per-block error attribution: how much error each block adds, and how much has piled up.
+
+For reference x (FP32) and candidate y, pooled over all samples (DESIGN.md):
+SQNR dB = 10*log10(sum x^2 / sum (x-y)^2) (= 20*log10(||x|| / ||x-y||) over the
+concatenation, ONNX Runtime's qdq_loss_debug formula), cosine, max abs, relative L2.
+
+Three sessions answer everything, one run each per sample:
+- reference, with every block-boundary tensor exposed as an output;
+- candidate, the same outputs exposed: the **accumulated** error at each block;
+- candidate with every edge between blocks cut and fed from the reference's
+  values of that tensor: each block's **isolated** error, all blocks at once.
+
+Only boundary tensors (produced in a block, consumed outside it, or graph
+outputs) are captured, one sample at a time, folded into running sums.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from calibration import Feeds, check_feeds
+from passes.base import copy_model
+
+from .audio import compare_audio
+from .blocks import BlockPartition
+from .errors import PipelineError
+from .onnx_io import session
+from .procinfo import peak_rss_mb
+from .recipe import BlockSpec
+
+REF_SUFFIX = "::ref"
+_NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
+          TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_,
+          TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
+_HELPER_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "DynamicQuantizeLinear"}
+
+
+@dataclass
+class Pooled:
+    """Running sums for pooled metrics: memory stays constant whatever the sample count."""
+
+    sxx: float = 0.0
+    syy: float = 0.0
+    sxy: float = 0.0
+    see: float = 0.0
+    max_abs: float = 0.0
+    elements: int = 0
+    samples: int = 0
+    shape_mismatches: int = 0
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        if x.shape != y.shape:
+            self.shape_mismatches += 1
+            return
+        x = np.asarray(x, dtype=np.float64).ravel()
+        y = np.asarray(y, dtype=np.float64).ravel()
+        e = x - y
+        self.sxx += float(x @ x)
+        self.syy += float(y @ y)
+        self.sxy += float(x @ y)
+        self.see += float(e @ e)
+        if e.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(e))))
+        self.elements += x.size
+        self.samples += 1
+
+    def merge(self, other: Pooled) -> None:
+        for name in ("sxx", "syy", "sxy", "see", "elements", "samples", "shape_mismatches"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_abs = max(self.max_abs, other.max_abs)
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.samples == 0:
+            return float("nan")
+        if self.see == 0:
+            return float("inf")
+        if self.sxx == 0:
+            return float("-inf")
+        return 10 * math.log10(self.sxx / self.see)
+
+    @property
+    def rel_l2(self) -> float:
+        return math.sqrt(self.see / self.sxx) if self.sxx > 0 else (0.0 if self.see == 0 else float("inf"))
+
+    @property
+    def cosine(self) -> float:
+        denom = math.sqrt(self.sxx * self.syy)
+        return self.sxy / denom if denom > 0 else (1.0 if self.see == 0 else 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sqnr_db": _finite(self.sqnr_db), "cosine": self.cosine, "max_abs": self.max_abs,
+                "rel_l2": _finite(self.rel_l2), "samples": self.samples, "shape_mismatches": self.shape_mismatches}
+
+
+def _finite(v: float) -> float | str | None:
+    """JSON has no inf/nan: identical tensors say "inf", missing data says null."""
+    if math.isnan(v):
+        return None
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+@dataclass
+class BlockIO:
+    id: str
+    inputs: list[str] = field(default_factory=list)  # consumed here, produced in another block
+    outputs: list[str] = field(default_factory=list)  # produced here, consumed elsewhere or graph outputs
+
+
+def block_boundaries(model: onnx.ModelProto, partition: BlockPartition) -> dict[str, BlockIO]:
+    """The tensors that cross each block's edge, in graph order."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    constants = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer_block = {o: partition.node_block[n.name] for n in graph.node for o in n.output}
+    graph_outputs = [o.name for o in graph.output]
+    io = {b: BlockIO(b) for b in partition.ids()}
+    for n in graph.node:
+        here = partition.node_block[n.name]
+        for t in n.input:
+            if not t or t in initializers or t in constants:
+                continue
+            src = producer_block.get(t)
+            if src is not None and src != here:
+                _add(io[here].inputs, t)
+                _add(io[src].outputs, t)
+    for t in graph_outputs:
+        if t in producer_block:
+            _add(io[producer_block[t]].outputs, t)
+    return io
+
+
+def _add(items: list[str], value: str) -> None:
+    if value not in items:
+        items.append(value)
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    probe = copy_model(model)
+    have = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in have:
+            probe.graph.output.add(name=name)
+    return probe
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shape inference is a nicety here; ORT checks types anyway
+        inferred = model
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    return types
+
+
+def isolate_blocks(model: onnx.ModelProto, partition: BlockPartition, fed: set[str],
+                   types: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Cut every edge between blocks whose tensor is in `fed`: the consumer reads a new graph
+    input `<tensor>::ref` instead. Returns the model and {new input: tensor}."""
+    iso = copy_model(model)
+    producer_block = {o: partition.node_block[n.name] for n in model.graph.node for o in n.output}
+    new_inputs: dict[str, str] = {}
+    for node in iso.graph.node:
+        here = partition.node_block.get(node.name)
+        for k, t in enumerate(node.input):
+            if t in fed and producer_block.get(t) not in (None, here):
+                node.input[k] = t + REF_SUFFIX
+                new_inputs[t + REF_SUFFIX] = t
+    for name, tensor in new_inputs.items():
+        elem = types.get(tensor) or TensorProto.FLOAT
+        iso.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return iso, new_inputs
+
+
+@dataclass
+class BlockReport:
+    id: str
+    params: int
+    bytes_reference: int
+    bytes_candidate: int
+    precision: dict[str, int]
+    weights: dict[str, int]
+    outputs: list[str]
+    matched: bool
+    unmatched_tensors: list[str]
+    isolated: Pooled = field(default_factory=Pooled)
+    accumulated: Pooled = field(default_factory=Pooled)
+    sensitivity: dict[str, Any] | None = None
+
+    @property
+    def amplification(self) -> float | None:
+        iso, acc = self.isolated.rel_l2, self.accumulated.rel_l2
+        if not self.matched or self.isolated.samples == 0 or self.accumulated.samples == 0:
+            return None
+        if iso == 0:
+            return None if acc == 0 else float("inf")
+        return acc / iso
+
+
+@dataclass
+class CheckResult:
+    samples: int
+    reference: str
+    candidate: str
+    blocks: list[BlockReport]
+    outputs: list[dict[str, Any]]
+    peak_rss_mb: float
+    wall_s: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": "tts-onnx-pipeline/check/1",
+            "samples": self.samples,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "notes": self.notes,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "wall_s": round(self.wall_s, 3),
+            "blocks": [{
+                "block": b.id, "params": b.params, "bytes_reference": b.bytes_reference,
+                "bytes_candidate": b.bytes_candidate, "precision": b.precision, "weights": b.weights,
+                "matched": b.matched, "unmatched_tensors": b.unmatched_tensors, "outputs": b.outputs,
+                "isolated": b.isolated.to_json(), "accumulated": b.accumulated.to_json(),
+                "amplification": _finite(b.amplification) if b.amplification is not None else None,
+                **({"sensitivity": b.sensitivity} if b.sensitivity is not None else {}),
+            } for b in self.blocks],
+            "outputs": self.outputs,
+        }
+
+
+def _block_bytes(model: onnx.ModelProto, partition: BlockPartition) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Initializer bytes each block reads, and by element type."""
+    inits = {t.name: t for t in model.graph.initializer}
+    seen: set[str] = set()
+    total: dict[str, int] = {}
+    by_type: dict[str, dict[str, int]] = {}
+    for n in model.graph.node:
+        b = partition.node_block[n.name]
+        for t in n.input:
+            if t in inits and t not in seen:
+                seen.add(t)
+                size = int(numpy_helper.to_array(inits[t]).nbytes)
+                total[b] = total.get(b, 0) + size
+                kind = TensorProto.DataType.Name(inits[t].data_type).lower()
+                by_type.setdefault(b, {})[kind] = by_type.setdefault(b, {}).get(kind, 0) + size
+    return total, by_type
+
+
+def _precision_mix(model: onnx.ModelProto, partition: BlockPartition, types: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Compute nodes per block by the precision they run in (Q/DQ/Cast helpers not counted)."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    mix: dict[str, dict[str, int]] = {}
+    for n in model.graph.node:
+        if n.op_type in _HELPER_OPS:
+            continue
+        if n.op_type in ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul") or \
+                any(i in dq_out for i in n.input):
+            kind = "int8"
+        elif any(types.get(o) == TensorProto.FLOAT16 for o in n.output):
+            kind = "fp16"
+        elif any(types.get(o) == TensorProto.FLOAT for o in n.output):
+            kind = "fp32"
+        else:
+            kind = "other"
+        b = partition.node_block[n.name]
+        mix.setdefault(b, {})[kind] = mix.setdefault(b, {}).get(kind, 0) + 1
+    return mix
+
+
+def _interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
+
+
+def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterator[Feeds] | list[Feeds],
+                   spec: BlockSpec | None = None, *, audio: bool = False, reference_label: str = "reference",
+                   candidate_label: str = "candidate", threads: int = 2,
+                   progress: Callable[[str], None] = lambda m: None) -> CheckResult:
+    """Run both models on the same inputs and attribute the candidate's error to blocks."""
+    from .sources import name_all_nodes
+
+    t0 = time.perf_counter()
+    ref_in, ref_out = _interface(reference)
+    cand_in, cand_out = _interface(candidate)
+    if sorted(ref_in) != sorted(cand_in) or ref_out != cand_out:
+        raise PipelineError(f"reference and candidate do not have the same interface: reference inputs "
+                            f"{sorted(ref_in)} outputs {ref_out}, candidate inputs {sorted(cand_in)} outputs {cand_out}")
+    reference, candidate = copy_model(reference), copy_model(candidate)
+    name_all_nodes(reference)  # the same naming the runner's base step gives, so blocks line up
+    name_all_nodes(candidate)
+    ref_part, cand_part = BlockPartition(reference, spec), BlockPartition(candidate, spec)
+    if spec is not None and set(ref_part.ids()) <= {spec.rest}:
+        raise PipelineError(f"block patterns {spec.patterns} match no node of the reference")
+    io = block_boundaries(reference, ref_part)
+    cand_tensors = {o for n in candidate.graph.node for o in n.output} | set(cand_in)
+    captured = [t for b in io.values() for t in b.outputs]
+    captured = list(dict.fromkeys(captured))
+    present = [t for t in captured if t in cand_tensors]
+    cand_types = _tensor_types(candidate)
+    ref_bytes, _ = _block_bytes(reference, ref_part)
+    cand_bytes, cand_weights = _block_bytes(candidate, cand_part)
+    mix = _precision_mix(candidate, cand_part, cand_types)
+    reports = []
+    for b in ref_part.blocks.values():
+        missing = [t for t in io[b.id].outputs if t not in cand_tensors]
+        reports.append(BlockReport(b.id, b.params, ref_bytes.get(b.id, 0), cand_bytes.get(b.id, 0),
+                                   mix.get(b.id, {}), cand_weights.get(b.id, {}), io[b.id].outputs,
+                                   matched=not missing and b.id in cand_part.blocks, unmatched_tensors=missing))
+    progress("building sessions")
+    ref_sess, acc_sess, iso_sess, fed = _sessions(reference, candidate, cand_part, captured, present, cand_types,
+                                                  threads)
+    interface = onnx.ModelProto()  # enough of the reference to check feeds against
+    interface.graph.input.extend(i for i in reference.graph.input if i.name in ref_in)
+    del reference, candidate  # the sessions hold what they need; the protos are large
+    iso_input_types = {i.name: i.type for i in iso_sess.get_inputs()}
+    per_tensor_iso = {t: Pooled() for t in present}
+    per_tensor_acc = {t: Pooled() for t in present}
+    out_stats = {o: Pooled() for o in ref_out}
+    audio_cmp: list[Any] = []
+    n = 0
+    for i, f in enumerate(feeds):
+        check_feeds(f, interface, f"sample {i}")
+        progress(f"sample {i + 1}")
+        # One candidate run at a time, folded into sums and dropped: memory is the
+        # reference's boundary tensors plus one candidate's, for the current sample.
+        ref_vals = _run(ref_sess, f)
+        acc_vals = _run(acc_sess, f)
+        for t in present:
+            per_tensor_acc[t].update(ref_vals[t], acc_vals[t])
+        for o in ref_out:
+            out_stats[o].update(ref_vals[o], acc_vals[o])
+        if audio:
+            audio_cmp.append(compare_audio(ref_vals[ref_out[0]], acc_vals[ref_out[0]]))
+        del acc_vals
+        iso_feed = dict(f)
+        for name, tensor in fed.items():
+            iso_feed[name] = _as_type(ref_vals[tensor], iso_input_types[name])
+        iso_vals = _run(iso_sess, iso_feed)
+        for t in present:
+            per_tensor_iso[t].update(ref_vals[t], iso_vals[t])
+        del ref_vals, iso_vals, iso_feed
+        n += 1
+    if n == 0:
+        raise PipelineError("compare: the input source yields no samples")
+    for r in reports:
+        for t in r.outputs:
+            if t in per_tensor_iso and _is_float(cand_types.get(t, TensorProto.FLOAT)):
+                r.isolated.merge(per_tensor_iso[t])
+                r.accumulated.merge(per_tensor_acc[t])
+    outputs = []
+    for o in ref_out:
+        entry = {"name": o, **out_stats[o].to_json()}
+        if audio and o == ref_out[0]:
+            entry["audio"] = {
+                "log_mel_mean": float(np.mean([c.log_mel_distance for c in audio_cmp])),
+                "log_mel_max": float(np.max([c.log_mel_distance for c in audio_cmp])),
+                "length_diff_max_abs": float(np.max([abs(c.length_diff) for c in audio_cmp])),
+                "samples_with_length_change": int(sum(c.length_diff != 0 for c in audio_cmp)),
+                "note": "log-mel over the common length where lengths differ",
+            }
+        outputs.append(entry)
+    notes = []
+    unmatched = [r.id for r in reports if not r.matched]
+    if unmatched:
+        notes.append(f"{len(unmatched)} blocks could not be matched in the candidate (boundary tensors missing "
+                     f"or renamed): {', '.join(unmatched[:10])}" + (" ..." if len(unmatched) > 10 else ""))
+    return CheckResult(n, reference_label, candidate_label, reports, outputs, peak_rss_mb(),
+                       time.perf_counter() - t0, notes)
+
+
+def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads):
+    ref_sess = session(_with_outputs(reference, captured), threads=threads, arena=False)
+    acc_sess = session(_with_outputs(candidate, present), threads=threads, arena=False)
+    iso_model, fed = isolate_blocks(candidate, cand_part, set(present), cand_types)
+    iso_sess = session(_with_outputs(iso_model, present), threads=threads, arena=False)
+    return ref_sess, acc_sess, iso_sess, fed
+
+
+def _run(sess, feeds: Feeds) -> dict[str, np.ndarray]:
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def _is_float(elem_type: int) -> bool:
+    return elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+def _as_type(value: np.ndarray, ort_type: str) -> np.ndarray:
+    want = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+            "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+            "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(ort_type)
+    return value if want is None or value.dtype == want else value.astype(want)
+
