@@ -286,7 +286,7 @@ def _interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterator[Feeds] | list[Feeds],
                    spec: BlockSpec | None = None, *, audio: bool = False, reference_label: str = "reference",
-                   candidate_label: str = "candidate", threads: int = 2,
+                   candidate_label: str = "candidate", threads: int = 2, sensitivity: bool = False,
                    progress: Callable[[str], None] = lambda m: None) -> CheckResult:
     """Run both models on the same inputs and attribute the candidate's error to blocks."""
     from .sources import name_all_nodes
@@ -323,7 +323,10 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                                                   threads)
     interface = onnx.ModelProto()  # enough of the reference to check feeds against
     interface.graph.input.extend(i for i in reference.graph.input if i.name in ref_in)
-    del reference, candidate  # the sessions hold what they need; the protos are large
+    if sensitivity:
+        feeds = list(feeds)  # iterated again, once per block
+    else:
+        del reference, candidate  # the sessions hold what they need; the protos are large
     iso_input_types = {i.name: i.type for i in iso_sess.get_inputs()}
     per_tensor_iso = {t: Pooled() for t in present}
     per_tensor_acc = {t: Pooled() for t in present}
@@ -371,6 +374,9 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                 "note": "log-mel over the common length where lengths differ",
             }
         outputs.append(entry)
+    if sensitivity:
+        del ref_sess, acc_sess, iso_sess
+        _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, ref_out[0], audio, threads, progress)
     notes = []
     unmatched = [r.id for r in reports if not r.matched]
     if unmatched:
@@ -378,6 +384,80 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                      f"or renamed): {', '.join(unmatched[:10])}" + (" ..." if len(unmatched) > 10 else ""))
     return CheckResult(n, reference_label, candidate_label, reports, outputs, peak_rss_mb(),
                        time.perf_counter() - t0, notes)
+
+
+def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_part: BlockPartition,
+                 cand_part: BlockPartition, block: str) -> onnx.ModelProto:
+    """The reference graph with one block replaced by the candidate's version of it."""
+    spliced = copy_model(reference)
+    drop = set(ref_part.blocks[block].nodes)
+    keep = [n for n in spliced.graph.node if n.name not in drop]
+    incoming = [n for n in candidate.graph.node if cand_part.node_block.get(n.name) == block]
+    ref_inits = {t.name: t for t in spliced.graph.initializer}
+    cand_inits = {t.name: t for t in candidate.graph.initializer}
+    renamed: dict[str, str] = {}
+    for n in incoming:
+        for t in n.input:
+            if t in cand_inits and t not in renamed:
+                if t in ref_inits and ref_inits[t] != cand_inits[t]:
+                    renamed[t] = f"{t}::candidate"  # same name, other precision (FP16 keeps names)
+                elif t not in ref_inits:
+                    renamed[t] = t
+    for old, new in renamed.items():
+        init = TensorProto()
+        init.CopyFrom(cand_inits[old])
+        init.name = new
+        spliced.graph.initializer.append(init)
+    added = []
+    for n in incoming:
+        node = onnx.NodeProto()
+        node.CopyFrom(n)
+        for k, t in enumerate(node.input):
+            node.input[k] = renamed.get(t, t)
+        added.append(node)
+    del spliced.graph.node[:]
+    spliced.graph.node.extend(_topological(keep + added, spliced))
+    del spliced.graph.value_info[:]  # types inside the block changed; ORT infers them again
+    return spliced
+
+
+def _topological(nodes: list[onnx.NodeProto], model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    ordered, pending = [], list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(t in available for t in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise PipelineError(f"splice: nodes {[n.name for n in rest[:3]]} have inputs no node produces")
+        pending = rest
+    return ordered
+
+
+def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, output, audio, threads, progress) -> None:
+    """For each block that differs: end-output error with only that block in candidate precision."""
+    ref_sess = session(reference, threads=threads, arena=False)
+    ref_outs = [ref_sess.run([output], f)[0] for f in feeds]
+    del ref_sess
+    for r in reports:
+        if not r.matched or r.isolated.sqnr_db == float("inf") or r.isolated.samples == 0:
+            continue
+        progress(f"sensitivity of {r.id}")
+        sess = session(splice_block(reference, candidate, ref_part, cand_part, r.id), threads=threads, arena=False)
+        stats = Pooled()
+        mels = []
+        for f, ref_out in zip(feeds, ref_outs):
+            out = sess.run([output], f)[0]
+            stats.update(ref_out, out)
+            if audio:
+                mels.append(compare_audio(ref_out, out).log_mel_distance)
+        r.sensitivity = {"output": output, **stats.to_json()}
+        if audio:
+            r.sensitivity["log_mel_max"] = float(max(mels))
 
 
 def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads):

@@ -72,12 +72,23 @@ def run(recipe: Path, out_dir: Path | None) -> None:
         tasks: dict[str, int] = {}
 
         def on_progress(what: str, done: int, total: int) -> None:
+            if total == 0:  # a status message, not a count
+                return
             if what not in tasks:
                 tasks[what] = progress.add_task(what, total=total)
             progress.update(tasks[what], completed=done)
 
         result = Runner(plan, target, log=lambda m: progress.console.print(escape(m)), progress=on_progress).run()
     _print_run_summary(result)
+    if result.report is not None:
+        from .report import outputs_lines, terminal_table
+
+        out.print(terminal_table(result.report))
+        for line in result.report["notes"] + outputs_lines(result.report):
+            out.print(escape(line))
+        for failure in result.report.get("failures", []):
+            out.print(escape(f"check (warn): {failure}"))
+        out.print(escape(f"report: {result.out_dir / 'report.html'} (also .md, .json, .png)"))
 
 
 def _print_run_summary(result) -> None:
@@ -163,6 +174,64 @@ def inspect(model: Path, pattern: str | None, on: str) -> None:
         more = len(block.op_types) - 6
         table.add_row(block.id, str(len(block.nodes)), f"{block.params:,}", ops + (f", +{more} more" if more > 0 else ""))
     out.print(table)
+
+
+@main.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path),
+              help="Take the block spec and the inputs (check source or calibration) from this recipe.")
+@click.option("--blocks", "pattern", help="Regex over node names; capture groups form the block id "
+              "(default: node-name scopes such as /enc_p/encoder/attn_layers.3).")
+@click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,
+              help="Match --blocks against node names or the `namespace` metadata.")
+@click.option("--samples", default=8, show_default=True, help="How many input samples to compare on.")
+@click.option("--npz", type=click.Path(path_type=Path), help="Folder of .npz feed dicts to use as inputs.")
+@click.option("--sensitivity", is_flag=True, help="Also measure, per block, the end-output error with only "
+              "that block in candidate precision (one extra session per differing block).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--html", "html_path", type=click.Path(path_type=Path), help="Write a self-contained HTML report.")
+@click.option("--md", "md_path", type=click.Path(path_type=Path), help="Write a Markdown report (+ PNG beside it).")
+def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern: str | None, on: str, samples: int,
+            npz: Path | None, sensitivity: bool, json_path: Path | None, html_path: Path | None,
+            md_path: Path | None) -> None:
+    """Attribute CANDIDATE's error vs REFERENCE to blocks: isolated and accumulated, per block.
+
+    REFERENCE and CANDIDATE are .onnx files or run folders' final/. A Piper voice
+    (recognized by its .onnx.json) is compared on the shipped evaluation sentences
+    with noise at 0, unless --recipe or --npz says otherwise.
+    """
+    import json
+
+    from pydantic import ValidationError
+
+    from .compare import eval_feeds, model_file, run_compare
+    from .recipe import BlockSpec, load_recipe
+    from .report import html_page, markdown, outputs_lines, plot_png, terminal_table
+
+    recipe = load_recipe(recipe_path) if recipe_path else None
+    spec = recipe.blocks if recipe else None
+    if pattern:
+        try:
+            spec = BlockSpec(patterns=[pattern], on=on)
+        except ValidationError as e:
+            raise PipelineError(f"--blocks: {e.errors()[0]['msg']}") from None
+    feeds = eval_feeds(model_file(reference), samples, recipe, recipe.check if recipe else None, npz)
+    with console.status("comparing ...") as status:
+        report = run_compare(reference, candidate, feeds, spec, sensitivity=sensitivity,
+                             progress=lambda m: status.update(f"comparing: {m}"))
+    out.print(terminal_table(report))
+    for line in report["notes"] + outputs_lines(report):
+        out.print(escape(line))
+    out.print(f"peak RSS {report['peak_rss_mb']:.0f} MB, {report['wall_s']:.1f} s")
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+    if html_path:
+        html_path.write_text(html_page(report))
+    if md_path:
+        png = md_path.with_suffix(".png")
+        png.write_bytes(plot_png(report))
+        md_path.write_text(markdown(report, png_name=png.name))
 
 
 @main.command()

@@ -83,6 +83,37 @@ class CalibrationSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class FallbackSpec(Strict):
+    """Automatic precision fallback: move the worst blocks out of a quantize step until a target holds."""
+
+    step: str  # name (or pass) of the quantize step whose scope shrinks
+    move_to: Literal["fp32", "fp16"] = "fp32"
+    min_output_sqnr_db: float | None = None
+    max_log_mel: float | None = None
+    max_size_ratio: float | None = Field(default=None, gt=0)  # final bytes / base bytes
+    per_round: int = Field(default=1, ge=1)
+    max_rounds: int = Field(default=10, ge=1)
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.min_output_sqnr_db is None and self.max_log_mel is None:
+            raise ValueError("give a target: min_output_sqnr_db and/or max_log_mel")
+
+
+class CheckSpec(Strict):
+    """The per-block error check that runs after the last step (final model vs base model)."""
+
+    samples: int = Field(default=8, ge=1)
+    # Evaluation inputs; default: the shipped evaluation sentences for a Piper voice,
+    # else the recipe's calibration source.
+    source: CalibrationSpec | None = None
+    min_sqnr_db: float | None = None  # every block's isolated SQNR must reach this
+    min_output_sqnr_db: float | None = None
+    max_log_mel: float | None = None
+    on_fail: Literal["error", "warn"] = "error"
+    sensitivity: bool = False
+    fallback: FallbackSpec | None = None
+
+
 class Step(Strict):
     # `pass` is a Python keyword, hence the alias.
     pass_name: str = Field(alias="pass")
@@ -102,6 +133,7 @@ class Recipe(Strict):
     blocks: BlockSpec | None = None
     calibration: CalibrationSpec | None = None
     steps: list[Step] = Field(min_length=1)
+    check: CheckSpec | None = None
     output: str | None = None
 
     # Where the recipe was read from: relative paths in it resolve against it.
@@ -109,7 +141,8 @@ class Recipe(Strict):
 
     def spec_hash(self) -> str:
         """Hash of everything that changes the result (not descriptions or output folders)."""
-        spec = self.model_dump(mode="json", by_alias=True, exclude={"description", "output", "source_path"})
+        # The check does not change the model: a recipe that only adds a check builds the same files.
+        spec = self.model_dump(mode="json", by_alias=True, exclude={"description", "output", "source_path", "check"})
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     def resolve_path(self, value: str) -> Path:

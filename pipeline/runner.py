@@ -69,12 +69,7 @@ class Plan:
     calibration: list[Feeds] | None = None
 
     def calibration_hash(self) -> str:
-        h = hashlib.sha256()
-        for feeds in self.calibration or []:
-            for name in sorted(feeds):
-                h.update(name.encode())
-                h.update(np.ascontiguousarray(feeds[name]).tobytes())
-        return h.hexdigest()
+        return _feeds_hash(self.calibration or [])
 
 
 @dataclass
@@ -90,6 +85,7 @@ class RunResult:
     final: ModelSet
     steps: list[StepRecord] = field(default_factory=list)
     wall_s: float = 0.0
+    report: dict[str, Any] | None = None
 
 
 def plan_recipe(recipe: Recipe) -> Plan:
@@ -155,8 +151,42 @@ class Runner:
             current = ModelSet.read(steps_dir / record.folder)
         final = self._final(current)
         result = RunResult(self.out_dir, final, records, time.perf_counter() - start)
+        if self.plan.recipe.check is not None:
+            result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final)
+        result.wall_s = time.perf_counter() - start
         self._write_manifest(result)
+        if result.report and result.report.get("failures") and self.plan.recipe.check.on_fail == "error":
+            fails = result.report["failures"]
+            raise PipelineError(f"check failed ({len(fails)} thresholds missed; report in "
+                                f"{self.out_dir / 'report.md'}): " + "; ".join(fails[:5]))
         return result
+
+    def _check(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
+        """Per-block error of final vs base; cached by content like a step."""
+        from .compare import eval_feeds, run_compare, threshold_failures
+        from .report import write_reports
+
+        check = self.plan.recipe.check
+        graph = base.names()[0]
+        feeds = eval_feeds(base.path(graph), check.samples, self.plan.recipe, check)
+        key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
+                     "check": check.model_dump(mode="json", exclude={"fallback"}),
+                     "blocks": self.plan.recipe.blocks.model_dump(mode="json") if self.plan.recipe.blocks else None,
+                     "feeds": _feeds_hash(feeds)})
+        try:
+            cached = json.loads((self.out_dir / "report.json").read_text())
+            if cached.get("key") == key:
+                self.log("check: cached")
+                return cached
+        except (OSError, json.JSONDecodeError):
+            pass
+        self.log(f"check: per-block error on {len(feeds)} samples ...")
+        report = run_compare(base.path(graph), final.path(graph), feeds, self.plan.recipe.blocks,
+                             sensitivity=check.sensitivity, progress=lambda m: self.progress(f"check: {m}", 0, 0))
+        report["key"] = key
+        report["failures"] = threshold_failures(report, check)
+        write_reports(report, self.out_dir)
+        return report
 
     # -- steps -------------------------------------------------------------
 
@@ -261,6 +291,9 @@ class Runner:
             "model": str(self.plan.model_path),
             "steps": [r.manifest | {"cached": r.cached} for r in result.steps],
             "final": {"folder": "final", "graphs": _graph_facts(result.final), "sidecars": list(result.final.sidecars)},
+            "check": None if result.report is None else {
+                "report": "report.json", "failures": result.report.get("failures", []),
+                "outputs": result.report["outputs"]},
             "wall_s": round(result.wall_s, 3),
         }
         _write_json(self.out_dir / "manifest.json", manifest)
@@ -331,6 +364,15 @@ def _scratch_tmpdir(path: Path) -> Iterator[Path]:
     finally:
         tempfile.tempdir = saved
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _feeds_hash(feeds: list[Feeds]) -> str:
+    h = hashlib.sha256()
+    for f in feeds:
+        for name in sorted(f):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(f[name]).tobytes())
+    return h.hexdigest()
 
 
 def _hash(obj: Any) -> str:

@@ -1,0 +1,86 @@
+"""Glue between models on disk, input sources, the error check and its thresholds."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from calibration import DATA_DIR, Feeds, SourceContext, checked_feeds, make_source
+
+from .check import compare_models
+from .errors import PipelineError
+from .modelset import ModelSet
+from .onnx_io import load_onnx
+from .recipe import BlockSpec, CheckSpec, Recipe
+from .report import as_float
+from .sources import sidecars_of
+
+
+def model_file(path: Path) -> Path:
+    """A .onnx file, or the single graph of a ModelSet folder (a run's final/)."""
+    if path.is_dir():
+        ms = ModelSet.read(path)
+        if len(ms.graphs) != 1:
+            raise PipelineError(f"{path}: compare takes one-graph models; this model set has {len(ms.graphs)}")
+        return ms.path(ms.graphs[0].name)
+    return path
+
+
+def is_piper_voice(path: Path) -> bool:
+    return any(s.name.endswith(".onnx.json") for s in sidecars_of(path))
+
+
+def eval_feeds(reference: Path, samples: int, recipe: Recipe | None = None, check: CheckSpec | None = None,
+               npz: Path | None = None) -> list[Feeds]:
+    """Inputs for a comparison: --npz, the check's source, the recipe's calibration, or Piper eval sentences."""
+    model = load_onnx(reference)
+    resolve = recipe.resolve_path if recipe else Path
+    if npz is not None:
+        source = make_source("npz", {"folder": str(npz)}, SourceContext(reference, resolve), where="--npz")
+    elif check is not None and check.source is not None:
+        source = make_source(check.source.source, check.source.params, SourceContext(reference, resolve),
+                             where="check.source")
+    elif is_piper_voice(reference):
+        source = make_source("piper", {"sentences": str(DATA_DIR / "eval_en.txt")}, SourceContext(reference))
+    elif recipe is not None and recipe.calibration is not None:
+        source = make_source(recipe.calibration.source, recipe.calibration.params, SourceContext(reference, resolve),
+                             where="calibration")
+    else:
+        raise PipelineError(f"{reference}: no inputs to compare on; give --npz DIR, or --recipe with a "
+                            f"calibration or check source (a Piper voice uses its evaluation sentences by default)")
+    feeds = checked_feeds(source, model, where="compare inputs")
+    return feeds[:samples]
+
+
+def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: BlockSpec | None,
+                sensitivity: bool = False, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    reference, candidate = model_file(reference), model_file(candidate)
+    ref_model, cand_model = load_onnx(reference), load_onnx(candidate)
+    result = compare_models(ref_model, cand_model, feeds, blocks, audio=is_piper_voice(reference),
+                            reference_label=_label(reference), candidate_label=_label(candidate),
+                            sensitivity=sensitivity, progress=progress)
+    return result.to_json()
+
+
+def _label(path: Path) -> str:
+    return f"{path.parent.parent.name}/{path.parent.name}/{path.name}" if path.parent.name == "final" else path.name
+
+
+def threshold_failures(report: dict[str, Any], check: CheckSpec) -> list[str]:
+    """Every threshold the report misses, each with its numbers."""
+    failures = []
+    if check.min_sqnr_db is not None:
+        for b in report["blocks"]:
+            v = as_float(b["isolated"]["sqnr_db"])
+            if b["matched"] and not math.isnan(v) and v < check.min_sqnr_db:
+                failures.append(f"block {b['block']}: isolated SQNR {v:.1f} dB < {check.min_sqnr_db} dB")
+    for o in report["outputs"]:
+        v = as_float(o["sqnr_db"])
+        if check.min_output_sqnr_db is not None and v < check.min_output_sqnr_db:
+            failures.append(f"output {o['name']}: SQNR {v:.1f} dB < {check.min_output_sqnr_db} dB")
+        audio = o.get("audio")
+        if check.max_log_mel is not None and audio and audio["log_mel_max"] > check.max_log_mel:
+            failures.append(f"output {o['name']}: log-mel max {audio['log_mel_max']:.4f} > {check.max_log_mel}")
+    return failures
+

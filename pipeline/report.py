@@ -1,0 +1,187 @@
+"""Reports of a check: terminal table, JSON, Markdown, and a self-contained HTML page with a plot.
+
+JSON schema (`"schema": "tts-onnx-pipeline/check/1"`):
+
+    {"samples": N, "reference": str, "candidate": str, "notes": [str], "peak_rss_mb": float,
+     "blocks": [{"block": id, "params": int, "bytes_reference": int, "bytes_candidate": int,
+                 "precision": {"fp32"|"fp16"|"int8"|"other": nodes}, "weights": {dtype: bytes},
+                 "matched": bool, "unmatched_tensors": [str], "outputs": [tensor],
+                 "isolated": M, "accumulated": M, "amplification": float|"inf"|null,
+                 "sensitivity": {...}?}],
+     "outputs": [{"name": str, **M, "audio": {"log_mel_mean", "log_mel_max",
+                  "length_diff_max_abs", "samples_with_length_change"}?}],
+     "rounds": [...]?  (automatic fallback), "failures": [...]? (thresholds)}
+    M = {"sqnr_db": float|"inf"|null, "cosine", "max_abs", "rel_l2", "samples", "shape_mismatches"}
+
+Blocks are in graph order. SQNR "inf" means identical; null means no sample could be compared.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+WORST = 3
+
+
+def as_float(v: Any) -> float:
+    """A JSON metric back to a float: \"inf\" -> inf, null -> nan."""
+    if v == "inf":
+        return math.inf
+    if v == "-inf":
+        return -math.inf
+    return math.nan if v is None else float(v)
+
+
+def _fmt_db(v: Any) -> str:
+    x = as_float(v)
+    return "inf" if x == math.inf else ("-" if math.isnan(x) else f"{x:.1f}")
+
+
+def worst_blocks(report: dict[str, Any], n: int = WORST) -> list[str]:
+    """Blocks with the lowest finite isolated SQNR: where the error is made."""
+    ranked = [(b["block"], as_float(b["isolated"]["sqnr_db"])) for b in report["blocks"]
+              if b["matched"] and math.isfinite(as_float(b["isolated"]["sqnr_db"]))]
+    return [b for b, _ in sorted(ranked, key=lambda x: x[1])[:n]]
+
+
+def _precision(p: dict[str, int]) -> str:
+    return " ".join(f"{k}:{v}" for k, v in sorted(p.items()) if k != "other") or "-"
+
+
+def terminal_table(report: dict[str, Any]):
+    from rich.table import Table
+
+    worst = set(worst_blocks(report))
+    title = f"per-block error, {report['samples']} samples: {report['candidate']} vs {report['reference']}"
+    table = Table(title=title)
+    for col in ("block", "params", "iso SQNR dB", "acc SQNR dB", "amplif.", "iso cos", "acc max abs",
+                "precision", "KB ref->cand", ""):
+        table.add_column(col, justify="left" if col in ("block", "precision", "") else "right")
+    for b in report["blocks"]:
+        amp = b["amplification"]
+        mark = "[bold red]<< worst[/]" if b["block"] in worst else ("[yellow]unmatched[/]" if not b["matched"] else "")
+        table.add_row(b["block"], f"{b['params']:,}", _fmt_db(b["isolated"]["sqnr_db"]),
+                      _fmt_db(b["accumulated"]["sqnr_db"]),
+                      "-" if amp is None else ("inf" if amp == "inf" else f"{amp:.1f}x"),
+                      f"{b['isolated']['cosine']:.5f}", f"{b['accumulated']['max_abs']:.3g}",
+                      _precision(b["precision"]), f"{b['bytes_reference'] // 1024}->{b['bytes_candidate'] // 1024}",
+                      mark)
+    return table
+
+
+def outputs_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for o in report["outputs"]:
+        line = (f"output {o['name']}: SQNR {_fmt_db(o['sqnr_db'])} dB, cosine {o['cosine']:.5f}, "
+                f"max abs {o['max_abs']:.3g}, rel L2 {as_float(o['rel_l2']):.4g}")
+        if o.get("shape_mismatches"):
+            line += f" ({o['shape_mismatches']} samples with a different shape not compared)"
+        a = o.get("audio")
+        if a:
+            line += (f"; log-mel mean {a['log_mel_mean']:.4f}, max {a['log_mel_max']:.4f}; "
+                     f"length change max {a['length_diff_max_abs']:.2%} "
+                     f"({a['samples_with_length_change']} of {report['samples']} samples)")
+        lines.append(line)
+    return lines
+
+
+def plot_png(report: dict[str, Any]) -> bytes:
+    """Isolated and accumulated SQNR per block, in graph order (inf drawn at the top)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = [b for b in report["blocks"] if b["matched"]]
+    iso = [as_float(b["isolated"]["sqnr_db"]) for b in blocks]
+    acc = [as_float(b["accumulated"]["sqnr_db"]) for b in blocks]
+    finite = [v for v in iso + acc if math.isfinite(v)]
+    top = (max(finite) if finite else 100) + 10
+
+    def clip(v: float) -> float:
+        return top if v == math.inf else v
+
+    fig, ax = plt.subplots(figsize=(max(8, 0.22 * len(blocks)), 5), dpi=110)
+    x = range(len(blocks))
+    ax.plot(x, [clip(v) for v in iso], "o-", ms=3, label="isolated (error the block adds)")
+    ax.plot(x, [clip(v) for v in acc], "s-", ms=3, label="accumulated (error at its output)")
+    ax.axhline(top, color="grey", lw=0.5, ls=":")
+    ax.text(0, top, " identical (inf)", va="bottom", fontsize=7, color="grey")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([b["block"] for b in blocks], rotation=90, fontsize=6)
+    ax.set_ylabel("SQNR dB (higher is better)")
+    ax.set_title(f"{report['candidate']} vs {report['reference']}, {report['samples']} samples")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
+    worst = set(worst_blocks(report))
+    lines = [f"# Per-block error: {report['candidate']} vs {report['reference']}", ""]
+    lines += [f"{report['samples']} samples. Peak RSS {report['peak_rss_mb']:.0f} MB.", ""]
+    lines += [f"- {n}" for n in report.get("notes", [])]
+    lines += [f"- {line}" for line in outputs_lines(report)] + [""]
+    if png_name:
+        lines += [f"![isolated and accumulated SQNR per block]({png_name})", ""]
+    lines += ["| block | params | isolated SQNR dB | accumulated SQNR dB | amplification | precision | KB ref -> cand | |",
+              "|---|---|---|---|---|---|---|---|"]
+    for b in report["blocks"]:
+        amp = b["amplification"]
+        lines.append(f"| `{b['block']}` | {b['params']:,} | {_fmt_db(b['isolated']['sqnr_db'])} | "
+                     f"{_fmt_db(b['accumulated']['sqnr_db'])} | "
+                     f"{'-' if amp is None else ('inf' if amp == 'inf' else f'{amp:.1f}x')} | "
+                     f"{_precision(b['precision'])} | {b['bytes_reference'] // 1024} -> {b['bytes_candidate'] // 1024} | "
+                     f"{'**worst**' if b['block'] in worst else ('unmatched' if not b['matched'] else '')} |")
+    for r in report.get("rounds", []):
+        lines.append(f"\nFallback round {r['round']}: moved {', '.join(r['moved']) or 'nothing'}; {r['summary']}")
+    return "\n".join(lines) + "\n"
+
+
+def html_page(report: dict[str, Any]) -> str:
+    png = base64.b64encode(plot_png(report)).decode()
+    md_rows = markdown(report).split("\n")
+    table_rows = [r for r in md_rows if r.startswith("| `")]
+    head = ("<tr><th>block</th><th>params</th><th>isolated SQNR dB</th><th>accumulated SQNR dB</th>"
+            "<th>amplification</th><th>precision</th><th>KB ref -&gt; cand</th><th></th></tr>")
+    body = []
+    for row in table_rows:
+        cells = [c.strip().strip("`").replace("**", "") for c in row.strip("|").split("|")]
+        cls = ' class="worst"' if cells[-1] == "worst" else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []) + outputs_lines(report))
+    title = html.escape(f"Per-block error: {report['candidate']} vs {report['reference']}")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left;font-family:monospace}}
+tr.worst{{background:#fde2e2}} img{{max-width:100%}}</style></head>
+<body><h1>{title}</h1>
+<p>{report['samples']} samples; peak RSS {report['peak_rss_mb']:.0f} MB. Isolated: the block in candidate precision
+fed the reference's inputs (the error it adds itself). Accumulated: the whole candidate run (the error piled up at its
+output). SQNR is pooled over all samples.</p>
+<ul>{notes}</ul>
+<img alt="isolated and accumulated SQNR per block" src="data:image/png;base64,{png}">
+<table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>
+</body></html>
+"""
+
+
+def write_reports(report: dict[str, Any], folder: Path, stem: str = "report") -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md", "html": folder / f"{stem}.html",
+             "png": folder / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["png"].write_bytes(plot_png(report))
+    paths["md"].write_text(markdown(report, png_name=paths["png"].name))
+    paths["html"].write_text(html_page(report))
+    return paths
