@@ -93,3 +93,19 @@ def test_piper_recipes_leave_the_installed_voice_untouched(runs, piper_model):
     algo, digest = entry.hash.mode, entry.hash.value
     actual = base64.urlsafe_b64encode(hashlib.new(algo, piper_model.read_bytes()).digest()).rstrip(b"=").decode()
     assert actual == digest
+
+
+def test_int8_recipe_report_attributes_error_to_blocks(runs):
+    import json
+
+    from pipeline.report import as_float, worst_blocks
+
+    report = json.loads((runs["piper_int8"] / "report.json").read_text())
+    assert report["samples"] == 8 and report["failures"] == []
+    blocks = {b["block"]: b for b in report["blocks"]}
+    for b in ("/enc_p/encoder/attn_layers.0", "/enc_p/encoder/ffn_layers.0", "/dp", "/flow/flows.0", "/dec/ups.0"):
+        assert as_float(blocks[b]["isolated"]["sqnr_db"]) > 0 and as_float(blocks[b]["accumulated"]["sqnr_db"]) > 0
+    # The recipe's only INT8 activations are in the flows: they must be where the report points.
+    assert all(w.startswith("/flow/flows.") for w in worst_blocks(report))
+    assert blocks["/flow/flows.0"]["precision"]["int8"] == 16
+    assert report["outputs"][0]["audio"]["log_mel_max"] <= 0.10
