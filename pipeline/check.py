@@ -393,6 +393,7 @@ def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_par
     drop = set(ref_part.blocks[block].nodes)
     keep = [n for n in spliced.graph.node if n.name not in drop]
     incoming = [n for n in candidate.graph.node if cand_part.node_block.get(n.name) == block]
+    incoming = _with_missing_producers(incoming, keep, spliced, candidate)
     ref_inits = {t.name: t for t in spliced.graph.initializer}
     cand_inits = {t.name: t for t in candidate.graph.initializer}
     renamed: dict[str, str] = {}
@@ -415,10 +416,38 @@ def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_par
         for k, t in enumerate(node.input):
             node.input[k] = renamed.get(t, t)
         added.append(node)
+    # A quantizer's bias DequantizeLinear outputs under the float bias's own name: the node wins.
+    produced = {o for n in added for o in n.output}
+    inits = [t for t in spliced.graph.initializer if t.name not in produced]
+    del spliced.graph.initializer[:]
+    spliced.graph.initializer.extend(inits)
     del spliced.graph.node[:]
     spliced.graph.node.extend(_topological(keep + added, spliced))
     del spliced.graph.value_info[:]  # types inside the block changed; ORT infers them again
     return spliced
+
+
+def _with_missing_producers(incoming: list[onnx.NodeProto], keep: list[onnx.NodeProto],
+                            reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Add the candidate nodes that make tensors the block reads but the reference lacks.
+
+    A quantizer puts the QuantizeLinear of a boundary tensor in the producer's block and
+    the DequantizeLinear in the consumer's: splicing the consumer needs the Q too.
+    """
+    available = ({o for n in keep for o in n.output} | {i.name for i in reference.graph.input}
+                 | {t.name for t in reference.graph.initializer} | {t.name for t in candidate.graph.initializer}
+                 | {o for n in incoming for o in n.output} | {""})
+    producer = {o: n for n in candidate.graph.node for o in n.output}
+    nodes, queue = list(incoming), [t for n in incoming for t in n.input]
+    while queue:
+        t = queue.pop()
+        if t in available or t not in producer:
+            continue
+        n = producer[t]
+        nodes.append(n)
+        available.update(n.output)
+        queue.extend(n.input)
+    return nodes
 
 
 def _topological(nodes: list[onnx.NodeProto], model: onnx.ModelProto) -> list[onnx.NodeProto]:

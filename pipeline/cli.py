@@ -78,7 +78,13 @@ def run(recipe: Path, out_dir: Path | None) -> None:
                 tasks[what] = progress.add_task(what, total=total)
             progress.update(tasks[what], completed=done)
 
-        result = Runner(plan, target, log=lambda m: progress.console.print(escape(m)), progress=on_progress).run()
+        log = lambda m: progress.console.print(escape(m))  # noqa: E731
+        if r.check is not None and r.check.fallback is not None:
+            from .fallback import run_with_fallback
+
+            result = run_with_fallback(r, target, log=log, progress=on_progress)
+        else:
+            result = Runner(plan, target, log=log, progress=on_progress).run()
     _print_run_summary(result)
     if result.report is not None:
         from .report import outputs_lines, terminal_table

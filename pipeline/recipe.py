@@ -88,6 +88,10 @@ class FallbackSpec(Strict):
 
     step: str  # name (or pass) of the quantize step whose scope shrinks
     move_to: Literal["fp32", "fp16"] = "fp32"
+    # isolated: lowest isolated SQNR first (cheap). sensitivity: largest end-output error with only
+    # that block quantized first, measured once in round 0: catches blocks such as a duration
+    # predictor whose own error is small but whose effect on the audio is large.
+    rank_by: Literal["isolated", "sensitivity"] = "isolated"
     min_output_sqnr_db: float | None = None
     max_log_mel: float | None = None
     max_size_ratio: float | None = Field(default=None, gt=0)  # final bytes / base bytes

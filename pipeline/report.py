@@ -142,8 +142,12 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
                      f"{'-' if amp is None else ('inf' if amp == 'inf' else f'{amp:.1f}x')} | "
                      f"{_precision(b['precision'])} | {b['bytes_reference'] // 1024} -> {b['bytes_candidate'] // 1024} | "
                      f"{'**worst**' if b['block'] in worst else ('unmatched' if not b['matched'] else '')} |")
-    for r in report.get("rounds", []):
-        lines.append(f"\nFallback round {r['round']}: moved {', '.join(r['moved']) or 'nothing'}; {r['summary']}")
+    if report.get("rounds"):
+        lines += ["", "## Automatic fallback", "", "| round | blocks kept in higher precision | result | moved next |",
+                  "|---|---|---|---|"]
+        for r in report["rounds"]:
+            lines.append(f"| {r['round']} | {len(r['kept'])} ({r['kept_in']}) | {r['summary']} | "
+                         f"{', '.join(f'`{b}`' for b in r['moved_next']) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +162,10 @@ def html_page(report: dict[str, Any]) -> str:
         cells = [c.strip().strip("`").replace("**", "") for c in row.strip("|").split("|")]
         cls = ' class="worst"' if cells[-1] == "worst" else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []) + outputs_lines(report))
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []) + outputs_lines(report) +
+                    [f"fallback round {r['round']}: {len(r['kept'])} blocks kept in {r['kept_in']}; {r['summary']}"
+                     + (f"; next: {', '.join(r['moved_next'])}" if r["moved_next"] else "")
+                     for r in report.get("rounds", [])])
     title = html.escape(f"Per-block error: {report['candidate']} vs {report['reference']}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>

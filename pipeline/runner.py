@@ -105,6 +105,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
             raise PipelineError(f"{at}: pass {pass_.name!r} rewrites the whole graph and takes no scope")
         steps.append(PlannedStep(i, step, pass_, params))
     _check_scopes(recipe, base, steps, where)
+    if recipe.check is not None and recipe.check.fallback is not None:
+        fallback_step_index(recipe)
     plan = Plan(recipe, model_path, steps)
     needing = [s for s in steps if s.pass_.needs_calibration_for(s.params)]
     if needing and recipe.calibration is None:
@@ -115,6 +117,17 @@ def plan_recipe(recipe: Recipe) -> Plan:
                              SourceContext(model_path, recipe.resolve_path), where=f"{where}: calibration")
         plan.calibration = checked_feeds(source, base, where=f"{where}: calibration")
     return plan
+
+
+def fallback_step_index(recipe: Recipe) -> int:
+    """The quantize step the fallback shrinks, by name or pass."""
+    name = recipe.check.fallback.step
+    for i, s in enumerate(recipe.steps):
+        if name in (s.name, s.pass_name) and s.pass_name == "quantize":
+            return i
+    labels = [s.label for s in recipe.steps if s.pass_name == "quantize"]
+    raise PipelineError(f"{recipe.source_path or recipe.name}: check.fallback.step: no quantize step named "
+                        f"{name!r} (quantize steps: {', '.join(labels) or 'none'})")
 
 
 def _check_scopes(recipe: Recipe, base, steps: list[PlannedStep], where: str) -> None:
