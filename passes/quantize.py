@@ -21,8 +21,14 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import onnx
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_dynamic, quantize_static)
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from pydantic import Field
 
 from pipeline.errors import PipelineError

@@ -24,7 +24,6 @@ from calibration.piper_sentences import load_phonemizer, phoneme_ids, piper_feed
 
 from .audio import compare_audio
 from .errors import PipelineError
-from .modelset import ModelSet
 from .onnx_io import load_onnx, session
 from .procinfo import peak_rss_mb as process_peak_rss_mb
 
@@ -80,16 +79,11 @@ class VariantResult:
 
 def resolve_variant(path: Path, label: str | None = None) -> Variant:
     """A .onnx file, or a ModelSet folder (a run's final/) with exactly one graph."""
-    if path.is_dir():
-        ms = ModelSet.read(path)
-        if len(ms.graphs) != 1:
-            raise PipelineError(f"{path}: bench takes one-graph models; this model set has {len(ms.graphs)}")
-        file = ms.path(ms.graphs[0].name)
-        default = path.parent.name if path.name == "final" else path.name
-    else:
-        file = path
-        default = path.stem
+    from .compare import model_file
+
+    file = model_file(path)
     load_onnx(file)
+    default = (path.parent.name if path.name == "final" else path.name) if path.is_dir() else path.stem
     return Variant(label or default, file)
 
 

@@ -10,6 +10,7 @@ without the search.
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ import yaml
 from .errors import PipelineError
 from .recipe import FallbackSpec, Recipe, Scope, Step
 from .report import as_float, write_reports
-from .runner import RunResult, Runner, fallback_step_index, plan_recipe
+from .runner import Runner, RunResult, fallback_step_index, plan_recipe
 
 RESOLVED = "resolved_recipe.yaml"
 
@@ -117,7 +118,7 @@ def _sensitivity_order(report: dict[str, Any], spec: FallbackSpec) -> list[str]:
         if spec.max_log_mel is not None and "log_mel_max" in sens:
             return sens["log_mel_max"]
         sqnr = as_float(sens["sqnr_db"])
-        return float("inf") if sqnr != sqnr else -sqnr  # nan: lengths changed, the worst
+        return float("inf") if math.isnan(sqnr) else -sqnr  # nan: lengths changed, the worst
 
     measured = [b for b in report["blocks"] if b.get("sensitivity")]
     return [b["block"] for b in sorted(measured, key=badness, reverse=True)]

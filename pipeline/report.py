@@ -125,47 +125,55 @@ def plot_png(report: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
+COLUMNS = ("block", "params", "isolated SQNR dB", "accumulated SQNR dB", "amplification", "precision",
+           "KB ref -> cand", "")
+
+
+def _rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row of cells per block, shared by the Markdown and HTML reports."""
     worst = set(worst_blocks(report))
+    rows = []
+    for b in report["blocks"]:
+        amp = b["amplification"]
+        rows.append([b["block"], f"{b['params']:,}", _fmt_db(b["isolated"]["sqnr_db"]),
+                     _fmt_db(b["accumulated"]["sqnr_db"]),
+                     "-" if amp is None else ("inf" if amp == "inf" else f"{amp:.1f}x"),
+                     _precision(b["precision"]), f"{b['bytes_reference'] // 1024} -> {b['bytes_candidate'] // 1024}",
+                     "worst" if b["block"] in worst else ("unmatched" if not b["matched"] else "")])
+    return rows
+
+
+def _round_lines(report: dict[str, Any]) -> list[str]:
+    return [f"round {r['round']}: {len(r['kept'])} blocks kept in {r['kept_in']}; {r['summary']}"
+            + (f"; moved next: {', '.join(r['moved_next'])}" if r["moved_next"] else "")
+            for r in report.get("rounds", [])]
+
+
+def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     lines = [f"# Per-block error: {report['candidate']} vs {report['reference']}", ""]
     lines += [f"{report['samples']} samples. Peak RSS {report['peak_rss_mb']:.0f} MB.", ""]
     lines += [f"- {n}" for n in report.get("notes", [])]
     lines += [f"- {line}" for line in outputs_lines(report)] + [""]
     if png_name:
         lines += [f"![isolated and accumulated SQNR per block]({png_name})", ""]
-    lines += ["| block | params | isolated SQNR dB | accumulated SQNR dB | amplification | precision | KB ref -> cand | |",
-              "|---|---|---|---|---|---|---|---|"]
-    for b in report["blocks"]:
-        amp = b["amplification"]
-        lines.append(f"| `{b['block']}` | {b['params']:,} | {_fmt_db(b['isolated']['sqnr_db'])} | "
-                     f"{_fmt_db(b['accumulated']['sqnr_db'])} | "
-                     f"{'-' if amp is None else ('inf' if amp == 'inf' else f'{amp:.1f}x')} | "
-                     f"{_precision(b['precision'])} | {b['bytes_reference'] // 1024} -> {b['bytes_candidate'] // 1024} | "
-                     f"{'**worst**' if b['block'] in worst else ('unmatched' if not b['matched'] else '')} |")
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for cells in _rows(report):
+        cells = [f"`{cells[0]}`", *cells[1:-1], f"**{cells[-1]}**" if cells[-1] == "worst" else cells[-1]]
+        lines.append("| " + " | ".join(cells) + " |")
     if report.get("rounds"):
-        lines += ["", "## Automatic fallback", "", "| round | blocks kept in higher precision | result | moved next |",
-                  "|---|---|---|---|"]
-        for r in report["rounds"]:
-            lines.append(f"| {r['round']} | {len(r['kept'])} ({r['kept_in']}) | {r['summary']} | "
-                         f"{', '.join(f'`{b}`' for b in r['moved_next']) or '-'} |")
+        lines += ["", "## Automatic fallback", ""] + [f"- {line}" for line in _round_lines(report)]
     return "\n".join(lines) + "\n"
 
 
 def html_page(report: dict[str, Any]) -> str:
     png = base64.b64encode(plot_png(report)).decode()
-    md_rows = markdown(report).split("\n")
-    table_rows = [r for r in md_rows if r.startswith("| `")]
-    head = ("<tr><th>block</th><th>params</th><th>isolated SQNR dB</th><th>accumulated SQNR dB</th>"
-            "<th>amplification</th><th>precision</th><th>KB ref -&gt; cand</th><th></th></tr>")
+    head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + "</tr>"
     body = []
-    for row in table_rows:
-        cells = [c.strip().strip("`").replace("**", "") for c in row.strip("|").split("|")]
+    for cells in _rows(report):
         cls = ' class="worst"' if cells[-1] == "worst" else ""
         body.append(f"<tr{cls}>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.get("notes", []) + outputs_lines(report) +
-                    [f"fallback round {r['round']}: {len(r['kept'])} blocks kept in {r['kept_in']}; {r['summary']}"
-                     + (f"; next: {', '.join(r['moved_next'])}" if r["moved_next"] else "")
-                     for r in report.get("rounds", [])])
+    notes = "".join(f"<li>{html.escape(n)}</li>"
+                    for n in report.get("notes", []) + outputs_lines(report) + _round_lines(report))
     title = html.escape(f"Per-block error: {report['candidate']} vs {report['reference']}")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>

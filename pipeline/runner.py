@@ -31,8 +31,8 @@ from pydantic import ValidationError
 
 from calibration import Feeds, SourceContext, checked_feeds, make_source
 from passes import get_pass
-from passes.base import Pass, PassContext, op_counts
 from passes.base import Params as PassParams
+from passes.base import Pass, PassContext, op_counts
 
 from . import __version__
 from .blocks import BlockPartition, adopt_new_nodes

@@ -3,8 +3,17 @@ from __future__ import annotations
 import numpy as np
 from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
-from pipeline.audio import (N_MELS, SAMPLE_RATE, _hz_to_mel, _mel_to_hz, compare_audio, log_mel_distance,
-                            mel_filterbank, mel_spectrogram, sqnr_db)
+from pipeline.audio import (
+    N_MELS,
+    SAMPLE_RATE,
+    _hz_to_mel,
+    _mel_to_hz,
+    compare_audio,
+    log_mel_distance,
+    mel_filterbank,
+    mel_spectrogram,
+    sqnr_db,
+)
 
 
 def tone(hz: float, seconds: float = 1.0) -> np.ndarray:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
@@ -48,6 +47,7 @@ def test_tiny_fallback_converges_and_resolved_recipe_reproduces(workdir, move_to
         assert any(s["pass"] == "fp16" for s in data["steps"])
     assert "fallback" not in data["check"]
     assert "Automatic fallback" in (workdir / "run" / "report.md").read_text()
+    assert "round 0:" in (workdir / "run" / "report.html").read_text()
     # The resolved recipe, run elsewhere from scratch, builds the very same file.
     again = run_cli("run", str(resolved), "--out", str(workdir / "again"))
     assert again.code == 0, again.stderr

