@@ -230,3 +230,24 @@ def test_piper_report_lists_every_kind_of_block(piper_fault):
         assert expected in ids
     for b in report["blocks"]:
         assert "isolated" in b and "accumulated" in b
+
+
+def test_piper_output_sqnr_matches_numpy_and_onnxruntime(piper_model, piper_fault):
+    """The same cross-check on the real voice: the perturbed candidate's audio output."""
+    from pipeline.bench import piper_eval_feeds
+
+    ref, report = piper_fault
+    cand = perturb(ref, "enc_p.encoder.ffn_layers.2.conv_1.weight", 0.02)
+    _, data = piper_eval_feeds(piper_model, 3)
+    r, c = session(ref), session(cand)
+    xs = [r.run(None, f)[0].ravel() for f in data]
+    ys = [c.run(None, f)[0].ravel() for f in data]
+    # Noise on an encoder layer can flip a duration: those samples are not compared, and counted.
+    same = [(a, b) for a, b in zip(xs, ys) if a.shape == b.shape]
+    assert report["outputs"][0]["shape_mismatches"] == len(xs) - len(same) and same
+    xs, ys = [a for a, _ in same], [b for _, b in same]
+    x, y = np.concatenate(xs).astype(np.float64), np.concatenate(ys).astype(np.float64)
+    by_hand = 20 * np.log10(np.linalg.norm(x) / np.linalg.norm(x - y))
+    ours = report["outputs"][0]["sqnr_db"]
+    assert abs(ours - by_hand) < 0.1
+    assert abs(ours - compute_signal_to_quantization_noice_ratio(xs, ys)) < 0.1
