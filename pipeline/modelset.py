@@ -50,6 +50,7 @@ class ModelSet:
     graphs: list[GraphFile]
     sidecars: dict[str, str] = field(default_factory=dict)  # sidecar file -> graph it belongs to
     chain: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # what an exporter says about the set (config, seeded)
 
     def names(self) -> list[str]:
         return [g.name for g in self.graphs]
@@ -79,7 +80,8 @@ class ModelSet:
         return sum((self.root / g.file).stat().st_size for g in self.graphs)
 
     def to_json(self) -> dict[str, Any]:
-        return {"graphs": [vars(g) for g in self.graphs], "sidecars": self.sidecars, "chain": self.chain}
+        return {"graphs": [vars(g) for g in self.graphs], "sidecars": self.sidecars, "chain": self.chain,
+                "meta": self.meta}
 
     def write_manifest(self) -> None:
         (self.root / MANIFEST).write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -94,7 +96,7 @@ class ModelSet:
             raise PipelineError(f"{root}: not a model set folder (no {MANIFEST})") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise PipelineError(f"{path}: unreadable model set manifest: {e}") from None
-        ms = cls(root, graphs, data.get("sidecars", {}), data.get("chain", []))
+        ms = cls(root, graphs, data.get("sidecars", {}), data.get("chain", []), data.get("meta", {}))
         for g in graphs:
             if not (root / g.file).is_file():
                 raise PipelineError(f"{path}: lists {g.file} for graph {g.name!r}, but the file is missing")
@@ -109,7 +111,8 @@ class ModelSet:
 
     def derive(self, root: Path) -> ModelSet:
         """An empty twin in another folder (same graph names and files), for a step's output."""
-        return ModelSet(root, [GraphFile(g.name, g.file) for g in self.graphs], dict(self.sidecars), list(self.chain))
+        return ModelSet(root, [GraphFile(g.name, g.file) for g in self.graphs], dict(self.sidecars), list(self.chain),
+                        dict(self.meta))
 
     def save_graph(self, name: str, model: onnx.ModelProto) -> None:
         g = self.graph(name)

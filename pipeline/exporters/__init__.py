@@ -1,0 +1,1 @@
+"""Exporters: PyTorch models written out as a ModelSet of ONNX graphs, block by block."""

@@ -1,0 +1,1 @@
+"""Runtimes that chain the ONNX Runtime sessions of a ModelSet."""

@@ -1,0 +1,167 @@
+"""ChatTTS GPT: the real asset layout, our decoder layer vs transformers, ONNX export, greedy generation."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.exporters.chattts import ChatTTSGPT, GPTConfig, export_modelset, load_weights
+from pipeline.runtime.chattts import ChatTTSRuntime
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
+            max_position_embeddings=256, num_text_tokens=97, num_audio_tokens=31, num_vq=4)
+
+
+class ChatTTSEmbed(nn.Module):
+    """The shape of ChatTTS's Embed module, weight norm applied by torch itself (so its key names are real)."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.emb_code = nn.ModuleList(nn.Embedding(c.num_audio_tokens, c.hidden_size) for _ in range(c.num_vq))
+        self.emb_text = nn.Embedding(c.num_text_tokens, c.hidden_size)
+        self.head_text = weight_norm(nn.Linear(c.hidden_size, c.num_text_tokens, bias=False), name="weight")
+        self.head_code = nn.ModuleList(weight_norm(nn.Linear(c.hidden_size, c.num_audio_tokens, bias=False),
+                                                   name="weight") for _ in range(c.num_vq))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A small asset folder in ChatTTS's layout: HF LlamaModel without embed_tokens + Embed.safetensors."""
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(7)
+    c = GPTConfig(**TINY)
+    root = tmp_path_factory.mktemp("asset")
+    hf = LlamaConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                     num_attention_heads=c.num_attention_heads, num_hidden_layers=c.num_hidden_layers,
+                     max_position_embeddings=c.max_position_embeddings, rms_norm_eps=1e-6, vocab_size=8,
+                     num_text_tokens=c.num_text_tokens, num_audio_tokens=c.num_audio_tokens, num_vq=c.num_vq)
+    llama = LlamaModel(hf).eval()
+    for name, p in llama.named_parameters():  # sharper than the default init, so greedy has clear winners
+        if "norm" not in name:
+            nn.init.normal_(p, std=0.1)
+    del llama.embed_tokens
+    (root / "gpt").mkdir()
+    hf.save_pretrained(root / "gpt")
+    save_file({k: v.contiguous() for k, v in llama.state_dict().items()}, str(root / "gpt" / "model.safetensors"))
+    embed = ChatTTSEmbed(c).eval()
+    for p in embed.parameters():
+        nn.init.normal_(p, std=0.3)
+    save_file({k: v.contiguous() for k, v in embed.state_dict().items()}, str(root / "Embed.safetensors"))
+    return root, llama, embed, c
+
+
+def test_loader_reads_the_real_layout_and_folds_weight_norm(assets):
+    root, llama, embed, c = assets
+    w = load_weights(root)
+    assert w.seeded is False and w.config == c
+    assert set(json.loads((root / "gpt" / "config.json").read_text())) >= {"hidden_size", "num_hidden_layers"}
+    torch.testing.assert_close(w.embed["head_text.weight"], embed.head_text.weight.detach())
+    torch.testing.assert_close(w.embed["head_code.2.weight"], embed.head_code[2].weight.detach())
+    torch.testing.assert_close(w.gpt["layers.1.mlp.up_proj.weight"], llama.layers[1].mlp.up_proj.weight.detach())
+
+
+def test_seeded_weights_have_chattts_exact_config():
+    w = load_weights(None, GPTConfig(num_hidden_layers=1))
+    assert w.seeded and "seeded" in w.source
+    c = GPTConfig()
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_hidden_layers,
+            c.max_position_embeddings, c.num_text_tokens, c.num_audio_tokens, c.num_vq) == (
+        768, 3072, 12, 20, 4096, 21178, 626, 4)
+
+
+def test_our_stack_matches_transformers_llama(assets):
+    root, llama, _, _ = assets
+    ours = ChatTTSGPT(load_weights(root))
+    x = torch.randn(2, 9, ours.config.hidden_size)
+    with torch.no_grad():
+        want = llama(inputs_embeds=x).last_hidden_state
+        got, cache = ours.step(x, ours.empty_cache(2))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        x2 = torch.randn(2, 1, ours.config.hidden_size)
+        want2 = llama(inputs_embeds=torch.cat([x, x2], 1)).last_hidden_state[:, -1:]
+        got2, _ = ours.step(x2, cache)
+        torch.testing.assert_close(got2, want2, atol=1e-5, rtol=1e-5)
+
+
+def reference_greedy(llama, embed, prompt: list[int], steps: int) -> list[int]:
+    """transformers LlamaModel + ChatTTS's Embed, recomputing the whole sequence each step."""
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            hidden = llama(inputs_embeds=embed.emb_text(torch.tensor([ids]))).last_hidden_state
+            nxt = int(embed.head_text(hidden[0, -1]).argmax())
+            out.append(nxt)
+            ids.append(nxt)
+    return out
+
+
+def test_onnx_greedy_generation_matches_pytorch_for_64_steps(assets, tmp_path):
+    root, llama, embed, _ = assets
+    ms = export_modelset(load_weights(root), tmp_path / "gpt")
+    assert ms.names() == ["embed_text", "embed_code", "layer_00", "layer_01", "layer_02", "norm",
+                          "lm_head_text", "lm_head_code"]
+    prompt = [3, 14, 15, 92, 65, 35]
+    got = ChatTTSRuntime(tmp_path / "gpt").generate_text(prompt, 64)
+    assert got.ids == reference_greedy(llama, embed, prompt, 64)
+    assert len(got.step_s) == 63 and got.prefill_s > 0
+    assert len(set(got.ids)) > 3  # a real sequence, not one token repeated
+
+
+def test_code_embedding_and_heads_match_pytorch(assets, tmp_path):
+    from pipeline.onnx_io import session
+
+    root, _, embed, c = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    ids = np.random.default_rng(0).integers(0, c.num_audio_tokens, (2, 5, c.num_vq))
+    got = session(tmp_path / "gpt" / "embed_code.onnx").run(None, {"input_ids": ids})[0]
+    with torch.no_grad():
+        want = sum(embed.emb_code[q](torch.from_numpy(ids[..., q])) for q in range(c.num_vq)).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        h = torch.randn(2, 5, c.hidden_size)
+        logits = session(tmp_path / "gpt" / "lm_head_code.onnx").run(None, {"hidden": h.numpy()})[0]
+        want = torch.stack([embed.head_code[q](h) for q in range(c.num_vq)], 3).numpy()
+        assert logits.shape == (2, 5, c.num_audio_tokens, c.num_vq)
+        np.testing.assert_allclose(logits, want, atol=1e-4)
+
+
+def test_bad_checkpoints_are_named(assets, tmp_path):
+    import shutil
+
+    root, *_ = assets
+    bad = tmp_path / "asset"
+    shutil.copytree(root, bad)
+    from safetensors.torch import load_file
+
+    sd = load_file(str(bad / "gpt" / "model.safetensors"))
+    del sd["layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(bad / "gpt" / "model.safetensors"))
+    with pytest.raises(PipelineError, match="missing keys layers.1.mlp.up_proj.weight"):
+        load_weights(bad)
+    sd["layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(sd, str(bad / "gpt" / "model.safetensors"))
+    with pytest.raises(PipelineError, match=r"misshaped keys: layers.1.mlp.up_proj.weight \[3, 3\] \(expected \[128, 64\]\)"):
+        load_weights(bad)
+    cfg = json.loads((root / "gpt" / "config.json").read_text())
+    cfg["hidden_size"] = 96
+    (bad / "gpt" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PipelineError, match="misshaped keys"):  # the config says 96, the weights are 64
+        load_weights(bad)
+
+
+def test_runtime_refuses_prompts_past_the_position_limit(assets, tmp_path):
+    root, *_ = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    rt = ChatTTSRuntime(tmp_path / "gpt")
+    with pytest.raises(PipelineError, match="exceeds the position limit 256"):
+        rt.generate_text([1] * 250, 10)
+    with pytest.raises(PipelineError, match="out of the text vocabulary"):
+        rt.generate_text([1, 500], 2)
