@@ -90,33 +90,38 @@ class BlockPartition:
     def ids(self) -> list[str]:
         return list(self.blocks)
 
+    def select_lenient(self, scope: Scope) -> tuple[set[str], set[str]]:
+        """Like `select`, for one graph of several: patterns may match nothing here.
+        Returns the selected nodes and the patterns that matched something."""
+        ids = self.ids()
+        hits: set[str] = set()
+        chosen = set(ids) if scope.include is None else set()
+        for pattern in scope.include or []:
+            found = _full_matches(pattern, ids)
+            hits |= {pattern} if found else set()
+            chosen.update(found)
+        for pattern in scope.exclude:
+            found = _full_matches(pattern, ids)
+            hits |= {pattern} if found else set()
+            chosen.difference_update(found)
+        nodes = {n for b in chosen for n in self.blocks[b].nodes}
+        if scope.nodes:
+            rxs = {p: _compile(p) for p in scope.nodes}
+            hits |= {p for p, rx in rxs.items() if any(rx.search(n) for n in nodes)}
+            nodes = {n for n in nodes if any(rx.search(n) for rx in rxs.values())}
+        return nodes, hits
+
     def select(self, scope: Scope, where: str = "scope") -> set[str]:
         """Node names inside `scope`. A pattern that matches no block is an error."""
-        ids = self.ids()
-        if scope.include is None:
-            chosen = set(ids)
-        else:
-            chosen = set()
-            for pattern in scope.include:
-                hits = _full_matches(pattern, ids)
-                if not hits:
-                    raise PipelineError(f"{where}: include pattern {pattern!r} matches no block "
-                                        f"(blocks: {_preview(ids)})")
-                chosen.update(hits)
-        for pattern in scope.exclude:
-            hits = _full_matches(pattern, ids)
-            if not hits:
-                raise PipelineError(f"{where}: exclude pattern {pattern!r} matches no block "
-                                    f"(blocks: {_preview(ids)})")
-            chosen.difference_update(hits)
-        nodes = {n for b in chosen for n in self.blocks[b].nodes}
+        nodes, hits = self.select_lenient(scope)
+        for kind, patterns in (("include", scope.include or []), ("exclude", scope.exclude)):
+            for pattern in patterns:
+                if pattern not in hits:
+                    raise PipelineError(f"{where}: {kind} pattern {pattern!r} matches no block "
+                                        f"(blocks: {_preview(self.ids())})")
         for pattern in scope.nodes or []:
-            rx = _compile(pattern)
-            if not any(rx.search(n) for n in nodes):
+            if pattern not in hits:
                 raise PipelineError(f"{where}: nodes pattern {pattern!r} matches no node in the chosen blocks")
-        if scope.nodes:
-            rxs = [_compile(p) for p in scope.nodes]
-            nodes = {n for n in nodes if any(rx.search(n) for rx in rxs)}
         return nodes
 
 

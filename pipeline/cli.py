@@ -277,5 +277,48 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_f
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@main.command()
+@click.argument("modelset", type=click.Path(path_type=Path))
+@click.option("--steps", default=32, show_default=True, help="Tokens to generate.")
+@click.option("--greedy/--sample", default=True, show_default=True, help="Greedy decoding (sampling: not yet).")
+@click.option("--ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
+@click.option("--prompt", help="Prompt text (needs the asset's tokenizer).")
+@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write ids and timings as JSON.")
+def generate(modelset: Path, steps: int, greedy: bool, ids: str | None, prompt: str | None, threads: int,
+             json_path: Path | None) -> None:
+    """Generate text tokens with a ChatTTS GPT model set (e.g. runs/<recipe>/final) in ONNX Runtime.
+
+    Prints the generated ids and the per-step decode latency.
+    """
+    import json
+    import statistics
+
+    from .runtime.chattts import ChatTTSRuntime
+
+    if not greedy:
+        raise PipelineError("sampling is not available yet: the sample head graph is not exported; use --greedy")
+    if prompt is not None:
+        raise PipelineError("--prompt needs the asset's tokenizer, which this model set does not carry; use --ids")
+    if not ids:
+        raise PipelineError("give the prompt with --ids, e.g. --ids 3,14,15")
+    try:
+        prompt_ids = [int(x) for x in ids.split(",") if x.strip()]
+    except ValueError:
+        raise PipelineError(f"--ids: not a comma-separated list of integers: {ids!r}") from None
+    rt = ChatTTSRuntime(modelset, threads=threads)
+    if rt.ms.meta.get("seeded"):
+        out.print(escape(f"note: {rt.ms.meta.get('source')}: ChatTTS's exact config, untrained; tokens mean nothing"))
+    gen = rt.generate_text(prompt_ids, steps)
+    out.print("ids: " + " ".join(map(str, gen.ids)))
+    ms = [t * 1e3 for t in gen.step_s]
+    if ms:
+        out.print(f"prefill {gen.prefill_s * 1e3:.1f} ms ({len(prompt_ids)} tokens); decode step median "
+                  f"{statistics.median(ms):.1f} ms, min {min(ms):.1f}, max {max(ms):.1f} over {len(ms)} steps")
+    if json_path:
+        json_path.write_text(json.dumps({"prompt": prompt_ids, "ids": gen.ids, "prefill_s": gen.prefill_s,
+                                         "step_s": gen.step_s, "seeded": rt.ms.meta.get("seeded")}, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     main()

@@ -22,17 +22,22 @@ class Strict(BaseModel):
 
 
 class ModelSource(Strict):
-    """Where the base model comes from: an ONNX path or a file inside an installed package."""
+    """Where the base model comes from: an ONNX path, a file inside an installed package,
+    or an exporter that writes a ModelSet from PyTorch weights."""
 
     path: str | None = None
     package: str | None = None
     file: str | None = None
+    exporter: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)  # the exporter's parameters
 
     def model_post_init(self, __context: Any) -> None:
-        if bool(self.path) == bool(self.package):
-            raise ValueError("give either 'path' or 'package' + 'file'")
+        if sum(map(bool, (self.path, self.package, self.exporter))) != 1:
+            raise ValueError("give one of 'path', 'package' + 'file', or 'exporter'")
         if self.package and not self.file:
             raise ValueError("'package' needs 'file' (the file's path inside the package)")
+        if self.params and not self.exporter:
+            raise ValueError("'params' belongs to an 'exporter'")
 
 
 class BlockSpec(Strict):
@@ -64,6 +69,8 @@ class BlockSpec(Strict):
 class Scope(Strict):
     """Which blocks a step touches: regexes matched in full against block ids.
 
+    `graphs` are regexes matched in full against the ModelSet's graph names
+    (`layer_\\d+`); an include pattern must match a block in at least one of them.
     `nodes` narrows further, inside the chosen blocks, to nodes whose name
     matches one of its regexes (searched, not fully matched).
     """

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -39,7 +40,7 @@ from .blocks import BlockPartition, adopt_new_nodes
 from .errors import PipelineError
 from .modelset import ModelSet, file_sha256
 from .onnx_io import check_loads, load_onnx, set_provenance
-from .recipe import Recipe, Step, format_validation_error
+from .recipe import Recipe, Scope, Step, format_validation_error
 from .sources import materialize_base, resolve_model_path
 
 STEP_MANIFEST = "step.json"
@@ -64,9 +65,10 @@ class PlannedStep:
 @dataclass
 class Plan:
     recipe: Recipe
-    model_path: Path
+    model_path: Path | None  # None when an exporter makes the base ModelSet
     steps: list[PlannedStep]
     calibration: list[Feeds] | None = None
+    exporter: tuple | None = None  # (params, export, key) from pipeline.exporters
 
     def calibration_hash(self) -> str:
         return _feeds_hash(self.calibration or [])
@@ -91,8 +93,15 @@ class RunResult:
 def plan_recipe(recipe: Recipe) -> Plan:
     """Check everything that can be checked before long work starts."""
     where = str(recipe.source_path or recipe.name)
-    model_path = resolve_model_path(recipe.model, recipe)
-    base = load_onnx(model_path)
+    exporter = None
+    if recipe.model.exporter:
+        from .exporters import get_exporter
+
+        exporter = get_exporter(recipe.model.exporter, recipe.model.params, where=f"{where}: model")
+        model_path, base = None, None  # graphs exist only after the export (step 00)
+    else:
+        model_path = resolve_model_path(recipe.model, recipe)
+        base = load_onnx(model_path)
     steps = []
     for i, step in enumerate(recipe.steps, start=1):
         at = f"{where}: steps.{i - 1}"
@@ -104,15 +113,22 @@ def plan_recipe(recipe: Recipe) -> Plan:
         if not pass_.scoped and not step.scope.is_everything:
             raise PipelineError(f"{at}: pass {pass_.name!r} rewrites the whole graph and takes no scope")
         steps.append(PlannedStep(i, step, pass_, params))
-    _check_scopes(recipe, base, steps, where)
+    if base is not None:
+        _check_scopes(recipe, base, steps, where)
+    elif recipe.check is not None:
+        raise PipelineError(f"{where}: check: the per-block check of an exported multi-graph model set is not "
+                            f"supported yet; compare single graphs with `pipeline compare`")
     if recipe.check is not None and recipe.check.fallback is not None:
         fallback_step_index(recipe)
-    plan = Plan(recipe, model_path, steps)
+    plan = Plan(recipe, model_path, steps, exporter=exporter)
     needing = [s for s in steps if s.pass_.needs_calibration_for(s.params)]
     if needing and recipe.calibration is None:
         raise PipelineError(f"{where}: steps.{needing[0].index - 1} ({needing[0].pass_.name}) needs calibration "
                             f"data, but the recipe has no 'calibration' section")
     if recipe.calibration is not None and any(s.pass_.wants_calibration(s.params) for s in steps):
+        if base is None:
+            raise PipelineError(f"{where}: calibration data for an exported model set is not supported yet "
+                                f"(per-block inputs must be captured from the FP32 upstream)")
         source = make_source(recipe.calibration.source, recipe.calibration.params,
                              SourceContext(model_path, recipe.resolve_path), where=f"{where}: calibration")
         plan.calibration = checked_feeds(source, base, where=f"{where}: calibration")
@@ -134,11 +150,25 @@ def _check_scopes(recipe: Recipe, base, steps: list[PlannedStep], where: str) ->
     partition = BlockPartition(base, recipe.blocks)
     for s in steps:
         scope = s.step.scope
-        if scope.graphs is not None and scope.graphs != ["model"]:
-            unknown = [g for g in scope.graphs if g != "model"]
-            raise PipelineError(f"{where}: steps.{s.index - 1}.scope.graphs: no graph named "
-                                f"{', '.join(map(repr, unknown))} (graphs: model)")
+        selected_graphs(scope, ["model"], where=f"{where}: steps.{s.index - 1}.scope.graphs")
         partition.select(scope, where=f"{where}: steps.{s.index - 1}.scope")
+
+
+def selected_graphs(scope: Scope, names: list[str], where: str) -> list[str]:
+    """Graph names the scope's `graphs` regexes match in full (all when none); each must match one."""
+    if scope.graphs is None:
+        return list(names)
+    chosen = []
+    for pattern in scope.graphs:
+        try:
+            rx = re.compile(pattern)
+        except re.error as e:
+            raise PipelineError(f"{where}: {pattern!r} is not a valid regex: {e}") from None
+        hits = [n for n in names if rx.fullmatch(n)]
+        if not hits:
+            raise PipelineError(f"{where}: {pattern!r} matches no graph (graphs: {', '.join(names)})")
+        chosen += [h for h in hits if h not in chosen]
+    return [n for n in names if n in chosen]
 
 
 class Runner:
@@ -164,7 +194,7 @@ class Runner:
             current = ModelSet.read(steps_dir / record.folder)
         final = self._final(current)
         result = RunResult(self.out_dir, final, records, time.perf_counter() - start)
-        if self.plan.recipe.check is not None:
+        if self.plan.recipe.check is not None:  # single-graph only, enforced by plan_recipe
             result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final)
         result.wall_s = time.perf_counter() - start
         self._write_manifest(result)
@@ -205,19 +235,31 @@ class Runner:
 
     def _base(self, steps_dir: Path) -> StepRecord:
         folder = "00-base"
-        key = _hash({"version": __version__, "base": file_sha256(self.plan.model_path)})
+        recipe = self.plan.recipe
+        if self.plan.exporter is not None:
+            params, export, source_key = self.plan.exporter
+            key = _hash({"version": __version__, "exporter": recipe.model.exporter,
+                         "source": source_key(params, recipe.resolve_path)})
+        else:
+            key = _hash({"version": __version__, "base": file_sha256(self.plan.model_path)})
         cached = _cached(steps_dir / folder, key)
         if cached is not None:
             self.log("step 00 base: cached")
             return StepRecord(folder, True, cached)
         t0 = time.perf_counter()
         with _building(steps_dir / folder) as tmp:
-            ms = materialize_base(self.plan.model_path, tmp)
-            manifest = {"step": folder, "pass": "base", "key": key, "source": str(self.plan.model_path.name),
+            if self.plan.exporter is not None:
+                self.log(f"step 00 base: exporting with {recipe.model.exporter} ...")
+                ms = export(params, tmp, recipe.resolve_path)
+                source = f"exporter {recipe.model.exporter}"
+            else:
+                ms = materialize_base(self.plan.model_path, tmp)
+                source = self.plan.model_path.name
+            manifest = {"step": folder, "pass": "base", "key": key, "source": source, "meta": ms.meta,
                         "output_hash": ms.content_hash(), "graphs": _graph_facts(ms),
                         "wall_s": round(time.perf_counter() - t0, 3)}
             _write_json(tmp / STEP_MANIFEST, manifest)
-        self.log(f"step 00 base: {self.plan.model_path.name}")
+        self.log(f"step 00 base: {source}")
         return StepRecord(folder, False, manifest)
 
     def _step(self, planned: PlannedStep, source: ModelSet, steps_dir: Path, applied: list[str]) -> StepRecord:
@@ -235,16 +277,26 @@ class Runner:
         self.log(f"{label}: {planned.pass_.name} ...")
         t0 = time.perf_counter()
         stats: dict[str, Any] = {}
+        scope = planned.step.scope
+        graphs = selected_graphs(scope, source.names(), where=f"{label}.scope.graphs")
+        block_scope = scope.model_copy(update={"graphs": None})
+        matched: set[str] = set()
         with _building(target) as tmp, _scratch_tmpdir(self.out_dir / "tmp") as scratch:
             out = source.derive(tmp)
             for graph in source.names():
-                scope = planned.step.scope
-                if scope.graphs is not None and graph not in scope.graphs:
+                if graph not in graphs:
                     out.copy_graph_from(source, graph)
                     continue
                 model = source.load(graph)
                 blocks = BlockPartition(model, self.plan.recipe.blocks)
-                selected = None if scope.is_everything else blocks.select(scope, where=f"{label}.scope")
+                if block_scope.is_everything:
+                    selected = None
+                else:
+                    selected, hits = blocks.select_lenient(block_scope)
+                    matched |= hits
+                    if not selected:
+                        out.copy_graph_from(source, graph)  # nothing of this graph is in scope
+                        continue
                 ctx = PassContext(graph, blocks, selected, scratch,
                                   calibration=self._calibration(label) if uses_calibration else None, log=self.log)
                 before = {n.name for n in model.graph.node}
@@ -256,6 +308,11 @@ class Runner:
                 check_loads(result.model, f"{label} ({graph})")
                 out.save_graph(graph, result.model)
                 stats[graph] = result.stats | {"changed": result.changed}
+            unmatched = [p for p in (block_scope.include or []) + block_scope.exclude + (block_scope.nodes or [])
+                          if not block_scope.is_everything and p not in matched]
+            if unmatched:
+                raise PipelineError(f"{label}.scope: pattern {unmatched[0]!r} matches nothing in graphs "
+                                    f"{', '.join(graphs)}")
             out.copy_sidecars_from(source)
             out.write_manifest()
             manifest = {"step": planned.folder, **planned.spec(), "key": key, "input_hash": source.content_hash(),
@@ -301,7 +358,7 @@ class Runner:
             "recipe": {"name": recipe.name, "path": str(recipe.source_path) if recipe.source_path else None,
                        "sha256": recipe.spec_hash()},
             "version": __version__,
-            "model": str(self.plan.model_path),
+            "model": str(self.plan.model_path) if self.plan.model_path else f"exporter {recipe.model.exporter}",
             "steps": [r.manifest | {"cached": r.cached} for r in result.steps],
             "final": {"folder": "final", "graphs": _graph_facts(result.final), "sidecars": list(result.final.sidecars)},
             "check": None if result.report is None else {

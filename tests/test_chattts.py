@@ -165,3 +165,65 @@ def test_runtime_refuses_prompts_past_the_position_limit(assets, tmp_path):
         rt.generate_text([1] * 250, 10)
     with pytest.raises(PipelineError, match="out of the text vocabulary"):
         rt.generate_text([1, 500], 2)
+
+
+RECIPE = """name: chattts_tiny_int8
+model:
+  exporter: chattts_gpt
+  params:
+    seed: 3
+    config: {num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128, num_attention_heads: 4,
+             num_text_tokens: 97, num_audio_tokens: 31}
+steps:
+  - name: int8-layers
+    pass: quantize
+    params: {mode: dynamic, op_types: [MatMul], expect_min_nodes: 7}
+    scope: {graphs: ['layer_\\d+']}
+"""
+
+
+def test_recipe_with_exporter_quantizes_the_layer_graphs(tmp_path):
+    from conftest import run_cli
+
+    from pipeline.modelset import ModelSet
+
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    assert res.code == 0, res.stderr
+    final = ModelSet.read(tmp_path / "run" / "final")
+    assert final.meta["seeded"] is True and final.names()[:3] == ["embed_text", "embed_code", "layer_00"]
+    base = ModelSet.read(tmp_path / "run" / "steps" / "00-base")
+    import onnx
+
+    for name in ("layer_00", "layer_01"):
+        ops = {n.op_type for n in onnx.load(str(final.path(name))).graph.node}
+        assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
+        assert final.path(name).stat().st_size < 0.5 * base.path(name).stat().st_size
+    assert final.graph("norm").sha256 and final.path("norm").read_bytes() != b""
+    gen = run_cli("generate", str(tmp_path / "run" / "final"), "--ids", "3,14,15", "--steps", "12",
+                  "--json", str(tmp_path / "g.json"))
+    assert gen.code == 0, gen.stderr
+    assert gen.stdout.startswith("note: seeded random weights")
+    out = json.loads((tmp_path / "g.json").read_text())
+    assert len(out["ids"]) == 12 and len(out["step_s"]) == 11
+    # The layer-scoped step copies the other graphs unchanged.
+    step = ModelSet.read(tmp_path / "run" / "steps" / "01-int8-layers")
+    assert step.graph("embed_text").sha256 == base.graph("embed_text").sha256
+    assert step.graph("layer_00").sha256 != base.graph("layer_00").sha256
+
+
+def test_scope_graph_pattern_matching_nothing_is_an_error(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "r.yaml").write_text(RECIPE.replace("layer_\\d+", "decoder_\\d+"))
+    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    assert res.code == 2 and "matches no graph" in res.stderr and "layer_00" in res.stderr
+
+
+def test_generate_bad_input(tmp_path):
+    from conftest import run_cli
+
+    res = run_cli("generate", str(tmp_path), "--ids", "1,2")
+    assert res.code == 2 and "not a model set folder" in res.stderr
+    res = run_cli("generate", str(tmp_path), "--ids", "1,x")
+    assert res.code == 2 and "not a comma-separated list" in res.stderr
