@@ -41,16 +41,20 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
 
 def session(model: onnx.ModelProto | str | Path, threads: int = 2,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            arena: bool = True) -> ort.InferenceSession:
+            arena: bool = True, spinning: bool = True) -> ort.InferenceSession:
     """A CPU session with a fixed thread count, so timings compare.
 
     `arena=False` returns freed activation memory to the system instead of keeping
     ORT's high-water mark cached, and plans no memory pattern (which caches one
     per input shape): for sessions that expose many intermediates.
+    `spinning=False` stops idle worker threads from busy-waiting: for runtimes that
+    chain many sessions, whose thread pools would otherwise fight over the cores.
     """
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
     opts.enable_mem_pattern = arena
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = optimization

@@ -34,7 +34,8 @@ class ChatTTSRuntime:
         missing = [n for n in ["embed_text", "norm", "lm_head_text", *self.layers] if n not in self.ms.names()]
         if missing:
             raise PipelineError(f"{folder}: model set lacks graphs {', '.join(missing)}")
-        self.sessions = {n: session(self.ms.path(n), threads=threads) for n in self.ms.names()}
+        # One session per graph: without spinning, their idle threads leave the cores to the one running.
+        self.sessions = {n: session(self.ms.path(n), threads=threads, spinning=False) for n in self.ms.names()}
 
     def _empty_cache(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
         c = self.config
