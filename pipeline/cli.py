@@ -280,13 +280,15 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_f
 @main.command()
 @click.argument("modelset", type=click.Path(path_type=Path))
 @click.option("--steps", default=32, show_default=True, help="Tokens to generate.")
-@click.option("--greedy/--sample", default=True, show_default=True, help="Greedy decoding (sampling: not yet).")
+@click.option("--greedy/--sample", default=True, show_default=True,
+              help="Greedy decoding, or ChatTTS's sampling (temperature 0.7, top-p 0.7, top-k 20) via the sample head.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the uniform noise that sampling draws from.")
 @click.option("--ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
 @click.option("--prompt", help="Prompt text (needs the asset's tokenizer).")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write ids and timings as JSON.")
-def generate(modelset: Path, steps: int, greedy: bool, ids: str | None, prompt: str | None, threads: int,
-             json_path: Path | None) -> None:
+def generate(modelset: Path, steps: int, greedy: bool, seed: int, ids: str | None, prompt: str | None,
+             threads: int, json_path: Path | None) -> None:
     """Generate text tokens with a ChatTTS GPT model set (e.g. runs/<recipe>/final) in ONNX Runtime.
 
     Prints the generated ids and the per-step decode latency.
@@ -294,10 +296,8 @@ def generate(modelset: Path, steps: int, greedy: bool, ids: str | None, prompt: 
     import json
     import statistics
 
-    from .runtime.chattts import ChatTTSRuntime
+    from .runtime.chattts import ChatTTSRuntime, SamplingParams
 
-    if not greedy:
-        raise PipelineError("sampling is not available yet: the sample head graph is not exported; use --greedy")
     if prompt is not None:
         raise PipelineError("--prompt needs the asset's tokenizer, which this model set does not carry; use --ids")
     if not ids:
@@ -309,7 +309,7 @@ def generate(modelset: Path, steps: int, greedy: bool, ids: str | None, prompt: 
     rt = ChatTTSRuntime(modelset, threads=threads)
     if rt.ms.meta.get("seeded"):
         out.print(escape(f"note: {rt.ms.meta.get('source')}: ChatTTS's exact config, untrained; tokens mean nothing"))
-    gen = rt.generate_text(prompt_ids, steps)
+    gen = rt.generate_text(prompt_ids, steps, None if greedy else SamplingParams(seed=seed))
     out.print("ids: " + " ".join(map(str, gen.ids)))
     ms = [t * 1e3 for t in gen.step_s]
     if ms:

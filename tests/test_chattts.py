@@ -108,7 +108,7 @@ def test_onnx_greedy_generation_matches_pytorch_for_64_steps(assets, tmp_path):
     root, llama, embed, _ = assets
     ms = export_modelset(load_weights(root), tmp_path / "gpt")
     assert ms.names() == ["embed_text", "embed_code", "layer_00", "layer_01", "layer_02", "norm",
-                          "lm_head_text", "lm_head_code"]
+                          "lm_head_text", "lm_head_code", "sample_head"]
     prompt = [3, 14, 15, 92, 65, 35]
     got = ChatTTSRuntime(tmp_path / "gpt").generate_text(prompt, 64)
     assert got.ids == reference_greedy(llama, embed, prompt, 64)
@@ -227,3 +227,46 @@ def test_generate_bad_input(tmp_path):
     assert res.code == 2 and "not a model set folder" in res.stderr
     res = run_cli("generate", str(tmp_path), "--ids", "1,x")
     assert res.code == 2 and "not a comma-separated list" in res.stderr
+
+
+def test_sample_head_matches_chattts_processing_and_transformers_warpers(tmp_path):
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from pipeline.exporters.chattts_sample import export_sample_head
+    from pipeline.onnx_io import session
+
+    vocab, rows = 50, 6
+    export_sample_head(tmp_path / "s.onnx", vocab)
+    sess = session(tmp_path / "s.onnx")
+    gen = torch.Generator().manual_seed(1)
+    for temperature, penalty, top_p, top_k in [(0.7, 1.05, 0.7, 20), (0.3, 1.5, 0.9, 5), (1.0, 1.0, 1.0, 50)]:
+        logits = torch.randn(rows, vocab, generator=gen) * 3
+        past = torch.randint(-1, vocab, (rows, 16), generator=gen)
+        noise = torch.rand(rows, 1, generator=gen)
+        # The reference: ChatTTS's order with its penalty formula and transformers' own warpers.
+        scores = logits / temperature
+        freq = torch.nn.functional.one_hot(past.clamp(min=0), vocab).mul((past >= 0)[..., None]).sum(1)
+        alpha = torch.pow(torch.tensor(penalty), freq)
+        scores = torch.where(scores < 0, scores * alpha, scores / alpha)
+        scores = TopKLogitsWarper(top_k, min_tokens_to_keep=3)(None, TopPLogitsWarper(top_p, min_tokens_to_keep=3)(None, scores))
+        want = scores.softmax(-1)
+        feed = {"logits": logits.numpy(), "past_ids": past.numpy(), "temperature": np.array([[temperature]], np.float32),
+                "penalty": np.array([[penalty]], np.float32), "top_p": np.array([[top_p]], np.float32),
+                "top_k": np.array([[top_k]], np.int64), "noise": noise.numpy(), "greedy": np.array(False)}
+        ids, probs = sess.run(None, feed)
+        np.testing.assert_allclose(probs, want.numpy(), atol=1e-6)
+        assert (ids == (want.cumsum(-1) <= noise).sum(-1).numpy()).all()
+        greedy, _ = sess.run(None, {**feed, "greedy": np.array(True)})
+        assert (greedy == want.argmax(-1).numpy()).all()
+
+
+def test_sampled_generation_is_reproducible_from_its_seed(assets, tmp_path):
+    from pipeline.runtime.chattts import SamplingParams
+
+    root, *_ = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    rt = ChatTTSRuntime(tmp_path / "gpt")
+    a = rt.generate_text([3, 14, 15], 24, SamplingParams(seed=5, temperature=1.0, top_p=0.95, top_k=40))
+    b = rt.generate_text([3, 14, 15], 24, SamplingParams(seed=5, temperature=1.0, top_p=0.95, top_k=40))
+    c = rt.generate_text([3, 14, 15], 24, SamplingParams(seed=6, temperature=1.0, top_p=0.95, top_k=40))
+    assert a.ids == b.ids and a.ids != c.ids

@@ -10,7 +10,8 @@ With no asset folder the weights are seeded random with ChatTTS's exact config;
 
 The ModelSet: embed_text, embed_code (sum of the codebook embeddings),
 layer_00..layer_NN (each with past/present KV, one graph for prefill and
-decode), norm, lm_head_text, lm_head_code.
+decode), norm, lm_head_text, lm_head_code, sample_head (ChatTTS's logits
+processors and a draw from a uniform-noise input, or greedy).
 """
 from __future__ import annotations
 
@@ -266,17 +267,23 @@ def export_modelset(w: ChatTTSWeights, dest: Path, opset: int = 17):
          {"hidden": seq, "logits": seq}),
     ]
     graphs = []
+    from .chattts_sample import export_sample_head
+
+    export_sample_head(dest / "sample_head.onnx", c.num_text_tokens, opset)
     for name, module, args, inputs, outputs, axes in specs:
         path = dest / f"{name}.onnx"
         with torch.no_grad():
             torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
                               dynamic_axes=axes, opset_version=opset, dynamo=False)
         graphs.append(GraphFile(name, path.name, file_sha256(path)))
+    graphs.append(GraphFile("sample_head", "sample_head.onnx", file_sha256(dest / "sample_head.onnx")))
     layers = [layer_name(n) for n in range(c.num_hidden_layers)]
     chain = [{"from": "embed_text.hidden|embed_code.hidden", "to": f"{layers[0]}.hidden"}]
     chain += [{"from": f"{a}.hidden_out", "to": f"{b}.hidden"} for a, b in zip(layers, layers[1:])]
     chain += [{"from": f"{layers[-1]}.hidden_out", "to": "norm.hidden"},
-              {"from": "norm.hidden_out", "to": "lm_head_text.hidden|lm_head_code.hidden"}]
+              {"from": "norm.hidden_out", "to": "lm_head_text.hidden|lm_head_code.hidden"},
+              {"from": "lm_head_text.logits[:, -1]|lm_head_code.logits[:, -1] as [B*num_vq, V]",
+               "to": "sample_head.logits"}]
     chain += [{"kv": f"{n}.present_key->{n}.past_key, {n}.present_value->{n}.past_value"} for n in layers]
     ms = ModelSet(dest, graphs, chain=chain,
                   meta={"exporter": "chattts_gpt", "config": asdict(c), "seeded": w.seeded, "source": w.source,

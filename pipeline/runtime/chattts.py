@@ -1,7 +1,9 @@
 """Generation with a ChatTTS GPT ModelSet in ONNX Runtime: prefill, then one decode step per token.
 
 Each layer graph takes the cache so far and returns it one step longer; the
-runtime carries it from step to step. Greedy text mode for now.
+runtime carries it from step to step. Text mode, greedy or sampled through the
+sample head graph; audio-code mode and io_binding with preallocated caches are
+still to come.
 """
 from __future__ import annotations
 
@@ -14,6 +16,18 @@ import numpy as np
 from ..errors import PipelineError
 from ..modelset import ModelSet
 from ..onnx_io import session
+
+
+@dataclass
+class SamplingParams:
+    """ChatTTS's refine_text defaults; infer_code uses temperature 0.3 and penalty 1.05."""
+
+    temperature: float = 0.7
+    top_p: float = 0.7
+    top_k: int = 20
+    repetition_penalty: float = 1.0
+    past_window: int = 16
+    seed: int = 0
 
 
 @dataclass
@@ -50,8 +64,26 @@ class ChatTTSRuntime:
         hidden = self.sessions["norm"].run(None, {"hidden": hidden})[0]
         return self.sessions["lm_head_text"].run(None, {"hidden": hidden})[0], new
 
-    def generate_text(self, prompt: list[int], steps: int) -> Generation:
-        """Greedy: the most likely next text token, `steps` times."""
+    def _next(self, logits: np.ndarray, history: list[int], sampling: SamplingParams | None,
+              rng: np.random.Generator) -> int:
+        if sampling is None:
+            return int(np.argmax(logits))
+        if "sample_head" not in self.sessions:
+            raise PipelineError(f"{self.ms.root}: this model set has no sample_head graph; generate greedily")
+        window = history[-sampling.past_window:]
+        past = np.full((1, sampling.past_window), -1, np.int64)
+        past[0, :len(window)] = window
+        next_ids, _ = self.sessions["sample_head"].run(None, {
+            "logits": logits[None].astype(np.float32), "past_ids": past,
+            "temperature": np.array([[sampling.temperature]], np.float32),
+            "penalty": np.array([[sampling.repetition_penalty]], np.float32),
+            "top_p": np.array([[sampling.top_p]], np.float32), "top_k": np.array([[sampling.top_k]], np.int64),
+            "noise": rng.random((1, 1), dtype=np.float32), "greedy": np.array(False)})
+        return int(next_ids[0])
+
+    def generate_text(self, prompt: list[int], steps: int, sampling: SamplingParams | None = None) -> Generation:
+        """Greedy (`sampling` None): the most likely next text token, `steps` times; else ChatTTS's sampling
+        through the sample head, its uniform noise drawn from `sampling.seed`."""
         limit = self.config["max_position_embeddings"]
         if len(prompt) + steps > limit:
             raise PipelineError(f"prompt of {len(prompt)} tokens + {steps} steps exceeds the position limit {limit}")
@@ -63,12 +95,13 @@ class ChatTTSRuntime:
             raise PipelineError(f"prompt ids out of the text vocabulary (0..{vocab - 1}): {bad[:5]}")
         t0 = time.perf_counter()
         emb = self.sessions["embed_text"].run(None, {"input_ids": np.array([prompt], np.int64)})[0]
+        rng = np.random.default_rng(sampling.seed if sampling else 0)
         logits, cache = self._forward(emb, self._empty_cache(1))
-        out = Generation([int(np.argmax(logits[0, -1]))], time.perf_counter() - t0)
+        out = Generation([self._next(logits[0, -1], [], sampling, rng)], time.perf_counter() - t0)
         for _ in range(steps - 1):
             t0 = time.perf_counter()
             emb = self.sessions["embed_text"].run(None, {"input_ids": np.array([[out.ids[-1]]], np.int64)})[0]
             logits, cache = self._forward(emb, cache)
-            out.ids.append(int(np.argmax(logits[0, -1])))
+            out.ids.append(self._next(logits[0, -1], out.ids, sampling, rng))
             out.step_s.append(time.perf_counter() - t0)
         return out
