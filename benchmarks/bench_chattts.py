@@ -2,8 +2,8 @@
 
     python benchmarks/bench_chattts.py [--out runs/bench] [--cache 128] [--steps 20]
 
-Exports the ModelSet (cached in OUT/chattts_fp32), quantizes the 20 layer graphs
-to dynamic INT8 (MatMulInteger; OUT/chattts_int8), then times, interleaved:
+Runs recipes/chattts_int8.yaml (cached in OUT/chattts_int8: the exported FP32
+ModelSet is its step 00, the INT8 one its final/), then times, interleaved:
 - PyTorch eager FP32 (our layer modules, which match transformers' LlamaModel),
 - ONNX Runtime FP32 and INT8,
 one decode step (one token) with `--cache` tokens already in the KV cache, and
@@ -29,14 +29,6 @@ from pipeline.procinfo import peak_rss_mb
 from pipeline.runtime.chattts import ChatTTSRuntime
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = """name: chattts_bench_int8
-model: {exporter: chattts_gpt}
-steps:
-  - name: int8-layers
-    pass: quantize
-    params: {mode: dynamic, op_types: [MatMul], expect_min_nodes: 7}  # per layer graph: q, k, v, o, gate, up, down
-    scope: {graphs: ['layer_\\d+']}
-"""
 
 
 def memory_bandwidth_gbs(mb: int = 512, repeat: int = 5) -> float:
@@ -57,11 +49,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    args.out.mkdir(parents=True, exist_ok=True)
-    recipe = args.out / "chattts_bench_int8.yaml"
-    recipe.write_text(RECIPE)
-    run = args.out / "chattts_bench_int8"
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--out", str(run)], check=True)
+    run = args.out / "chattts_int8"
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(REPO / "recipes" / "chattts_int8.yaml"),
+                    "--out", str(run)], check=True, capture_output=True)
     fp32_dir, int8_dir = run / "steps" / "00-base", run / "final"
     w = load_weights(None)
     torch_model = ChatTTSGPT(w)

@@ -50,10 +50,11 @@ class CalibrationSource:
 
 
 def _registry() -> dict[str, type[CalibrationSource]]:
+    from .chattts_prompts import ChatTTSPrompts
     from .npz_folder import NpzFolder
     from .piper_sentences import PiperSentences
 
-    return {cls.name: cls for cls in (PiperSentences, NpzFolder)}
+    return {cls.name: cls for cls in (PiperSentences, NpzFolder, ChatTTSPrompts)}
 
 
 def source_names() -> list[str]:

@@ -10,6 +10,8 @@ what it misses, by itself:
   `RandomNormalLike` (its `dtype` attribute stays float) and `Range`;
 - an existing `Cast(to=FLOAT)` whose output the converter re-typed as FP16 is
   made to cast to FP16 (the Piper voice's `/enc_p/Cast_1` type clash);
+- Casts to the type their input already has are dropped first (the
+  converter's cast cleanup crashes on chains of them);
 - an initializer shared by a kept-FP32 node and a converted node is split, so
   neither sees the other's type;
 - the converter wraps every kept node in its own Cast pair, so a tensor
@@ -80,6 +82,9 @@ class Fp16(Pass):
             ctx.log(f"fp16 on {ctx.graph_name}: no calibration data, overflow guard skipped")
         node_block = sorted(n for n, why in reasons.items() if why != "op type")
         model = copy_model(model)
+        noop_casts = _remove_noop_casts(model)
+        _detach_consumed_outputs(model)
+        node_block = [n for n in node_block if n not in noop_casts]
         unshared = _unshare_initializers(model, set(op_block), set(node_block))
         # The converter warns about every clamped weight; the stats say what matters.
         with warnings.catch_warnings():
@@ -105,6 +110,7 @@ class Fp16(Pass):
             "casts": sum(1 for n in converted.graph.node if n.op_type == "Cast"),
             "cast_targets_fixed": cast_fixed,
             "initializers_unshared": unshared,
+            "noop_casts_removed": len(noop_casts),
             "fp16_round_trips_removed": roundtrips,
         }
         return PassResult(converted, changed=True, stats=stats)
@@ -135,6 +141,53 @@ def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: floa
                 m = float(finite.max()) if finite.size else 0.0
                 peak[name] = max(peak.get(name, 0.0), m)
     return sorted({producer[t] for t, m in peak.items() if m >= threshold})
+
+
+def _remove_noop_casts(model: onnx.ModelProto) -> set[str]:
+    """Drop Casts to the type their input already has (PyTorch's `x.float()` on a float tensor).
+
+    Exact in the FP32 graph, and it keeps the converter away from Cast->Cast chains with
+    several consumers, on which its cast cleanup crashes ('list' object has no attribute 'input').
+    """
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(onnx.shape_inference.infer_shapes(model).graph.value_info) + list(model.graph.input)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    outputs = {o.name for o in model.graph.output}
+    rewire, dropped = {}, set()
+    for n in model.graph.node:
+        if n.op_type == "Cast" and n.output[0] not in outputs and \
+                types.get(n.input[0]) == next(a.i for a in n.attribute if a.name == "to"):
+            rewire[n.output[0]] = n.input[0]
+            dropped.add(n.name)
+    for n in model.graph.node:
+        for k, t in enumerate(n.input):
+            while t in rewire:
+                t = rewire[t]
+            n.input[k] = t
+    keep = [n for n in model.graph.node if n.name not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return dropped
+
+
+def _detach_consumed_outputs(model: onnx.ModelProto) -> int:
+    """A graph output that nodes also read gets its own Identity: `t` stays the output, readers use `t_inner`.
+
+    With keep_io_types the converter casts such an output back to float but leaves
+    its internal readers typed for the wrong precision (KV caches: `present_key` is
+    both an output and the keys the attention reads).
+    """
+    outputs = {o.name for o in model.graph.output}
+    read = {t for n in model.graph.node for t in n.input}
+    detached = 0
+    for name in sorted(outputs & read):
+        inner = f"{name}_inner"
+        for n in model.graph.node:
+            n.output[:] = [inner if t == name else t for t in n.output]
+            n.input[:] = [inner if t == name else t for t in n.input]
+        model.graph.node.append(onnx.helper.make_node("Identity", [inner], [name], name=f"{name}_output"))
+        detached += 1
+    return detached
 
 
 def _unshare_initializers(model: onnx.ModelProto, op_block: set[str], node_block: set[str]) -> int:

@@ -1,4 +1,4 @@
-"""quantize: INT8 through onnxruntime.quantization, dynamic or static (QDQ).
+"""quantize: INT8 through onnxruntime.quantization: dynamic, static (QDQ), or weight-only MatMulNBits.
 
 `dynamic` quantizes weights ahead of time and activations at run time
 (MatMulInteger/ConvInteger). It needs no data but ConvInteger has no fast CPU
@@ -8,6 +8,11 @@ measured on the recipe's calibration data; ORT then runs integer kernels,
 which is where the speed comes from, and where the error comes from too, so
 the scope decides which blocks pay it.
 
+`weight_only` stores MatMul weights block-wise in `bits` (8 or 4) for ONNX
+Runtime's MatMulNBits kernel, activations staying float (accuracy_level 4
+computes in int8 on CPU): for memory-bound transformer decoding it is as fast
+as dynamic INT8 and more accurate (ChatTTS layer: 51.5 vs 46.7 dB).
+
 The scope becomes `nodes_to_quantize`; nodes outside it stay in float.
 `expect_min_nodes` declares how many nodes must end up quantized, so a scope or
 op list that quietly matches nothing fails loudly instead.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -38,13 +44,13 @@ from .base import Feeds, Params, Pass, PassContext, PassResult
 _CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}
 _TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-# Ops whose kernels take quantized inputs: a node counts as quantized when it became one.
-_INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
-                "MatMulIntegerToFloat", "QAttention", "QGemm"}
+# Ops that compute on INT8 (or fewer-bit) data: a node counts as quantized when it became one.
+INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
+                "MatMulIntegerToFloat", "QAttention", "QGemm", "MatMulNBits"}
 
 
 class QuantizeParams(Params):
-    mode: Literal["dynamic", "static"]
+    mode: Literal["dynamic", "static", "weight_only"]
     format: Literal["qdq", "qoperator"] = "qdq"
     op_types: list[str] | None = None  # default: every op ORT can quantize
     per_channel: bool = True
@@ -56,6 +62,10 @@ class QuantizeParams(Params):
     # Passed through to onnxruntime.quantization (e.g. CalibMovingAverage, QuantizeBias).
     extra_options: dict[str, Any] = Field(default_factory=dict)
     expect_min_nodes: int | None = Field(default=None, ge=0)
+    # weight_only (MatMulNBits) only:
+    bits: Literal[4, 8] = 8
+    block_size: int = Field(default=128, ge=16)
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
 
 
 class _Reader(CalibrationDataReader):
@@ -87,7 +97,9 @@ class Quantize(Pass):
         level = root.level
         root.setLevel(logging.ERROR)
         try:
-            if params.mode == "dynamic":
+            if params.mode == "weight_only":
+                _weight_only(model, out_path, params, nodes)
+            elif params.mode == "dynamic":
                 quantize_dynamic(model, out_path, extra_options=extra, **common)
             else:
                 if ctx.calibration is None:
@@ -125,6 +137,18 @@ class Quantize(Pass):
         return PassResult(quantized, changed=count > 0, stats=stats)
 
 
+def _weight_only(model: onnx.ModelProto, out_path, params: QuantizeParams, nodes: list[str] | None) -> None:
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=params.block_size, is_symmetric=True,
+                                                accuracy_level=params.accuracy_level, bits=params.bits,
+                                                op_types_to_quantize=tuple(params.op_types or ["MatMul"]))
+    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_include=nodes, algo_config=config)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(out_path))
+
+
 def _count(model: onnx.ModelProto, op: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op)
 
@@ -141,9 +165,7 @@ def _quantized_per_block(model: onnx.ModelProto, ctx: PassContext, op_types: lis
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         qdq = any(i in dq_outputs for i in node.input) and (op_types is None or node.op_type in op_types)
-        if node.op_type in _INTEGER_OPS or qdq:
-            name = node.name
-            for suffix in ("_quant", "_QuantizeLinear"):
-                name = name.removesuffix(suffix)
+        if node.op_type in INTEGER_OPS or qdq:
+            name = re.sub(r"_(quant|QuantizeLinear|Q\d)$", "", node.name)
             counts[ctx.blocks.node_block.get(name, "(new)")] += 1
     return dict(counts)

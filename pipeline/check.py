@@ -27,6 +27,7 @@ from onnx import TensorProto, numpy_helper
 
 from calibration import Feeds, check_feeds
 from passes.base import copy_model
+from passes.quantize import INTEGER_OPS
 
 from .audio import compare_audio
 from .blocks import BlockPartition
@@ -265,8 +266,7 @@ def _precision_mix(model: onnx.ModelProto, partition: BlockPartition, types: dic
     for n in model.graph.node:
         if n.op_type in _HELPER_OPS:
             continue
-        if n.op_type in ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul") or \
-                any(i in dq_out for i in n.input):
+        if n.op_type in INTEGER_OPS or any(i in dq_out for i in n.input):
             kind = "int8"
         elif any(types.get(o) == TensorProto.FLOAT16 for o in n.output):
             kind = "fp16"

@@ -87,10 +87,12 @@ def run(recipe: Path, out_dir: Path | None) -> None:
             result = Runner(plan, target, log=log, progress=on_progress).run()
     _print_run_summary(result)
     if result.report is not None:
-        from .report import outputs_lines, terminal_table
+        from .report import headline, outputs_lines, terminal_table
 
+        for line in headline(result.report):
+            out.print(escape(line), style="bold red")
         out.print(terminal_table(result.report))
-        for line in result.report["notes"] + outputs_lines(result.report):
+        for line in [n for n in result.report["notes"] if n not in headline(result.report)] + outputs_lines(result.report):
             out.print(escape(line))
         for failure in result.report.get("failures", []):
             out.print(escape(f"check (warn): {failure}"))

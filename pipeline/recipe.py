@@ -122,6 +122,8 @@ class CheckSpec(Strict):
     max_log_mel: float | None = None
     on_fail: Literal["error", "warn"] = "error"
     sensitivity: bool = False
+    decode_steps: int = Field(default=16, ge=1)  # ChatTTS: tokens generated per prompt for the token metrics
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)  # ChatTTS, teacher-forced
     fallback: FallbackSpec | None = None
 
 

@@ -76,6 +76,13 @@ def terminal_table(report: dict[str, Any]):
 
 def outputs_lines(report: dict[str, Any]) -> list[str]:
     lines = []
+    t = report.get("tokens")
+    if t:
+        lines.append(f"tokens (text head, {t['decode_steps']} steps a prompt): teacher-forced top-1 agreement "
+                     f"{t['teacher_forced_top1_agreement']:.3f}, KL mean {t['teacher_forced_kl_mean']:.4g} "
+                     f"max {t['teacher_forced_kl_max']:.4g}; free-running greedy diverged on "
+                     f"{t['prompts_diverged']} of {report['samples']} prompts"
+                     + (f", first at step {t['first_divergence_min']}" if t["first_divergence_min"] is not None else ""))
     for o in report["outputs"]:
         line = (f"output {o['name']}: SQNR {_fmt_db(o['sqnr_db'])} dB, cosine {o['cosine']:.5f}, "
                 f"max abs {o['max_abs']:.3g}, rel L2 {as_float(o['rel_l2']):.4g}")
@@ -149,10 +156,16 @@ def _round_lines(report: dict[str, Any]) -> list[str]:
             for r in report.get("rounds", [])]
 
 
+def headline(report: dict[str, Any]) -> list[str]:
+    """What must come first in every report (seeded, untrained weights)."""
+    return [n for n in report.get("notes", []) if n.startswith("SEEDED")]
+
+
 def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
-    lines = [f"# Per-block error: {report['candidate']} vs {report['reference']}", ""]
+    lines = [f"**{n}**" for n in headline(report)]
+    lines += [f"# Per-block error: {report['candidate']} vs {report['reference']}", ""]
     lines += [f"{report['samples']} samples. Peak RSS {report['peak_rss_mb']:.0f} MB.", ""]
-    lines += [f"- {n}" for n in report.get("notes", [])]
+    lines += [f"- {n}" for n in report.get("notes", []) if n not in headline(report)]
     lines += [f"- {line}" for line in outputs_lines(report)] + [""]
     if png_name:
         lines += [f"![isolated and accumulated SQNR per block]({png_name})", ""]
@@ -175,12 +188,13 @@ def html_page(report: dict[str, Any]) -> str:
     notes = "".join(f"<li>{html.escape(n)}</li>"
                     for n in report.get("notes", []) + outputs_lines(report) + _round_lines(report))
     title = html.escape(f"Per-block error: {report['candidate']} vs {report['reference']}")
+    first = "".join(f'<p class="seeded">{html.escape(n)}</p>' for n in headline(report))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} table{{border-collapse:collapse;font-size:13px}}
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} td:first-child{{text-align:left;font-family:monospace}}
-tr.worst{{background:#fde2e2}} img{{max-width:100%}}</style></head>
-<body><h1>{title}</h1>
+tr.worst{{background:#fde2e2}} img{{max-width:100%}} .seeded{{font-weight:bold;color:#a00}}</style></head>
+<body>{first}<h1>{title}</h1>
 <p>{report['samples']} samples; peak RSS {report['peak_rss_mb']:.0f} MB. Isolated: the block in candidate precision
 fed the reference's inputs (the error it adds itself). Accumulated: the whole candidate run (the error piled up at its
 output). SQNR is pooled over all samples.</p>

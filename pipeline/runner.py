@@ -115,9 +115,9 @@ def plan_recipe(recipe: Recipe) -> Plan:
         steps.append(PlannedStep(i, step, pass_, params))
     if base is not None:
         _check_scopes(recipe, base, steps, where)
-    elif recipe.check is not None:
-        raise PipelineError(f"{where}: check: the per-block check of an exported multi-graph model set is not "
-                            f"supported yet; compare single graphs with `pipeline compare`")
+    elif recipe.check is not None and (recipe.model.exporter != "chattts_gpt" or recipe.check.fallback):
+        raise PipelineError(f"{where}: check: for exported model sets only the ChatTTS check (no fallback) "
+                            f"is supported yet")
     if recipe.check is not None and recipe.check.fallback is not None:
         fallback_step_index(recipe)
     plan = Plan(recipe, model_path, steps, exporter=exporter)
@@ -210,6 +210,8 @@ class Runner:
         from .report import write_reports
 
         check = self.plan.recipe.check
+        if base.meta.get("exporter") == "chattts_gpt":
+            return self._check_chattts(base, final)
         graph = base.names()[0]
         feeds = eval_feeds(base.path(graph), check.samples, self.plan.recipe, check)
         key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
@@ -351,6 +353,45 @@ class Runner:
             out.write_manifest()
             _write_json(tmp / ".final.json", {"key": key, "output_hash": out.content_hash()})
         return ModelSet.read(target)
+
+    def _check_chattts(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
+        from calibration.chattts_prompts import ChatTTSPrompts
+
+        from .check_chattts import compare_chattts
+        from .compare import threshold_failures
+        from .report import write_reports
+
+        check = self.plan.recipe.check
+        spec = check.source
+        if spec is not None and spec.source != "chattts":
+            raise PipelineError("check.source: a ChatTTS model set is checked on 'chattts' prompts")
+        params = dict(spec.params if spec else {})
+        params.setdefault("vocab", base.meta["config"]["num_text_tokens"])
+        source = make_source("chattts", params, SourceContext(base.root, self.plan.recipe.resolve_path),
+                             where="check.source")
+        assert isinstance(source, ChatTTSPrompts)
+        prompts = source.prompts()[: check.samples]
+        key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
+                     "check": check.model_dump(mode="json"), "prompts": prompts})
+        try:
+            cached = json.loads((self.out_dir / "report.json").read_text())
+            if cached.get("key") == key:
+                self.log("check: cached")
+                return cached
+        except (OSError, json.JSONDecodeError):
+            pass
+        self.log(f"check: per-graph error and token metrics on {len(prompts)} prompts, {source.describe()} ...")
+        report = compare_chattts(base.root, final.root, prompts, steps=check.decode_steps,
+                                 progress=lambda m: self.progress(f"check: {m}", 0, 0))
+        report["key"] = key
+        report["notes"].append(f"inputs: {source.describe()}")
+        failures = threshold_failures(report, check)
+        agreement = report["tokens"]["teacher_forced_top1_agreement"]
+        if check.min_top1_agreement is not None and agreement < check.min_top1_agreement:
+            failures.append(f"teacher-forced top-1 agreement {agreement:.3f} < {check.min_top1_agreement}")
+        report["failures"] = failures
+        write_reports(report, self.out_dir)
+        return report
 
     def _write_manifest(self, result: RunResult) -> None:
         recipe = self.plan.recipe

@@ -270,3 +270,59 @@ def test_sampled_generation_is_reproducible_from_its_seed(assets, tmp_path):
     b = rt.generate_text([3, 14, 15], 24, SamplingParams(seed=5, temperature=1.0, top_p=0.95, top_k=40))
     c = rt.generate_text([3, 14, 15], 24, SamplingParams(seed=6, temperature=1.0, top_p=0.95, top_k=40))
     assert a.ids == b.ids and a.ids != c.ids
+
+
+@pytest.mark.parametrize("name", ["chattts_int8", "chattts_fp16"])
+def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
+    """The recipes as shipped, only the seeded model made small: export, pass, check, token metrics."""
+    import yaml
+    from conftest import REPO, run_cli
+
+    recipe = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
+    recipe["model"]["params"]["config"] = {k: v for k, v in TINY.items() if k != "max_position_embeddings"}
+    recipe["check"]["samples"] = 3
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    assert res.code == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["notes"][0].startswith("SEEDED RANDOM WEIGHTS")
+    assert (tmp_path / "run" / "report.md").read_text().startswith("**SEEDED RANDOM WEIGHTS")
+    blocks = {b["block"]: b for b in report["blocks"]}
+    assert list(blocks)[:3] == ["embed_text", "layer_00", "layer_01"] and "lm_head_text" in blocks
+    assert blocks["embed_text"]["isolated"]["sqnr_db"] == "inf"
+    layer = blocks["layer_02"]
+    assert 20 < layer["isolated"]["sqnr_db"] < 90 and layer["accumulated"]["sqnr_db"] > 15
+    if name == "chattts_int8":
+        assert layer["precision"]["int8"] == 7
+        assert layer["bytes_candidate"] < layer["bytes_reference"]  # 0.258x at full size (bench); blocks of 128 pad a 64-wide test model
+    else:
+        weights = layer["weights"]  # the graph's own structure weighs more than its weights at this size
+        assert weights.get("float16", 0) > 0.95 * sum(weights.values())
+        assert layer["bytes_candidate"] < layer["bytes_reference"]
+    tokens = report["tokens"]
+    assert 0 <= tokens["teacher_forced_top1_agreement"] <= 1 and tokens["teacher_forced_kl_mean"] >= 0
+    assert len(tokens["first_divergence_steps"]) == 3
+    assert "teacher-forced top-1 agreement" in res.stdout
+
+
+def test_token_metrics_catch_a_broken_layer(assets, tmp_path):
+    """Fault injection on the chain check: noise on one layer's weights shows up there and in the tokens."""
+    import shutil
+
+    from pipeline.check_chattts import compare_chattts
+    from pipeline.exporters.chattts import layer_name
+
+    root, *_ = assets
+    w = load_weights(root)
+    export_modelset(w, tmp_path / "ref")
+    w.gpt["layers.1.mlp.down_proj.weight"] = w.gpt["layers.1.mlp.down_proj.weight"] * 1.5
+    export_modelset(w, tmp_path / "cand")
+    shutil.copy(tmp_path / "ref" / "sample_head.onnx", tmp_path / "cand" / "sample_head.onnx")
+    report = compare_chattts(tmp_path / "ref", tmp_path / "cand", [[3, 14, 15, 92], [65, 35, 89]], steps=12)
+    blocks = {b["block"]: b for b in report["blocks"]}
+    assert blocks[layer_name(0)]["isolated"]["sqnr_db"] == "inf"
+    assert blocks[layer_name(0)]["accumulated"]["sqnr_db"] == "inf"  # upstream of the fault: identical
+    assert blocks[layer_name(1)]["isolated"]["sqnr_db"] < 40
+    assert blocks[layer_name(2)]["isolated"]["sqnr_db"] == "inf"  # downstream adds nothing itself
+    assert blocks[layer_name(2)]["accumulated"]["sqnr_db"] < 40
+    assert report["tokens"]["teacher_forced_kl_mean"] > 0

@@ -1,0 +1,69 @@
+"""ChatTTS source: real Chinese and English sentences as text-token prompts.
+
+With the asset's tokenizer (`asset/tokenizer`, a BertTokenizerFast, loaded
+offline with transformers) the ids are the real ones. Without it the ids are
+sampled: one reproducible sequence per sentence (seeded by the sentence's
+hash, about one token per two characters), and `describe()` says so plainly,
+since the activations they give are only as real as the weights are.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import numpy as np
+from pydantic import Field
+
+from pipeline.errors import PipelineError
+
+from . import DATA_DIR, CalibrationSource, Feeds, SourceParams
+from .piper_sentences import read_sentences
+
+
+class ChatTTSParams(SourceParams):
+    sentences: str | None = None  # default: the shipped 50 Chinese and English prompts
+    count: int | None = Field(default=None, ge=1)
+    tokenizer: str | None = None  # the asset's tokenizer folder; none: ids are sampled
+    vocab: int = Field(default=21178, ge=2)  # text vocabulary, for sampled ids
+
+
+class ChatTTSPrompts(CalibrationSource):
+    name = "chattts"
+    Params = ChatTTSParams
+
+    def sentences(self) -> list[str]:
+        path = self.ctx.resolve(self.params.sentences) if self.params.sentences else DATA_DIR / "chattts_prompts.txt"
+        sentences = read_sentences(path)
+        return sentences[: self.params.count] if self.params.count else sentences
+
+    def prompts(self) -> list[list[int]]:
+        if self.params.tokenizer:
+            return [self._tokenize(s) for s in self.sentences()]
+        return [sampled_ids(s, self.params.vocab) for s in self.sentences()]
+
+    def _tokenize(self, text: str) -> list[int]:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise PipelineError("the ChatTTS tokenizer needs transformers (pip install transformers)") from None
+        folder = self.ctx.resolve(self.params.tokenizer)
+        if not hasattr(self, "_tok"):
+            try:
+                self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise PipelineError(f"cannot load the tokenizer in {folder}: {e}") from None
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def feeds(self) -> Iterator[Feeds]:
+        for ids in self.prompts():
+            yield {"input_ids": np.array([ids], dtype=np.int64)}
+
+    def describe(self) -> str:
+        how = f"tokenizer {self.params.tokenizer}" if self.params.tokenizer else "SAMPLED ids (no tokenizer)"
+        return f"chattts prompts ({how})"
+
+
+def sampled_ids(text: str, vocab: int) -> list[int]:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    n = max(4, len(text) // 2)
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
