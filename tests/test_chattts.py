@@ -326,3 +326,16 @@ def test_token_metrics_catch_a_broken_layer(assets, tmp_path):
     assert blocks[layer_name(2)]["isolated"]["sqnr_db"] == "inf"  # downstream adds nothing itself
     assert blocks[layer_name(2)]["accumulated"]["sqnr_db"] < 40
     assert report["tokens"]["teacher_forced_kl_mean"] > 0
+
+
+def test_runtime_refuses_a_manifest_that_does_not_match_its_files(assets, tmp_path):
+    import shutil
+
+    root, *_ = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    shutil.copy(tmp_path / "gpt" / "layer_00.onnx", tmp_path / "gpt" / "layer_01.onnx")
+    with pytest.raises(PipelineError, match=r"does not match its files .*layer_01.onnx"):
+        ChatTTSRuntime(tmp_path / "gpt")
+    (tmp_path / "gpt" / "layer_01.onnx").unlink()
+    with pytest.raises(PipelineError, match="lists layer_01.onnx for graph 'layer_01', but the file is missing"):
+        ChatTTSRuntime(tmp_path / "gpt")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipelineError
-from ..modelset import ModelSet
+from ..modelset import ModelSet, file_sha256
 from ..onnx_io import session
 
 
@@ -40,6 +40,10 @@ class Generation:
 class ChatTTSRuntime:
     def __init__(self, folder: Path, threads: int = 2):
         self.ms = ModelSet.read(Path(folder))
+        changed = [g.file for g in self.ms.graphs if g.sha256 and file_sha256(self.ms.root / g.file) != g.sha256]
+        if changed:
+            raise PipelineError(f"{folder}: modelset.json does not match its files (changed since it was written: "
+                                f"{', '.join(changed[:5])})")
         meta = self.ms.meta
         if meta.get("exporter") != "chattts_gpt":
             raise PipelineError(f"{folder}: not a ChatTTS GPT model set (modelset.json meta.exporter)")
