@@ -14,7 +14,7 @@ from pipeline.exporters.chattts import ChatTTSGPT, GPTConfig, export_modelset, l
 from pipeline.runtime.chattts import ChatTTSRuntime
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
-            max_position_embeddings=256, num_text_tokens=97, num_audio_tokens=31, num_vq=4)
+            max_position_embeddings=256, num_text_tokens=97, num_audio_tokens=211, num_vq=4)
 
 
 class ChatTTSEmbed(nn.Module):
@@ -339,3 +339,44 @@ def test_runtime_refuses_a_manifest_that_does_not_match_its_files(assets, tmp_pa
     (tmp_path / "gpt" / "layer_01.onnx").unlink()
     with pytest.raises(PipelineError, match="lists layer_01.onnx for graph 'layer_01', but the file is missing"):
         ChatTTSRuntime(tmp_path / "gpt")
+
+
+def reference_codes(llama, embed, c, prompt: list[int], max_frames: int) -> list[list[int]]:
+    """transformers LlamaModel + ChatTTS's Embed, greedy per codebook, the whole sequence each step."""
+    frames: list[list[int]] = []
+    with torch.no_grad():
+        for _ in range(max_frames):
+            parts = [embed.emb_text(torch.tensor([prompt]))]
+            if frames:
+                ids = torch.tensor([frames])  # [1, T, 4]
+                parts.append(sum(embed.emb_code[q](ids[..., q]) for q in range(c.num_vq)))
+            hidden = llama(inputs_embeds=torch.cat(parts, 1)).last_hidden_state[0, -1]
+            frame = [int(embed.head_code[q](hidden).argmax()) for q in range(c.num_vq)]
+            if c.num_audio_tokens - 1 in frame:
+                break
+            frames.append(frame)
+    return frames
+
+
+def test_onnx_code_generation_matches_pytorch_greedy(assets, tmp_path):
+    """Audio-code mode: text prompt, then frames embedded as the sum of the 4 codebooks, EOS ends it."""
+    root, llama, embed, c = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    rt = ChatTTSRuntime(tmp_path / "gpt")
+    lengths = []
+    for prompt in ([3, 14, 15, 92], [65, 35, 89, 79, 32], [38, 46], [26, 43, 38, 32, 79, 50]):
+        frames, timing = rt.generate_codes(prompt, 16)
+        assert frames == reference_codes(llama, embed, c, prompt, 16)
+        lengths.append(len(frames))
+    assert max(lengths) >= 5  # some prompt runs long enough for the cache to matter
+
+
+def test_sampled_codes_use_infer_code_defaults_reproducibly(assets, tmp_path):
+    from pipeline.runtime.chattts import infer_code_sampling
+
+    root, *_ = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    rt = ChatTTSRuntime(tmp_path / "gpt")
+    a, _ = rt.generate_codes([3, 14], 12, infer_code_sampling(seed=1))
+    b, _ = rt.generate_codes([3, 14], 12, infer_code_sampling(seed=1))
+    assert a == b and all(len(f) == 4 and all(0 <= x < 210 for x in f) for f in a)
