@@ -75,7 +75,7 @@ def test_unknown_parameter_names_valid_keys(tmp_path, tiny_model, tiny_feeds):
 def test_mistyped_parameter_value(tmp_path, tiny_model, tiny_feeds):
     path = recipe(tmp_path, tiny_model, tiny_feeds, GOOD.replace("mode: static", "mode: statik"))
     line = check_user_error(tmp_path, tiny_model, run_args(path, tmp_path), "steps.1.params: mode")
-    assert "'dynamic' or 'static'" in line
+    assert "'dynamic', 'static' or 'weight_only'" in line
 
 
 def test_unknown_top_level_key(tmp_path, tiny_model, tiny_feeds):
