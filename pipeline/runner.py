@@ -218,13 +218,9 @@ class Runner:
                      "check": check.model_dump(mode="json", exclude={"fallback"}),
                      "blocks": self.plan.recipe.blocks.model_dump(mode="json") if self.plan.recipe.blocks else None,
                      "feeds": _feeds_hash(feeds)})
-        try:
-            cached = json.loads((self.out_dir / "report.json").read_text())
-            if cached.get("key") == key:
-                self.log("check: cached")
-                return cached
-        except (OSError, json.JSONDecodeError):
-            pass
+        cached = self._cached_report(key)
+        if cached is not None:
+            return cached
         self.log(f"check: per-block error on {len(feeds)} samples ...")
         report = run_compare(base.path(graph), final.path(graph), feeds, self.plan.recipe.blocks,
                              sensitivity=check.sensitivity, progress=lambda m: self.progress(f"check: {m}", 0, 0))
@@ -354,6 +350,17 @@ class Runner:
             _write_json(tmp / ".final.json", {"key": key, "output_hash": out.content_hash()})
         return ModelSet.read(target)
 
+    def _cached_report(self, key: str) -> dict[str, Any] | None:
+        """The run folder's report.json if it was made with `key` (checks are cached like steps)."""
+        try:
+            cached = json.loads((self.out_dir / "report.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if cached.get("key") != key:
+            return None
+        self.log("check: cached")
+        return cached
+
     def _check_chattts(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
         from calibration.chattts_prompts import ChatTTSPrompts
 
@@ -373,13 +380,9 @@ class Runner:
         prompts = source.prompts()[: check.samples]
         key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
                      "check": check.model_dump(mode="json"), "prompts": prompts})
-        try:
-            cached = json.loads((self.out_dir / "report.json").read_text())
-            if cached.get("key") == key:
-                self.log("check: cached")
-                return cached
-        except (OSError, json.JSONDecodeError):
-            pass
+        cached = self._cached_report(key)
+        if cached is not None:
+            return cached
         self.log(f"check: per-graph error and token metrics on {len(prompts)} prompts, {source.describe()} ...")
         report = compare_chattts(base.root, final.root, prompts, steps=check.decode_steps,
                                  progress=lambda m: self.progress(f"check: {m}", 0, 0))
