@@ -6,10 +6,11 @@ from pipeline.errors import PipelineError
 from .base import Pass
 from .compress_weights import CompressWeights
 from .fp16 import Fp16
+from .fuse_attention import FuseAttention
 from .quantize import Quantize
 from .simplify import Simplify
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Simplify, Fp16, Quantize, CompressWeights)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Simplify, FuseAttention, Fp16, Quantize, CompressWeights)}
 
 
 def get_pass(name: str, where: str = "step") -> Pass:

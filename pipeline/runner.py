@@ -110,8 +110,9 @@ def plan_recipe(recipe: Recipe) -> Plan:
             params = pass_.Params.model_validate(step.params)
         except ValidationError as e:
             raise PipelineError(format_validation_error(f"{at}.params", e, pass_.Params)) from None
-        if not pass_.scoped and not step.scope.is_everything:
-            raise PipelineError(f"{at}: pass {pass_.name!r} rewrites the whole graph and takes no scope")
+        scope = step.scope
+        if not pass_.scoped and (scope.include is not None or scope.exclude or scope.nodes is not None):
+            raise PipelineError(f"{at}: pass {pass_.name!r} rewrites whole graphs: its scope takes only 'graphs'")
         steps.append(PlannedStep(i, step, pass_, params))
     if base is not None:
         _check_scopes(recipe, base, steps, where)
