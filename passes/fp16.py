@@ -36,7 +36,7 @@ from onnxconverter_common import float16
 from pydantic import Field
 
 from pipeline.errors import PipelineError
-from pipeline.onnx_io import session
+from pipeline.onnx_io import session, tensor_types
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 
@@ -122,9 +122,7 @@ def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: floa
     Every float intermediate becomes a graph output for this one FP32 session;
     only a running max per tensor is kept, never the activations themselves.
     """
-    inferred = onnx.shape_inference.infer_shapes(model)
-    float_types = {v.name for v in list(inferred.graph.value_info) + list(inferred.graph.output)
-                   if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    float_types = {name for name, t in tensor_types(model).items() if t == TensorProto.FLOAT}
     producer = {o: n.name for n in model.graph.node for o in n.output if o in float_types}
     probe = copy_model(model)
     existing = {o.name for o in probe.graph.output}
@@ -149,9 +147,7 @@ def _remove_noop_casts(model: onnx.ModelProto) -> set[str]:
     Exact in the FP32 graph, and it keeps the converter away from Cast->Cast chains with
     several consumers, on which its cast cleanup crashes ('list' object has no attribute 'input').
     """
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(onnx.shape_inference.infer_shapes(model).graph.value_info) + list(model.graph.input)}
-    types.update({t.name: t.data_type for t in model.graph.initializer})
+    types = tensor_types(model)
     outputs = {o.name for o in model.graph.output}
     rewire, dropped = {}, set()
     for n in model.graph.node:
@@ -220,7 +216,7 @@ def _unshare_initializers(model: onnx.ModelProto, op_block: set[str], node_block
 
 def _fix_cast_targets(model: onnx.ModelProto) -> list[str]:
     """Cast(to=FLOAT) nodes whose output the converter declared FP16 now cast to FP16."""
-    declared = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    declared = tensor_types(model, infer=False)
     fixed = []
     for n in model.graph.node:
         if n.op_type != "Cast":
@@ -234,9 +230,7 @@ def _fix_cast_targets(model: onnx.ModelProto) -> list[str]:
 
 def _remove_fp16_round_trips(model: onnx.ModelProto) -> int:
     """Rewire Cast(FLOAT)(Cast(FLOAT16)(x: float)) to x, and drop Casts left unused."""
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)}
-    types.update({t.name: t.data_type for t in model.graph.initializer})
+    types = tensor_types(model, infer=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     graph_outputs = {o.name for o in model.graph.output}
 

@@ -32,14 +32,11 @@ from passes.quantize import INTEGER_OPS
 from .audio import compare_audio
 from .blocks import BlockPartition
 from .errors import PipelineError
-from .onnx_io import session
+from .onnx_io import session, tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
 
 REF_SUFFIX = "::ref"
-_NUMPY = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.DOUBLE: np.float64,
-          TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_,
-          TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8}
 _HELPER_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "DynamicQuantizeLinear"}
 
 
@@ -152,17 +149,6 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         if name not in have:
             probe.graph.output.add(name=name)
     return probe
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shape inference is a nicety here; ORT checks types anyway
-        inferred = model
-    g = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in list(g.value_info) + list(g.input) + list(g.output)}
-    types.update({t.name: t.data_type for t in g.initializer})
-    return types
 
 
 def isolate_blocks(model: onnx.ModelProto, partition: BlockPartition, fed: set[str],
@@ -308,7 +294,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     captured = [t for b in io.values() for t in b.outputs]
     captured = list(dict.fromkeys(captured))
     present = [t for t in captured if t in cand_tensors]
-    cand_types = _tensor_types(candidate)
+    cand_types = tensor_types(candidate)
     ref_bytes, _ = _block_bytes(reference, ref_part)
     cand_bytes, cand_weights = _block_bytes(candidate, cand_part)
     mix = _precision_mix(candidate, cand_part, cand_types)

@@ -22,7 +22,8 @@ import onnx
 from onnx import numpy_helper
 
 from .blocks import BlockPartition
-from .check import BlockReport, CheckResult, Pooled, _precision_mix, _tensor_types
+from .check import BlockReport, CheckResult, Pooled, _precision_mix
+from .onnx_io import tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
 from .runtime.chattts import ChatTTSRuntime
@@ -60,7 +61,7 @@ def _graph_facts(rt: ChatTTSRuntime, name: str) -> tuple[int, int, dict[str, int
     for t in model.graph.initializer:
         kind = onnx.TensorProto.DataType.Name(t.data_type).lower()
         weights[kind] = weights.get(kind, 0) + numpy_helper.to_array(t).nbytes
-    mix = _precision_mix(model, BlockPartition(model, BlockSpec(patterns=[r"^"])), _tensor_types(model)).get("", {})
+    mix = _precision_mix(model, BlockPartition(model, BlockSpec(patterns=[r"^"])), tensor_types(model)).get("", {})
     return params, path.stat().st_size, mix, weights
 
 

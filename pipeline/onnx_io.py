@@ -98,6 +98,25 @@ def set_provenance(model: onnx.ModelProto, entries: dict[str, str]) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
+def tensor_types(model: onnx.ModelProto, infer: bool = True) -> dict[str, int]:
+    """Tensor name -> ONNX element type, over value_info, inputs, outputs and initializers.
+
+    `infer=True` runs shape inference first (falling back to what the model declares
+    when inference fails); `infer=False` reads only what the model declares, which is
+    what a converter that rewrote value_info wants to be taken at its word on.
+    """
+    graph = model.graph
+    if infer:
+        try:
+            graph = onnx.shape_inference.infer_shapes(model).graph
+        except Exception:  # inference is a help here; ORT checks the types anyway
+            graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text[:600] + ("..." if len(text) > 600 else "")
