@@ -30,7 +30,7 @@ class SourceParams(BaseModel):
 class SourceContext:
     """What a source may know: the base model file (for sidecars) and how to resolve paths."""
 
-    model_path: Path
+    model_path: Path | None  # None for an exported model set (known only after step 00)
     resolve: Callable[[str], Path] = Path
 
 

@@ -47,6 +47,12 @@ class PassResult:
     model: onnx.ModelProto
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    # A pass that cuts one graph into several (split) names them here; the
+    # runner then replaces the input graph with these, in this order, and
+    # `model` is ignored. `chain` lists the edges between the new graphs
+    # ({"from": "encoder.z", "to": "decoder.z"}).
+    graphs: dict[str, onnx.ModelProto] | None = None
+    chain: list[dict[str, str]] = field(default_factory=list)
 
 
 class Pass:

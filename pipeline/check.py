@@ -227,6 +227,17 @@ class CheckResult:
         }
 
 
+def audio_summary(comparisons: list[Any]) -> dict[str, Any]:
+    """Audio metrics of an output pooled over samples (AudioComparison each)."""
+    return {
+        "log_mel_mean": float(np.mean([c.log_mel_distance for c in comparisons])),
+        "log_mel_max": float(np.max([c.log_mel_distance for c in comparisons])),
+        "length_diff_max_abs": float(np.max([abs(c.length_diff) for c in comparisons])),
+        "samples_with_length_change": int(sum(c.length_diff != 0 for c in comparisons)),
+        "note": "log-mel over the common length where lengths differ",
+    }
+
+
 def _block_bytes(model: onnx.ModelProto, partition: BlockPartition) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """Initializer bytes each block reads, and by element type."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -352,13 +363,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     for o in ref_out:
         entry = {"name": o, **out_stats[o].to_json()}
         if audio and o == ref_out[0]:
-            entry["audio"] = {
-                "log_mel_mean": float(np.mean([c.log_mel_distance for c in audio_cmp])),
-                "log_mel_max": float(np.max([c.log_mel_distance for c in audio_cmp])),
-                "length_diff_max_abs": float(np.max([abs(c.length_diff) for c in audio_cmp])),
-                "samples_with_length_change": int(sum(c.length_diff != 0 for c in audio_cmp)),
-                "note": "log-mel over the common length where lengths differ",
-            }
+            entry["audio"] = audio_summary(audio_cmp)
         outputs.append(entry)
     if sensitivity:
         del ref_sess, acc_sess, iso_sess

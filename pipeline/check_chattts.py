@@ -1,14 +1,19 @@
 """Per-block error for ChatTTS GPT model sets, where every graph is a block, plus token metrics.
 
-For each prompt the FP32 model first continues it greedily for `steps` tokens;
-that whole sequence is then run as one prefill through both model sets:
+For each prompt the FP32 model continues it greedily twice: `steps` text
+tokens, and `steps` audio-code frames. Each continuation is then run as one
+teacher-forced prefill through both model sets:
 - **isolated**: each candidate graph fed the reference's input to that graph;
 - **accumulated**: the candidate's own chain;
 for every graph's outputs (a layer's hidden state and its present key/value),
-pooled over prompts like `pipeline.check`. Token metrics on the same run:
-teacher-forced top-1 agreement and KL(reference || candidate) of the next-token
-distribution at every generated position, and, decoding freely and greedily
-with the candidate, the first step whose token differs from the reference's.
+pooled over prompts like `pipeline.check`. Token metrics, for the text head and
+for the code head (one distribution per codebook): teacher-forced top-1
+agreement and KL(reference || candidate) at every generated position, and,
+decoding freely and greedily with the candidate, the first step whose token
+(or frame) differs from the reference's.
+
+`chattts_graph_feeds` captures calibration inputs for one graph the same way,
+from the FP32 model's own sampled audio codes.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from onnx import numpy_helper
 
 from .blocks import BlockPartition
 from .check import BlockReport, CheckResult, Pooled, _precision_mix
+from .errors import PipelineError
 from .onnx_io import tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
@@ -35,22 +41,76 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def _chain(rt: ChatTTSRuntime, ids: np.ndarray, feed_from: dict[str, np.ndarray] | None = None):
-    """Run embed -> layers -> norm -> text head; with `feed_from`, every graph gets that input instead
-    of its predecessor's output (isolated mode). Returns {graph: [outputs]} and {graph: input}."""
-    empty = rt._empty_cache(1)[0][0]
-    outs, ins = {}, {}
-    outs["embed_text"] = rt.sessions["embed_text"].run(None, {"input_ids": ids})
-    h = outs["embed_text"][0]
+def _embed(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None = None) -> dict[str, np.ndarray]:
+    """Embedding graphs' outputs for a text prompt, then (audio mode) its code frames."""
+    outs = {"embed_text": rt.sessions["embed_text"].run(None, {"input_ids": np.array([prompt], np.int64)})[0]}
+    if frames:
+        outs["embed_code"] = rt.sessions["embed_code"].run(None, {"input_ids": np.array([frames], np.int64)})[0]
+    return outs
+
+
+def _empty_cache(rt: ChatTTSRuntime) -> np.ndarray:
+    c = rt.config
+    return np.zeros((1, c["num_attention_heads"], 0, c["hidden_size"] // c["num_attention_heads"]), np.float32)
+
+
+def _chain(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None,
+           feed_from: dict[str, np.ndarray] | None = None):
+    """One teacher-forced prefill of prompt (+ frames): embeddings -> layers -> norm -> the text head, or the
+    code head when frames are given. With `feed_from`, every graph gets that input instead of its
+    predecessor's output (isolated mode). Returns {graph: [outputs]} and {graph: its hidden input}."""
+    outs = {k: [v] for k, v in _embed(rt, prompt, frames).items()}
+    h = np.concatenate([v[0] for v in outs.values()], axis=1)
+    empty = _empty_cache(rt)
+    ins = {}
     for name in rt.layers:
         ins[name] = h = feed_from[name] if feed_from else h
         outs[name] = rt.sessions[name].run(None, {"hidden": h, "past_key": empty, "past_value": empty})
         h = outs[name][0]
-    for name in ("norm", "lm_head_text"):
+    for name in ("norm", "lm_head_code" if frames else "lm_head_text"):
         ins[name] = h = feed_from[name] if feed_from else h
         outs[name] = rt.sessions[name].run(None, {"hidden": h})
         h = outs[name][0]
     return outs, ins
+
+
+def chattts_graph_feeds(reference: Path, entry_feeds: list[dict[str, np.ndarray]], graph: str,
+                        frames: int = 16) -> list[dict[str, np.ndarray]]:
+    """Calibration inputs of one graph of a ChatTTS model set, captured from the FP32 model on real prompts.
+
+    Each prompt is continued by the FP32 model's own audio-code generation (infer_code's sampling,
+    seeded), then prompt + codes run as one teacher-forced prefill, so decode-path activations are the
+    model's own. A layer gets two feeds a prompt: that prefill (empty cache), and the last position as a
+    decode step with the cache of all before it, which causality makes equal to a real decode step."""
+    from .runtime.chattts import infer_code_sampling
+
+    rt = ChatTTSRuntime(reference)
+    known = ["embed_text", "embed_code", *rt.layers, "norm", "lm_head_text", "lm_head_code"]
+    if graph not in known:
+        raise PipelineError(f"calibration: no capture for ChatTTS graph {graph!r} (captured: {', '.join(known)})")
+    feeds = []
+    for i, f in enumerate(entry_feeds):
+        prompt = f["input_ids"][0].tolist()
+        codes, _ = rt.generate_codes(prompt, frames, infer_code_sampling(seed=i))
+        if graph == "embed_text":
+            feeds.append({"input_ids": f["input_ids"]})
+            continue
+        if graph == "embed_code":
+            if codes:
+                feeds.append({"input_ids": np.array([codes], np.int64)})
+            continue
+        outs, ins = _chain(rt, prompt, codes)
+        if graph == "lm_head_text":  # the text head reads the prompt's positions
+            feeds.append({"hidden": outs["norm"][0][:, :len(prompt)]})
+        elif graph in ("norm", "lm_head_code"):
+            feeds.append({"hidden": ins[graph] if graph in ins else outs["norm"][0]})
+        else:
+            k, v = outs[graph][1], outs[graph][2]
+            feeds.append({"hidden": ins[graph], "past_key": _empty_cache(rt), "past_value": _empty_cache(rt)})
+            feeds.append({"hidden": ins[graph][:, -1:], "past_key": k[:, :, :-1], "past_value": v[:, :, :-1]})
+    if not feeds:
+        raise PipelineError(f"calibration: the prompts gave no inputs for {graph!r}")
+    return feeds
 
 
 def _graph_facts(rt: ChatTTSRuntime, name: str) -> tuple[int, int, dict[str, int], dict[str, int]]:
@@ -65,34 +125,69 @@ def _graph_facts(rt: ChatTTSRuntime, name: str) -> tuple[int, int, dict[str, int
     return params, path.stat().st_size, mix, weights
 
 
+class _HeadMetrics:
+    """Teacher-forced agreement and KL of one head, per generated position, plus free-run divergence."""
+
+    def __init__(self) -> None:
+        self.agree: list[bool] = []
+        self.kl_by_step: dict[int, list[float]] = {}
+        self.divergence: list[int | None] = []
+
+    def add(self, ref_logits: np.ndarray, cand_logits: np.ndarray) -> None:
+        """Logits [steps, V] (text) or [steps, V, num_vq] (codes: one distribution per codebook)."""
+        if ref_logits.ndim == 3:
+            ref_logits, cand_logits = ref_logits.transpose(0, 2, 1), cand_logits.transpose(0, 2, 1)
+        lr, lc = _log_softmax(ref_logits), _log_softmax(cand_logits)
+        self.agree += (lr.argmax(-1) == lc.argmax(-1)).ravel().tolist()
+        kl = (np.exp(lr) * (lr - lc)).sum(-1)
+        for step, value in enumerate(kl.reshape(len(kl), -1).mean(-1) if len(kl) else []):
+            self.kl_by_step.setdefault(step, []).append(float(value))
+
+    def diverged(self, reference: list, free: list) -> None:
+        self.divergence.append(next((k for k, (a, b) in enumerate(zip(reference, free)) if a != b), None))
+
+    def to_json(self) -> dict[str, Any]:
+        kls = [v for vs in self.kl_by_step.values() for v in vs]
+        diverged = [d for d in self.divergence if d is not None]
+        return {
+            "teacher_forced_top1_agreement": float(np.mean(self.agree)) if self.agree else None,
+            "teacher_forced_kl_mean": float(np.mean(kls)) if kls else None,
+            "teacher_forced_kl_max": float(np.max(kls)) if kls else None,
+            "teacher_forced_kl_per_step": [float(np.mean(self.kl_by_step[k])) for k in sorted(self.kl_by_step)],
+            "first_divergence_steps": self.divergence,
+            "prompts_diverged": len(diverged),
+            "first_divergence_min": min(diverged) if diverged else None,
+        }
+
+
 def compare_chattts(reference: Path, candidate: Path, prompts: list[list[int]], steps: int = 16,
                     threads: int = 2, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Each prompt twice: continued by FP32 greedy text, and by FP32 greedy audio codes (teacher forcing
+    on the model's own output), so both heads and both embeddings are measured."""
     t0 = time.perf_counter()
     ref, cand = ChatTTSRuntime(reference, threads), ChatTTSRuntime(candidate, threads)
-    blocks = ["embed_text", *ref.layers, "norm", "lm_head_text"]
+    blocks = ["embed_text", "embed_code", *ref.layers, "norm", "lm_head_text", "lm_head_code"]
     iso = {b: Pooled() for b in blocks}
     acc = {b: Pooled() for b in blocks}
-    agree: list[bool] = []
-    kls: list[float] = []
-    divergence: list[int | None] = []
+    text, code = _HeadMetrics(), _HeadMetrics()
     for i, prompt in enumerate(prompts):
         progress(f"prompt {i + 1}/{len(prompts)}")
         continuation = ref.generate_text(prompt, steps).ids
-        ids = np.array([prompt + continuation], np.int64)
-        ref_out, ref_in = _chain(ref, ids)
-        iso_out, _ = _chain(cand, ids, feed_from=ref_in)
-        acc_out, _ = _chain(cand, ids)
-        for b in blocks:
-            for r, c_iso, c_acc in zip(ref_out[b], iso_out[b], acc_out[b]):
-                iso[b].update(r, c_iso)
-                acc[b].update(r, c_acc)
-        # Positions len(prompt)-1 .. end-1 predict the generated tokens.
-        lr = _log_softmax(ref_out["lm_head_text"][0][0, len(prompt) - 1:-1])
-        lc = _log_softmax(acc_out["lm_head_text"][0][0, len(prompt) - 1:-1])
-        agree += (lr.argmax(-1) == lc.argmax(-1)).tolist()
-        kls += (np.exp(lr) * (lr - lc)).sum(-1).tolist()
-        free = cand.generate_text(prompt, steps).ids
-        divergence.append(next((k for k, (a, b) in enumerate(zip(continuation, free)) if a != b), None))
+        frames, _ = ref.generate_codes(prompt, steps)
+        runs = [(prompt + continuation, None)] + ([(prompt, frames)] if frames else [])
+        for seq, frames_ in runs:
+            ref_out, ref_in = _chain(ref, seq, frames_)
+            iso_out, _ = _chain(cand, seq, frames_, feed_from=ref_in)
+            acc_out, _ = _chain(cand, seq, frames_)
+            for b in ref_out:
+                for r, c_iso, c_acc in zip(ref_out[b], iso_out[b], acc_out[b]):
+                    iso[b].update(r, c_iso)
+                    acc[b].update(r, c_acc)
+            head, metrics = ("lm_head_code", code) if frames_ else ("lm_head_text", text)
+            if head in ref_out:  # positions len(prompt)-1 .. end-1 predict the generated tokens
+                metrics.add(ref_out[head][0][0, len(prompt) - 1:-1], acc_out[head][0][0, len(prompt) - 1:-1])
+        text.diverged(continuation, cand.generate_text(prompt, steps).ids)
+        code.diverged(frames, cand.generate_codes(prompt, steps)[0])
     reports = []
     for b in blocks:
         params, bytes_ref, _, _ = _graph_facts(ref, b)
@@ -109,15 +204,7 @@ def compare_chattts(reference: Path, candidate: Path, prompts: list[list[int]], 
     result = CheckResult(len(prompts), str(reference), str(candidate), reports, [], peak_rss_mb(),
                          time.perf_counter() - t0, notes)
     report = result.to_json()
-    report["outputs"] = [{"name": "lm_head_text.logits", **acc["lm_head_text"].to_json()}]
-    diverged = [d for d in divergence if d is not None]
-    report["tokens"] = {
-        "decode_steps": steps,
-        "teacher_forced_top1_agreement": float(np.mean(agree)) if agree else None,
-        "teacher_forced_kl_mean": float(np.mean(kls)) if kls else None,
-        "teacher_forced_kl_max": float(np.max(kls)) if kls else None,
-        "first_divergence_steps": divergence,
-        "prompts_diverged": len(diverged),
-        "first_divergence_min": min(diverged) if diverged else None,
-    }
+    report["outputs"] = [{"name": f"{h}.logits", **acc[h].to_json()} for h in ("lm_head_text", "lm_head_code")]
+    # Text-head metrics stay at the top level (thresholds and earlier reports read them there).
+    report["tokens"] = {"decode_steps": steps, **text.to_json(), "code_head": code.to_json()}
     return report

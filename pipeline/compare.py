@@ -8,7 +8,8 @@ from typing import Any
 
 from calibration import DATA_DIR, Feeds, SourceContext, checked_feeds, make_source
 
-from .check import compare_models
+from .audio import compare_audio
+from .check import Pooled, audio_summary, compare_models
 from .errors import PipelineError
 from .modelset import ModelSet
 from .onnx_io import load_onnx
@@ -54,13 +55,69 @@ def eval_feeds(reference: Path, samples: int, recipe: Recipe | None = None, chec
 
 
 def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: BlockSpec | None,
-                sensitivity: bool = False, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                sensitivity: bool = False, progress: Callable[[str], None] = lambda m: None,
+                audio: bool | None = None) -> dict[str, Any]:
+    """Per-block report of candidate vs reference; `audio` (default: the reference is a Piper voice)
+    adds audio metrics on the first output."""
     reference, candidate = model_file(reference), model_file(candidate)
     ref_model, cand_model = load_onnx(reference), load_onnx(candidate)
-    result = compare_models(ref_model, cand_model, feeds, blocks, audio=is_piper_voice(reference),
+    audio = is_piper_voice(reference) if audio is None else audio
+    result = compare_models(ref_model, cand_model, feeds, blocks, audio=audio,
                             reference_label=_label(reference), candidate_label=_label(candidate),
                             sensitivity=sensitivity, progress=progress)
     return result.to_json()
+
+
+def run_compare_chain(monolithic: Path, reference: ModelSet, candidate: ModelSet, entry_feeds: list[Feeds],
+                      blocks: BlockSpec | None, audio: bool,
+                      progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Per-block report of every graph of a chained candidate (a split voice), each graph fed what the
+    FP32 chain feeds it, plus the whole chain's output against the monolithic FP32 model.
+
+    Blocks and outputs are named `graph:block`, so one report covers them all."""
+    from .chain import ChainRunner, graph_feeds, sink_graphs
+    from .onnx_io import session
+
+    sinks = sink_graphs(candidate)
+    merged: dict[str, Any] | None = None
+    for graph in candidate.names():
+        progress(f"{graph}: capturing inputs")
+        feeds = graph_feeds(reference, entry_feeds, graph)
+        part = run_compare(reference.path(graph), candidate.path(graph), feeds, blocks,
+                           audio=audio and graph in sinks, progress=lambda m, g=graph: progress(f"{g}: {m}"))
+        for b in part["blocks"]:
+            b["block"] = f"{graph}:{b['block']}"
+        for o in part["outputs"]:
+            o["name"] = f"{graph}:{o['name']}"
+        part["notes"] = [f"{graph}: {n}" for n in part["notes"]]
+        if merged is None:
+            merged = part
+        else:
+            merged["blocks"] += part["blocks"]
+            merged["outputs"] += part["outputs"]
+            merged["notes"] += part["notes"]
+            merged["peak_rss_mb"] = max(merged["peak_rss_mb"], part["peak_rss_mb"])
+            merged["wall_s"] += part["wall_s"]
+    assert merged is not None
+    progress("whole chain vs the monolithic model")
+    mono, chain = session(monolithic, spinning=False), ChainRunner(candidate)
+    whole = Pooled()
+    audio_cmp = []
+    for f in entry_feeds:
+        ref = mono.run(None, f)[0]
+        out = chain.run(f)[sinks[0]][1]
+        cand = next(iter(out.values()))
+        if ref.shape == cand.shape:
+            whole.update(ref, cand)
+        if audio:
+            audio_cmp.append(compare_audio(ref, cand))
+    entry: dict[str, Any] = {"name": f"chain:{sinks[0]}", **whole.to_json()}
+    if audio:
+        entry["audio"] = audio_summary(audio_cmp)
+    merged["outputs"].append(entry)
+    merged["reference"] = f"{monolithic.name} (FP32)"
+    merged["candidate"] = f"{candidate.root.name}/ ({' -> '.join(candidate.names())})"
+    return merged
 
 
 def _label(path: Path) -> str:

@@ -119,6 +119,20 @@ class ModelSet:
         save_onnx(model, self.root / g.file)
         g.sha256 = file_sha256(self.root / g.file)
 
+    def replace_graph(self, name: str, new_names: list[str], chain: list[dict[str, Any]]) -> None:
+        """Make room for the graphs one graph was cut into (files `<stem>.<new>.onnx`, in its place).
+
+        Its sidecars go with the first new graph (a Piper voice's config belongs to the encoder)."""
+        at = self.names().index(name)
+        stem = Path(self.graphs[at].file).stem
+        taken = set(self.names()) - {name}
+        clash = [n for n in new_names if n in taken]
+        if clash:
+            raise PipelineError(f"cutting graph {name!r} would make graphs named {clash}, which exist already")
+        self.graphs[at:at + 1] = [GraphFile(n, f"{stem}.{n}.onnx") for n in new_names]
+        self.sidecars = {f: (new_names[0] if g == name else g) for f, g in self.sidecars.items()}
+        self.chain = self.chain + list(chain)
+
     def copy_graph_from(self, other: ModelSet, name: str) -> None:
         g = self.graph(name)
         shutil.copyfile(other.path(name), self.root / g.file)

@@ -78,11 +78,9 @@ def outputs_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     t = report.get("tokens")
     if t:
-        lines.append(f"tokens (text head, {t['decode_steps']} steps a prompt): teacher-forced top-1 agreement "
-                     f"{t['teacher_forced_top1_agreement']:.3f}, KL mean {t['teacher_forced_kl_mean']:.4g} "
-                     f"max {t['teacher_forced_kl_max']:.4g}; free-running greedy diverged on "
-                     f"{t['prompts_diverged']} of {report['samples']} prompts"
-                     + (f", first at step {t['first_divergence_min']}" if t["first_divergence_min"] is not None else ""))
+        lines.append(_token_line("text head", t, f"{t['decode_steps']} steps a prompt", report["samples"]))
+        if t.get("code_head") and t["code_head"]["teacher_forced_top1_agreement"] is not None:
+            lines.append(_token_line("code head", t["code_head"], "per codebook", report["samples"]))
     for o in report["outputs"]:
         line = (f"output {o['name']}: SQNR {_fmt_db(o['sqnr_db'])} dB, cosine {o['cosine']:.5f}, "
                 f"max abs {o['max_abs']:.3g}, rel L2 {as_float(o['rel_l2']):.4g}")
@@ -95,6 +93,13 @@ def outputs_lines(report: dict[str, Any]) -> list[str]:
                      f"({a['samples_with_length_change']} of {report['samples']} samples)")
         lines.append(line)
     return lines
+
+
+def _token_line(head: str, t: dict[str, Any], what: str, samples: int) -> str:
+    return (f"tokens ({head}, {what}): teacher-forced top-1 agreement {t['teacher_forced_top1_agreement']:.3f}, "
+            f"KL mean {t['teacher_forced_kl_mean']:.4g} max {t['teacher_forced_kl_max']:.4g}; free-running greedy "
+            f"diverged on {t['prompts_diverged']} of {samples} prompts"
+            + (f", first at step {t['first_divergence_min']}" if t["first_divergence_min"] is not None else ""))
 
 
 def plot_png(report: dict[str, Any]) -> bytes:

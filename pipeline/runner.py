@@ -67,8 +67,10 @@ class Plan:
     recipe: Recipe
     model_path: Path | None  # None when an exporter makes the base ModelSet
     steps: list[PlannedStep]
-    calibration: list[Feeds] | None = None
+    calibration: list[Feeds] | None = None  # feeds of the entry graph(s); captured per graph downstream
     exporter: tuple | None = None  # (params, export, key) from pipeline.exporters
+    # An exported base has no graph to check feeds against until step 00 ran: its source waits here.
+    calibration_source: Any = None
 
     def calibration_hash(self) -> str:
         return _feeds_hash(self.calibration or [])
@@ -116,9 +118,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
         steps.append(PlannedStep(i, step, pass_, params))
     if base is not None:
         _check_scopes(recipe, base, steps, where)
-    elif recipe.check is not None and (recipe.model.exporter != "chattts_gpt" or recipe.check.fallback):
-        raise PipelineError(f"{where}: check: for exported model sets only the ChatTTS check (no fallback) "
-                            f"is supported yet")
+    elif recipe.check is not None and recipe.check.fallback:
+        raise PipelineError(f"{where}: check.fallback: not supported yet for exported model sets")
     if recipe.check is not None and recipe.check.fallback is not None:
         fallback_step_index(recipe)
     plan = Plan(recipe, model_path, steps, exporter=exporter)
@@ -127,12 +128,12 @@ def plan_recipe(recipe: Recipe) -> Plan:
         raise PipelineError(f"{where}: steps.{needing[0].index - 1} ({needing[0].pass_.name}) needs calibration "
                             f"data, but the recipe has no 'calibration' section")
     if recipe.calibration is not None and any(s.pass_.wants_calibration(s.params) for s in steps):
-        if base is None:
-            raise PipelineError(f"{where}: calibration data for an exported model set is not supported yet "
-                                f"(per-block inputs must be captured from the FP32 upstream)")
         source = make_source(recipe.calibration.source, recipe.calibration.params,
                              SourceContext(model_path, recipe.resolve_path), where=f"{where}: calibration")
-        plan.calibration = checked_feeds(source, base, where=f"{where}: calibration")
+        if base is None:
+            plan.calibration_source = source
+        else:
+            plan.calibration = checked_feeds(source, base, where=f"{where}: calibration")
     return plan
 
 
@@ -187,15 +188,21 @@ class Runner:
         steps_dir.mkdir(exist_ok=True)
         records = [self._base(steps_dir)]
         current = ModelSet.read(steps_dir / records[0].folder)
+        # The FP32 model set for each set of graph names (the base, then what a split made): the
+        # upstream that calibration and check inputs of a downstream graph are captured from.
+        self.references: dict[tuple[str, ...], ModelSet] = {tuple(current.names()): current}
+        self._captured: dict[tuple[str, str], list[Feeds]] = {}
+        self._entry_calibration(current)
         applied: list[str] = []
         for planned in self.plan.steps:
             applied.append(planned.step.label)
             record = self._step(planned, current, steps_dir, applied)
             records.append(record)
             current = ModelSet.read(steps_dir / record.folder)
+            self.references.setdefault(tuple(current.names()), current)
         final = self._final(current)
         result = RunResult(self.out_dir, final, records, time.perf_counter() - start)
-        if self.plan.recipe.check is not None:  # single-graph only, enforced by plan_recipe
+        if self.plan.recipe.check is not None:
             result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final)
         result.wall_s = time.perf_counter() - start
         self._write_manifest(result)
@@ -205,26 +212,49 @@ class Runner:
                                 f"{self.out_dir / 'report.md'}): " + "; ".join(fails[:5]))
         return result
 
+    def _entry_calibration(self, base: ModelSet) -> None:
+        """An exported base's calibration feeds, checked against its entry graph now that it exists."""
+        source = self.plan.calibration_source
+        if source is None or self.plan.calibration is not None:
+            return
+        if base.meta.get("exporter") == "chattts_gpt":
+            entry = "embed_text"
+            if "vocab" not in self.plan.recipe.calibration.params:  # sampled ids must fit this vocabulary
+                source.params.vocab = base.meta["config"]["num_text_tokens"]
+        else:
+            from .chain import entry_graphs
+
+            entry = entry_graphs(base)[0]
+        self.plan.calibration = checked_feeds(source, base.load(entry), where="calibration")
+
     def _check(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
         """Per-block error of final vs base; cached by content like a step."""
-        from .compare import eval_feeds, run_compare, threshold_failures
+        from .compare import eval_feeds, is_piper_voice, run_compare, run_compare_chain, threshold_failures
         from .report import write_reports
 
         check = self.plan.recipe.check
         if base.meta.get("exporter") == "chattts_gpt":
             return self._check_chattts(base, final)
+        if len(base.names()) != 1:
+            raise PipelineError("check: a base model set of several graphs is checked only for ChatTTS")
         graph = base.names()[0]
         feeds = eval_feeds(base.path(graph), check.samples, self.plan.recipe, check)
+        blocks = self.plan.recipe.blocks
         key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
                      "check": check.model_dump(mode="json", exclude={"fallback"}),
-                     "blocks": self.plan.recipe.blocks.model_dump(mode="json") if self.plan.recipe.blocks else None,
-                     "feeds": _feeds_hash(feeds)})
+                     "blocks": blocks.model_dump(mode="json") if blocks else None, "feeds": _feeds_hash(feeds)})
         cached = self._cached_report(key)
         if cached is not None:
             return cached
         self.log(f"check: per-block error on {len(feeds)} samples ...")
-        report = run_compare(base.path(graph), final.path(graph), feeds, self.plan.recipe.blocks,
-                             sensitivity=check.sensitivity, progress=lambda m: self.progress(f"check: {m}", 0, 0))
+        audio = is_piper_voice(base.path(graph)) or "sample_rate" in base.meta
+        progress = lambda m: self.progress(f"check: {m}", 0, 0)  # noqa: E731
+        if final.names() == base.names():
+            report = run_compare(base.path(graph), final.path(graph), feeds, blocks, sensitivity=check.sensitivity,
+                                 progress=progress, audio=audio)
+        else:  # cut into a chain: each graph against its FP32 twin, then the whole chain
+            reference = self.references[tuple(final.names())]
+            report = run_compare_chain(base.path(graph), reference, final, feeds, blocks, audio, progress=progress)
         report["key"] = key
         report["failures"] = threshold_failures(report, check)
         write_reports(report, self.out_dir)
@@ -296,16 +326,19 @@ class Runner:
                     if not selected:
                         out.copy_graph_from(source, graph)  # nothing of this graph is in scope
                         continue
-                ctx = PassContext(graph, blocks, selected, scratch,
-                                  calibration=self._calibration(label) if uses_calibration else None, log=self.log)
+                ctx = PassContext(graph, blocks, selected, scratch, log=self.log,
+                                  calibration=self._calibration(label, graph, source) if uses_calibration else None)
                 before = {n.name for n in model.graph.node}
                 result = planned.pass_.apply(model, planned.params, ctx)
-                adopt_new_nodes(result.model, before, self.plan.recipe.blocks)
-                set_provenance(result.model, {"pipeline.recipe": self.plan.recipe.name,
-                                              "pipeline.passes": ",".join(applied),
-                                              "pipeline.version": __version__})
-                check_loads(result.model, f"{label} ({graph})")
-                out.save_graph(graph, result.model)
+                produced = result.graphs if result.graphs is not None else {graph: result.model}
+                if result.graphs is not None:
+                    out.replace_graph(graph, list(result.graphs), result.chain)
+                for name, made in produced.items():
+                    adopt_new_nodes(made, before, self.plan.recipe.blocks)
+                    set_provenance(made, {"pipeline.recipe": self.plan.recipe.name,
+                                          "pipeline.passes": ",".join(applied), "pipeline.version": __version__})
+                    check_loads(made, f"{label} ({name})")
+                    out.save_graph(name, made)
                 stats[graph] = result.stats | {"changed": result.changed}
             unmatched = [p for p in (block_scope.include or []) + block_scope.exclude + (block_scope.nodes or [])
                           if not block_scope.is_everything and p not in matched]
@@ -321,16 +354,33 @@ class Runner:
         self.log(f"{label}: done in {manifest['wall_s']:.1f} s")
         return StepRecord(planned.folder, False, manifest)
 
-    def _calibration(self, label: str) -> Callable[[], Iterator[Feeds]]:
-        feeds = self.plan.calibration or []
+    def _calibration(self, label: str, graph: str, current: ModelSet) -> Callable[[], Iterator[Feeds]]:
+        """Feeds for `graph`: the recipe's own for an entry graph, else captured from the FP32 upstream."""
 
         def iterate() -> Iterator[Feeds]:
+            feeds = self._graph_feeds(graph, current, f"{label}: capturing {graph} inputs")
             for i, f in enumerate(feeds):
                 self.progress(f"{label}: calibrating", i, len(feeds))
                 yield f
             self.progress(f"{label}: calibrating", len(feeds), len(feeds))
 
         return iterate
+
+    def _graph_feeds(self, graph: str, current: ModelSet, what: str) -> list[Feeds]:
+        reference = self.references.get(tuple(current.names()), current)
+        key = (graph, reference.content_hash())
+        if key not in self._captured:
+            entry = self.plan.calibration or []
+            if reference.meta.get("exporter") == "chattts_gpt":
+                from .check_chattts import chattts_graph_feeds
+
+                self._captured[key] = chattts_graph_feeds(reference.root, entry, graph)
+            else:
+                from .chain import graph_feeds
+
+                self._captured[key] = graph_feeds(reference, entry, graph,
+                                                  progress=lambda done, total: self.progress(what, done, total))
+        return self._captured[key]
 
     def _final(self, last: ModelSet) -> ModelSet:
         """Copy the last step's graphs to final/, stamped with the recipe's name and hash."""

@@ -288,7 +288,8 @@ def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
     assert report["notes"][0].startswith("SEEDED RANDOM WEIGHTS")
     assert (tmp_path / "run" / "report.md").read_text().startswith("**SEEDED RANDOM WEIGHTS")
     blocks = {b["block"]: b for b in report["blocks"]}
-    assert list(blocks)[:3] == ["embed_text", "layer_00", "layer_01"] and "lm_head_text" in blocks
+    assert list(blocks)[:4] == ["embed_text", "embed_code", "layer_00", "layer_01"]
+    assert {"lm_head_text", "lm_head_code"} <= set(blocks)
     assert blocks["embed_text"]["isolated"]["sqnr_db"] == "inf"
     layer = blocks["layer_02"]
     assert 20 < layer["isolated"]["sqnr_db"] < 90 and layer["accumulated"]["sqnr_db"] > 15
@@ -300,9 +301,11 @@ def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
         assert weights.get("float16", 0) > 0.95 * sum(weights.values())
         assert layer["bytes_candidate"] < layer["bytes_reference"]
     tokens = report["tokens"]
-    assert 0 <= tokens["teacher_forced_top1_agreement"] <= 1 and tokens["teacher_forced_kl_mean"] >= 0
-    assert len(tokens["first_divergence_steps"]) == 3
-    assert "teacher-forced top-1 agreement" in res.stdout
+    for head in (tokens, tokens["code_head"]):
+        assert 0 <= head["teacher_forced_top1_agreement"] <= 1 and head["teacher_forced_kl_mean"] >= 0
+        assert len(head["first_divergence_steps"]) == 3
+    assert len(tokens["teacher_forced_kl_per_step"]) == recipe["check"]["decode_steps"]
+    assert "tokens (text head" in res.stdout and "tokens (code head" in res.stdout
 
 
 def test_token_metrics_catch_a_broken_layer(assets, tmp_path):
@@ -326,6 +329,7 @@ def test_token_metrics_catch_a_broken_layer(assets, tmp_path):
     assert blocks[layer_name(2)]["isolated"]["sqnr_db"] == "inf"  # downstream adds nothing itself
     assert blocks[layer_name(2)]["accumulated"]["sqnr_db"] < 40
     assert report["tokens"]["teacher_forced_kl_mean"] > 0
+    assert report["tokens"]["code_head"]["teacher_forced_kl_mean"] > 0
 
 
 def test_runtime_refuses_a_manifest_that_does_not_match_its_files(assets, tmp_path):
@@ -412,3 +416,49 @@ def test_fuse_attention_fuses_the_norms_exactly_and_fails_loudly_on_the_rest(ass
         fuse.apply(layer, fuse.Params(expect={"MultiHeadAttention": 1}), ctx)
     with pytest.raises(PipelineError, match="unknown fused ops"):
         fuse.apply(layer, fuse.Params(expect={"FlashAttention": 1}), ctx)
+
+
+def test_calibration_is_teacher_forced_on_the_models_own_codes(assets, tmp_path):
+    """Layer inputs come from prompt + the FP32 model's own sampled codes; the decode feed is a real decode step."""
+    from pipeline.check_chattts import chattts_graph_feeds
+    from pipeline.onnx_io import session
+    from pipeline.runtime.chattts import infer_code_sampling
+
+    root, *_ = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    prompts = [[3, 14, 15, 92], [65, 35, 89]]
+    entry = [{"input_ids": np.array([p], np.int64)} for p in prompts]
+    feeds = chattts_graph_feeds(tmp_path / "gpt", entry, "layer_01", frames=8)
+    rt = ChatTTSRuntime(tmp_path / "gpt")
+    codes, _ = rt.generate_codes(prompts[0], 8, infer_code_sampling(seed=0))
+    prefill, decode = feeds[0], feeds[1]
+    assert len(feeds) == 4 and prefill["hidden"].shape[1] == len(prompts[0]) + len(codes) > len(prompts[0])
+    assert prefill["past_key"].shape[2] == 0 and decode["hidden"].shape[1] == 1
+    assert decode["past_key"].shape[2] == prefill["hidden"].shape[1] - 1
+    layer = session(tmp_path / "gpt" / "layer_01.onnx")
+    whole, step = layer.run(None, prefill)[0], layer.run(None, decode)[0]
+    np.testing.assert_allclose(step[:, 0], whole[:, -1], rtol=1e-4, atol=1e-5)
+    code_head = chattts_graph_feeds(tmp_path / "gpt", entry, "lm_head_code", frames=8)
+    assert code_head[0]["hidden"].shape[1] == prefill["hidden"].shape[1]
+    with pytest.raises(PipelineError, match="no capture for ChatTTS graph 'sample_head'"):
+        chattts_graph_feeds(tmp_path / "gpt", entry, "sample_head")
+
+
+def test_static_int8_recipe_calibrates_the_layers_from_the_fp32_chain(tmp_path):
+    import yaml
+    from conftest import run_cli
+
+    recipe = {"name": "chattts_static", "model": {"exporter": "chattts_gpt", "params": {
+                  "config": {k: v for k, v in TINY.items() if k != "max_position_embeddings"}}},
+              "calibration": {"source": "chattts", "params": {"count": 4}},
+              "steps": [{"pass": "quantize", "params": {"mode": "static", "op_types": ["MatMul"]},
+                         "scope": {"graphs": ["layer_\\d+"]}}],
+              "check": {"samples": 2, "decode_steps": 6}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    assert res.code == 0, res.stderr[-2000:]
+    step = json.loads((tmp_path / "run" / "steps" / "01-quantize" / "step.json").read_text())
+    assert step["stats"]["layer_00"]["quantize_linear"] > 0 and "embed_text" not in step["stats"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    layer = {b["block"]: b for b in report["blocks"]}["layer_01"]
+    assert 15 < layer["isolated"]["sqnr_db"] < 80
