@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from pydantic import Field
@@ -42,16 +43,8 @@ class ChatTTSPrompts(CalibrationSource):
         return [sampled_ids(s, self.params.vocab) for s in self.sentences()]
 
     def _tokenize(self, text: str) -> list[int]:
-        try:
-            from transformers import AutoTokenizer
-        except ImportError:
-            raise PipelineError("the ChatTTS tokenizer needs transformers (pip install transformers)") from None
-        folder = self.ctx.resolve(self.params.tokenizer)
         if not hasattr(self, "_tok"):
-            try:
-                self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise PipelineError(f"cannot load the tokenizer in {folder}: {e}") from None
+            self._tok = load_tokenizer(self.ctx.resolve(self.params.tokenizer))
         return list(self._tok.encode(text, add_special_tokens=False))
 
     def feeds(self) -> Iterator[Feeds]:
@@ -67,3 +60,15 @@ def sampled_ids(text: str, vocab: int) -> list[int]:
     seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
     n = max(4, len(text) // 2)
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+def load_tokenizer(folder: Path):
+    """The asset's tokenizer folder (a BertTokenizerFast), loaded offline."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise PipelineError("the ChatTTS tokenizer needs transformers (pip install transformers)") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None

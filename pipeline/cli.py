@@ -279,6 +279,21 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_f
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def _prompt_ids(ids: str | None, prompt: str | None, tokenizer: Path | None) -> list[int]:
+    if (ids is None) == (prompt is None):
+        raise PipelineError("give the prompt either as --ids 3,14,15 or as --prompt TEXT with --tokenizer DIR")
+    if prompt is not None:
+        if tokenizer is None:
+            raise PipelineError("--prompt needs --tokenizer DIR (the ChatTTS asset's tokenizer folder); or use --ids")
+        from calibration.chattts_prompts import load_tokenizer
+
+        return list(load_tokenizer(tokenizer).encode(prompt, add_special_tokens=False))
+    try:
+        return [int(x) for x in ids.split(",") if x.strip()]
+    except ValueError:
+        raise PipelineError(f"--ids: not a comma-separated list of integers: {ids!r}") from None
+
+
 @main.command()
 @click.argument("modelset", type=click.Path(path_type=Path))
 @click.option("--steps", default=32, show_default=True, help="Tokens to generate.")
@@ -286,11 +301,13 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_f
               help="Greedy decoding, or ChatTTS's sampling (temperature 0.7, top-p 0.7, top-k 20) via the sample head.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the uniform noise that sampling draws from.")
 @click.option("--ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
-@click.option("--prompt", help="Prompt text (needs the asset's tokenizer).")
+@click.option("--prompt", help="Prompt text, tokenized with --tokenizer.")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="The asset's tokenizer folder (ChatTTS asset/tokenizer), for --prompt.")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write ids and timings as JSON.")
 def generate(modelset: Path, steps: int, greedy: bool, seed: int, ids: str | None, prompt: str | None,
-             threads: int, json_path: Path | None) -> None:
+             tokenizer: Path | None, threads: int, json_path: Path | None) -> None:
     """Generate text tokens with a ChatTTS GPT model set (e.g. runs/<recipe>/final) in ONNX Runtime.
 
     Prints the generated ids and the per-step decode latency.
@@ -300,14 +317,7 @@ def generate(modelset: Path, steps: int, greedy: bool, seed: int, ids: str | Non
 
     from .runtime.chattts import ChatTTSRuntime, SamplingParams
 
-    if prompt is not None:
-        raise PipelineError("--prompt needs the asset's tokenizer, which this model set does not carry; use --ids")
-    if not ids:
-        raise PipelineError("give the prompt with --ids, e.g. --ids 3,14,15")
-    try:
-        prompt_ids = [int(x) for x in ids.split(",") if x.strip()]
-    except ValueError:
-        raise PipelineError(f"--ids: not a comma-separated list of integers: {ids!r}") from None
+    prompt_ids = _prompt_ids(ids, prompt, tokenizer)
     rt = ChatTTSRuntime(modelset, threads=threads)
     if rt.ms.meta.get("seeded"):
         out.print(escape(f"note: {rt.ms.meta.get('source')}: ChatTTS's exact config, untrained; tokens mean nothing"))

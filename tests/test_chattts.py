@@ -462,3 +462,21 @@ def test_static_int8_recipe_calibrates_the_layers_from_the_fp32_chain(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     layer = {b["block"]: b for b in report["blocks"]}["layer_01"]
     assert 15 < layer["isolated"]["sqnr_db"] < 80
+
+
+def test_generate_takes_a_text_prompt_through_the_assets_tokenizer(assets, tmp_path):
+    from conftest import run_cli
+    from transformers import BertTokenizerFast
+
+    root, *_ = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "你", "好"]
+    BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(str(tmp_path / "tokenizer"))
+    res = run_cli("generate", str(tmp_path / "gpt"), "--prompt", "hello 你好 world", "--tokenizer",
+                  str(tmp_path / "tokenizer"), "--steps", "4", "--json", str(tmp_path / "g.json"))
+    assert res.code == 0, res.stderr
+    assert json.loads((tmp_path / "g.json").read_text())["prompt"] == [5, 7, 8, 6]
+    res = run_cli("generate", str(tmp_path / "gpt"), "--prompt", "hello")
+    assert res.code == 2 and "--prompt needs --tokenizer" in res.stderr
+    res = run_cli("generate", str(tmp_path / "gpt"), "--prompt", "hello", "--tokenizer", str(tmp_path))
+    assert res.code == 2 and "cannot load the tokenizer" in res.stderr and "Traceback" not in res.stderr
