@@ -53,6 +53,8 @@ class PassResult:
     # ({"from": "encoder.z", "to": "decoder.z"}).
     graphs: dict[str, onnx.ModelProto] | None = None
     chain: list[dict[str, str]] = field(default_factory=list)
+    # New nodes the pass already named into the right block (fused ops): the runner leaves their names.
+    placed: set[str] = field(default_factory=set)
 
 
 class Pass:
@@ -70,6 +72,11 @@ class Pass:
     def wants_calibration(self, params: Params) -> bool:
         """True when the pass uses calibration data if the recipe has some."""
         return self.needs_calibration_for(params)
+
+    def graphs_after(self, params: Params, graph: str) -> list[str]:
+        """Names of the graphs this pass makes of `graph` (itself, unless it cuts graphs), known before it
+        runs, so a recipe's later scopes can be checked before any long work starts."""
+        return [graph]
 
     def apply(self, model: onnx.ModelProto, params: Params, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -149,11 +149,15 @@ def fallback_step_index(recipe: Recipe) -> int:
 
 
 def _check_scopes(recipe: Recipe, base, steps: list[PlannedStep], where: str) -> None:
+    """Every step's scope against the graphs it will see (a cut graph's nodes keep their names, so block
+    patterns are checked on the base graph)."""
     partition = BlockPartition(base, recipe.blocks)
+    names = ["model"]
     for s in steps:
         scope = s.step.scope
-        selected_graphs(scope, ["model"], where=f"{where}: steps.{s.index - 1}.scope.graphs")
+        chosen = selected_graphs(scope, names, where=f"{where}: steps.{s.index - 1}.scope.graphs")
         partition.select(scope, where=f"{where}: steps.{s.index - 1}.scope")
+        names = [after for g in names for after in (s.pass_.graphs_after(s.params, g) if g in chosen else [g])]
 
 
 def selected_graphs(scope: Scope, names: list[str], where: str) -> list[str]:
@@ -334,7 +338,7 @@ class Runner:
                 if result.graphs is not None:
                     out.replace_graph(graph, list(result.graphs), result.chain)
                 for name, made in produced.items():
-                    adopt_new_nodes(made, before, self.plan.recipe.blocks)
+                    adopt_new_nodes(made, before | result.placed, self.plan.recipe.blocks)
                     set_provenance(made, {"pipeline.recipe": self.plan.recipe.name,
                                           "pipeline.passes": ",".join(applied), "pipeline.version": __version__})
                     check_loads(made, f"{label} ({name})")

@@ -31,7 +31,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_every_recipe_validates():
-    assert {"piper_fp16.yaml", "piper_int8.yaml"} <= {r.name for r in RECIPES}
+    assert {"piper_fp16.yaml", "piper_int8.yaml", "piper_streaming_int8.yaml"} <= {r.name for r in RECIPES}
     for recipe in RECIPES:
         res = run_cli("validate", str(recipe))
         assert res.code == 0, (recipe, res.stderr)
@@ -108,3 +108,47 @@ def test_int8_recipe_report_attributes_error_to_blocks(runs):
     assert all(w.startswith("/flow/flows.") for w in worst_blocks(report))
     assert blocks["/flow/flows.0"]["precision"]["int8"] == 16
     assert report["outputs"][0]["audio"]["log_mel_max"] <= 0.10
+
+
+def wav_roundtrip(audio: np.ndarray, path: Path) -> np.ndarray:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(22050)
+        w.writeframes((np.clip(audio.reshape(-1), -1, 1) * 32767).astype(np.int16).tobytes())
+    with wave.open(str(path), "rb") as w:
+        return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+
+
+def test_streaming_recipe_splits_and_the_shrunk_chain_still_speaks(runs, piper_model, tmp_path):
+    """piper_streaming_int8: encoder | decoder with their own precisions; the chain, streamed and written
+    to WAV, against the original voice on evaluation sentences; the check covers both graphs."""
+    import json
+
+    from pipeline.bench import piper_eval_feeds
+    from pipeline.onnx_io import session
+    from pipeline.runtime.piper_streaming import PiperStreaming
+
+    run = runs["piper_streaming_int8"]
+    final = ModelSet.read(run / "final")
+    assert final.names() == ["encoder", "decoder"]
+    assert {"from": "encoder.z", "to": "decoder.z"} in final.chain
+    assert list(final.sidecars.values()) == ["encoder"]
+    streaming = PiperStreaming.from_modelset(run / "final")
+    original = session(piper_model)
+    _, feeds = piper_eval_feeds(piper_model, 3)
+    for i, f in enumerate(feeds):
+        latents = streaming.encode(f)
+        whole = streaming.decode(latents)  # the chained encoder -> decoder output
+        # Both sides through 16-bit WAV: int16 steps lift silent mel bins above the log floor alike.
+        cmp = compare_audio(wav_roundtrip(original.run(None, f)[0], tmp_path / f"ref{i}.wav"),
+                            wav_roundtrip(whole, tmp_path / f"cand{i}.wav"))
+        assert cmp.length_diff == 0 and cmp.log_mel_distance <= 0.10
+        chunks = list(streaming.decode_chunks(latents))
+        assert len(chunks) > 1 and compare_audio(whole, np.concatenate(chunks)).log_mel_distance <= 0.05
+    report = json.loads((run / "report.json").read_text())
+    graphs = {b["block"].split(":")[0] for b in report["blocks"]}
+    assert graphs == {"encoder", "decoder"}
+    blocks = {b["block"]: b for b in report["blocks"]}
+    assert blocks["decoder:/flow/flows.0"]["precision"]["int8"] == 16
+    assert "int8" not in blocks["encoder:/dp"]["precision"]
+    chain = next(o for o in report["outputs"] if o["name"].startswith("chain:"))
+    assert chain["audio"]["log_mel_max"] <= 0.10 and report["failures"] == []
