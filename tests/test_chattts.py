@@ -295,6 +295,16 @@ def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
     assert 20 < layer["isolated"]["sqnr_db"] < 90 and layer["accumulated"]["sqnr_db"] > 15
     if name == "chattts_int8":
         assert layer["precision"]["int8"] == 7
+        from pipeline.blocks import BlockPartition
+        from pipeline.onnx_io import load_onnx
+
+        fused = load_onnx(tmp_path / "run" / "final" / "layer_02.onnx")
+        where = BlockPartition(fused).node_block  # the runner keeps fused ops in the blocks the pass chose
+        assert {op: sorted(where[n.name] for n in fused.graph.node if n.op_type == op) for op in
+                ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "MultiHeadAttention")} == {
+            "SimplifiedLayerNormalization": ["/input_layernorm"],
+            "SkipSimplifiedLayerNormalization": ["/post_attention_layernorm"],
+            "MultiHeadAttention": ["/self_attn"]}
         assert layer["bytes_candidate"] < layer["bytes_reference"]  # 0.258x at full size (bench); blocks of 128 pad a 64-wide test model
     else:
         weights = layer["weights"]  # the graph's own structure weighs more than its weights at this size
@@ -384,38 +394,6 @@ def test_sampled_codes_use_infer_code_defaults_reproducibly(assets, tmp_path):
     a, _ = rt.generate_codes([3, 14], 12, infer_code_sampling(seed=1))
     b, _ = rt.generate_codes([3, 14], 12, infer_code_sampling(seed=1))
     assert a == b and all(len(f) == 4 and all(0 <= x < 210 for x in f) for f in a)
-
-
-def test_fuse_attention_fuses_the_norms_exactly_and_fails_loudly_on_the_rest(assets, tmp_path):
-    import onnx
-
-    from passes import get_pass
-    from passes.base import PassContext
-    from pipeline.blocks import BlockPartition
-    from pipeline.onnx_io import check_loads, session
-
-    root, *_ = assets
-    export_modelset(load_weights(root), tmp_path / "gpt")
-    layer = onnx.load(str(tmp_path / "gpt" / "layer_01.onnx"))
-    fuse = get_pass("fuse_attention")
-    ctx = PassContext("layer_01", BlockPartition(layer), None, tmp_path)
-    result = fuse.apply(layer, fuse.Params(expect={"SimplifiedLayerNormalization": 1,
-                                                   "SkipSimplifiedLayerNormalization": 1}), ctx)
-    assert result.stats["fused_per_block"] == {"/input_layernorm": {"SimplifiedLayerNormalization": 1},
-                                               "/post_attention_layernorm": {"SkipSimplifiedLayerNormalization": 1}}
-    assert result.stats["nodes_after"] < result.stats["nodes_before"]
-    check_loads(result.model, "fused layer")
-    rng = np.random.default_rng(0)
-    feed = {"hidden": rng.standard_normal((1, 5, 64)).astype(np.float32),
-            "past_key": rng.standard_normal((1, 4, 3, 16)).astype(np.float32),
-            "past_value": rng.standard_normal((1, 4, 3, 16)).astype(np.float32)}
-    for want, got in zip(session(layer).run(None, feed), session(result.model).run(None, feed)):
-        err = np.linalg.norm(want - got)
-        assert err == 0 or 20 * np.log10(np.linalg.norm(want) / err) >= 60
-    with pytest.raises(PipelineError, match=r"layer_01.*pattern not matched \(MultiHeadAttention: expected 1, found 0\)"):
-        fuse.apply(layer, fuse.Params(expect={"MultiHeadAttention": 1}), ctx)
-    with pytest.raises(PipelineError, match="unknown fused ops"):
-        fuse.apply(layer, fuse.Params(expect={"FlashAttention": 1}), ctx)
 
 
 def test_calibration_is_teacher_forced_on_the_models_own_codes(assets, tmp_path):

@@ -55,8 +55,9 @@ class Attention(nn.Module):
         freqs = positions[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        half = self.head_dim // 2  # a Python int: the export slices at a constant, as RoPE fusions expect
+        q = q * cos + _rotate_half(q, half) * sin
+        k = k * cos + _rotate_half(k, half) * sin
         key = torch.cat([past_key, k], dim=2)
         value = torch.cat([past_value, v], dim=2)
         scores = torch.matmul(q, key.transpose(2, 3)) / math.sqrt(self.head_dim)
@@ -69,8 +70,7 @@ class Attention(nn.Module):
         return self.o_proj(out), key, value
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 

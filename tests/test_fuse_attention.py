@@ -1,0 +1,151 @@
+"""fuse_attention on ChatTTS decoder layers: what fuses, that it computes the same, and loud shortfalls."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from passes import get_pass
+from passes.base import PassContext
+from pipeline.blocks import BlockPartition
+from pipeline.errors import PipelineError
+from pipeline.exporters.chattts import GPTConfig, export_modelset, load_weights
+from pipeline.modelset import ModelSet
+from pipeline.onnx_io import check_loads, session
+from pipeline.runtime.chattts import ChatTTSRuntime
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
+             max_position_embeddings=256, num_text_tokens=97, num_audio_tokens=211, num_vq=4)
+HEADS, HEAD_DIM = 4, 16
+EXPECT = {"MultiHeadAttention": 1, "RotaryEmbedding": 2, "SimplifiedLayerNormalization": 1,
+          "SkipSimplifiedLayerNormalization": 1}
+PER_BLOCK = {"/input_layernorm": {"SimplifiedLayerNormalization": 1},
+             "/self_attn": {"RotaryEmbedding": 2, "MultiHeadAttention": 1},
+             "/post_attention_layernorm": {"SkipSimplifiedLayerNormalization": 1}}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> ModelSet:
+    """A small seeded ChatTTS GPT, weights sharpened so greedy decoding has clear winners."""
+    w = load_weights(None, GPTConfig(**SMALL), seed=11)
+    w.gpt = {k: v if "norm" in k else v * 5 for k, v in w.gpt.items()}
+    w.embed = {k: v * 5 for k, v in w.embed.items()}
+    return export_modelset(w, tmp_path_factory.mktemp("chattts") / "base")
+
+
+def fuse(model: onnx.ModelProto, graph: str, **params):
+    fuser = get_pass("fuse_attention")
+    ctx = PassContext(graph, BlockPartition(model), None, Path("."))
+    return fuser.apply(model, fuser.Params(**params), ctx)
+
+
+def feeds(batch: int, past: int, new: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"hidden": rng.standard_normal((batch, new, SMALL["hidden_size"])).astype(np.float32),
+            "past_key": rng.standard_normal((batch, HEADS, past, HEAD_DIM)).astype(np.float32),
+            "past_value": rng.standard_normal((batch, HEADS, past, HEAD_DIM)).astype(np.float32)}
+
+
+def sqnr_db(want: np.ndarray, got: np.ndarray) -> float:
+    err = np.linalg.norm(want - got)
+    return float("inf") if err == 0 else 20 * np.log10(np.linalg.norm(want) / err)
+
+
+def assert_same_outputs(reference: onnx.ModelProto, candidate: onnx.ModelProto) -> None:
+    """Prefill (P=0), decode (T=1) and a multi-token step on a cache, batch 2: every output >= 60 dB."""
+    ref, cand = session(reference), session(candidate)
+    for batch, past, new in [(1, 0, 9), (1, 9, 1), (2, 5, 3)]:
+        feed = feeds(batch, past, new)
+        for name, want, got in zip(["hidden_out", "present_key", "present_value"], ref.run(None, feed),
+                                   cand.run(None, feed)):
+            assert got.shape == want.shape == (batch, *want.shape[1:])
+            assert sqnr_db(want, got) >= 60, (name, batch, past, new, sqnr_db(want, got))
+
+
+@pytest.fixture(scope="module")
+def fused(base) -> dict[str, onnx.ModelProto]:
+    return {name: fuse(base.load(name), name, num_heads=HEADS, expect=EXPECT).model for name in base.meta["layers"]}
+
+
+def test_every_layer_fuses_into_contrib_ops_inside_its_blocks(base):
+    for name in base.meta["layers"]:
+        layer = base.load(name)
+        result = fuse(layer, name, num_heads=HEADS, expect=EXPECT)
+        assert result.stats["fused"] == EXPECT
+        assert result.stats["fused_per_block"] == PER_BLOCK
+        out = result.model
+        ops = [n.op_type for n in out.graph.node]
+        assert "Softmax" not in ops and "Neg" not in ops and ops.count("MatMul") == 7  # what quantize takes
+        assert result.stats["nodes_after"] < result.stats["nodes_before"] / 4
+        blocks = BlockPartition(out)
+        for node in out.graph.node:
+            if node.op_type in EXPECT:  # named into the block of the nodes it replaced
+                assert node.op_type in PER_BLOCK[blocks.node_block[node.name]], node.name
+        mha = next(n for n in out.graph.node if n.op_type == "MultiHeadAttention")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mha.attribute}
+        assert attrs["num_heads"] == HEADS and attrs["unidirectional"] == 1 and attrs["scale"] == pytest.approx(0.25)
+        assert [i.name for i in out.graph.input] == [i.name for i in layer.graph.input]
+        assert [o.name for o in out.graph.output] == [o.name for o in layer.graph.output]
+        check_loads(out, f"fused {name}")
+
+
+def test_fused_layers_compute_what_the_unfused_ones_do(base, fused):
+    for name, model in fused.items():
+        assert_same_outputs(base.load(name), model)
+
+
+def test_a_shortfall_fails_naming_the_block_and_the_pattern(base):
+    layer = base.load("layer_01")
+    with pytest.raises(PipelineError, match=r"layer_01: expected 2 MultiHeadAttention, found 1: "
+                                            r"no further attention pattern in the graph"):
+        fuse(layer, "layer_01", expect={"MultiHeadAttention": 2})
+    with pytest.raises(PipelineError, match="unknown fused ops"):
+        fuse(layer, "layer_01", expect={"FlashAttention": 1})
+    # A mask that lets each token see the future is not causal: no MHA with unidirectional=1 for it.
+    for node in layer.graph.node:
+        if node.op_type == "Greater":
+            node.op_type = "Less"
+    with pytest.raises(PipelineError, match=r"layer_01: expected 1 MultiHeadAttention in /self_attn, found 0: "
+                                            r"attention pattern did not match at /self_attn/Softmax: "
+                                            r"the mask is not causal"):
+        fuse(layer, "layer_01", expect=EXPECT)
+    # What did match (the rotary on [B, H, S, D], the norms) still computes the same.
+    partial = fuse(layer, "layer_01")
+    assert "MultiHeadAttention" not in partial.stats["fused"]
+    assert partial.stats["fused_per_block"]["/self_attn"] == {"RotaryEmbedding": 2}
+    assert_same_outputs(layer, partial.model)
+
+
+def test_rmsnorm_rewritten_by_onnxsim_is_named_as_the_unmatched_pattern(base):
+    simplify = get_pass("simplify")
+    layer = base.load("layer_00")
+    simplified = simplify.apply(layer, simplify.Params(), PassContext("layer_00", BlockPartition(layer), None,
+                                                                       Path("."))).model
+    with pytest.raises(PipelineError, match=r"layer_00: expected 1 SkipSimplifiedLayerNormalization in "
+                                            r"/post_attention_layernorm, found 0: residual Add \+ RMSNorm pattern "
+                                            r"did not match at /post_attention_layernorm/ReduceMean"):
+        fuse(simplified, "layer_00", expect=EXPECT)
+    # The attention matcher goes by structure, not by the exporter's exact arithmetic: it still matches.
+    result = fuse(simplified, "layer_00")
+    assert result.stats["fused_per_block"]["/self_attn"] == {"RotaryEmbedding": 2, "MultiHeadAttention": 1}
+    assert_same_outputs(layer, result.model)
+
+
+def test_greedy_generation_with_fused_layers_equals_unfused(base, fused, tmp_path):
+    out = base.derive(tmp_path / "fused")
+    out.root.mkdir(parents=True)
+    for name in base.names():
+        if name in fused:
+            out.save_graph(name, fused[name])
+        else:
+            out.copy_graph_from(base, name)
+    out.write_manifest()
+    ref, cand = ChatTTSRuntime(base.root), ChatTTSRuntime(out.root)
+    want = ref.generate_text([3, 14, 15, 92, 65], 24).ids
+    assert cand.generate_text([3, 14, 15, 92, 65], 24).ids == want
+    assert len(set(want)) > 3  # a real sequence, not one token repeated
+    want_codes, _ = ref.generate_codes([3, 14, 15], 8)
+    got_codes, _ = cand.generate_codes([3, 14, 15], 8)
+    assert got_codes == want_codes and len(want_codes) == 8
