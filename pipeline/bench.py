@@ -46,6 +46,8 @@ class SentenceQuality:
     length_diff: float
     log_mel_distance: float
     snr_db: float | None
+    # Where the length changed: log-mel with the candidate run on the reference's durations (pinned).
+    pinned_log_mel_distance: float | None = None
 
 
 @dataclass
@@ -150,10 +152,15 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
     results = []
     for vi, v in enumerate(variants):
         sentences = []
-        for text, ref_audio, cand_audio in zip(texts, outputs[0], outputs[vi]):
+        pinned = None
+        for text, f, ref_audio, cand_audio in zip(texts, feeds, outputs[0], outputs[vi]):
             cmp = compare_audio(ref_audio, cand_audio)
-            sentences.append(SentenceQuality(text, cmp.ref_samples, cmp.cand_samples, cmp.length_diff,
-                                             cmp.log_mel_distance, cmp.snr_db))
+            quality = SentenceQuality(text, cmp.ref_samples, cmp.cand_samples, cmp.length_diff,
+                                      cmp.log_mel_distance, cmp.snr_db)
+            if cmp.length_diff != 0 and (pinned := pinned or _durations_pinned(ref.path, v.path, threads)):
+                run = pinned.run(f)
+                quality.pinned_log_mel_distance = compare_audio(run.reference[0], run.candidate[0]).log_mel_distance
+            sentences.append(quality)
         results.append(VariantResult(v.label, str(v.path), v.bytes, v.bytes / ref.bytes, latencies[vi],
                                      latencies[vi] / latencies[0], rss[vi], sentences))
     return {
@@ -169,7 +176,22 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
     }
 
 
-BENCH_NOTE = ("log-mel distance is over the common length where lengths differ; "
+# Piper's VITS rounds its predicted durations up here (w_ceil): frames per phoneme.
+DURATIONS = "/Ceil_output_0"
+
+
+def _durations_pinned(reference: Path, candidate: Path, threads: int):
+    """Reference and candidate with the candidate's durations pinned to the reference's, or None when the
+    graphs have no Piper duration tensor (a changed length then stays unexplained)."""
+    from .pinning import PinnedPair, intermediate_names
+
+    if DURATIONS not in intermediate_names(load_onnx(candidate)):
+        return None
+    return PinnedPair(reference, candidate, [DURATIONS], threads=threads)
+
+
+BENCH_NOTE = ("log-mel distance is over the common length where lengths differ; 'pinned max' is the worst "
+              "log-mel of those sentences with the candidate run on the reference's durations; "
               "min SNR is shown only when every sentence kept its length.")
 
 
@@ -181,14 +203,16 @@ def results_table(result: dict[str, Any]):
     table = Table(title=f"{result['sentences']} sentences, {result['repeat']} interleaved repetitions, "
                         f"{m['threads']} threads, {m['cpus']} CPUs ({m['processor']})")
     cols = ("variant", "MB", "size x", "latency ms", "latency x", "peak RSS MB", "max |len| %",
-            "total len %", "log-mel mean", "log-mel max", "min SNR dB")
+            "total len %", "log-mel mean", "log-mel max", "pinned max", "min SNR dB")
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for v in result["variants"]:
         snrs = [s["snr_db"] for s in v["sentences"] if s["snr_db"] is not None]
         min_snr = "-" if len(snrs) < len(v["sentences"]) else f"{min(snrs):.1f}"
+        pinned = [s["pinned_log_mel_distance"] for s in v["sentences"] if s["pinned_log_mel_distance"] is not None]
         table.add_row(v["label"], f"{v['bytes'] / 1e6:.1f}", f"{v['size_ratio']:.3f}",
                       f"{v['latency_s'] * 1e3:.0f}", f"{v['latency_ratio']:.2f}", f"{v['peak_rss_mb']:.0f}",
                       f"{v['max_abs_length_diff'] * 100:.2f}", f"{v['total_length_diff'] * 100:+.2f}",
-                      f"{v['mean_log_mel']:.4f}", f"{v['max_log_mel']:.4f}", min_snr)
+                      f"{v['mean_log_mel']:.4f}", f"{v['max_log_mel']:.4f}",
+                      f"{max(pinned):.4f}" if pinned else "-", min_snr)
     return table

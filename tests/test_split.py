@@ -258,3 +258,19 @@ def test_pin_output_of_multi_output_node(tmp_path):
     x = np.arange(4, dtype=np.float32).reshape(1, 4)
     b = np.full((1, 2), 10, np.float32)
     np.testing.assert_allclose(session(pinned).run(None, {"x": x, "/b": b})[0], [[10, 11]])
+
+
+def test_bench_explains_a_changed_length_with_pinned_durations(voice, piper_model, tmp_path):
+    """Where FP16 flips a duration, the bench also reports log-mel on the FP32 durations: small, so the
+    audio itself is fine and only the timing moved."""
+    from pipeline.bench import piper_eval_feeds, resolve_variant, run_bench
+
+    onnx.save(apply("fp16", voice, tmp=tmp_path).model, str(tmp_path / "fp16.onnx"))
+    texts, feeds = piper_eval_feeds(piper_model, 3)
+    result = run_bench([resolve_variant(piper_model), resolve_variant(tmp_path / "fp16.onnx")], feeds, texts,
+                       repeat=1, measure_rss=False)
+    sentences = result["variants"][1]["sentences"]
+    changed = [s for s in sentences if s["length_diff"] != 0]
+    assert changed, "fp16 kept every length: the test proves nothing"
+    assert all(s["pinned_log_mel_distance"] is not None and s["pinned_log_mel_distance"] < 0.02 for s in changed)
+    assert all(s["pinned_log_mel_distance"] is None for s in sentences if s["length_diff"] == 0)
