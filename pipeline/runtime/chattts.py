@@ -1,9 +1,34 @@
 """Generation with a ChatTTS GPT ModelSet in ONNX Runtime: prefill, then one decode step per token.
 
-Each layer graph takes the cache so far and returns it one step longer; the
-runtime carries it from step to step. Text and audio-code modes, greedy or
-sampled through the sample head graph; io_binding with preallocated caches is
-still to come.
+Each layer graph takes the cache so far (`past_key`/`past_value` [B, H, P, D])
+and returns it grown by the new positions (`present_*` [B, H, P+T, D]). With
+`session.run` every layer returned a newly allocated cache every step (at full
+size 16 MB a step at 128 cached tokens, 126 MB at 1024), which numpy then
+owned. Here the graphs are chained with io_binding over memory allocated once
+per generation; no cache or hidden state is allocated in the loop (ORT's
+intermediates come from its own arena, reused):
+
+- **KV buffers**, allocated once per generation for prompt + steps positions:
+  per layer and per K/V two flat buffers, used in turn. A step binds `past_*`
+  to an OrtValue over the contiguous prefix of one buffer viewed as
+  [B, H, P, D] and `present_*` to the prefix of the other as [B, H, P+T, D];
+  the layer writes the grown cache straight into it, and that OrtValue is the
+  next step's past. (A slice along axis 2 of one [B, H, Tmax, D] array would
+  not be a dense tensor, and a present that overlaps its past would be
+  overwritten while being read.) The layer still rewrites the whole cache
+  every step (its Concat, or a fused attention op): that is the graphs'
+  contract (present = past ++ new), not the runtime's. The buffers come from
+  np.empty, so the OS commits pages only as the cache grows into them: about
+  twice the cache's size resident, as before.
+- **Hidden state**: two buffers; layer i reads one and writes the other, so the
+  hidden bindings change only when the step's token count does (prefill ->
+  decode). The norm reads the last position's row in place; norm and head
+  write into their own buffers, and the logits are read from there.
+
+Only the I/O names and shapes of the graphs are relied on, not what is inside
+them (the attention may become an ORT contrib op). Batch 1, as the API takes
+one prompt. Text and audio-code modes, greedy or sampled through the sample
+head graph (a plain `run`: its inputs are tiny).
 """
 from __future__ import annotations
 
@@ -12,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from ..errors import PipelineError
 from ..modelset import ModelSet, file_sha256
@@ -61,17 +87,19 @@ class ChatTTSRuntime:
         self.sessions = {n: session(self.ms.path(n), threads=threads, spinning=False) for n in self.ms.names()}
 
     def _empty_cache(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per layer an empty (past_key, past_value), for running a layer graph on its own with `run`."""
         c = self.config
         z = np.zeros((batch, c["num_attention_heads"], 0, c["hidden_size"] // c["num_attention_heads"]), np.float32)
         return [(z, z) for _ in self.layers]
 
-    def _forward(self, hidden: np.ndarray, cache, head: str = "lm_head_text"):
-        new = []
-        for name, (k, v) in zip(self.layers, cache):
-            hidden, k, v = self.sessions[name].run(None, {"hidden": hidden, "past_key": k, "past_value": v})
-            new.append((k, v))
-        hidden = self.sessions["norm"].run(None, {"hidden": hidden[:, -1:]})[0]
-        return self.sessions[head].run(None, {"hidden": hidden})[0], new
+    def decoder(self, prompt_len: int, steps: int, head: str = "lm_head_text") -> Decoder:
+        """A chain over io_binding for one generation: a prefill of up to `prompt_len` tokens, then `steps`
+        tokens one at a time, each call returning `head`'s logits at the last position."""
+        missing = [n for n in (head, "embed_code" if head == "lm_head_code" else "embed_text")
+                   if n not in self.sessions]
+        if missing:
+            raise PipelineError(f"{self.ms.root}: model set lacks graphs {', '.join(missing)}")
+        return Decoder(self, head, max_len=prompt_len + steps, max_tokens=prompt_len)
 
     def _check_prompt(self, prompt: list[int], steps: int) -> None:
         limit = self.config["max_position_embeddings"]
@@ -95,8 +123,8 @@ class ChatTTSRuntime:
         history: list[list[int]] = [[] for _ in range(vq)]
         frames: list[list[int]] = []
         t0 = time.perf_counter()
-        emb = self.sessions["embed_text"].run(None, {"input_ids": np.array([prompt], np.int64)})[0]
-        logits, cache = self._forward(emb, self._empty_cache(1), head="lm_head_code")
+        chain = self.decoder(len(prompt), max_frames, head="lm_head_code")
+        logits = chain.forward("embed_text", np.array([prompt], np.int64))
         timing = Generation([], time.perf_counter() - t0)
         for step in range(max_frames):
             rows = logits[0, -1].T  # [V, num_vq] -> one row per codebook, as ChatTTS reshapes
@@ -109,8 +137,7 @@ class ChatTTSRuntime:
             if step == max_frames - 1:
                 break
             t0 = time.perf_counter()
-            emb = self.sessions["embed_code"].run(None, {"input_ids": np.array([[frame]], np.int64)})[0]
-            logits, cache = self._forward(emb, cache, head="lm_head_code")
+            logits = chain.forward("embed_code", np.array([[frame]], np.int64))
             timing.step_s.append(time.perf_counter() - t0)
         timing.ids = [c for f in frames for c in f]
         return frames, timing
@@ -137,14 +164,119 @@ class ChatTTSRuntime:
         through the sample head, its uniform noise drawn from `sampling.seed`."""
         self._check_prompt(prompt, steps)
         t0 = time.perf_counter()
-        emb = self.sessions["embed_text"].run(None, {"input_ids": np.array([prompt], np.int64)})[0]
         rng = np.random.default_rng(sampling.seed if sampling else 0)
-        logits, cache = self._forward(emb, self._empty_cache(1))
+        chain = self.decoder(len(prompt), steps)
+        logits = chain.forward("embed_text", np.array([prompt], np.int64))
         out = Generation([self._next(logits[0, -1], [], sampling, rng)], time.perf_counter() - t0)
         for _ in range(steps - 1):
             t0 = time.perf_counter()
-            emb = self.sessions["embed_text"].run(None, {"input_ids": np.array([[out.ids[-1]]], np.int64)})[0]
-            logits, cache = self._forward(emb, cache)
+            logits = chain.forward("embed_text", np.array([[out.ids[-1]]], np.int64))
             out.ids.append(self._next(logits[0, -1], out.ids, sampling, rng))
             out.step_s.append(time.perf_counter() - t0)
         return out
+
+
+class KVBuffers:
+    """The KV cache of one generation, for up to `max_len` positions: per layer and per K/V, two flat buffers
+    used in turn (the past in one, the present written into the other)."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, max_len: int, batch: int = 1):
+        self.dims = (batch, heads, head_dim)
+        self.max_len = max_len
+        # np.empty, not zeros: the OS commits the pages only as the cache grows into them. One array, so
+        # one allocation; each [layer, kv, side] row is a flat, contiguous buffer.
+        self.data = np.empty((layers, 2, 2, batch * heads * max_len * head_dim), np.float32)
+        self.length = 0
+        self.side = 0  # which of each pair holds the cache so far
+        self.past = [self._values(layer, 0, 0) for layer in range(layers)]
+
+    def _values(self, layer: int, side: int, length: int) -> tuple[ort.OrtValue, ort.OrtValue]:
+        """(key, value) over the first `length` positions of one buffer of each pair, as [B, H, length, D]."""
+        b, h, d = self.dims
+        views = (self.data[layer, kv, side, :b * h * length * d].reshape(b, h, length, d) for kv in (0, 1))
+        return tuple(ort.OrtValue.ortvalue_from_numpy(v) for v in views)
+
+    def grow(self, new: int) -> list[tuple[tuple[ort.OrtValue, ort.OrtValue], tuple[ort.OrtValue, ort.OrtValue]]]:
+        """Per layer ((past_key, past_value), (present_key, present_value)) for a step adding `new` positions;
+        the cache counts as grown from here on."""
+        if self.length + new > self.max_len:
+            raise PipelineError(f"KV cache full: {self.length} + {new} positions exceed the {self.max_len} "
+                                f"allocated for this generation")
+        present = [self._values(layer, 1 - self.side, self.length + new) for layer in range(len(self.past))]
+        pairs = list(zip(self.past, present))
+        self.past, self.side, self.length = present, 1 - self.side, self.length + new
+        return pairs
+
+    def pointers(self) -> set[int]:
+        """Addresses of all the buffers: every cache a step binds lies at one of them."""
+        layers = self.data.shape[0]
+        return {self.data[i, kv, s].ctypes.data for i in range(layers) for kv in (0, 1) for s in (0, 1)}
+
+
+class Decoder:
+    """One generation's chain of sessions over io_binding: embedding -> layers -> norm -> one head.
+
+    `forward` takes up to `max_tokens` new tokens a call and returns the logits at the last position, a view
+    into a buffer that the next call overwrites."""
+
+    def __init__(self, rt: ChatTTSRuntime, head: str, max_len: int, max_tokens: int):
+        c = rt.config
+        heads = c["num_attention_heads"]
+        self.layers, self.head, self.max_tokens = rt.layers, head, max_tokens
+        graphs = [n for n in ("embed_text", "embed_code") if n in rt.sessions] + [*rt.layers, "norm", head]
+        self.bindings = {n: rt.sessions[n].io_binding() for n in graphs}
+        self.runs = {n: rt.sessions[n].run_with_iobinding for n in self.bindings}
+        # Outputs by position, as `run(None, ...)` takes them (a layer's hidden output is named hidden_out).
+        self.outputs = {n: [o.name for o in rt.sessions[n].get_outputs()] for n in self.bindings}
+        self.kv = KVBuffers(len(rt.layers), c.get("num_key_value_heads") or heads,
+                            c["hidden_size"] // heads, max_len)
+        self.hidden_size = c["hidden_size"]
+        self.hidden = np.empty((2, max_tokens * self.hidden_size), np.float32)
+        self.normed = np.empty((1, 1, self.hidden_size), np.float32)
+        vocab = (c["num_text_tokens"],) if head == "lm_head_text" else (c["num_audio_tokens"], c["num_vq"])
+        self.logits = np.empty((1, 1, *vocab), np.float32)
+        self._bind_out("norm", 0, self.normed)
+        self._bind_in(head, "hidden", self.normed)
+        self._bind_out(head, 0, self.logits)
+        self.tokens = 0  # the token count the hidden bindings are set for
+        self.hidden_values: tuple[ort.OrtValue, ort.OrtValue] | None = None
+
+    def _bind_in(self, graph: str, name: str, array: np.ndarray) -> None:
+        self.bindings[graph].bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
+
+    def _bind_out(self, graph: str, index: int, value: np.ndarray | ort.OrtValue) -> None:
+        if isinstance(value, np.ndarray):
+            value = ort.OrtValue.ortvalue_from_numpy(value)
+        self.bindings[graph].bind_ortvalue_output(self.outputs[graph][index], value)
+
+    def _bind_hidden(self, tokens: int) -> None:
+        """Layer i reads hidden buffer i % 2 and writes the other; the norm reads the last row of the last one."""
+        if tokens > self.max_tokens:
+            raise PipelineError(f"{tokens} tokens in one call; this decoder was made for at most {self.max_tokens}")
+        views = [buf[:tokens * self.hidden_size].reshape(1, tokens, self.hidden_size) for buf in self.hidden]
+        self.hidden_values = tuple(ort.OrtValue.ortvalue_from_numpy(v) for v in views)
+        for i, name in enumerate(self.layers):
+            self.bindings[name].bind_ortvalue_input("hidden", self.hidden_values[i % 2])
+            self._bind_out(name, 0, self.hidden_values[(i + 1) % 2])
+        self._bind_in("norm", "hidden", views[len(self.layers) % 2][:, -1:])  # batch 1: the last row is contiguous
+        self.tokens = tokens
+
+    def forward(self, embed: str, input_ids: np.ndarray) -> np.ndarray:
+        """Logits [1, 1, V] (text head) or [1, 1, V, num_vq] (code head) after `input_ids` through `embed`
+        (embed_text: [1, T]; embed_code: [1, T, num_vq])."""
+        tokens = input_ids.shape[1]
+        if tokens != self.tokens:
+            self._bind_hidden(tokens)
+        self.bindings[embed].bind_cpu_input("input_ids", input_ids)
+        self._bind_out(embed, 0, self.hidden_values[0])
+        self.runs[embed](self.bindings[embed])
+        for name, (past, present) in zip(self.layers, self.kv.grow(tokens)):
+            binding = self.bindings[name]
+            binding.bind_ortvalue_input("past_key", past[0])
+            binding.bind_ortvalue_input("past_value", past[1])
+            self._bind_out(name, 1, present[0])
+            self._bind_out(name, 2, present[1])
+            self.runs[name](binding)
+        self.runs["norm"](self.bindings["norm"])
+        self.runs[self.head](self.bindings[self.head])
+        return self.logits
