@@ -39,7 +39,7 @@ from pydantic import Field
 
 from pipeline.errors import PipelineError
 
-from .base import Feeds, Params, Pass, PassContext, PassResult
+from .base import Feeds, Params, Pass, PassContext, PassResult, copy_model
 
 _CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}
@@ -96,16 +96,19 @@ class Quantize(Pass):
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)
+        # ORT's quantizers may re-save the proto they are given with external data, in place, leaving it
+        # pointing at a deleted temp file: they get a copy, and `model` stays usable.
+        source = copy_model(model)
         try:
             if params.mode == "weight_only":
-                _weight_only(model, out_path, params, nodes)
+                _weight_only(source, out_path, params, nodes)
             elif params.mode == "dynamic":
-                quantize_dynamic(model, out_path, extra_options=extra, **common)
+                quantize_dynamic(source, out_path, extra_options=extra, **common)
             else:
                 if ctx.calibration is None:
                     raise PipelineError("quantize mode 'static' needs calibration data (recipe 'calibration')")
                 extra.setdefault("ActivationSymmetric", params.symmetric_activations)
-                quantize_static(model, out_path, _Reader(ctx.calibration()),
+                quantize_static(source, out_path, _Reader(ctx.calibration()),
                                 quant_format=QuantFormat.QDQ if params.format == "qdq" else QuantFormat.QOperator,
                                 activation_type=_TYPES[params.activation_type],
                                 calibrate_method=_CALIBRATION[params.calibration_method],

@@ -32,6 +32,15 @@ def is_piper_voice(path: Path) -> bool:
     return any(s.name.endswith(".onnx.json") for s in sidecars_of(path))
 
 
+def takes_mels(model) -> bool:
+    """A vocoder: one input named `mel` with 80 bands (HiFi-GAN's convention)."""
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1 or inputs[0].name != "mel":
+        return False
+    dims = inputs[0].type.tensor_type.shape.dim
+    return len(dims) == 3 and dims[1].dim_value == 80
+
+
 def eval_feeds(reference: Path, samples: int, recipe: Recipe | None = None, check: CheckSpec | None = None,
                npz: Path | None = None) -> list[Feeds]:
     """Inputs for a comparison: --npz, the check's source, the recipe's calibration, or Piper eval sentences."""
@@ -44,12 +53,15 @@ def eval_feeds(reference: Path, samples: int, recipe: Recipe | None = None, chec
                              where="check.source")
     elif is_piper_voice(reference):
         source = make_source("piper", {"sentences": str(DATA_DIR / "eval_en.txt")}, SourceContext(reference))
+    elif takes_mels(model):
+        source = make_source("piper_mels", {"sentences": str(DATA_DIR / "eval_en.txt")}, SourceContext(reference))
     elif recipe is not None and recipe.calibration is not None:
         source = make_source(recipe.calibration.source, recipe.calibration.params, SourceContext(reference, resolve),
                              where="calibration")
     else:
         raise PipelineError(f"{reference}: no inputs to compare on; give --npz DIR, or --recipe with a "
-                            f"calibration or check source (a Piper voice uses its evaluation sentences by default)")
+                            f"calibration or check source (a Piper voice, or a vocoder taking 80-band mels, "
+                            f"uses the evaluation sentences by default)")
     feeds = checked_feeds(source, model, where="compare inputs")
     return feeds[:samples]
 

@@ -158,3 +158,21 @@ def test_unwritable_output_folder(tmp_path, tiny_model, tiny_feeds):
 def test_inspect_bad_model_and_regex(tmp_path, tiny_model):
     check_user_error(tmp_path, tiny_model, ["inspect", str(tmp_path / "absent.onnx")], "model file not found")
     check_user_error(tmp_path, tiny_model, ["inspect", str(tiny_model), "--blocks", "(unclosed"], "not a valid regex")
+
+
+def test_mels_with_the_wrong_band_count_are_refused_before_calibration(tmp_path):
+    """An exported vocoder wants 80-band mels: a 64-band calibration folder fails in one line, naming both."""
+    feeds = tmp_path / "mels64"
+    feeds.mkdir()
+    np.savez(feeds / "a.npz", mel=np.zeros((1, 64, 32), np.float32))
+    path = tmp_path / "r.yaml"
+    path.write_text(f"""name: bands
+model: {{exporter: hifigan}}
+calibration: {{source: npz, params: {{folder: {feeds}}}}}
+steps:
+  - {{pass: quantize, params: {{mode: static, op_types: [Conv]}}, scope: {{include: ['/resblocks\\\\.0']}}}}
+""")
+    res = run_cli("run", str(path), "--out", str(tmp_path / "run"))
+    assert res.code == 2 and "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert "'mel' has size 64 on axis 1" in line and "wants 80" in line
