@@ -46,6 +46,7 @@ class SentenceQuality:
     length_diff: float
     log_mel_distance: float
     snr_db: float | None
+    mcd_db: float | None = None
     # Where the length changed: log-mel with the candidate run on the reference's durations (pinned).
     pinned_log_mel_distance: float | None = None
 
@@ -156,7 +157,7 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
         for text, f, ref_audio, cand_audio in zip(texts, feeds, outputs[0], outputs[vi]):
             cmp = compare_audio(ref_audio, cand_audio)
             quality = SentenceQuality(text, cmp.ref_samples, cmp.cand_samples, cmp.length_diff,
-                                      cmp.log_mel_distance, cmp.snr_db)
+                                      cmp.log_mel_distance, cmp.snr_db, cmp.mcd_db)
             if cmp.length_diff != 0 and (pinned := pinned or _durations_pinned(ref.path, v.path, threads)):
                 run = pinned.run(f)
                 quality.pinned_log_mel_distance = compare_audio(run.reference[0], run.candidate[0]).log_mel_distance
@@ -203,7 +204,7 @@ def results_table(result: dict[str, Any]):
     table = Table(title=f"{result['sentences']} sentences, {result['repeat']} interleaved repetitions, "
                         f"{m['threads']} threads, {m['cpus']} CPUs ({m['processor']})")
     cols = ("variant", "MB", "size x", "latency ms", "latency x", "peak RSS MB", "max |len| %",
-            "total len %", "log-mel mean", "log-mel max", "pinned max", "min SNR dB")
+            "total len %", "log-mel mean", "log-mel max", "pinned max", "MCD dB", "min SNR dB")
     for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for v in result["variants"]:
@@ -214,5 +215,6 @@ def results_table(result: dict[str, Any]):
                       f"{v['latency_s'] * 1e3:.0f}", f"{v['latency_ratio']:.2f}", f"{v['peak_rss_mb']:.0f}",
                       f"{v['max_abs_length_diff'] * 100:.2f}", f"{v['total_length_diff'] * 100:+.2f}",
                       f"{v['mean_log_mel']:.4f}", f"{v['max_log_mel']:.4f}",
-                      f"{max(pinned):.4f}" if pinned else "-", min_snr)
+                      f"{max(pinned):.4f}" if pinned else "-",
+                      f"{np.mean([s['mcd_db'] for s in v['sentences']]):.2f}", min_snr)
     return table

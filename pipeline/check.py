@@ -232,6 +232,7 @@ def audio_summary(comparisons: list[Any]) -> dict[str, Any]:
     return {
         "log_mel_mean": float(np.mean([c.log_mel_distance for c in comparisons])),
         "log_mel_max": float(np.max([c.log_mel_distance for c in comparisons])),
+        "mcd_db_mean": float(np.mean([c.mcd_db for c in comparisons])),
         "length_diff_max_abs": float(np.max([abs(c.length_diff) for c in comparisons])),
         "samples_with_length_change": int(sum(c.length_diff != 0 for c in comparisons)),
         "note": "log-mel over the common length where lengths differ",

@@ -9,7 +9,7 @@ JSON schema (`"schema": "tts-onnx-pipeline/check/1"`):
                  "isolated": M, "accumulated": M, "amplification": float|"inf"|null,
                  "sensitivity": {...}?}],
      "outputs": [{"name": str, **M, "audio": {"log_mel_mean", "log_mel_max",
-                  "length_diff_max_abs", "samples_with_length_change"}?}],
+                  "mcd_db_mean", "length_diff_max_abs", "samples_with_length_change"}?}],
      "rounds": [...]?  (automatic fallback), "failures": [...]? (thresholds)}
     M = {"sqnr_db": float|"inf"|null, "cosine", "max_abs", "rel_l2", "samples", "shape_mismatches"}
 
@@ -88,7 +88,8 @@ def outputs_lines(report: dict[str, Any]) -> list[str]:
             line += f" ({o['shape_mismatches']} samples with a different shape not compared)"
         a = o.get("audio")
         if a:
-            line += (f"; log-mel mean {a['log_mel_mean']:.4f}, max {a['log_mel_max']:.4f}; "
+            line += (f"; log-mel mean {a['log_mel_mean']:.4f}, max {a['log_mel_max']:.4f}"
+                     + (f", MCD {a['mcd_db_mean']:.2f} dB" if a.get("mcd_db_mean") is not None else "") + "; "
                      f"length change max {a['length_diff_max_abs']:.2%} "
                      f"({a['samples_with_length_change']} of {report['samples']} samples)")
         lines.append(line)
