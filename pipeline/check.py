@@ -32,7 +32,7 @@ from passes.quantize import INTEGER_OPS
 from .audio import compare_audio
 from .blocks import BlockPartition
 from .errors import PipelineError
-from .onnx_io import session, tensor_types
+from .onnx_io import as_ort_type, session, tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
 
@@ -347,7 +347,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
         del acc_vals
         iso_feed = dict(f)
         for name, tensor in fed.items():
-            iso_feed[name] = _as_type(ref_vals[tensor], iso_input_types[name])
+            iso_feed[name] = as_ort_type(ref_vals[tensor], iso_input_types[name])
         iso_vals = _run(iso_sess, iso_feed)
         for t in present:
             per_tensor_iso[t].update(ref_vals[t], iso_vals[t])
@@ -497,9 +497,4 @@ def _is_float(elem_type: int) -> bool:
     return elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
 
 
-def _as_type(value: np.ndarray, ort_type: str) -> np.ndarray:
-    want = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-            "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-            "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}.get(ort_type)
-    return value if want is None or value.dtype == want else value.astype(want)
 

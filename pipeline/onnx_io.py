@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -115,6 +116,18 @@ def tensor_types(model: onnx.ModelProto, infer: bool = True) -> dict[str, int]:
              for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
     types.update({t.name: t.data_type for t in graph.initializer})
     return types
+
+
+# ORT's input type strings -> numpy dtypes, for feeding a value to a session that declares another float width.
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+
+
+def as_ort_type(value: np.ndarray, ort_type: str) -> np.ndarray:
+    """`value` cast to the dtype an ORT input declares (`sess.get_inputs()[i].type`), when it differs."""
+    want = _ORT_DTYPES.get(ort_type)
+    return value if want is None or value.dtype == want else value.astype(want)
 
 
 def _one_line(e: BaseException) -> str:

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from .errors import PipelineError
-from .onnx_io import load_onnx, session
+from .onnx_io import as_ort_type, load_onnx, session
 
 Feeds = dict[str, np.ndarray]
 
@@ -263,20 +263,10 @@ def _proto(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_onnx(model)
 
 
-# ORT's type strings for the dtypes a pinned tensor may have in a candidate (an FP16 model takes float16).
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-
-
 def _feeds_for(sess, feeds: Feeds) -> Feeds:
     """The feeds the session takes (ORT rejects unknown names), cast to the dtype each input declares."""
     inputs = sess.get_inputs()
     missing = [i.name for i in inputs if i.name not in feeds]
     if missing:
         raise PipelineError(f"feeds lack input(s) {', '.join(missing)} (given: {', '.join(feeds)})")
-    out = {}
-    for i in inputs:
-        value = np.asarray(feeds[i.name])
-        dtype = _ORT_DTYPES.get(i.type)
-        out[i.name] = value.astype(dtype) if dtype is not None and value.dtype != dtype else value
-    return out
+    return {i.name: as_ort_type(np.asarray(feeds[i.name]), i.type) for i in inputs}
