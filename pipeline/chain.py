@@ -33,12 +33,17 @@ class Edge:
 
 
 def dataflow_edges(ms: ModelSet) -> list[Edge]:
-    """The chain's graph-to-graph edges; entries that are not plain `graph.tensor` pairs are not dataflow."""
+    """The model set's graph-to-graph edges."""
+    return parse_edges(ms.chain, str(ms.root))
+
+
+def parse_edges(chain: list[dict[str, str]], where: str) -> list[Edge]:
+    """Chain entries as edges; entries that are not plain `graph.tensor` pairs are not dataflow."""
     edges = []
-    for entry in ms.chain:
+    for entry in chain:
         src, dst = entry.get("from", ""), entry.get("to", "")
-        if not src or not dst or "|" in src + dst or "[" in src:
-            raise PipelineError(f"{ms.root}: chain entry {entry} is not a dataflow edge (graph.tensor -> graph.tensor)")
+        if "." not in src or "." not in dst or "|" in src + dst or "[" in src:
+            raise PipelineError(f"{where}: chain entry {entry} is not a dataflow edge (graph.tensor -> graph.tensor)")
         (sg, st), (dg, dt) = src.split(".", 1), dst.split(".", 1)
         edges.append(Edge(sg, st, dg, dt))
     return edges

@@ -102,6 +102,13 @@ class ModelSet:
                 raise PipelineError(f"{path}: lists {g.file} for graph {g.name!r}, but the file is missing")
         return ms
 
+    def require_unchanged(self) -> None:
+        """A runtime's guard: every graph file still has the hash modelset.json recorded for it."""
+        changed = [g.file for g in self.graphs if g.sha256 and file_sha256(self.root / g.file) != g.sha256]
+        if changed:
+            raise PipelineError(f"{self.root}: modelset.json does not match its files (changed since it was "
+                                f"written: {', '.join(changed[:5])})")
+
     def verify(self) -> bool:
         """True when every graph file still has the hash the manifest recorded."""
         try:

@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import PipelineError
-from ..modelset import ModelSet, file_sha256
+from ..modelset import ModelSet
 from ..onnx_io import session
 
 
@@ -71,10 +71,7 @@ class Generation:
 class ChatTTSRuntime:
     def __init__(self, folder: Path, threads: int = 2):
         self.ms = ModelSet.read(Path(folder))
-        changed = [g.file for g in self.ms.graphs if g.sha256 and file_sha256(self.ms.root / g.file) != g.sha256]
-        if changed:
-            raise PipelineError(f"{folder}: modelset.json does not match its files (changed since it was written: "
-                                f"{', '.join(changed[:5])})")
+        self.ms.require_unchanged()
         meta = self.ms.meta
         if meta.get("exporter") != "chattts_gpt":
             raise PipelineError(f"{folder}: not a ChatTTS GPT model set (modelset.json meta.exporter)")

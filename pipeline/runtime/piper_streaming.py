@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 
 from ..errors import PipelineError
-from ..modelset import ModelSet, file_sha256
+from ..chain import parse_edges
+from ..modelset import ModelSet
 from ..onnx_io import session
 
 Feeds = dict[str, np.ndarray]
@@ -90,17 +91,14 @@ class PiperStreaming:
     def from_modelset(cls, folder: str | Path, **kwargs) -> PiperStreaming:
         """From a split ModelSet folder (graphs `encoder` and `decoder`, chained by the split pass)."""
         ms = ModelSet.read(Path(folder))
-        for name in ("encoder", "decoder"):
-            g = ms.graph(name)
-            if g.sha256 and file_sha256(ms.root / g.file) != g.sha256:
-                raise PipelineError(f"{folder}: {g.file} changed since modelset.json was written")
+        ms.require_unchanged()
         return cls(ms.path("encoder"), ms.path("decoder"), chain=ms.chain, **kwargs)
 
     def _handover(self, chain: list[dict[str, str]]) -> dict[str, str]:
         """Encoder output -> decoder input."""
         outputs = [o.name for o in self.encoder.get_outputs()]
-        pairs = {e["from"].split(".", 1)[1]: e["to"].split(".", 1)[1] for e in chain
-                 if e["from"].startswith("encoder.") and e["to"].startswith("decoder.")}
+        pairs = {e.src_tensor: e.dst_tensor for e in parse_edges(chain, "streaming")
+                 if (e.src_graph, e.dst_graph) == ("encoder", "decoder")}
         pairs = pairs or {name: name for name in outputs if name in self.decoder_inputs}
         unfed = [name for name in self.decoder_inputs if name not in pairs.values()]
         if unfed:
