@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from .errors import PipelineError
@@ -136,6 +137,15 @@ class ChainRunner:
 def graph_feeds(ms: ModelSet, entry_feeds: list[Feeds], graph: str,
                 progress: Callable[[int, int], None] = lambda done, total: None) -> list[Feeds]:
     """Inputs of `graph` on each entry feed: given as they are for an entry graph, else captured upstream."""
+    if graph in entry_graphs(ms):  # the user's feeds fit it as they are: no session to build
+        from calibration import graph_inputs
+
+        names = graph_inputs(onnx.load(str(ms.path(graph)), load_external_data=False))
+        missing = sorted(set(names) - set(entry_feeds[0])) if entry_feeds else []
+        if missing:
+            raise PipelineError(f"{ms.root}: graph {graph!r} inputs {', '.join(missing)} are not in the inputs "
+                                f"({', '.join(entry_feeds[0])})")
+        return [{k: v for k, v in f.items() if k in names} for f in entry_feeds]
     runner = ChainRunner(ms)
     captured = []
     for i, f in enumerate(entry_feeds):

@@ -32,6 +32,11 @@ def is_piper_voice(path: Path) -> bool:
     return any(s.name.endswith(".onnx.json") for s in sidecars_of(path))
 
 
+def produces_audio(path: Path, model) -> bool:
+    """A Piper voice, or a vocoder: its first output is audio at 22050 Hz, measured with audio metrics."""
+    return is_piper_voice(path) or takes_mels(model)
+
+
 def takes_mels(model) -> bool:
     """A vocoder: one input named `mel` with 80 bands (HiFi-GAN's convention)."""
     inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
@@ -69,11 +74,11 @@ def eval_feeds(reference: Path, samples: int, recipe: Recipe | None = None, chec
 def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: BlockSpec | None,
                 sensitivity: bool = False, progress: Callable[[str], None] = lambda m: None,
                 audio: bool | None = None) -> dict[str, Any]:
-    """Per-block report of candidate vs reference; `audio` (default: the reference is a Piper voice)
+    """Per-block report of candidate vs reference; `audio` (default: the reference produces audio)
     adds audio metrics on the first output."""
     reference, candidate = model_file(reference), model_file(candidate)
     ref_model, cand_model = load_onnx(reference), load_onnx(candidate)
-    audio = is_piper_voice(reference) if audio is None else audio
+    audio = produces_audio(reference, ref_model) if audio is None else audio
     result = compare_models(ref_model, cand_model, feeds, blocks, audio=audio,
                             reference_label=_label(reference), candidate_label=_label(candidate),
                             sensitivity=sensitivity, progress=progress)

@@ -233,7 +233,7 @@ class Runner:
 
     def _check(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
         """Per-block error of final vs base; cached by content like a step."""
-        from .compare import eval_feeds, is_piper_voice, run_compare, run_compare_chain, threshold_failures
+        from .compare import eval_feeds, produces_audio, run_compare, run_compare_chain, threshold_failures
         from .report import write_reports
 
         check = self.plan.recipe.check
@@ -251,13 +251,13 @@ class Runner:
         if cached is not None:
             return cached
         self.log(f"check: per-block error on {len(feeds)} samples ...")
-        audio = is_piper_voice(base.path(graph)) or "sample_rate" in base.meta
         progress = lambda m: self.progress(f"check: {m}", 0, 0)  # noqa: E731
         if final.names() == base.names():
             report = run_compare(base.path(graph), final.path(graph), feeds, blocks, sensitivity=check.sensitivity,
-                                 progress=progress, audio=audio)
+                                 progress=progress)
         else:  # cut into a chain: each graph against its FP32 twin, then the whole chain
             reference = self.references[tuple(final.names())]
+            audio = produces_audio(base.path(graph), base.load(graph))
             report = run_compare_chain(base.path(graph), reference, final, feeds, blocks, audio, progress=progress)
         report["key"] = key
         report["failures"] = threshold_failures(report, check)
