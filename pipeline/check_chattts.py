@@ -32,6 +32,8 @@ from .errors import PipelineError
 from .onnx_io import tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
+
+Feeds = dict[str, np.ndarray]
 from .runtime.chattts import ChatTTSRuntime
 
 
@@ -49,11 +51,6 @@ def _embed(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None
     return outs
 
 
-def _empty_cache(rt: ChatTTSRuntime) -> np.ndarray:
-    c = rt.config
-    return np.zeros((1, c["num_attention_heads"], 0, c["hidden_size"] // c["num_attention_heads"]), np.float32)
-
-
 def _chain(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None,
            feed_from: dict[str, np.ndarray] | None = None):
     """One teacher-forced prefill of prompt (+ frames): embeddings -> layers -> norm -> the text head, or the
@@ -61,7 +58,7 @@ def _chain(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None
     predecessor's output (isolated mode). Returns {graph: [outputs]} and {graph: its hidden input}."""
     outs = {k: [v] for k, v in _embed(rt, prompt, frames).items()}
     h = np.concatenate([v[0] for v in outs.values()], axis=1)
-    empty = _empty_cache(rt)
+    empty = rt.empty_kv()
     ins = {}
     for name in rt.layers:
         ins[name] = h = feed_from[name] if feed_from else h
@@ -74,9 +71,9 @@ def _chain(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None
     return outs, ins
 
 
-def chattts_graph_feeds(reference: Path, entry_feeds: list[dict[str, np.ndarray]], graph: str,
-                        frames: int = 16) -> list[dict[str, np.ndarray]]:
-    """Calibration inputs of one graph of a ChatTTS model set, captured from the FP32 model on real prompts.
+def capture_chattts(reference: Path, entry_feeds: list[Feeds], frames: int = 16) -> dict[str, list[Feeds]]:
+    """Calibration inputs of every graph of a ChatTTS model set (but the sample head), captured in one
+    sweep from the FP32 model on real prompts.
 
     Each prompt is continued by the FP32 model's own audio-code generation (infer_code's sampling,
     seeded), then prompt + codes run as one teacher-forced prefill, so decode-path activations are the
@@ -85,32 +82,38 @@ def chattts_graph_feeds(reference: Path, entry_feeds: list[dict[str, np.ndarray]
     from .runtime.chattts import infer_code_sampling
 
     rt = ChatTTSRuntime(reference)
-    known = ["embed_text", "embed_code", *rt.layers, "norm", "lm_head_text", "lm_head_code"]
-    if graph not in known:
-        raise PipelineError(f"calibration: no capture for ChatTTS graph {graph!r} (captured: {', '.join(known)})")
-    feeds = []
+    captured: dict[str, list[Feeds]] = {g: [] for g in ("embed_text", "embed_code", *rt.layers, "norm",
+                                                        "lm_head_text", "lm_head_code")}
+    empty = rt.empty_kv()
     for i, f in enumerate(entry_feeds):
         prompt = f["input_ids"][0].tolist()
         codes, _ = rt.generate_codes(prompt, frames, infer_code_sampling(seed=i))
-        if graph == "embed_text":
-            feeds.append({"input_ids": f["input_ids"]})
-            continue
-        if graph == "embed_code":
-            if codes:
-                feeds.append({"input_ids": np.array([codes], np.int64)})
-            continue
+        captured["embed_text"].append({"input_ids": f["input_ids"]})
+        if codes:
+            captured["embed_code"].append({"input_ids": np.array([codes], np.int64)})
         outs, ins = _chain(rt, prompt, codes)
-        if graph == "lm_head_text":  # the text head reads the prompt's positions
-            feeds.append({"hidden": outs["norm"][0][:, :len(prompt)]})
-        elif graph in ("norm", "lm_head_code"):
-            feeds.append({"hidden": ins[graph] if graph in ins else outs["norm"][0]})
-        else:
-            k, v = outs[graph][1], outs[graph][2]
-            feeds.append({"hidden": ins[graph], "past_key": _empty_cache(rt), "past_value": _empty_cache(rt)})
-            feeds.append({"hidden": ins[graph][:, -1:], "past_key": k[:, :, :-1], "past_value": v[:, :, :-1]})
-    if not feeds:
+        captured["norm"].append({"hidden": ins["norm"]})
+        captured["lm_head_text"].append({"hidden": outs["norm"][0][:, :len(prompt)]})  # the prompt's positions
+        captured["lm_head_code"].append({"hidden": ins.get("lm_head_code", outs["norm"][0])})
+        for layer in rt.layers:
+            k, v = outs[layer][1], outs[layer][2]
+            captured[layer].append({"hidden": ins[layer], "past_key": empty, "past_value": empty})
+            captured[layer].append({"hidden": ins[layer][:, -1:], "past_key": k[:, :, :-1], "past_value": v[:, :, :-1]})
+    return captured
+
+
+def captured_feeds(captured: dict[str, list[Feeds]], graph: str) -> list[Feeds]:
+    """One graph's share of `capture_chattts`; a graph without a capture, or without inputs, is an error."""
+    if graph not in captured:
+        raise PipelineError(f"calibration: no capture for ChatTTS graph {graph!r} (captured: {', '.join(captured)})")
+    if not captured[graph]:
         raise PipelineError(f"calibration: the prompts gave no inputs for {graph!r}")
-    return feeds
+    return captured[graph]
+
+
+def chattts_graph_feeds(reference: Path, entry_feeds: list[Feeds], graph: str, frames: int = 16) -> list[Feeds]:
+    """Calibration inputs of one graph (see `capture_chattts`)."""
+    return captured_feeds(capture_chattts(reference, entry_feeds, frames), graph)
 
 
 def _graph_facts(rt: ChatTTSRuntime, name: str) -> tuple[int, int, dict[str, int], dict[str, int]]:

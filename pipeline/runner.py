@@ -195,7 +195,7 @@ class Runner:
         # The FP32 model set for each set of graph names (the base, then what a split made): the
         # upstream that calibration and check inputs of a downstream graph are captured from.
         self.references: dict[tuple[str, ...], ModelSet] = {tuple(current.names()): current}
-        self._captured: dict[tuple[str, str], list[Feeds]] = {}
+        self._captured: dict[str, dict[str, list[Feeds]]] = {}  # reference hash -> graph -> feeds
         self._entry_calibration(current)
         applied: list[str] = []
         for planned in self.plan.steps:
@@ -372,19 +372,20 @@ class Runner:
 
     def _graph_feeds(self, graph: str, current: ModelSet, what: str) -> list[Feeds]:
         reference = self.references.get(tuple(current.names()), current)
-        key = (graph, reference.content_hash())
-        if key not in self._captured:
-            entry = self.plan.calibration or []
-            if reference.meta.get("exporter") == "chattts_gpt":
-                from .check_chattts import chattts_graph_feeds
+        captured = self._captured.setdefault(reference.content_hash(), {})
+        entry = self.plan.calibration or []
+        if reference.meta.get("exporter") == "chattts_gpt":  # one sweep captures every graph's inputs
+            from .check_chattts import capture_chattts, captured_feeds
 
-                self._captured[key] = chattts_graph_feeds(reference.root, entry, graph)
-            else:
-                from .chain import graph_feeds
+            if not captured:
+                captured.update(capture_chattts(reference.root, entry))
+            return captured_feeds(captured, graph)
+        if graph not in captured:
+            from .chain import graph_feeds
 
-                self._captured[key] = graph_feeds(reference, entry, graph,
-                                                  progress=lambda done, total: self.progress(what, done, total))
-        return self._captured[key]
+            captured[graph] = graph_feeds(reference, entry, graph,
+                                          progress=lambda done, total: self.progress(what, done, total))
+        return captured[graph]
 
     def _final(self, last: ModelSet) -> ModelSet:
         """Copy the last step's graphs to final/, stamped with the recipe's name and hash."""

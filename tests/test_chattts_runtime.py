@@ -27,7 +27,7 @@ class PlainChain:
     """The straightforward reference: `session.run` on numpy arrays, a new cache returned by every layer."""
 
     def __init__(self, rt: ChatTTSRuntime, head: str):
-        self.rt, self.head, self.cache = rt, head, rt._empty_cache(1)
+        self.rt, self.head, self.cache = rt, head, [(rt.empty_kv(), rt.empty_kv()) for _ in rt.layers]
 
     def forward(self, embed: str, ids: np.ndarray) -> np.ndarray:
         s = self.rt.sessions

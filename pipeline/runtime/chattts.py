@@ -87,11 +87,10 @@ class ChatTTSRuntime:
         self.sessions = {n: session(self.ms.path(n), threads=threads, spinning=False, arena=False)
                          for n in self.ms.names()}
 
-    def _empty_cache(self, batch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per layer an empty (past_key, past_value), for running a layer graph on its own with `run`."""
+    def empty_kv(self, batch: int = 1) -> np.ndarray:
+        """An empty past key (or value) [batch, heads, 0, head_dim], for running a layer graph on its own."""
         c = self.config
-        z = np.zeros((batch, c["num_attention_heads"], 0, c["hidden_size"] // c["num_attention_heads"]), np.float32)
-        return [(z, z) for _ in self.layers]
+        return np.zeros((batch, c["num_attention_heads"], 0, c["hidden_size"] // c["num_attention_heads"]), np.float32)
 
     def decoder(self, prompt_len: int, steps: int, head: str = "lm_head_text") -> Decoder:
         """A chain over io_binding for one generation: a prefill of up to `prompt_len` tokens, then `steps`
