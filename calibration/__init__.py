@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import onnx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import PipelineError
 
@@ -47,6 +47,24 @@ class CalibrationSource:
 
     def describe(self) -> str:
         return self.name
+
+
+class SentencesParams(SourceParams):
+    sentences: str | None = None  # text file, one sentence per line; default: the source's shipped set
+    count: int | None = Field(default=None, ge=1)  # first N sentences; default all
+
+
+class SentenceSource(CalibrationSource):
+    """A source made from sentences: a text file (`sentences`), or the shipped `default_sentences`."""
+
+    default_sentences: ClassVar[str]  # a file in calibration/data
+
+    def sentences(self) -> list[str]:
+        from .piper_sentences import read_sentences
+
+        p = self.params
+        sentences = read_sentences(self.ctx.resolve(p.sentences) if p.sentences else DATA_DIR / self.default_sentences)
+        return sentences[: p.count] if p.count else sentences
 
 
 def _registry() -> dict[str, type[CalibrationSource]]:

