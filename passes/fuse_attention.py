@@ -61,6 +61,7 @@ from pydantic import Field
 
 from pipeline.blocks import block_of
 from pipeline.errors import PipelineError
+from pipeline.pinning import node_inputs
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 
@@ -301,12 +302,12 @@ class Graph:
 
     def finish(self) -> None:
         """Drop nodes nothing reads any more, then restore topological order (new nodes were appended)."""
-        live = {o.name for o in self.graph.output} | _subgraph_inputs(self.graph.node)
+        live = {o.name for o in self.graph.output}
         keep = []
         for n in reversed(_toposorted(list(self.graph.node))):
             if any(o in live for o in n.output):
                 keep.append(n)
-                live.update(n.input)
+                live.update(node_inputs(n))  # If/Loop bodies' outer-scope reads included
         del self.graph.node[:]
         self.graph.node.extend(reversed(keep))
         alive = {o for n in keep for o in n.output} | self.inputs
@@ -314,16 +315,6 @@ class Graph:
         del self.graph.value_info[:]
         self.graph.value_info.extend(kept_infos)
         self.refresh()
-
-
-def _subgraph_inputs(nodes: Iterable[onnx.NodeProto]) -> set[str]:
-    """Names that If/Loop bodies read from the outer graph: a node feeding only those is still live."""
-    names: set[str] = set()
-    for n in nodes:
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= {i for m in sub.node for i in m.input} | _subgraph_inputs(sub.node)
-    return names
 
 
 def _toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
