@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.exporters.chattts import ChatTTSGPT, load_weights
+from pipeline.families.chattts.exporter import ChatTTSGPT, load_weights
 from pipeline.modelset import ModelSet
 from pipeline.procinfo import peak_rss_mb
-from pipeline.runtime.chattts import ChatTTSRuntime
+from pipeline.families.chattts.runtime import ChatTTSRuntime
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -48,7 +48,7 @@ from passes import get_pass
 from passes.base import PassContext, copy_model
 from pipeline.audio import compare_audio
 from pipeline.blocks import BlockPartition, adopt_new_nodes
-from pipeline.exporters.hifigan import GRAPH, export_modelset
+from pipeline.families.hifigan.exporter import GRAPH, export_modelset
 from pipeline.modelset import ModelSet
 from pipeline.onnx_io import session
 from pipeline.recipe import Scope

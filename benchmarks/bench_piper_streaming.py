@@ -32,7 +32,7 @@ from passes.base import PassContext  # noqa: E402
 from pipeline.audio import SAMPLE_RATE, log_mel_distance  # noqa: E402
 from pipeline.blocks import BlockPartition  # noqa: E402
 from pipeline.onnx_io import session  # noqa: E402
-from pipeline.runtime.piper_streaming import PiperStreaming  # noqa: E402
+from pipeline.families.piper.streaming import PiperStreaming  # noqa: E402
 
 TTFA_TARGET = 0.3
 LOG_MEL_TARGET = 0.05

@@ -6,7 +6,7 @@ noise) ends at the tensors that enter the flow; the decoder (flow in reverse,
 then the HiFi-GAN generator) starts from them. In Piper those are `z` (z_p
 after the noise), `y_mask`, and `g` for a multi-speaker voice, and they get
 those names here. A streaming runtime runs the encoder once and the decoder
-chunk by chunk (`pipeline.runtime.piper_streaming`), so audio starts early.
+chunk by chunk (`pipeline.families.piper.streaming`), so audio starts early.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ downstream graph be calibrated and checked with inputs captured from the
 FP32 upstream graphs on real data, never with random tensors.
 
 ChatTTS's GPT chain is a loop with a KV cache, not dataflow; its captures live
-in `pipeline.check_chattts`.
+in `pipeline.families.chattts.check`.
 """
 from __future__ import annotations
 

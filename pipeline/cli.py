@@ -315,7 +315,7 @@ def generate(modelset: Path, steps: int, greedy: bool, seed: int, ids: str | Non
     import json
     import statistics
 
-    from .runtime.chattts import ChatTTSRuntime, SamplingParams
+    from .families.chattts.runtime import ChatTTSRuntime, SamplingParams
 
     prompt_ids = _prompt_ids(ids, prompt, tokenizer)
     rt = ChatTTSRuntime(modelset, threads=threads)

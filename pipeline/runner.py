@@ -375,7 +375,7 @@ class Runner:
         captured = self._captured.setdefault(reference.content_hash(), {})
         entry = self.plan.calibration or []
         if reference.meta.get("exporter") == "chattts_gpt":  # one sweep captures every graph's inputs
-            from .check_chattts import capture_chattts, captured_feeds
+            from .families.chattts.check import capture_chattts, captured_feeds
 
             if not captured:
                 captured.update(capture_chattts(reference.root, entry))
@@ -420,7 +420,7 @@ class Runner:
     def _check_chattts(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
         from calibration.chattts_prompts import ChatTTSPrompts
 
-        from .check_chattts import compare_chattts
+        from .families.chattts.check import compare_chattts
         from .compare import threshold_failures
         from .report import write_reports
 

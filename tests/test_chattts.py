@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.exporters.chattts import ChatTTSGPT, GPTConfig, export_modelset, load_weights
-from pipeline.runtime.chattts import ChatTTSRuntime
+from pipeline.families.chattts.exporter import ChatTTSGPT, GPTConfig, export_modelset, load_weights
+from pipeline.families.chattts.runtime import ChatTTSRuntime
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
             max_position_embeddings=256, num_text_tokens=97, num_audio_tokens=211, num_vq=4)
@@ -232,7 +232,7 @@ def test_generate_bad_input(tmp_path):
 def test_sample_head_matches_chattts_processing_and_transformers_warpers(tmp_path):
     from transformers import TopKLogitsWarper, TopPLogitsWarper
 
-    from pipeline.exporters.chattts_sample import export_sample_head
+    from pipeline.families.chattts.sample_head import export_sample_head
     from pipeline.onnx_io import session
 
     vocab, rows = 50, 6
@@ -261,7 +261,7 @@ def test_sample_head_matches_chattts_processing_and_transformers_warpers(tmp_pat
 
 
 def test_sampled_generation_is_reproducible_from_its_seed(assets, tmp_path):
-    from pipeline.runtime.chattts import SamplingParams
+    from pipeline.families.chattts.runtime import SamplingParams
 
     root, *_ = assets
     export_modelset(load_weights(root), tmp_path / "gpt")
@@ -322,8 +322,8 @@ def test_token_metrics_catch_a_broken_layer(assets, tmp_path):
     """Fault injection on the chain check: noise on one layer's weights shows up there and in the tokens."""
     import shutil
 
-    from pipeline.check_chattts import compare_chattts
-    from pipeline.exporters.chattts import layer_name
+    from pipeline.families.chattts.check import compare_chattts
+    from pipeline.families.chattts.exporter import layer_name
 
     root, *_ = assets
     w = load_weights(root)
@@ -386,7 +386,7 @@ def test_onnx_code_generation_matches_pytorch_greedy(assets, tmp_path):
 
 
 def test_sampled_codes_use_infer_code_defaults_reproducibly(assets, tmp_path):
-    from pipeline.runtime.chattts import infer_code_sampling
+    from pipeline.families.chattts.runtime import infer_code_sampling
 
     root, *_ = assets
     export_modelset(load_weights(root), tmp_path / "gpt")
@@ -398,9 +398,9 @@ def test_sampled_codes_use_infer_code_defaults_reproducibly(assets, tmp_path):
 
 def test_calibration_is_teacher_forced_on_the_models_own_codes(assets, tmp_path):
     """Layer inputs come from prompt + the FP32 model's own sampled codes; the decode feed is a real decode step."""
-    from pipeline.check_chattts import chattts_graph_feeds
+    from pipeline.families.chattts.check import chattts_graph_feeds
     from pipeline.onnx_io import session
-    from pipeline.runtime.chattts import infer_code_sampling
+    from pipeline.families.chattts.runtime import infer_code_sampling
 
     root, *_ = assets
     export_modelset(load_weights(root), tmp_path / "gpt")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.exporters.chattts import GPTConfig, export_modelset, load_weights
-from pipeline.runtime.chattts import ChatTTSRuntime, SamplingParams, infer_code_sampling
+from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
+from pipeline.families.chattts.runtime import ChatTTSRuntime, SamplingParams, infer_code_sampling
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
             max_position_embeddings=256, num_text_tokens=97, num_audio_tokens=211, num_vq=4)

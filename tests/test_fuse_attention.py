@@ -11,10 +11,10 @@ from passes import get_pass
 from passes.base import PassContext
 from pipeline.blocks import BlockPartition
 from pipeline.errors import PipelineError
-from pipeline.exporters.chattts import GPTConfig, export_modelset, load_weights
+from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
 from pipeline.modelset import ModelSet
 from pipeline.onnx_io import check_loads, session
-from pipeline.runtime.chattts import ChatTTSRuntime
+from pipeline.families.chattts.runtime import ChatTTSRuntime
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
              max_position_embeddings=256, num_text_tokens=97, num_audio_tokens=211, num_vq=4)

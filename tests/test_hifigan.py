@@ -21,7 +21,7 @@ from pipeline.audio import check_mel_bands, sqnr_db
 from pipeline.blocks import BlockPartition
 from pipeline.errors import PipelineError
 from pipeline.exporters import get_exporter
-from pipeline.exporters.hifigan import (
+from pipeline.families.hifigan.exporter import (
     GRAPH,
     Generator,
     HifiganConfig,

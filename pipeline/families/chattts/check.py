@@ -26,15 +26,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .blocks import BlockPartition
-from .check import BlockReport, CheckResult, Pooled, _precision_mix
-from .errors import PipelineError
-from .onnx_io import tensor_types
-from .procinfo import peak_rss_mb
-from .recipe import BlockSpec
+from ...blocks import BlockPartition
+from ...check import BlockReport, CheckResult, Pooled, _precision_mix
+from ...errors import PipelineError
+from ...onnx_io import tensor_types
+from ...procinfo import peak_rss_mb
+from ...recipe import BlockSpec
 
 Feeds = dict[str, np.ndarray]
-from .runtime.chattts import ChatTTSRuntime
+from .runtime import ChatTTSRuntime
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -79,7 +79,7 @@ def capture_chattts(reference: Path, entry_feeds: list[Feeds], frames: int = 16)
     seeded), then prompt + codes run as one teacher-forced prefill, so decode-path activations are the
     model's own. A layer gets two feeds a prompt: that prefill (empty cache), and the last position as a
     decode step with the cache of all before it, which causality makes equal to a real decode step."""
-    from .runtime.chattts import infer_code_sampling
+    from .runtime import infer_code_sampling
 
     rt = ChatTTSRuntime(reference)
     captured: dict[str, list[Feeds]] = {g: [] for g in ("embed_text", "embed_code", *rt.layers, "norm",

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import PipelineError
-from .chattts_layers import DecoderLayer, RMSNorm
+from ...errors import PipelineError
+from .layers import DecoderLayer, RMSNorm
 
 
 @dataclass
@@ -240,7 +240,7 @@ def layer_name(n: int) -> str:
 
 def export_modelset(w: ChatTTSWeights, dest: Path, opset: int = 17):
     """Write every block as its own ONNX graph into `dest`, with modelset.json saying how they chain."""
-    from ..modelset import GraphFile, ModelSet, file_sha256
+    from ...modelset import GraphFile, ModelSet, file_sha256
 
     c = w.config
     model = ChatTTSGPT(w)
@@ -267,7 +267,7 @@ def export_modelset(w: ChatTTSWeights, dest: Path, opset: int = 17):
          {"hidden": seq, "logits": seq}),
     ]
     graphs = []
-    from .chattts_sample import export_sample_head
+    from .sample_head import export_sample_head
 
     export_sample_head(dest / "sample_head.onnx", c.num_text_tokens, opset)
     for name, module, args, inputs, outputs, axes in specs:

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import PipelineError
-from ..modelset import ModelSet
-from ..onnx_io import session
+from ...errors import PipelineError
+from ...modelset import ModelSet
+from ...onnx_io import session
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""Runtimes that chain the ONNX Runtime sessions of a ModelSet."""
