@@ -152,6 +152,7 @@ def test_bad_checkpoints_are_named(assets, tmp_path):
         load_weights(bad)
     cfg = json.loads((root / "gpt" / "config.json").read_text())
     cfg["hidden_size"] = 96
+    cfg["head_dim"] = 96 // cfg["num_attention_heads"]  # else head_dim 16 is refused first (test below)
     (bad / "gpt" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(PipelineError, match="misshaped keys"):  # the config says 96, the weights are 64
         load_weights(bad)
@@ -458,3 +459,145 @@ def test_generate_takes_a_text_prompt_through_the_assets_tokenizer(assets, tmp_p
     assert res.code == 2 and "--prompt needs --tokenizer" in res.stderr
     res = run_cli("generate", str(tmp_path / "gpt"), "--prompt", "hello", "--tokenizer", str(tmp_path))
     assert res.code == 2 and "cannot load the tokenizer" in res.stderr and "Traceback" not in res.stderr
+
+
+def _asset_copy(root, dest):
+    import shutil
+
+    shutil.copytree(root, dest)
+    return dest
+
+
+def _edit_config(asset, **changes):
+    path = asset / "gpt" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("attention_bias", True),
+    ("mlp_bias", True),
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    ("hidden_act", "gelu"),
+    ("head_dim", 32),
+    ("num_key_value_heads", 2),
+    ("pretraining_tp", 2),
+    ("model_type", "mistral"),
+    ("sliding_window", 128),  # unknown to the loader: refused, not ignored
+])
+def test_config_fields_the_exporter_does_not_model_are_refused(assets, tmp_path, field, value):
+    root, *_ = assets
+    bad = _asset_copy(root, tmp_path / "asset")
+    _edit_config(bad, **{field: value})
+    with pytest.raises(PipelineError, match=rf"gpt/config.json: config the exporter does not implement: {field}\b"):
+        load_weights(bad)
+
+
+def test_config_fields_at_their_modelled_values_load(assets, tmp_path):
+    root, llama, *_ = assets
+    ok = _asset_copy(root, tmp_path / "asset")
+    _edit_config(ok, attention_bias=False, mlp_bias=False, rope_scaling=None, hidden_act="silu", head_dim=16,
+                 pretraining_tp=1, num_key_value_heads=4, attention_dropout=0.1, torch_dtype="float16",
+                 spk_emb_dim=192, spk_KL=False, tie_word_embeddings=True, architectures=["LlamaModel"])
+    w = load_weights(ok)
+    assert w.config == load_weights(root).config
+    torch.testing.assert_close(w.gpt["layers.2.self_attn.k_proj.weight"], llama.layers[2].self_attn.k_proj.weight.detach())
+    _edit_config(ok, rope_scaling={"rope_type": "default"}, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    assert load_weights(ok).config.rope_theta == 500.0
+
+
+def test_unexpected_weight_keys_are_refused_and_named(assets, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, *_ = assets
+    bad = _asset_copy(root, tmp_path / "asset")
+    sd = load_file(str(root / "gpt" / "model.safetensors"))
+    save_file({**sd, "layers.0.self_attn.q_proj.bias": torch.zeros(64)}, str(bad / "gpt" / "model.safetensors"))
+    with pytest.raises(PipelineError, match=r"gpt/model.safetensors: unexpected keys .*layers.0.self_attn.q_proj.bias"):
+        load_weights(bad)
+    save_file({**sd, **{f"layers.{n}.mlp.down_proj.bias": torch.zeros(64) for n in range(3)},
+               "model.norm.bias": torch.zeros(64)}, str(bad / "gpt" / "model.safetensors"))
+    with pytest.raises(PipelineError, match=r"unexpected keys \(not modelled by the exporter\) layers.0.mlp.down_proj.bias, "
+                                            r"layers.1.mlp.down_proj.bias, layers.2.mlp.down_proj.bias, norm.bias$"):
+        load_weights(bad)
+    save_file({**sd, "model.norm.weight": sd["norm.weight"].clone()}, str(bad / "gpt" / "model.safetensors"))
+    with pytest.raises(PipelineError, match="norm.weight is there twice"):
+        load_weights(bad)
+    save_file({**sd, "embed_tokens.weight": torch.zeros(8, 64)}, str(bad / "gpt" / "model.safetensors"))
+    load_weights(bad)  # LlamaModel's own token embedding: ChatTTS never uses it
+    shutil.copy(root / "gpt" / "model.safetensors", bad / "gpt" / "model.safetensors")
+    emb = load_file(str(root / "Embed.safetensors"))
+    save_file({**emb, "head_text.bias": torch.zeros(97)}, str(bad / "Embed.safetensors"))
+    with pytest.raises(PipelineError, match=r"Embed.safetensors: unexpected keys .*head_text.bias"):
+        load_weights(bad)
+
+
+@pytest.fixture(scope="module")
+def sharded(assets, tmp_path_factory):
+    """The same asset with gpt/ written by transformers' save_pretrained as a sharded checkpoint."""
+    import shutil
+
+    root, llama, *_ = assets
+    out = tmp_path_factory.mktemp("sharded")
+    (out / "gpt").mkdir()
+    llama.save_pretrained(out / "gpt", max_shard_size="200KB")
+    shutil.copy(root / "Embed.safetensors", out / "Embed.safetensors")
+    return out
+
+
+def test_sharded_checkpoint_loads_the_same_weights_and_export(assets, sharded, tmp_path):
+    root, *_ = assets
+    gpt = sharded / "gpt"
+    index = json.loads((gpt / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2 and not (gpt / "model.safetensors").exists()
+    one, many = load_weights(root), load_weights(sharded)
+    assert many.config == one.config and list(many.gpt) == list(one.gpt) and list(many.embed) == list(one.embed)
+    assert all(torch.equal(many.gpt[k], one.gpt[k]) for k in one.gpt)
+    assert all(torch.equal(many.embed[k], one.embed[k]) for k in one.embed)
+    a, b = export_modelset(one, tmp_path / "one"), export_modelset(many, tmp_path / "many")
+    assert a.names() == b.names() and all(g.sha256 for g in a.graphs)
+    assert [g.sha256 for g in a.graphs] == [g.sha256 for g in b.graphs]  # byte-identical graphs
+
+
+def test_bad_sharded_checkpoints_are_named(assets, sharded, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, *_ = assets
+    bad = _asset_copy(sharded, tmp_path / "asset")
+    gpt = bad / "gpt"
+    index = json.loads((gpt / "model.safetensors.index.json").read_text())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    shutil.copy(root / "gpt" / "model.safetensors", gpt / "model.safetensors")
+    with pytest.raises(PipelineError, match="has both model.safetensors and model.safetensors.index.json"):
+        load_weights(bad)
+    (gpt / "model.safetensors").unlink()
+    (gpt / "model.safetensors.index.json").rename(gpt / "index.bak")
+    with pytest.raises(PipelineError, match="neither model.safetensors nor model.safetensors.index.json"):
+        load_weights(bad)
+    (gpt / "index.bak").rename(gpt / "model.safetensors.index.json")
+    # A tensor in two shards (the index can name only one of them).
+    sd1, sd2 = load_file(str(gpt / first)), load_file(str(gpt / second))
+    dup = next(iter(sd1))
+    save_file({**sd2, dup: sd1[dup]}, str(gpt / second))
+    with pytest.raises(PipelineError, match=rf"tensor {dup} is in two shards, {first} and {second}"):
+        load_weights(bad)
+    # A tensor the index places in another shard than the one holding it.
+    save_file(sd2, str(gpt / second))
+    moved = json.loads(json.dumps(index))
+    moved["weight_map"][dup] = second
+    (gpt / "model.safetensors.index.json").write_text(json.dumps(moved))
+    with pytest.raises(PipelineError, match=rf"shards do not match the weight_map: {dup} \(in {first}, index says {second}\)"):
+        load_weights(bad)
+    (gpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    load_weights(bad)  # restored: loads again
+    (gpt / second).unlink()
+    with pytest.raises(PipelineError, match=rf"model.safetensors.index.json: lists shards that are missing: {second}$"):
+        load_weights(bad)

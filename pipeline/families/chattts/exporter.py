@@ -5,6 +5,9 @@ Assets (the layout ChatTTS ships):
     asset/Embed.safetensors                              emb_text, emb_code.0-3, and the
                                                          weight-normed head_text, head_code.0-3
                                                          (`parametrizations.weight.original0/1`)
+gpt/ may instead hold a sharded checkpoint (model.safetensors.index.json and its shards), as
+`save_pretrained(max_shard_size=...)` writes it. Config fields, tensors and shards the exporter does
+not model are refused, never ignored.
 With no asset folder the weights are seeded random with ChatTTS's exact config;
 `ChatTTSWeights.seeded` says so, and reports must say it first.
 
@@ -85,6 +88,10 @@ def _check_keys(found: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
     missing = sorted(set(expected) - set(found))
     if missing:
         raise PipelineError(f"{where}: missing keys {', '.join(missing[:6])}" + (" ..." if len(missing) > 6 else ""))
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:  # a bias, a different layer layout: weights the exporter would otherwise drop silently
+        raise PipelineError(f"{where}: unexpected keys (not modelled by the exporter) {', '.join(unexpected[:6])}"
+                            + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 6 else ""))
     misshaped = [f"{k} {list(found[k].shape)} (expected {list(v)})" for k, v in expected.items()
                  if tuple(found[k].shape) != v]
     if misshaped:
@@ -102,9 +109,127 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise PipelineError(f"{path}: not a readable safetensors file: {e}") from None
 
 
+GPT_FILE, GPT_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _read_gpt(gpt_dir: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The LlamaModel state dict from gpt/: one model.safetensors, or the shards its index names."""
+    single, index = gpt_dir / GPT_FILE, gpt_dir / GPT_INDEX
+    if single.exists() and index.exists():
+        raise PipelineError(f"{gpt_dir}: has both {GPT_FILE} and {GPT_INDEX}; keep only one checkpoint")
+    if index.exists():
+        return _read_sharded(index), index
+    if not single.exists():
+        raise PipelineError(f"{gpt_dir}: no GPT checkpoint: neither {GPT_FILE} nor {GPT_INDEX} is there")
+    return _read_safetensors(single), single
+
+
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """Every shard that the index's weight_map names, each tensor in exactly the shard the index says."""
+    def unique(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise PipelineError(f"{index}: lists {k} twice")
+            seen.add(k)
+        return dict(pairs)
+
+    try:
+        data = json.loads(index.read_text(), object_pairs_hook=unique)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PipelineError(f"cannot read shard index {index}: {e}") from None
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+        raise PipelineError(f"{index}: no weight_map (a non-empty object of tensor name -> shard file)")
+    shards = list(dict.fromkeys(wm.values()))
+    outside = [s for s in shards if Path(s).name != s or s in ("", ".", "..")]
+    if outside:
+        raise PipelineError(f"{index}: shard names must be files next to the index: {', '.join(outside[:4])}")
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise PipelineError(f"{index}: lists shards that are missing: {', '.join(missing[:4])}"
+                            + (" ..." if len(missing) > 4 else ""))
+    out: dict[str, torch.Tensor] = {}
+    home: dict[str, str] = {}
+    for s in shards:
+        for k, v in _read_safetensors(index.parent / s).items():
+            if k in home:
+                raise PipelineError(f"{index}: tensor {k} is in two shards, {home[k]} and {s}")
+            home[k], out[k] = s, v
+    misplaced = [f"{k} (in {s}, index says {wm.get(k, 'nothing')})" for k, s in home.items() if wm.get(k) != s]
+    absent = [f"{k} (index says {wm[k]})" for k in wm if k not in home]
+    if misplaced or absent:
+        raise PipelineError(f"{index}: shards do not match the weight_map: {'; '.join((misplaced + absent)[:4])}"
+                            + (" ..." if len(misplaced) + len(absent) > 4 else ""))
+    return out
+
+
 def fold_weight_norm(g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """torch's weight_norm with dim=0: w = g * v / ||v|| per output row."""
     return g * v / v.norm(dim=1, keepdim=True)
+
+
+# gpt/config.json fields (LlamaConfig's, transformers 4.x and 5), by what the exporter does with them.
+# Modelled: GPTConfig's own fields, and rope_theta (top level or in rope_parameters, which wins, as in
+# transformers 5). Checked (the table in _unmodelled): a value other than the one layers.py implements is refused;
+# absent/null means transformers' default, which is the modelled one. Accepted as irrelevant to the
+# forward pass (_IRRELEVANT): see the comments there. Anything else is refused as unknown: a field this
+# list does not know may be an architecture change (sliding_window, qk_norm, ...) that ignoring would
+# silently get wrong.
+_IRRELEVANT = frozenset({
+    # ChatTTS's own GPT config (ChatTTS/config/config.py): speaker embedding (applied outside the GPT), cache use
+    "spk_emb_dim", "spk_KL", "use_cache",
+    # the token embedding and LM head that LlamaModel would have: ChatTTS deletes embed_tokens and uses
+    # its own emb_*/head_* from Embed.safetensors
+    "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+    # training only: init, dropout (the export runs in eval mode)
+    "initializer_range", "attention_dropout",
+    # storage dtype (the loader casts every tensor to float32) and the attention kernel (same math)
+    "torch_dtype", "dtype", "attn_implementation", "_attn_implementation", "_attn_implementation_autoset",
+    # PretrainedConfig bookkeeping, output switches, task heads, generation defaults (ChatTTS samples itself)
+    "_name_or_path", "_commit_hash", "architectures", "transformers_version", "return_dict",
+    "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "pruned_heads", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_encoder_decoder", "finetuning_task", "id2label", "label2id",
+    "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "output_scores", "return_dict_in_generate",
+    "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
+
+
+def _default_rope(v) -> bool:
+    """rope_scaling / rope_parameters that mean plain RoPE: null, or only a "default" type and rope_theta."""
+    if v is None:
+        return True
+    return (isinstance(v, dict) and set(v) <= {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+            and all(v.get(t, "default") == "default" for t in ("rope_type", "type"))
+            and v.get("partial_rotary_factor", 1.0) == 1.0)
+
+
+def _unmodelled(data: dict, c: GPTConfig) -> list[str]:
+    """`field=value` for each config value that would change the computation in a way layers.py does not."""
+    ok = {  # field: (accepted?, what the exporter models)
+        "model_type": (lambda v: v in (None, "llama"), '"llama"'),
+        "attention_bias": (lambda v: v in (None, False), "false"),  # q/k/v/o biases
+        "mlp_bias": (lambda v: v in (None, False), "false"),  # gate/up/down biases
+        "hidden_act": (lambda v: v in (None, "silu"), '"silu"'),
+        "head_dim": (lambda v: v in (None, c.head_dim), f"hidden_size/num_attention_heads = {c.head_dim}"),
+        "num_key_value_heads": (lambda v: v in (None, c.num_attention_heads),  # grouped-query attention
+                                f"num_attention_heads = {c.num_attention_heads}"),
+        "pretraining_tp": (lambda v: v in (None, 1), "1"),
+        # rope_scaling is the 4.x spelling; rope_theta inside it is ambiguous (4.x ignores it, 5 reads it)
+        "rope_scaling": (lambda v: v is None or (_default_rope(v) and "rope_theta" not in v), "null"),
+        "rope_parameters": (_default_rope, 'rope_type "default"'),
+    }
+    modelled = {f.name for f in fields(GPTConfig)} | {"rope_theta"}
+    bad = [f"{k}={json.dumps(data[k])} (modelled: {want})" for k, (test, want) in ok.items()
+           if k in data and not test(data[k])]
+    bad += [f"{k} (unknown field)" for k in data if k not in ok and k not in modelled and k not in _IRRELEVANT]
+    return bad
 
 
 def config_from_hf(path: Path) -> GPTConfig:
@@ -112,6 +237,8 @@ def config_from_hf(path: Path) -> GPTConfig:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PipelineError(f"cannot read GPT config {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"cannot read GPT config {path}: not a JSON object")
     base = GPTConfig()
     names = {f.name for f in fields(GPTConfig)}
     values = {k: v for k, v in data.items() if k in names}
@@ -119,7 +246,11 @@ def config_from_hf(path: Path) -> GPTConfig:
         values["rope_theta"] = data["rope_parameters"]["rope_theta"]
     if values.get("hidden_size", base.hidden_size) % values.get("num_attention_heads", base.num_attention_heads):
         raise PipelineError(f"{path}: hidden_size is not a multiple of num_attention_heads")
-    return GPTConfig(**{**asdict(base), **values})
+    c = GPTConfig(**{**asdict(base), **values})
+    bad = _unmodelled(data, c)
+    if bad:
+        raise PipelineError(f"{path}: config the exporter does not implement: {', '.join(bad)}")
+    return c
 
 
 def load_weights(asset_dir: Path | None, config: GPTConfig | None = None, seed: int = 0) -> ChatTTSWeights:
@@ -134,12 +265,20 @@ def load_weights(asset_dir: Path | None, config: GPTConfig | None = None, seed: 
     c = config_from_hf(asset_dir / "gpt" / "config.json")
     if config is not None and config != c:
         raise PipelineError(f"{asset_dir}: gpt/config.json does not match the requested config")
-    gpt = _read_safetensors(asset_dir / "gpt" / "model.safetensors")
-    gpt = {k.removeprefix("model."): v for k, v in gpt.items() if "embed_tokens" not in k}
-    _check_keys(gpt, expected_gpt_keys(c), asset_dir / "gpt" / "model.safetensors")
+    found, where = _read_gpt(asset_dir / "gpt")
+    gpt: dict[str, torch.Tensor] = {}
+    for k, v in found.items():
+        name = k.removeprefix("model.")
+        if name == "embed_tokens.weight":  # LlamaModel's token embedding: ChatTTS deletes it and never uses it
+            continue
+        if name in gpt:
+            raise PipelineError(f"{where}: {name} is there twice (with and without the 'model.' prefix)")
+        gpt[name] = v
+    expected = expected_gpt_keys(c)
+    _check_keys(gpt, expected, where)
     raw = _read_safetensors(asset_dir / "Embed.safetensors")
     _check_keys(raw, expected_embed_keys(c), asset_dir / "Embed.safetensors")
-    gpt = {k: v.float() for k, v in gpt.items() if k in expected_gpt_keys(c)}
+    gpt = {k: gpt[k].float() for k in expected}  # the same order whatever the file or shard layout
     return ChatTTSWeights(c, gpt, _fold_embed({k: v.float() for k, v in raw.items()}, c), False, str(asset_dir))
 
 
