@@ -46,7 +46,6 @@ not match and why, instead of shipping a model that silently stayed unfused.
 """
 from __future__ import annotations
 
-import heapq
 import logging
 import re
 from collections import Counter, defaultdict
@@ -61,7 +60,7 @@ from pydantic import Field
 
 from pipeline.blocks import block_of
 from pipeline.errors import PipelineError
-from pipeline.pinning import node_inputs
+from pipeline.graph import cleanup, consumers, producers, toposort
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 
@@ -79,11 +78,17 @@ START_POSITION = "fuse_attention_position_zero"
 
 
 class FuseParams(Params):
-    model_type: Literal["gpt2", "bert", "gpt_neox", "phi", "t5"] = "gpt2"
-    num_heads: int = Field(default=0, ge=0)  # 0: read from the graph (our matcher) / let ORT infer it
-    hidden_size: int = Field(default=0, ge=0)
-    rotary_attention: bool = True  # our matcher: RoPE -> RotaryEmbedding, attention -> MultiHeadAttention
-    expect: dict[str, int] = Field(default_factory=dict)  # fused op -> minimum count in the graph
+    model_type: Literal["gpt2", "bert", "gpt_neox", "phi", "t5"] = Field(
+        "gpt2", description="Model type of ONNX Runtime's transformer fusions (`optimize_model`), run after "
+                            "the structural matcher.")
+    num_heads: int = Field(default=0, ge=0, description="Attention heads; 0: read from the graph (structural "
+                           "matcher) and let ONNX Runtime infer them.")
+    hidden_size: int = Field(default=0, ge=0, description="Hidden size for ONNX Runtime's fusions; 0: let it "
+                             "infer it.")
+    rotary_attention: bool = Field(True, description="Run the structural matcher: RoPE into RotaryEmbedding, "
+                                   "attention into MultiHeadAttention.")
+    expect: dict[str, int] = Field(default_factory=dict, description="Fused op -> minimum count in the graph "
+                                   "(e.g. `{MultiHeadAttention: 1}`); a shortfall fails naming block and pattern.")
 
 
 @dataclass
@@ -155,7 +160,7 @@ def _block_patterns(ctx: PassContext) -> list[re.Pattern]:
 def _unfused_norms(model: onnx.ModelProto) -> list[Miss]:
     """ReduceMean(Pow(x, 2)) left after ORT's fusions is an RMSNorm its patterns did not take;
     one whose x is a residual Add is what SkipSimplifiedLayerNormalization would have taken."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph.node)
 
     def source(tensor: str) -> onnx.NodeProto | None:
         node = producer.get(tensor)
@@ -181,7 +186,7 @@ def _ort_fusions(model: onnx.ModelProto, params: FuseParams, ctx: PassContext) -
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph.node)
     names = {n.name for n in model.graph.node}
     try:
         fused = optimizer.optimize_model(model, model_type=params.model_type, num_heads=params.num_heads,
@@ -232,11 +237,8 @@ class Graph:
         self.refresh()
 
     def refresh(self) -> None:
-        self.producer = {o: n for n in self.graph.node for o in n.output if o}
-        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for n in self.graph.node:
-            for i in n.input:
-                self.consumers[i].append(n)
+        self.producer = producers(self.graph.node)
+        self.consumers = consumers(self.graph.node)
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.names = {n.name for n in self.graph.node}
         self.reserved: set[str] = set()
@@ -301,44 +303,15 @@ class Graph:
         self.graph.node.extend(keep)
 
     def finish(self) -> None:
-        """Drop nodes nothing reads any more, then restore topological order (new nodes were appended)."""
-        live = {o.name for o in self.graph.output}
-        keep = []
-        for n in reversed(_toposorted(list(self.graph.node))):
-            if any(o in live for o in n.output):
-                keep.append(n)
-                live.update(node_inputs(n))  # If/Loop bodies' outer-scope reads included
+        """Restore topological order (new nodes were appended), then drop nodes nothing reads any more.
+
+        The toolkit's own sort, not onnx-graphsurgeon's: nodes keep their order wherever the edges allow,
+        so the fused graph's bytes stay what they were; onnx-graphsurgeon decides what is dead."""
+        ordered = toposort(self.graph.node, what="fuse_attention (a bug in the matcher)")
         del self.graph.node[:]
-        self.graph.node.extend(reversed(keep))
-        alive = {o for n in keep for o in n.output} | self.inputs
-        kept_infos = [v for v in self.graph.value_info if v.name in alive]
-        del self.graph.value_info[:]
-        self.graph.value_info.extend(kept_infos)
+        self.graph.node.extend(ordered)
+        cleanup(self.model)
         self.refresh()
-
-
-def _toposorted(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """Kahn's order, keeping the given order wherever the edges allow it."""
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps = [{producer[t] for t in n.input if t in producer} for n in nodes]
-    users: dict[int, list[int]] = defaultdict(list)
-    for i, d in enumerate(deps):
-        for j in d:
-            users[j].append(i)
-    waiting = [len(d) for d in deps]
-    ready = [i for i, w in enumerate(waiting) if w == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(nodes[i])
-        for j in users[i]:
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                heapq.heappush(ready, j)
-    if len(order) != len(nodes):
-        raise PipelineError("fuse_attention: the rewritten graph has a cycle (a bug in the matcher)")
-    return order
 
 
 def fuse_rotary_attention(model: onnx.ModelProto, num_heads: int = 0) -> list[Miss]:

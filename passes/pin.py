@@ -11,14 +11,15 @@ from __future__ import annotations
 import onnx
 from pydantic import Field
 
-from pipeline.pinning import pin
+from pipeline.graph import pin
 
 from .base import Params, Pass, PassContext, PassResult
 
 
 class PinParams(Params):
     # Intermediate tensor names, e.g. ["/Ceil_output_0"] for a Piper voice's durations.
-    tensors: list[str] = Field(min_length=1)
+    tensors: list[str] = Field(min_length=1, description="Intermediate tensors to make graph inputs, in this order "
+                                                         "(e.g. `/Ceil_output_0`, a Piper voice's durations).")
 
 
 class Pin(Pass):

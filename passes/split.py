@@ -10,14 +10,14 @@ chunk by chunk (`pipeline.families.piper.streaming`), so audio starts early.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx
+from pydantic import Field
 
 from pipeline.errors import PipelineError
-from pipeline.pinning import cut, node_inputs, producers, value_infos
+from pipeline.graph import consumer_indices, cut, node_inputs, producer_indices, value_infos
 
 from .base import Params, Pass, PassContext, PassResult
 
@@ -27,9 +27,11 @@ ROLES = ("z", "y_mask", "g")
 
 class SplitParams(Params):
     # Node-name prefix of the flow: the tensors its nodes read from outside it are the cut.
-    flow_scope: str = "/flow/"
+    flow_scope: str = Field("/flow/", description="Node-name prefix of the flow: the tensors its nodes read from "
+                                                  "the encoder side are the cut.")
     # Node-name prefix of the generator, which goes to the decoder with the flow.
-    generator_scope: str = "/dec/"
+    generator_scope: str = Field("/dec/", description="Node-name prefix of the generator, which goes to the "
+                                                      "decoder with the flow.")
 
 
 class Split(Pass):
@@ -85,7 +87,7 @@ def find_cut(graph: onnx.GraphProto, params: SplitParams, infos: dict[str, onnx.
     if all(t in originals for t in tensors):
         raise PipelineError(f"{where}: the graph already starts at the flow (it reads inputs "
                             f"{', '.join(tensors)} directly); nothing to split off")
-    made_by = producers(graph)
+    made_by = producer_indices(graph.node)
     outputs = [v.name for v in graph.output]
     decoder_outputs = [o for o in outputs if made_by.get(o) in decoder_side]
     if not decoder_outputs:
@@ -129,23 +131,15 @@ def decoder_nodes(graph: onnx.GraphProto, params: SplitParams, where: str) -> se
 
 
 def downstream_nodes(graph: onnx.GraphProto, seeds: Iterable[int]) -> set[int]:
-    readers = consumers(graph)
+    readers = consumer_indices(graph.node)
     found, stack = set(), list(seeds)
     while stack:
         index = stack.pop()
         if index in found:
             continue
         found.add(index)
-        stack.extend(r for out in graph.node[index].output if out for r in readers[out])
+        stack.extend(r for out in graph.node[index].output if out for r in readers.get(out, []))
     return found
-
-
-def consumers(graph: onnx.GraphProto) -> dict[str, list[int]]:
-    readers: dict[str, list[int]] = defaultdict(list)
-    for i, node in enumerate(graph.node):
-        for name in node_inputs(node):
-            readers[name].append(i)
-    return readers
 
 
 def downstream_tensors(graph: onnx.GraphProto, sources: Iterable[str]) -> set[str]:
@@ -164,7 +158,7 @@ def boundary_tensors(graph: onnx.GraphProto, decoder_side: set[int]) -> list[str
     cut: `cut` copies the nodes that make them into whichever graph needs them.
     """
     from_inputs = downstream_tensors(graph, (v.name for v in graph.input))
-    made_by = producers(graph)
+    made_by = producer_indices(graph.node)
     found: dict[str, None] = {}
     for index in sorted(decoder_side):
         for name in node_inputs(graph.node[index]):

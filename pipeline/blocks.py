@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import PipelineError
+from .graph import consumers, producers
 from .recipe import BlockSpec, Scope
 
 GRAPH_LEVEL = "/"  # nodes at the root scope (`/Exp`) or with no scope at all
@@ -155,11 +156,7 @@ def adopt_new_nodes(model: onnx.ModelProto, old_names: set[str], spec: BlockSpec
     """
     patterns = [re.compile(p) for p in spec.patterns] if spec else []
     nodes = list(model.graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, readers = producers(nodes), consumers(nodes)
     taken = {n.name for n in nodes}
     for i, n in enumerate(nodes):
         if not n.name:  # quantizers address nodes by name: every node needs one
@@ -173,7 +170,7 @@ def adopt_new_nodes(model: onnx.ModelProto, old_names: set[str], spec: BlockSpec
     while pending:
         progress = False
         for node in list(pending):
-            neighbours = [c for o in node.output for c in consumers.get(o, [])]
+            neighbours = [c for o in node.output for c in readers.get(o, [])]
             neighbours += [producer[i] for i in node.input if i in producer]
             anchor = next((m for m in neighbours if m.name in settled), None)
             if anchor is None:
