@@ -17,11 +17,11 @@ from pydantic import Field
 
 from pipeline.errors import PipelineError
 
-from . import Feeds, SentenceSource, SentencesParams
+from . import PATH, Feeds, SentenceSource, SentencesParams
 
 
 class ChatTTSParams(SentencesParams):  # default sentences: the shipped 51 Chinese and English prompts
-    tokenizer: str | None = None  # the asset's tokenizer folder; none: ids are sampled
+    tokenizer: str | None = Field(default=None, json_schema_extra=PATH)  # the asset's tokenizer folder; none: sampled ids
     vocab: int = Field(default=21178, ge=2)  # text vocabulary, for sampled ids
 
 

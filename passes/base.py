@@ -64,6 +64,10 @@ class Pass:
     Params: ClassVar[type[Params]] = Params
     # Passes that rewrite the whole graph (simplify) cannot honour a block scope.
     scoped: ClassVar[bool] = True
+    # Passes that change the precision of what the graph computes (fp16, quantize, compress_weights). Their
+    # stats carry `blocks_changed` ({block id: nodes or tensors changed}), so the automatic fallback
+    # (pipeline.fallback) can shrink any of them block by block.
+    changes_precision: ClassVar[bool] = False
 
     def needs_calibration_for(self, params: Params) -> bool:
         """True when the pass cannot run without the recipe's calibration data."""

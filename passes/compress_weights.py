@@ -33,15 +33,21 @@ _WEIGHT_SLOTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1), 
 
 
 class CompressWeightsParams(Params):
-    dtype: Literal["int8", "fp16"]
-    min_elements: int = Field(default=1024, ge=1)  # small tensors (biases, norms) are not worth it
-    op_types: list[str] = Field(default_factory=lambda: sorted({op for op, _ in _WEIGHT_SLOTS}))
-    expect_min_tensors: int | None = Field(default=None, ge=0)
+    dtype: Literal["int8", "fp16"] = Field(description="Storage type: `int8` (per-channel symmetric scale, "
+                                           "Cast+Mul at load) or `fp16` (Cast at load).")
+    min_elements: int = Field(default=1024, ge=1, description="Smallest weight (in elements) worth compressing; "
+                              "small tensors such as biases and norms stay FP32.")
+    op_types: list[str] = Field(default_factory=lambda: sorted({op for op, _ in _WEIGHT_SLOTS}),
+                                description="Op types whose weight input is compressed (Conv, ConvTranspose, "
+                                "Gemm, MatMul: input 1; Gather: its table).")
+    expect_min_tensors: int | None = Field(default=None, ge=0, description="Fail the step when fewer weights than "
+                                           "this are compressed (a scope or op list that matches nothing).")
 
 
 class CompressWeights(Pass):
     name = "compress_weights"
     Params = CompressWeightsParams
+    changes_precision = True
 
     def apply(self, model: onnx.ModelProto, params: CompressWeightsParams, ctx: PassContext) -> PassResult:
         from pipeline.errors import PipelineError
@@ -85,7 +91,7 @@ class CompressWeights(Pass):
         del graph.node[:]
         graph.node.extend(nodes)
         stats = {"dtype": params.dtype, "tensors": len(replaced), "bytes_before": before, "bytes_after": after,
-                 "tensors_per_block": dict(per_block)}
+                 "tensors_per_block": dict(per_block), "blocks_changed": dict(per_block)}
         return PassResult(model, changed=bool(replaced), stats=stats)
 
 

@@ -36,6 +36,7 @@ from onnxconverter_common import float16
 from pydantic import Field
 
 from pipeline.errors import PipelineError
+from pipeline.graph import cleanup, consumers, producers, with_outputs
 from pipeline.onnx_io import session, tensor_types
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
@@ -45,18 +46,25 @@ FP16_MAX = 65504.0
 
 
 class Fp16Params(Params):
-    keep_io_types: bool = True
-    op_block_list: list[str] = Field(default_factory=list)  # extra op types to keep FP32
-    node_block_list: list[str] = Field(default_factory=list)  # extra node names to keep FP32
-    overflow_guard: bool = True  # needs the recipe's calibration data; skipped without it
-    overflow_threshold: float = Field(default=FP16_MAX / 4, gt=0)
-    min_positive_val: float = 1e-7
-    max_finite_val: float = 1e4
+    keep_io_types: bool = Field(True, description="Keep the graph's inputs and outputs FP32 (Casts at the edges).")
+    op_block_list: list[str] = Field(default_factory=list, description="Extra op types to keep FP32, besides "
+                                     "those that cannot be FP16 (`Range`, `RandomNormalLike`, the converter's list).")
+    node_block_list: list[str] = Field(default_factory=list, description="Extra node names to keep FP32 "
+                                       "(each must name a node of the graph).")
+    overflow_guard: bool = Field(True, description="Keep FP32 the nodes whose outputs reach `overflow_threshold` on "
+                                 "the recipe's calibration data; skipped (and logged) without calibration data.")
+    overflow_threshold: float = Field(default=FP16_MAX / 4, gt=0, description="Magnitude at which the overflow "
+                                      "guard keeps a node FP32 (FP16's largest finite value is 65504).")
+    min_positive_val: float = Field(1e-7, description="Weights smaller in magnitude are clamped to this "
+                                    "(the converter's `min_positive_val`).")
+    max_finite_val: float = Field(1e4, description="Weights larger in magnitude are clamped to this "
+                                  "(the converter's `max_finite_val`).")
 
 
 class Fp16(Pass):
     name = "fp16"
     Params = Fp16Params
+    changes_precision = True
 
     def wants_calibration(self, params: Fp16Params) -> bool:
         return params.overflow_guard
@@ -112,6 +120,7 @@ class Fp16(Pass):
             "initializers_unshared": unshared,
             "noop_casts_removed": len(noop_casts),
             "fp16_round_trips_removed": roundtrips,
+            "blocks_changed": dict(Counter(ctx.blocks.node_block.get(n, "?") for n in sorted(names - set(reasons)))),
         }
         return PassResult(converted, changed=True, stats=stats)
 
@@ -123,13 +132,8 @@ def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: floa
     only a running max per tensor is kept, never the activations themselves.
     """
     float_types = {name for name, t in tensor_types(model).items() if t == TensorProto.FLOAT}
-    producer = {o: n.name for n in model.graph.node for o in n.output if o in float_types}
-    probe = copy_model(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in producer:
-        if name not in existing:
-            probe.graph.output.add(name=name)
-    sess = session(probe)
+    producer = {t: n.name for t, n in producers(model.graph.node).items() if t in float_types}
+    sess = session(with_outputs(model, producer))
     outputs = [o.name for o in sess.get_outputs()]
     peak: dict[str, float] = {}
     for feeds in ctx.calibration():
@@ -193,11 +197,7 @@ def _unshare_initializers(model: onnx.ModelProto, op_block: set[str], node_block
     converted consumers then see a float input among FP16 ones.
     """
     inits = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
-    users: dict[str, list[onnx.NodeProto]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            if i in inits:
-                users.setdefault(i, []).append(n)
+    users = {name: nodes for name, nodes in consumers(model.graph.node).items() if name in inits}
     count = 0
     for name, nodes in users.items():
         kept = [n for n in nodes if n.op_type in op_block or n.name in node_block]
@@ -231,7 +231,7 @@ def _fix_cast_targets(model: onnx.ModelProto) -> list[str]:
 def _remove_fp16_round_trips(model: onnx.ModelProto) -> int:
     """Rewire Cast(FLOAT)(Cast(FLOAT16)(x: float)) to x, and drop Casts left unused."""
     types = tensor_types(model, infer=False)
-    producer = {o: n for n in model.graph.node for o in n.output}
+    producer = producers(model.graph.node)
     graph_outputs = {o.name for o in model.graph.output}
 
     def cast_to(n: onnx.NodeProto) -> int:
@@ -251,17 +251,5 @@ def _remove_fp16_round_trips(model: onnx.ModelProto) -> int:
         for k, i in enumerate(n.input):
             if i in rewire:
                 n.input[k] = rewire[i]
-    nodes = list(model.graph.node)
-    while True:  # dropping one dead Cast can make its input Cast dead
-        used = {i for n in nodes for i in n.input} | graph_outputs
-        alive = [n for n in nodes if n.op_type != "Cast" or n.output[0] in used]
-        if len(alive) == len(nodes):
-            break
-        nodes = alive
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    live = {o for n in nodes for o in n.output}
-    value_info = [v for v in model.graph.value_info if v.name in live]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(value_info)
+    cleanup(model, removable=lambda n: n.op_type == "Cast")  # a dead Cast can leave its input Cast dead
     return len(rewire)

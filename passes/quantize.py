@@ -50,22 +50,35 @@ INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "
 
 
 class QuantizeParams(Params):
-    mode: Literal["dynamic", "static", "weight_only"]
-    format: Literal["qdq", "qoperator"] = "qdq"
-    op_types: list[str] | None = None  # default: every op ORT can quantize
-    per_channel: bool = True
-    reduce_range: bool = False
-    weight_type: Literal["int8", "uint8"] = "int8"
-    activation_type: Literal["int8", "uint8"] = "uint8"
-    calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = "minmax"
-    symmetric_activations: bool = False
+    mode: Literal["dynamic", "static", "weight_only"] = Field(
+        description="`dynamic`: weights ahead of time, activations at run time; `static`: QDQ with activation "
+                    "ranges from the calibration data (needs it); `weight_only`: MatMul weights for MatMulNBits.")
+    format: Literal["qdq", "qoperator"] = Field("qdq", description="`static` only: QuantizeLinear/DequantizeLinear "
+                                                "pairs (`qdq`) or integer operators such as QLinearConv (`qoperator`).")
+    op_types: list[str] | None = Field(None, description="Op types to quantize; default: every op ONNX Runtime "
+                                       "can quantize (`weight_only`: MatMul).")
+    per_channel: bool = Field(True, description="One weight scale per output channel instead of one per tensor.")
+    reduce_range: bool = Field(False, description="Quantize weights to 7 bits (for CPUs without VNNI, "
+                               "where 8-bit products can saturate).")
+    weight_type: Literal["int8", "uint8"] = Field("int8", description="Integer type of quantized weights.")
+    activation_type: Literal["int8", "uint8"] = Field("uint8", description="`static` only: integer type of "
+                                                      "quantized activations.")
+    calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
+        "minmax", description="`static` only: how activation ranges are set from the calibration data; all but "
+                              "`minmax` need calibration samples of one shape.")
+    symmetric_activations: bool = Field(False, description="`static` only: symmetric activation ranges "
+                                        "(ORT's `ActivationSymmetric`, unless `extra_options` sets it).")
     # Passed through to onnxruntime.quantization (e.g. CalibMovingAverage, QuantizeBias).
-    extra_options: dict[str, Any] = Field(default_factory=dict)
-    expect_min_nodes: int | None = Field(default=None, ge=0)
+    extra_options: dict[str, Any] = Field(default_factory=dict, description="Passed through to "
+                                          "onnxruntime.quantization (e.g. `CalibMovingAverage`, `QuantizeBias`).")
+    expect_min_nodes: int | None = Field(default=None, ge=0, description="Fail the step when fewer nodes than "
+                                         "this end up quantized (a scope or op list that matches nothing).")
     # weight_only (MatMulNBits) only:
-    bits: Literal[4, 8] = 8
-    block_size: int = Field(default=128, ge=16)
-    accuracy_level: Literal[0, 1, 2, 3, 4] = 4
+    bits: Literal[4, 8] = Field(8, description="`weight_only` only: bits per stored weight.")
+    block_size: int = Field(default=128, ge=16, description="`weight_only` only: weights per quantization block "
+                            "(one scale each) along the input dimension.")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="`weight_only` only: MatMulNBits' compute "
+                                                   "precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
 
 
 class _Reader(CalibrationDataReader):
@@ -79,6 +92,7 @@ class _Reader(CalibrationDataReader):
 class Quantize(Pass):
     name = "quantize"
     Params = QuantizeParams
+    changes_precision = True
 
     def needs_calibration_for(self, params: QuantizeParams) -> bool:
         return params.mode == "static"
@@ -135,6 +149,7 @@ class Quantize(Pass):
                                 f"quantized nodes, got {count} (op_types {params.op_types or 'all'}, "
                                 f"scope of {len(nodes) if nodes is not None else 'all'} nodes)")
         stats = {"mode": params.mode, "nodes_quantized": count, "quantized_per_block": per_block,
+                 "blocks_changed": dict(per_block),
                  "quantize_linear": _count(quantized, "QuantizeLinear"),
                  "dequantize_linear": _count(quantized, "DequantizeLinear")}
         return PassResult(quantized, changed=count > 0, stats=stats)
@@ -147,7 +162,10 @@ def _weight_only(model: onnx.ModelProto, out_path, params: QuantizeParams, nodes
     config = nbits.DefaultWeightOnlyQuantConfig(block_size=params.block_size, is_symmetric=True,
                                                 accuracy_level=params.accuracy_level, bits=params.bits,
                                                 op_types_to_quantize=tuple(params.op_types or ["MatMul"]))
-    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_include=nodes, algo_config=config)
+    # ORT quantizes a node that is included *or* of a listed op type: the scope must also exclude the rest.
+    outside = None if nodes is None else [n.name for n in model.graph.node if n.name not in set(nodes)]
+    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_include=nodes, nodes_to_exclude=outside,
+                                           algo_config=config)
     quantizer.process()
     onnx.save(quantizer.model.model, str(out_path))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import onnx
+from pydantic import Field
 
 from pipeline.errors import PipelineError
 
@@ -17,12 +18,14 @@ from .base import Params, Pass, PassContext, PassResult
 
 
 class SimplifyParams(Params):
-    on_error: Literal["error", "skip"] = "error"
+    on_error: Literal["error", "skip"] = Field(
+        "error", description="When onnxsim fails: `error` stops the run, `skip` logs it and keeps the graph as it was.")
     # onnxsim's own check runs the model on random inputs; random phoneme ids
     # can index past an embedding, so it is off unless asked for.
-    check_n: int = 0
-    skip_fuse_bn: bool = False
-    skip_constant_folding: bool = False
+    check_n: int = Field(0, description="Random-input runs onnxsim compares before/after (0: none; random token or "
+                                        "phoneme ids can index past an embedding).")
+    skip_fuse_bn: bool = Field(False, description="Do not fuse BatchNormalization into the Conv before it.")
+    skip_constant_folding: bool = Field(False, description="Do not fold constant subgraphs (cleanup only).")
 
 
 class Simplify(Pass):

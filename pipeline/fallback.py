@@ -1,5 +1,7 @@
 """Automatic precision fallback: quantize, find the worst blocks, keep them in higher precision, repeat.
 
+The fallback step is any step whose pass changes precision (`Pass.changes_precision`: quantize, fp16,
+compress_weights); such passes report the blocks they changed as `blocks_changed` in their stats.
 Each round runs the recipe (finished steps come from the cache), checks the
 result, and if the target misses, moves the `per_round` blocks with the lowest
 isolated SQNR (among those the fallback step changed) out of that step's scope:
@@ -155,7 +157,7 @@ def _evaluate(report: dict[str, Any], result: RunResult, spec: FallbackSpec) -> 
 
 
 def _ranked_candidates(report: dict[str, Any], result: RunResult, index: int, moved: list[str]) -> list[str]:
-    """Blocks the fallback step quantized, worst isolated SQNR first.
+    """Blocks the fallback step changed the precision of (its stats' `blocks_changed`), worst isolated SQNR first.
 
     When the output's length changed (a duration flipped), the cause lies upstream of
     where shapes first differ: blocks whose accumulated outputs still match the
@@ -164,7 +166,8 @@ def _ranked_candidates(report: dict[str, Any], result: RunResult, index: int, mo
     step = result.steps[index + 1].manifest  # steps[0] is the base
     touched = set()
     for stats in step.get("stats", {}).values():
-        touched.update(stats.get("quantized_per_block", {}))
+        # Every precision pass reports `blocks_changed`; a step cached before it did has only quantize's key.
+        touched.update(stats.get("blocks_changed", stats.get("quantized_per_block", {})))
     length_changed = any(o.get("shape_mismatches") for o in report["outputs"])
     ranked = sorted(((length_changed and b["accumulated"]["shape_mismatches"] > 0),
                      as_float(b["isolated"]["sqnr_db"]), b["block"]) for b in report["blocks"]
@@ -173,12 +176,19 @@ def _ranked_candidates(report: dict[str, Any], result: RunResult, index: int, mo
 
 
 def _absolute_paths(data: dict[str, Any], original: Recipe) -> None:
-    """Relative paths were relative to the original recipe's folder; the resolved recipe lives elsewhere."""
+    """Relative paths were relative to the original recipe's folder; the resolved recipe lives elsewhere.
+
+    The model's `path`, and the params each calibration source marks as paths (`calibration.path_fields`).
+    """
+    from calibration import path_fields
+
     if data["model"].get("path"):
         data["model"]["path"] = str(original.resolve_path(data["model"]["path"]))
     for section in (data.get("calibration"), (data.get("check") or {}).get("source")):
-        for key in ("folder", "sentences", "config"):
-            if section and (section.get("params") or {}).get(key):
+        if not section:
+            continue
+        for key in path_fields(section.get("source", "")):
+            if (section.get("params") or {}).get(key):
                 section["params"][key] = str(original.resolve_path(section["params"][key]))
 
 
