@@ -26,6 +26,11 @@ class SourceParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Marks a source parameter that names a file or folder, relative to the recipe: `Field(..., json_schema_extra=PATH)`.
+# The fallback makes these absolute in the recipes it writes elsewhere (`path_fields`).
+PATH = {"path": True}
+
+
 @dataclass
 class SourceContext:
     """What a source may know: the base model file (for sidecars) and how to resolve paths."""
@@ -50,7 +55,8 @@ class CalibrationSource:
 
 
 class SentencesParams(SourceParams):
-    sentences: str | None = None  # text file, one sentence per line; default: the source's shipped set
+    # text file, one sentence per line; default: the source's shipped set
+    sentences: str | None = Field(default=None, json_schema_extra=PATH)
     count: int | None = Field(default=None, ge=1)  # first N sentences; default all
 
 
@@ -68,16 +74,25 @@ class SentenceSource(CalibrationSource):
 
 
 def _registry() -> dict[str, type[CalibrationSource]]:
-    from .chattts_prompts import ChatTTSPrompts
-    from .npz_folder import NpzFolder
-    from .piper_mels import PiperMels
-    from .piper_sentences import PiperSentences
+    """The generic `npz` folder, plus every source a model family brings (pipeline.families)."""
+    from pipeline.families import all_sources
 
-    return {cls.name: cls for cls in (PiperSentences, NpzFolder, ChatTTSPrompts, PiperMels)}
+    from .npz_folder import NpzFolder
+
+    return {cls.name: cls for cls in (NpzFolder, *all_sources())}
 
 
 def source_names() -> list[str]:
     return sorted(_registry())
+
+
+def path_fields(source_name: str) -> list[str]:
+    """The params of a calibration source that name files or folders (marked with `PATH`); none for an unknown source."""
+    cls = _registry().get(source_name)
+    if cls is None:
+        return []
+    return [key for key, f in cls.Params.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("path")]
 
 
 def make_source(name: str, params: dict[str, Any], ctx: SourceContext, where: str = "calibration") -> CalibrationSource:

@@ -29,6 +29,21 @@ MEL_CLAMP = 1e-5  # HiFi-GAN's dynamic_range_compression: log(clamp(mel, min=1e-
 MCD_ORDER = 24  # cepstral coefficients c1..c24 (c0, the frame energy, is left out)
 
 
+@dataclass(frozen=True)
+class MelSettings:
+    """The mel front end of the audio metrics; a family sets its own (a 24 kHz vocoder, say)."""
+
+    sample_rate: int = SAMPLE_RATE
+    n_fft: int = N_FFT
+    hop: int = HOP
+    n_mels: int = N_MELS
+    fmin: float = FMIN
+    fmax: float = FMAX
+
+
+DEFAULT_MEL = MelSettings()
+
+
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
     # Slaney scale: linear below 1 kHz, logarithmic above (librosa's htk=False).
     hz = np.asarray(hz, dtype=np.float64)
@@ -64,22 +79,24 @@ def mel_filterbank(sr: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: int = N_ME
     return weights.astype(np.float32)
 
 
-def mel_spectrogram(audio: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Magnitude mel spectrogram [80, frames] of a mono waveform in [-1, 1]."""
+def mel_spectrogram(audio: np.ndarray, sr: int = SAMPLE_RATE, mel: MelSettings | None = None) -> np.ndarray:
+    """Magnitude mel spectrogram [n_mels, frames] of a mono waveform in [-1, 1] (`mel` overrides `sr`)."""
+    m = mel or MelSettings(sample_rate=sr)
+    n_fft, hop = m.n_fft, m.hop
     x = np.asarray(audio, dtype=np.float32).reshape(-1)
-    pad = (N_FFT - HOP) // 2
+    pad = (n_fft - hop) // 2
     x = np.pad(x, (pad, pad), mode="reflect" if x.size > pad else "constant")
-    if x.size < N_FFT:
-        x = np.pad(x, (0, N_FFT - x.size))
-    n_frames = 1 + (x.size - N_FFT) // HOP
+    if x.size < n_fft:
+        x = np.pad(x, (0, n_fft - x.size))
+    n_frames = 1 + (x.size - n_fft) // hop
     frames = np.lib.stride_tricks.as_strided(
-        x, shape=(n_frames, N_FFT), strides=(x.strides[0] * HOP, x.strides[0]), writeable=False)
-    spec = np.abs(np.fft.rfft(frames * np.hanning(N_FFT + 1)[:-1].astype(np.float32), axis=1))
-    return (mel_filterbank(sr) @ spec.T).astype(np.float32)
+        x, shape=(n_frames, n_fft), strides=(x.strides[0] * hop, x.strides[0]), writeable=False)
+    spec = np.abs(np.fft.rfft(frames * np.hanning(n_fft + 1)[:-1].astype(np.float32), axis=1))
+    return (mel_filterbank(m.sample_rate, n_fft, m.n_mels, m.fmin, m.fmax) @ spec.T).astype(np.float32)
 
 
-def log_mel(audio: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
-    return np.log(mel_spectrogram(audio, sr) + LOG_EPS)
+def log_mel(audio: np.ndarray, sr: int = SAMPLE_RATE, mel: MelSettings | None = None) -> np.ndarray:
+    return np.log(mel_spectrogram(audio, sr, mel) + LOG_EPS)
 
 
 def hifigan_mel(audio: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -183,9 +200,11 @@ class AudioComparison:
         return (self.cand_samples - self.ref_samples) / max(self.ref_samples, 1)
 
 
-def compare_audio(reference: np.ndarray, candidate: np.ndarray, sr: int = SAMPLE_RATE) -> AudioComparison:
+def compare_audio(reference: np.ndarray, candidate: np.ndarray, sr: int = SAMPLE_RATE,
+                  mel: MelSettings | None = None) -> AudioComparison:
+    """Audio metrics at `sr` with the default front end, or with `mel` (its own sample rate) when given."""
     ref = np.asarray(reference, dtype=np.float32).reshape(-1)
     cand = np.asarray(candidate, dtype=np.float32).reshape(-1)
     snr = sqnr_db(ref, cand) if ref.size == cand.size else None
-    a, b = log_mel(ref, sr), log_mel(cand, sr)  # once, for both mel metrics
+    a, b = log_mel(ref, sr, mel), log_mel(cand, sr, mel)  # once, for both mel metrics
     return AudioComparison(ref.size, cand.size, _mean_abs_common(a, b), snr, _mcd_of(a, b))

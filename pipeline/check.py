@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -32,9 +32,13 @@ from passes.quantize import INTEGER_OPS
 from .audio import compare_audio
 from .blocks import BlockPartition
 from .errors import PipelineError
+from .graph import cleanup, producers, toposort, with_outputs
 from .onnx_io import as_ort_type, session, tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
+
+if TYPE_CHECKING:
+    from .metrics import Metric
 
 REF_SUFFIX = "::ref"
 _HELPER_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "DynamicQuantizeLinear"}
@@ -118,8 +122,9 @@ def block_boundaries(model: onnx.ModelProto, partition: BlockPartition) -> dict[
     """The tensors that cross each block's edge, in graph order."""
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
-    constants = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    producer_block = {o: partition.node_block[n.name] for n in graph.node for o in n.output}
+    made_by = producers(graph.node)
+    constants = {t for t, n in made_by.items() if n.op_type == "Constant"}
+    producer_block = {t: partition.node_block[n.name] for t, n in made_by.items()}
     graph_outputs = [o.name for o in graph.output]
     io = {b: BlockIO(b) for b in partition.ids()}
     for n in graph.node:
@@ -142,21 +147,12 @@ def _add(items: list[str], value: str) -> None:
         items.append(value)
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    probe = copy_model(model)
-    have = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in have:
-            probe.graph.output.add(name=name)
-    return probe
-
-
 def isolate_blocks(model: onnx.ModelProto, partition: BlockPartition, fed: set[str],
                    types: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Cut every edge between blocks whose tensor is in `fed`: the consumer reads a new graph
     input `<tensor>::ref` instead. Returns the model and {new input: tensor}."""
     iso = copy_model(model)
-    producer_block = {o: partition.node_block[n.name] for n in model.graph.node for o in n.output}
+    producer_block = {t: partition.node_block[n.name] for t, n in producers(model.graph.node).items()}
     new_inputs: dict[str, str] = {}
     for node in iso.graph.node:
         here = partition.node_block.get(node.name)
@@ -227,18 +223,6 @@ class CheckResult:
         }
 
 
-def audio_summary(comparisons: list[Any]) -> dict[str, Any]:
-    """Audio metrics of an output pooled over samples (AudioComparison each)."""
-    return {
-        "log_mel_mean": float(np.mean([c.log_mel_distance for c in comparisons])),
-        "log_mel_max": float(np.max([c.log_mel_distance for c in comparisons])),
-        "mcd_db_mean": float(np.mean([c.mcd_db for c in comparisons])),
-        "length_diff_max_abs": float(np.max([abs(c.length_diff) for c in comparisons])),
-        "samples_with_length_change": int(sum(c.length_diff != 0 for c in comparisons)),
-        "note": "log-mel over the common length where lengths differ",
-    }
-
-
 def _block_bytes(model: onnx.ModelProto, partition: BlockPartition) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """Initializer bytes each block reads, and by element type."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -283,10 +267,13 @@ def _interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
 
 
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterator[Feeds] | list[Feeds],
-                   spec: BlockSpec | None = None, *, audio: bool = False, reference_label: str = "reference",
+                   spec: BlockSpec | None = None, *, metrics: Sequence[Metric] = (), reference_label: str = "reference",
                    candidate_label: str = "candidate", threads: int = 2, sensitivity: bool = False,
                    progress: Callable[[str], None] = lambda m: None) -> CheckResult:
-    """Run both models on the same inputs and attribute the candidate's error to blocks."""
+    """Run both models on the same inputs and attribute the candidate's error to blocks.
+
+    `metrics` that measure per sample (audio, a family's own) get the first output of every sample."""
+    sample_metrics = [m for m in metrics if m.per_sample]
     from .sources import name_all_nodes
 
     t0 = time.perf_counter()
@@ -329,7 +316,6 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     per_tensor_iso = {t: Pooled() for t in present}
     per_tensor_acc = {t: Pooled() for t in present}
     out_stats = {o: Pooled() for o in ref_out}
-    audio_cmp: list[Any] = []
     n = 0
     for i, f in enumerate(feeds):
         check_feeds(f, interface, f"sample {i}")
@@ -342,8 +328,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
             per_tensor_acc[t].update(ref_vals[t], acc_vals[t])
         for o in ref_out:
             out_stats[o].update(ref_vals[o], acc_vals[o])
-        if audio:
-            audio_cmp.append(compare_audio(ref_vals[ref_out[0]], acc_vals[ref_out[0]]))
+        for m in sample_metrics:
+            m.update(ref_vals[ref_out[0]], acc_vals[ref_out[0]])
         del acc_vals
         iso_feed = dict(f)
         for name, tensor in fed.items():
@@ -363,11 +349,14 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     outputs = []
     for o in ref_out:
         entry = {"name": o, **out_stats[o].to_json()}
-        if audio and o == ref_out[0]:
-            entry["audio"] = audio_summary(audio_cmp)
+        if o == ref_out[0]:
+            entry.update({m.key: m.to_json() for m in sample_metrics})
         outputs.append(entry)
     if sensitivity:
         del ref_sess, acc_sess, iso_sess
+        from .metrics import AudioMetric
+
+        audio = next((m.spec for m in sample_metrics if isinstance(m, AudioMetric)), None)
         _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, ref_out[0], audio, threads, progress)
     notes = []
     unmatched = [r.id for r in reports if not r.matched]
@@ -413,9 +402,12 @@ def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_par
     inits = [t for t in spliced.graph.initializer if t.name not in produced]
     del spliced.graph.initializer[:]
     spliced.graph.initializer.extend(inits)
+    known = {i.name for i in spliced.graph.input} | {t.name for t in spliced.graph.initializer}
+    ordered = toposort(keep + added, known, what="splice")
     del spliced.graph.node[:]
-    spliced.graph.node.extend(_topological(keep + added, spliced))
+    spliced.graph.node.extend(ordered)
     del spliced.graph.value_info[:]  # types inside the block changed; ORT infers them again
+    cleanup(spliced)  # what only the reference's version of the block read
     return spliced
 
 
@@ -429,7 +421,7 @@ def _with_missing_producers(incoming: list[onnx.NodeProto], keep: list[onnx.Node
     available = ({o for n in keep for o in n.output} | {i.name for i in reference.graph.input}
                  | {t.name for t in reference.graph.initializer} | {t.name for t in candidate.graph.initializer}
                  | {o for n in incoming for o in n.output} | {""})
-    producer = {o: n for n in candidate.graph.node for o in n.output}
+    producer = producers(candidate.graph.node)
     nodes, queue = list(incoming), [t for n in incoming for t in n.input]
     while queue:
         t = queue.pop()
@@ -440,23 +432,6 @@ def _with_missing_producers(incoming: list[onnx.NodeProto], keep: list[onnx.Node
         available.update(n.output)
         queue.extend(n.input)
     return nodes
-
-
-def _topological(nodes: list[onnx.NodeProto], model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-    ordered, pending = [], list(nodes)
-    while pending:
-        rest = []
-        for n in pending:
-            if all(t in available for t in n.input):
-                ordered.append(n)
-                available.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise PipelineError(f"splice: nodes {[n.name for n in rest[:3]]} have inputs no node produces")
-        pending = rest
-    return ordered
 
 
 def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, output, audio, threads, progress) -> None:
@@ -474,18 +449,18 @@ def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, outp
         for f, ref_out in zip(feeds, ref_outs):
             out = sess.run([output], f)[0]
             stats.update(ref_out, out)
-            if audio:
-                mels.append(compare_audio(ref_out, out).log_mel_distance)
+            if audio is not None:
+                mels.append(compare_audio(ref_out, out, mel=audio.mel).log_mel_distance)
         r.sensitivity = {"output": output, **stats.to_json()}
-        if audio:
+        if audio is not None:
             r.sensitivity["log_mel_max"] = float(max(mels))
 
 
 def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads):
-    ref_sess = session(_with_outputs(reference, captured), threads=threads, arena=False)
-    acc_sess = session(_with_outputs(candidate, present), threads=threads, arena=False)
+    ref_sess = session(with_outputs(reference, captured), threads=threads, arena=False)
+    acc_sess = session(with_outputs(candidate, present), threads=threads, arena=False)
     iso_model, fed = isolate_blocks(candidate, cand_part, set(present), cand_types)
-    iso_sess = session(_with_outputs(iso_model, present), threads=threads, arena=False)
+    iso_sess = session(with_outputs(iso_model, present), threads=threads, arena=False)
     return ref_sess, acc_sess, iso_sess, fed
 
 

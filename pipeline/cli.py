@@ -128,29 +128,24 @@ def validate(recipe: Path) -> None:
 
 
 @main.command()
-def passes() -> None:
-    """List every pass with its parameters and defaults."""
-    from passes import PASSES
+@click.option("--markdown", is_flag=True, help="Print the README's pass table (Markdown) instead.")
+def passes(markdown: bool) -> None:
+    """List every pass with its parameters, defaults and what each does."""
+    import textwrap
 
+    from passes import PASSES, default_text, markdown_table, summary, type_name
+
+    if markdown:
+        click.echo(markdown_table(), nl=False)  # plain: rich would wrap and restyle the table
+        return
     for name, cls in sorted(PASSES.items()):
-        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
         out.print(f"[bold]{name}[/]" + ("" if cls.scoped else "  (whole graph, no scope)"))
-        out.print(escape(f"  {doc.splitlines()[0] if doc else ''}"))
+        out.print(escape(f"  {summary(cls)}"))
         for field_name, field in cls.Params.model_fields.items():
-            ann = _type_name(field.annotation)
-            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-            out.print(escape(f"    {field_name}: {ann} ({default})"))
-
-
-def _type_name(annotation) -> str:
-    """`Literal['a', 'b']` -> `a|b`, `list[str] | None` -> `list[str] | None`."""
-    import typing
-
-    if typing.get_origin(annotation) is typing.Literal:
-        return "|".join(str(a) for a in typing.get_args(annotation))
-    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
+            out.print(escape(f"    {field_name}: {type_name(field.annotation)} ({default_text(field)})"))
+            if field.description:
+                text = textwrap.fill(field.description, width=110, initial_indent=" " * 8, subsequent_indent=" " * 8)
+                out.print(escape(text), style="dim", soft_wrap=True)
 
 
 @main.command()
@@ -205,15 +200,16 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
             md_path: Path | None) -> None:
     """Attribute CANDIDATE's error vs REFERENCE to blocks: isolated and accumulated, per block.
 
-    REFERENCE and CANDIDATE are .onnx files or run folders' final/. A Piper voice
-    (recognized by its .onnx.json) is compared on the shipped evaluation sentences
-    with noise at 0, unless --recipe or --npz says otherwise.
+    REFERENCE and CANDIDATE are .onnx files or run folders' final/. The model's
+    family (a Piper voice, recognized by its .onnx.json; a vocoder taking 80-band
+    mels) gives the default inputs (its evaluation sentences, noise at 0) and the
+    output metrics, unless --recipe or --npz says otherwise.
     """
     import json
 
     from pydantic import ValidationError
 
-    from .compare import eval_feeds, model_file, run_compare
+    from .compare import eval_feeds, family_of_file, model_file, run_compare
     from .recipe import BlockSpec, load_recipe
     from .report import html_page, markdown, outputs_lines, plot_png, terminal_table
 
@@ -224,9 +220,10 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
             spec = BlockSpec(patterns=[pattern], on=on)
         except ValidationError as e:
             raise PipelineError(f"--blocks: {e.errors()[0]['msg']}") from None
-    feeds = eval_feeds(model_file(reference), samples, recipe, recipe.check if recipe else None, npz)
+    family = family_of_file(reference)
+    feeds, _ = eval_feeds(model_file(reference), samples, family, recipe, recipe.check if recipe else None, npz)
     with console.status("comparing ...") as status:
-        report = run_compare(reference, candidate, feeds, spec, sensitivity=sensitivity,
+        report = run_compare(reference, candidate, feeds, spec, family, sensitivity=sensitivity,
                              progress=lambda m: status.update(f"comparing: {m}"))
     out.print(terminal_table(report))
     for line in report["notes"] + outputs_lines(report):
@@ -254,40 +251,40 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_file: Path | None, repeat: int,
           threads: int, no_rss: bool, json_path: Path | None) -> None:
-    """Compare CANDIDATES with REFERENCE (Piper voices: .onnx files or run folders' final/).
+    """Compare CANDIDATES with REFERENCE (.onnx files or run folders' final/, one graph each).
 
     Size ratio, latency ratio (interleaved in one process), peak RSS, and
-    quality on real sentences with noise at 0: length difference, waveform
-    SNR where lengths match, log-mel distance over the common length.
+    quality on the family's evaluation inputs (a voice's real sentences, noise
+    at 0; a vocoder's real mels): output SNR where lengths match and, for audio,
+    length difference and log-mel distance over the common length at the
+    family's sample rate.
     """
     import json
 
-    from .bench import BENCH_NOTE, piper_eval_feeds, resolve_variant, results_table, run_bench
+    from .bench import BENCH_NOTE, resolve_variant, results_table, run_bench
+    from .compare import as_modelset, family_of_file
 
     variants = [resolve_variant(reference)] + [resolve_variant(c) for c in candidates]
     labels = [v.label for v in variants]
     for i, v in enumerate(variants):  # two final/ folders of different runs must stay apart
         if labels.count(v.label) > 1:
             v.label = f"{v.label}#{i}"
-    texts, feeds = piper_eval_feeds(variants[0].path, count, sentences_file)
+    family = family_of_file(reference)
+    texts, feeds = family.bench_inputs(variants[0].path, count, sentences_file)
     with console.status("benchmarking ...") as status:
         result = run_bench(variants, feeds, texts, repeat=repeat, threads=threads, measure_rss=not no_rss,
-                           progress=lambda m: status.update(f"benchmarking: {m}"))
+                           progress=lambda m: status.update(f"benchmarking: {m}"),
+                           audio=family.audio(as_modelset(variants[0].path, family)))
+    result["family"] = family.name
     out.print(results_table(result))
     out.print(BENCH_NOTE)
     if json_path:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _prompt_ids(ids: str | None, prompt: str | None, tokenizer: Path | None) -> list[int]:
-    if (ids is None) == (prompt is None):
-        raise PipelineError("give the prompt either as --ids 3,14,15 or as --prompt TEXT with --tokenizer DIR")
-    if prompt is not None:
-        if tokenizer is None:
-            raise PipelineError("--prompt needs --tokenizer DIR (the ChatTTS asset's tokenizer folder); or use --ids")
-        from calibration.chattts_prompts import load_tokenizer
-
-        return list(load_tokenizer(tokenizer).encode(prompt, add_special_tokens=False))
+def _ids(ids: str | None) -> list[int] | None:
+    if ids is None:
+        return None
     try:
         return [int(x) for x in ids.split(",") if x.strip()]
     except ValueError:
@@ -296,40 +293,35 @@ def _prompt_ids(ids: str | None, prompt: str | None, tokenizer: Path | None) -> 
 
 @main.command()
 @click.argument("modelset", type=click.Path(path_type=Path))
-@click.option("--steps", default=32, show_default=True, help="Tokens to generate.")
+@click.option("--steps", default=32, show_default=True, help="Tokens (or frames) to generate.")
+@click.option("--mode", default="text", show_default=True,
+              help="What to generate, as the family names it (a GPT with two heads: text or code).")
 @click.option("--greedy/--sample", default=True, show_default=True,
-              help="Greedy decoding, or ChatTTS's sampling (temperature 0.7, top-p 0.7, top-k 20) via the sample head.")
+              help="Greedy decoding, or the family's sampling through its sample head.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the uniform noise that sampling draws from.")
 @click.option("--ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
 @click.option("--prompt", help="Prompt text, tokenized with --tokenizer.")
-@click.option("--tokenizer", type=click.Path(path_type=Path),
-              help="The asset's tokenizer folder (ChatTTS asset/tokenizer), for --prompt.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="The model's tokenizer folder, for --prompt.")
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write ids and timings as JSON.")
-def generate(modelset: Path, steps: int, greedy: bool, seed: int, ids: str | None, prompt: str | None,
+def generate(modelset: Path, steps: int, mode: str, greedy: bool, seed: int, ids: str | None, prompt: str | None,
              tokenizer: Path | None, threads: int, json_path: Path | None) -> None:
-    """Generate text tokens with a ChatTTS GPT model set (e.g. runs/<recipe>/final) in ONNX Runtime.
+    """Generate with a token model set (e.g. runs/<recipe>/final) in ONNX Runtime, as its family does.
 
     Prints the generated ids and the per-step decode latency.
     """
     import json
-    import statistics
 
-    from .families.chattts.runtime import ChatTTSRuntime, SamplingParams
+    from .families import GenerateRequest, family_of
+    from .modelset import ModelSet
 
-    prompt_ids = _prompt_ids(ids, prompt, tokenizer)
-    rt = ChatTTSRuntime(modelset, threads=threads)
-    if rt.ms.meta.get("seeded"):
-        out.print(escape(f"note: {rt.ms.meta.get('source')}: ChatTTS's exact config, untrained; tokens mean nothing"))
-    gen = rt.generate_text(prompt_ids, steps, None if greedy else SamplingParams(seed=seed))
-    out.print("ids: " + " ".join(map(str, gen.ids)))
-    ms = [t * 1e3 for t in gen.step_s]
-    if ms:
-        out.print(f"prefill {gen.prefill_s * 1e3:.1f} ms ({len(prompt_ids)} tokens); decode step median "
-                  f"{statistics.median(ms):.1f} ms, min {min(ms):.1f}, max {max(ms):.1f} over {len(ms)} steps")
+    request = GenerateRequest(_ids(ids), prompt, tokenizer, steps, greedy, seed, mode, threads)
+    ms = ModelSet.read(modelset)
+    result = family_of(ms).generate(ms, request)
+    for line in result.lines:
+        out.print(escape(line))
     if json_path:
-        json_path.write_text(json.dumps({"prompt": prompt_ids, "ids": gen.ids, "prefill_s": gen.prefill_s,
-                                         "step_s": gen.step_s, "seeded": rt.ms.meta.get("seeded")}, indent=2) + "\n")
+        json_path.write_text(json.dumps(result.data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ class ModelSource(Strict):
     file: str | None = None
     exporter: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)  # the exporter's parameters
+    # The model family (a plug-in in pipeline.families): default, the exporter's family, else the one
+    # that recognises the file (a Piper voice by its .onnx.json), else "generic".
+    family: str | None = None
 
     def model_post_init(self, __context: Any) -> None:
         if sum(map(bool, (self.path, self.package, self.exporter))) != 1:
@@ -122,8 +125,9 @@ class CheckSpec(Strict):
     max_log_mel: float | None = None
     on_fail: Literal["error", "warn"] = "error"
     sensitivity: bool = False
-    decode_steps: int = Field(default=16, ge=1)  # ChatTTS: tokens generated per prompt for the token metrics
-    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)  # ChatTTS, teacher-forced
+    decode_steps: int = Field(default=16, ge=1)  # token families: tokens generated per prompt for the token metrics
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)  # token families, teacher-forced
+    thresholds: dict[str, float] = Field(default_factory=dict)  # thresholds of a family's own metrics, by name
     fallback: FallbackSpec | None = None
 
 
@@ -145,7 +149,7 @@ class Recipe(Strict):
     model: ModelSource
     blocks: BlockSpec | None = None
     calibration: CalibrationSpec | None = None
-    steps: list[Step] = Field(min_length=1)
+    steps: list[Step]  # may be empty: export (or copy) only, then check
     check: CheckSpec | None = None
     output: str | None = None
 
@@ -156,6 +160,8 @@ class Recipe(Strict):
         """Hash of everything that changes the result (not descriptions or output folders)."""
         # The check does not change the model: a recipe that only adds a check builds the same files.
         spec = self.model_dump(mode="json", by_alias=True, exclude={"description", "output", "source_path", "check"})
+        if spec["model"]["family"] is None:  # recipes that name no family keep the hash they had before the key
+            del spec["model"]["family"]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     def resolve_path(self, value: str) -> Path:

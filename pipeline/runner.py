@@ -41,6 +41,7 @@ from .errors import PipelineError
 from .modelset import ModelSet, file_sha256
 from .onnx_io import check_loads, load_onnx, set_provenance
 from .recipe import Recipe, Scope, Step, format_validation_error
+from .families import detect_family, family_of_exporter, get_family
 from .sources import materialize_base, resolve_model_path
 
 STEP_MANIFEST = "step.json"
@@ -68,7 +69,8 @@ class Plan:
     model_path: Path | None  # None when an exporter makes the base ModelSet
     steps: list[PlannedStep]
     calibration: list[Feeds] | None = None  # feeds of the entry graph(s); captured per graph downstream
-    exporter: tuple | None = None  # (params, export, key) from pipeline.exporters
+    exporter: tuple | None = None  # (params, export, key) of the family's exporter
+    family: Any = None  # the model's family (pipeline.families.Family)
     # An exported base has no graph to check feeds against until step 00 ran: its source waits here.
     calibration_source: Any = None
 
@@ -97,13 +99,19 @@ def plan_recipe(recipe: Recipe) -> Plan:
     where = str(recipe.source_path or recipe.name)
     exporter = None
     if recipe.model.exporter:
-        from .exporters import get_exporter
-
-        exporter = get_exporter(recipe.model.exporter, recipe.model.params, where=f"{where}: model")
+        family, made_by = family_of_exporter(recipe.model.exporter, where=f"{where}: model")
+        if recipe.model.family not in (None, family.name):
+            raise PipelineError(f"{where}: model.family: exporter {made_by.name!r} makes {family.name!r} models, "
+                                f"not {recipe.model.family!r}")
+        exporter = (made_by.parse(recipe.model.params, f"{where}: model"), made_by.export, made_by.key)
         model_path, base = None, None  # graphs exist only after the export (step 00)
     else:
         model_path = resolve_model_path(recipe.model, recipe)
         base = load_onnx(model_path)
+        family = get_family(recipe.model.family, f"{where}: model.family") if recipe.model.family \
+            else detect_family(model_path)
+    if recipe.check is not None:
+        _check_thresholds(recipe.check, family, where)
     steps = []
     for i, step in enumerate(recipe.steps, start=1):
         at = f"{where}: steps.{i - 1}"
@@ -122,7 +130,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
         raise PipelineError(f"{where}: check.fallback: not supported yet for exported model sets")
     if recipe.check is not None and recipe.check.fallback is not None:
         fallback_step_index(recipe)
-    plan = Plan(recipe, model_path, steps, exporter=exporter)
+    plan = Plan(recipe, model_path, steps, exporter=exporter, family=family)
     needing = [s for s in steps if s.pass_.needs_calibration_for(s.params)]
     if needing and recipe.calibration is None:
         raise PipelineError(f"{where}: steps.{needing[0].index - 1} ({needing[0].pass_.name}) needs calibration "
@@ -137,15 +145,41 @@ def plan_recipe(recipe: Recipe) -> Plan:
     return plan
 
 
+def _check_thresholds(check, family, where: str) -> None:
+    """Every threshold of the check, and of its fallback, must have something to measure on this family."""
+    from .metrics import check_limits, metrics_for, require_measurable
+
+    metrics = metrics_for(family, None)
+    require_measurable(check_limits(check), metrics, family, f"{where}: check")
+    if check.fallback is not None:
+        targets = {k: v for k, v in (("min_output_sqnr_db", check.fallback.min_output_sqnr_db),
+                                     ("max_log_mel", check.fallback.max_log_mel)) if v is not None}
+        require_measurable(targets, metrics, family, f"{where}: check.fallback")
+
+
 def fallback_step_index(recipe: Recipe) -> int:
-    """The quantize step the fallback shrinks, by name or pass."""
-    name = recipe.check.fallback.step
+    """The step the fallback shrinks, by name or pass: one whose pass changes precision (quantize, fp16,
+    compress_weights: `Pass.changes_precision`), which reports the blocks it changed."""
+    from passes import PASSES
+
+    spec = recipe.check.fallback
+    name = spec.step
+    where = f"{recipe.source_path or recipe.name}: check.fallback"
+
+    def eligible(s: Step) -> bool:
+        return s.pass_name in PASSES and PASSES[s.pass_name].changes_precision
+
     for i, s in enumerate(recipe.steps):
-        if name in (s.name, s.pass_name) and s.pass_name == "quantize":
+        if name in (s.name, s.pass_name) and eligible(s):
+            if spec.move_to == "fp16" and s.pass_name == "fp16":
+                raise PipelineError(f"{where}.move_to: 'fp16' would keep the blocks of fp16 step {s.label!r} "
+                                    f"in the precision it gives them already; use move_to: fp32")
             return i
-    labels = [s.label for s in recipe.steps if s.pass_name == "quantize"]
-    raise PipelineError(f"{recipe.source_path or recipe.name}: check.fallback.step: no quantize step named "
-                        f"{name!r} (quantize steps: {', '.join(labels) or 'none'})")
+    quantize = ", ".join(s.label for s in recipe.steps if s.pass_name == "quantize") or "none"
+    labels = ", ".join(f"{s.label} ({s.pass_name})" for s in recipe.steps if eligible(s)) or "none"
+    kinds = ", ".join(n for n, cls in PASSES.items() if cls.changes_precision)
+    raise PipelineError(f"{where}.step: no quantize step named {name!r} (quantize steps: {quantize}) nor another "
+                        f"step whose pass changes precision ({kinds}); eligible steps: {labels}")
 
 
 def _check_scopes(recipe: Recipe, base, steps: list[PlannedStep], where: str) -> None:
@@ -221,46 +255,35 @@ class Runner:
         source = self.plan.calibration_source
         if source is None or self.plan.calibration is not None:
             return
-        if base.meta.get("exporter") == "chattts_gpt":
-            entry = "embed_text"
-            if "vocab" not in self.plan.recipe.calibration.params:  # sampled ids must fit this vocabulary
-                source.params.vocab = base.meta["config"]["num_text_tokens"]
-        else:
-            from .chain import entry_graphs
-
-            entry = entry_graphs(base)[0]
+        family = self.plan.family
+        entry = family.entry_graph(base)
+        family.fit_source(source, base, self.plan.recipe.calibration.params)
         self.plan.calibration = checked_feeds(source, base.load(entry), where="calibration")
 
     def _check(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
-        """Per-block error of final vs base; cached by content like a step."""
-        from .compare import eval_feeds, produces_audio, run_compare, run_compare_chain, threshold_failures
+        """Per-block error of final vs base and the family's output metrics; cached by content like a step."""
+        from .compare import eval_feeds
+        from .evaluate import evaluate
+        from .metrics import check_limits, failures, metrics_for
         from .report import write_reports
 
-        check = self.plan.recipe.check
-        if base.meta.get("exporter") == "chattts_gpt":
-            return self._check_chattts(base, final)
-        if len(base.names()) != 1:
-            raise PipelineError("check: a base model set of several graphs is checked only for ChatTTS")
-        graph = base.names()[0]
-        feeds = eval_feeds(base.path(graph), check.samples, self.plan.recipe, check)
+        check, family = self.plan.recipe.check, self.plan.family
+        entry = family.entry_graph(base) if len(base.names()) > 1 else base.names()[0]
+        feeds, inputs = eval_feeds(base.path(entry), check.samples, family, self.plan.recipe, check, ms=base)
         blocks = self.plan.recipe.blocks
         key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
-                     "check": check.model_dump(mode="json", exclude={"fallback"}),
+                     "check": check.model_dump(mode="json", exclude={"fallback"}), "family": family.name,
                      "blocks": blocks.model_dump(mode="json") if blocks else None, "feeds": _feeds_hash(feeds)})
         cached = self._cached_report(key)
         if cached is not None:
             return cached
         self.log(f"check: per-block error on {len(feeds)} samples ...")
-        progress = lambda m: self.progress(f"check: {m}", 0, 0)  # noqa: E731
-        if final.names() == base.names():
-            report = run_compare(base.path(graph), final.path(graph), feeds, blocks, sensitivity=check.sensitivity,
-                                 progress=progress)
-        else:  # cut into a chain: each graph against its FP32 twin, then the whole chain
-            reference = self.references[tuple(final.names())]
-            audio = produces_audio(base.path(graph), base.load(graph))
-            report = run_compare_chain(base.path(graph), reference, final, feeds, blocks, audio, progress=progress)
+        report = evaluate(base, final, feeds, family, blocks=blocks, fp32_twin=self.references[tuple(final.names())],
+                          sensitivity=check.sensitivity, decode_steps=check.decode_steps,
+                          progress=lambda m: self.progress(f"check: {m}", 0, 0))
         report["key"] = key
-        report["failures"] = threshold_failures(report, check)
+        report["notes"].append(f"inputs: {inputs}")
+        report["failures"] = failures(report, check_limits(check), metrics_for(family, base))
         write_reports(report, self.out_dir)
         return report
 
@@ -274,7 +297,8 @@ class Runner:
             key = _hash({"version": __version__, "exporter": recipe.model.exporter,
                          "source": source_key(params, recipe.resolve_path)})
         else:
-            key = _hash({"version": __version__, "base": file_sha256(self.plan.model_path)})
+            key = _hash({"version": __version__, "base": file_sha256(self.plan.model_path),
+                         "family": self.plan.family.name})
         cached = _cached(steps_dir / folder, key)
         if cached is not None:
             self.log("step 00 base: cached")
@@ -284,9 +308,11 @@ class Runner:
             if self.plan.exporter is not None:
                 self.log(f"step 00 base: exporting with {recipe.model.exporter} ...")
                 ms = export(params, tmp, recipe.resolve_path)
+                ms.meta["family"] = self.plan.family.name
+                ms.write_manifest()
                 source = f"exporter {recipe.model.exporter}"
             else:
-                ms = materialize_base(self.plan.model_path, tmp)
+                ms = materialize_base(self.plan.model_path, tmp, self.plan.family)
                 source = self.plan.model_path.name
             manifest = {"step": folder, "pass": "base", "key": key, "source": source, "meta": ms.meta,
                         "output_hash": ms.content_hash(), "graphs": _graph_facts(ms),
@@ -373,19 +399,8 @@ class Runner:
     def _graph_feeds(self, graph: str, current: ModelSet, what: str) -> list[Feeds]:
         reference = self.references.get(tuple(current.names()), current)
         captured = self._captured.setdefault(reference.content_hash(), {})
-        entry = self.plan.calibration or []
-        if reference.meta.get("exporter") == "chattts_gpt":  # one sweep captures every graph's inputs
-            from .families.chattts.check import capture_chattts, captured_feeds
-
-            if not captured:
-                captured.update(capture_chattts(reference.root, entry))
-            return captured_feeds(captured, graph)
-        if graph not in captured:
-            from .chain import graph_feeds
-
-            captured[graph] = graph_feeds(reference, entry, graph,
-                                          progress=lambda done, total: self.progress(what, done, total))
-        return captured[graph]
+        return self.plan.family.capture(reference, self.plan.calibration or [], graph, captured,
+                                        lambda done, total: self.progress(what, done, total))
 
     def _final(self, last: ModelSet) -> ModelSet:
         """Copy the last step's graphs to final/, stamped with the recipe's name and hash."""
@@ -416,41 +431,6 @@ class Runner:
             return None
         self.log("check: cached")
         return cached
-
-    def _check_chattts(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
-        from calibration.chattts_prompts import ChatTTSPrompts
-
-        from .families.chattts.check import compare_chattts
-        from .compare import threshold_failures
-        from .report import write_reports
-
-        check = self.plan.recipe.check
-        spec = check.source
-        if spec is not None and spec.source != "chattts":
-            raise PipelineError("check.source: a ChatTTS model set is checked on 'chattts' prompts")
-        params = dict(spec.params if spec else {})
-        params.setdefault("vocab", base.meta["config"]["num_text_tokens"])
-        source = make_source("chattts", params, SourceContext(base.root, self.plan.recipe.resolve_path),
-                             where="check.source")
-        assert isinstance(source, ChatTTSPrompts)
-        prompts = source.prompts()[: check.samples]
-        key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
-                     "check": check.model_dump(mode="json"), "prompts": prompts})
-        cached = self._cached_report(key)
-        if cached is not None:
-            return cached
-        self.log(f"check: per-graph error and token metrics on {len(prompts)} prompts, {source.describe()} ...")
-        report = compare_chattts(base.root, final.root, prompts, steps=check.decode_steps,
-                                 progress=lambda m: self.progress(f"check: {m}", 0, 0))
-        report["key"] = key
-        report["notes"].append(f"inputs: {source.describe()}")
-        failures = threshold_failures(report, check)
-        agreement = report["tokens"]["teacher_forced_top1_agreement"]
-        if check.min_top1_agreement is not None and agreement < check.min_top1_agreement:
-            failures.append(f"teacher-forced top-1 agreement {agreement:.3f} < {check.min_top1_agreement}")
-        report["failures"] = failures
-        write_reports(report, self.out_dir)
-        return report
 
     def _write_manifest(self, result: RunResult) -> None:
         recipe = self.plan.recipe

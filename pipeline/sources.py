@@ -13,10 +13,6 @@ from .modelset import GraphFile, ModelSet, file_sha256
 from .onnx_io import load_onnx
 from .recipe import ModelSource, Recipe
 
-# Files a runtime reads next to the model; copied along so the result drops in unchanged.
-SIDECAR_SUFFIXES = (".json",)  # Piper: voice.onnx + voice.onnx.json
-
-
 def package_file(package: str, file: str) -> Path:
     """A file inside an installed package, found without importing the package."""
     try:
@@ -37,10 +33,6 @@ def resolve_model_path(source: ModelSource, recipe: Recipe | None = None) -> Pat
     return recipe.resolve_path(source.path) if recipe else Path(source.path)
 
 
-def sidecars_of(model_path: Path) -> list[Path]:
-    return [p for p in (model_path.with_name(model_path.name + s) for s in SIDECAR_SUFFIXES) if p.is_file()]
-
-
 def name_all_nodes(model: onnx.ModelProto) -> int:
     """Give unnamed nodes a name and scope-less nodes the scope of their neighbours.
 
@@ -54,8 +46,9 @@ def name_all_nodes(model: onnx.ModelProto) -> int:
     return adopt_new_nodes(model, scoped, None) or 1
 
 
-def materialize_base(model_path: Path, dest: Path) -> ModelSet:
-    """Copy an existing ONNX (and its sidecars) into `dest` as a one-graph ModelSet.
+def materialize_base(model_path: Path, dest: Path, family) -> ModelSet:
+    """Copy an existing ONNX (and the sidecar files its family's runtime reads) into `dest` as a one-graph
+    ModelSet of that family.
 
     The copy is what later steps read; the user's file is only ever read.
     """
@@ -67,7 +60,8 @@ def materialize_base(model_path: Path, dest: Path) -> ModelSet:
     else:
         shutil.copyfile(model_path, dest / model_path.name)
         ms.graphs[0].sha256 = file_sha256(dest / model_path.name)
-    for sidecar in sidecars_of(model_path):
+    ms.meta["family"] = family.name
+    for sidecar in family.sidecars(model_path):
         shutil.copyfile(sidecar, dest / sidecar.name)
         ms.sidecars[sidecar.name] = "model"
     ms.write_manifest()

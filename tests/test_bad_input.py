@@ -160,6 +160,7 @@ def test_inspect_bad_model_and_regex(tmp_path, tiny_model):
     check_user_error(tmp_path, tiny_model, ["inspect", str(tiny_model), "--blocks", "(unclosed"], "not a valid regex")
 
 
+@pytest.mark.slow
 def test_mels_with_the_wrong_band_count_are_refused_before_calibration(tmp_path):
     """An exported vocoder wants 80-band mels: a 64-band calibration folder fails in one line, naming both."""
     feeds = tmp_path / "mels64"

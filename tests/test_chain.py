@@ -8,7 +8,8 @@ import tiny
 from onnx.utils import Extractor
 
 from pipeline.chain import ChainRunner, dataflow_edges, entry_graphs, graph_feeds, sink_graphs
-from pipeline.compare import run_compare_chain
+from pipeline.evaluate import evaluate
+from pipeline.families import GenericFamily
 from pipeline.errors import PipelineError
 from pipeline.modelset import GraphFile, ModelSet, file_sha256
 from pipeline.onnx_io import session
@@ -60,7 +61,8 @@ def test_chain_check_reports_every_graph_and_the_whole_chain(tmp_path):
             w = onnx.numpy_helper.to_array(init) * 1.1
             init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
     candidate = cut_in_two(tmp_path / "cand", broken)
-    report = run_compare_chain(tmp_path / "mono.onnx", reference, candidate, feeds(), None, audio=False)
+    mono = ModelSet(tmp_path, [GraphFile("model", "mono.onnx", file_sha256(tmp_path / "mono.onnx"))])
+    report = evaluate(mono, candidate, feeds(), GenericFamily(), fp32_twin=reference)
     blocks = {b["block"]: b for b in report["blocks"]}
     assert blocks["front:/enc/layers.0"]["isolated"]["sqnr_db"] == "inf"
     assert 15 < blocks["back:/dec"]["isolated"]["sqnr_db"] < 25  # 10% off: 20 dB

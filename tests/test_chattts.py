@@ -183,6 +183,7 @@ steps:
 """
 
 
+@pytest.mark.slow
 def test_recipe_with_exporter_quantizes_the_layer_graphs(tmp_path):
     from conftest import run_cli
 
@@ -213,6 +214,7 @@ def test_recipe_with_exporter_quantizes_the_layer_graphs(tmp_path):
     assert step.graph("layer_00").sha256 != base.graph("layer_00").sha256
 
 
+@pytest.mark.slow
 def test_scope_graph_pattern_matching_nothing_is_an_error(tmp_path):
     from conftest import run_cli
 
@@ -273,6 +275,7 @@ def test_sampled_generation_is_reproducible_from_its_seed(assets, tmp_path):
     assert a.ids == b.ids and a.ids != c.ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["chattts_int8", "chattts_fp16"])
 def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
     """The recipes as shipped, only the seeded model made small: export, pass, check, token metrics."""
@@ -423,6 +426,7 @@ def test_calibration_is_teacher_forced_on_the_models_own_codes(assets, tmp_path)
         chattts_graph_feeds(tmp_path / "gpt", entry, "sample_head")
 
 
+@pytest.mark.slow
 def test_static_int8_recipe_calibrates_the_layers_from_the_fp32_chain(tmp_path):
     import yaml
     from conftest import run_cli
@@ -443,6 +447,7 @@ def test_static_int8_recipe_calibrates_the_layers_from_the_fp32_chain(tmp_path):
     assert 15 < layer["isolated"]["sqnr_db"] < 80
 
 
+@pytest.mark.slow
 def test_generate_takes_a_text_prompt_through_the_assets_tokenizer(assets, tmp_path):
     from conftest import run_cli
     from transformers import BertTokenizerFast
@@ -601,3 +606,19 @@ def test_bad_sharded_checkpoints_are_named(assets, sharded, tmp_path):
     (gpt / second).unlink()
     with pytest.raises(PipelineError, match=rf"model.safetensors.index.json: lists shards that are missing: {second}$"):
         load_weights(bad)
+
+
+def test_generate_offers_audio_code_mode_from_the_command_line(assets, tmp_path):
+    """`pipeline generate --mode code`: the same frames as ChatTTS's greedy infer_code through PyTorch."""
+    from conftest import run_cli
+
+    root, llama, embed, c = assets
+    export_modelset(load_weights(root), tmp_path / "gpt")
+    res = run_cli("generate", str(tmp_path / "gpt"), "--mode", "code", "--ids", "3,14,15,92", "--steps", "12",
+                  "--json", str(tmp_path / "g.json"))
+    assert res.code == 0, res.stderr
+    got = json.loads((tmp_path / "g.json").read_text())
+    assert got["mode"] == "code" and got["ids"] == reference_codes(llama, embed, c, [3, 14, 15, 92], 12)
+    assert "frames (" in res.stdout
+    res = run_cli("generate", str(tmp_path / "gpt"), "--mode", "speech", "--ids", "3")
+    assert res.code == 2 and "not a ChatTTS mode (text, code)" in res.stderr

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
 from pipeline.check import compare_models, splice_block
+from pipeline.metrics import AudioMetric
 from pipeline.errors import PipelineError
 from pipeline.onnx_io import session
 from pipeline.recipe import BlockSpec
@@ -153,6 +154,7 @@ def test_reports_render(tmp_path):
     assert "| `/enc/layers.1` |" in markdown(report)
 
 
+@pytest.mark.slow
 def test_cli_compare_and_check_thresholds(tmp_path, tiny_feeds):
     ref_path = tiny.save(tiny.conv_net(), tmp_path / "ref.onnx")
     cand_path = tiny.save(perturb(tiny.conv_net(), "enc.layers.1.conv.weight", 0.1), tmp_path / "cand.onnx")
@@ -202,12 +204,13 @@ def test_recipe_check_thresholds(tmp_path, tiny_model, tiny_feeds, threshold, on
 def piper_fault(piper_model, tmp_path_factory):
     ref = onnx.load(str(piper_model))
     cand = perturb(ref, "enc_p.encoder.ffn_layers.2.conv_1.weight", 0.02)
-    from pipeline.bench import piper_eval_feeds
+    from pipeline.families.piper import PiperFamily
 
-    _, data = piper_eval_feeds(piper_model, 3)
-    return ref, compare_models(ref, cand, data, audio=True).to_json()
+    _, data = PiperFamily().bench_inputs(piper_model, 3, None)
+    return ref, compare_models(ref, cand, data, metrics=[AudioMetric(PiperFamily().audio(None))]).to_json()
 
 
+@pytest.mark.slow
 def test_fault_injection_piper_voice(piper_fault):
     ref, report = piper_fault
     blocks = {b["block"]: b for b in report["blocks"]}
@@ -234,11 +237,11 @@ def test_piper_report_lists_every_kind_of_block(piper_fault):
 
 def test_piper_output_sqnr_matches_numpy_and_onnxruntime(piper_model, piper_fault):
     """The same cross-check on the real voice: the perturbed candidate's audio output."""
-    from pipeline.bench import piper_eval_feeds
+    from pipeline.families.piper import PiperFamily
 
     ref, report = piper_fault
     cand = perturb(ref, "enc_p.encoder.ffn_layers.2.conv_1.weight", 0.02)
-    _, data = piper_eval_feeds(piper_model, 3)
+    _, data = PiperFamily().bench_inputs(piper_model, 3, None)
     r, c = session(ref), session(cand)
     xs = [r.run(None, f)[0].ravel() for f in data]
     ys = [c.run(None, f)[0].ravel() for f in data]

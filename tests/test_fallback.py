@@ -29,6 +29,7 @@ def workdir(tmp_path, tiny_feeds):
     return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("move_to", ["fp32", "fp16"])
 def test_tiny_fallback_converges_and_resolved_recipe_reproduces(workdir, move_to):
     (workdir / "r.yaml").write_text(FALLBACK.format(target=33, move_to=move_to))
@@ -54,6 +55,7 @@ def test_tiny_fallback_converges_and_resolved_recipe_reproduces(workdir, move_to
     assert sha256(workdir / "again" / "final" / "tiny.onnx") == sha256(workdir / "run" / "final" / "tiny.onnx")
 
 
+@pytest.mark.slow
 def test_tiny_fallback_that_cannot_converge_fails_clearly(workdir):
     (workdir / "r.yaml").write_text(FALLBACK.format(target=200, move_to="fp32"))
     res = run_cli("run", str(workdir / "r.yaml"), "--out", str(workdir / "run"))
@@ -75,6 +77,7 @@ def test_fallback_needs_a_target(workdir):
     assert res.code == 2 and "give a target" in res.stderr
 
 
+@pytest.mark.slow
 def test_piper_all_block_int8_fallback_converges_and_reproduces(tmp_path):
     """Acceptance: all-block INT8 start on the real voice, a target it misses at first."""
     recipe = REPO / "recipes" / "piper_int8_auto.yaml"

@@ -20,7 +20,7 @@ from calibration import DATA_DIR, SourceContext, check_feeds, make_source
 from pipeline.audio import check_mel_bands, sqnr_db
 from pipeline.blocks import BlockPartition
 from pipeline.errors import PipelineError
-from pipeline.exporters import get_exporter
+from pipeline.families import family_of_exporter
 from pipeline.families.hifigan.exporter import (
     GRAPH,
     Generator,
@@ -41,7 +41,8 @@ TINY = {"resblock": "1", "upsample_rates": [4, 2], "upsample_kernel_sizes": [8, 
 
 
 def export(params: dict, dest: Path) -> ModelSet:
-    parsed, fn, _ = get_exporter("hifigan", params)
+    exporter = family_of_exporter("hifigan")[1]
+    parsed, fn = exporter.parse(params, "model"), exporter.export
     return fn(parsed, dest, Path)
 
 
@@ -81,6 +82,7 @@ def upstream_generator(config_path: Path, state: dict[str, torch.Tensor]):
     return model
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_on_real_speech_at_two_lengths(universal, speech_mels, torch_universal):
     sess = session(universal.path(GRAPH))
     model = onnx.load(str(universal.path(GRAPH)))
@@ -219,7 +221,7 @@ def test_missing_or_unknown_checkpoint_and_params(tmp_path):
     with pytest.raises(PipelineError, match="checkpoint not found.*universal, LJSpeech"):
         export({"checkpoint": "universall"}, tmp_path / "out")
     with pytest.raises(PipelineError, match="checkpointt"):
-        get_exporter("hifigan", {"checkpointt": "universal"})
+        family_of_exporter("hifigan")[1].parse({"checkpointt": "universal"}, "model")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="not a readable PyTorch checkpoint"):
         export({"checkpoint": str(tmp_path / "junk.pth")}, tmp_path / "out")

@@ -14,7 +14,10 @@ from pipeline.recipe import load_recipe
 from pipeline.runner import Runner, plan_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
-PIPER_RECIPES = [r for r in RECIPES if r.name.startswith("piper_")]
+# piper_int8_auto runs, fallback rounds and all, in test_fallback.py.
+PIPER_RECIPES = [REPO / "recipes" / f"{name}.yaml" for name in ("piper_fp16", "piper_int8", "piper_streaming_int8")]
+pytestmark = pytest.mark.slow  # every shipped recipe, run on the real models
+
 SENTENCE = "The weather today will be mostly sunny with a high of twenty two degrees."
 
 
@@ -56,11 +59,12 @@ TARGETS = {"piper_fp16": {"size": 0.52, "log_mel": 0.02}, "piper_int8": {"size":
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_quality_and_size_targets_on_eval_sentences(runs, piper_model, name):
     """Issue targets on 5 real evaluation sentences, noise at 0 (latency is the benchmark's job)."""
-    from pipeline.bench import piper_eval_feeds, resolve_variant, run_bench
+    from pipeline.bench import resolve_variant, run_bench
+    from pipeline.families.piper import PiperFamily
 
-    texts, feeds = piper_eval_feeds(piper_model, 5)
+    texts, feeds = PiperFamily().bench_inputs(piper_model, 5, None)
     result = run_bench([resolve_variant(piper_model), resolve_variant(runs[name] / "final")], feeds, texts,
-                       repeat=1, measure_rss=False)
+                       repeat=1, measure_rss=False, audio=PiperFamily().audio(None))
     cand = result["variants"][1]
     assert cand["size_ratio"] <= TARGETS[name]["size"]
     assert cand["max_abs_length_diff"] <= 0.02
@@ -123,7 +127,7 @@ def test_streaming_recipe_splits_and_the_shrunk_chain_still_speaks(runs, piper_m
     to WAV, against the original voice on evaluation sentences; the check covers both graphs."""
     import json
 
-    from pipeline.bench import piper_eval_feeds
+    from pipeline.families.piper import PiperFamily
     from pipeline.onnx_io import session
     from pipeline.families.piper.streaming import PiperStreaming
 
@@ -134,7 +138,7 @@ def test_streaming_recipe_splits_and_the_shrunk_chain_still_speaks(runs, piper_m
     assert list(final.sidecars.values()) == ["encoder"]
     streaming = PiperStreaming.from_modelset(run / "final")
     original = session(piper_model)
-    _, feeds = piper_eval_feeds(piper_model, 3)
+    _, feeds = PiperFamily().bench_inputs(piper_model, 3, None)
     for i, f in enumerate(feeds):
         latents = streaming.encode(f)
         whole = streaming.decode(latents)  # the chained encoder -> decoder output

@@ -110,6 +110,7 @@ def test_expectation_not_met_fails_loudly(tmp_path, tiny_model, tiny_feeds):
     assert not (tmp_path / "run" / "steps" / "02-quantize").exists()
 
 
+@pytest.mark.slow
 def test_cli_run_prints_summary(tmp_path, tiny_model, tiny_feeds):
     recipe = write_recipe(tmp_path, tiny_model, tiny_feeds)
     res = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))

@@ -125,6 +125,7 @@ def test_pin_unknown_tensor_names_close_matches(tmp_path):
         get_pass("pin").Params.model_validate({"tensors": []})
 
 
+@pytest.mark.slow
 def test_pin_piper_durations_gives_reference_length(voice, sentence_feeds, monolithic, tmp_path):
     # FP16 flips a Ceil on a duration near an integer: the second sentence comes out shorter unpinned.
     fp16 = apply("fp16", voice, tmp=tmp_path).model
@@ -260,15 +261,17 @@ def test_pin_output_of_multi_output_node(tmp_path):
     np.testing.assert_allclose(session(pinned).run(None, {"x": x, "/b": b})[0], [[10, 11]])
 
 
+@pytest.mark.slow
 def test_bench_explains_a_changed_length_with_pinned_durations(voice, piper_model, tmp_path):
     """Where FP16 flips a duration, the bench also reports log-mel on the FP32 durations: small, so the
     audio itself is fine and only the timing moved."""
-    from pipeline.bench import piper_eval_feeds, resolve_variant, run_bench
+    from pipeline.bench import resolve_variant, run_bench
+    from pipeline.families.piper import PiperFamily
 
     onnx.save(apply("fp16", voice, tmp=tmp_path).model, str(tmp_path / "fp16.onnx"))
-    texts, feeds = piper_eval_feeds(piper_model, 3)
+    texts, feeds = PiperFamily().bench_inputs(piper_model, 3, None)
     result = run_bench([resolve_variant(piper_model), resolve_variant(tmp_path / "fp16.onnx")], feeds, texts,
-                       repeat=1, measure_rss=False)
+                       repeat=1, measure_rss=False, audio=PiperFamily().audio(None))
     sentences = result["variants"][1]["sentences"]
     changed = [s for s in sentences if s["length_diff"] != 0]
     assert changed, "fp16 kept every length: the test proves nothing"

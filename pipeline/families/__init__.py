@@ -1,1 +1,272 @@
-"""Model families."""
+"""Model families: everything model-specific, behind one interface the core calls.
+
+A family says how to recognise its ModelSet, which exporters and calibration
+sources it brings, what its default evaluation inputs are, how every graph's
+inputs are captured (a dataflow chain, or an autoregressive loop), what its
+outputs mean (audio at a sample rate, or tokens) and so which thresholds a
+check may set, what `pipeline bench` feeds it and what `pipeline generate`
+does. The core (runner, check, compare, bench, report, fallback, recipe, CLI)
+asks the family and never names one.
+
+Families are found through the entry-point group `tts_onnx_pipeline.families`
+(each entry point names a `Family` subclass); the built-in ones are registered
+the same way in pyproject.toml, so a separate package adds a family without
+editing this repository. `register()` adds one at run time (tests do).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ValidationError
+
+from ..audio import MelSettings
+from ..errors import PipelineError
+
+if TYPE_CHECKING:
+    from calibration import CalibrationSource, Feeds
+
+    from ..metrics import Metric
+    from ..modelset import ModelSet
+
+ENTRY_POINT_GROUP = "tts_onnx_pipeline.families"
+GENERIC = "generic"
+
+
+@dataclass(frozen=True)
+class AudioOutput:
+    """Where a family's audio comes out, and how to measure it."""
+
+    output: int = 0  # index of the waveform among the (last) graph's outputs
+    mel: MelSettings = field(default_factory=MelSettings)  # sample rate and mel front end of the metrics
+    durations: str | None = None  # tensor whose FP32 values pin the candidate's durations when lengths differ
+
+    @property
+    def sample_rate(self) -> int:
+        return self.mel.sample_rate
+
+
+@dataclass
+class Exporter:
+    """A base exporter: PyTorch weights -> ModelSet, with a parameter schema and a cache key."""
+
+    name: str
+    Params: type[BaseModel]
+    export: Callable[[Any, Path, Callable[[str], Path]], ModelSet]  # (params, dest, resolve)
+    key: Callable[[Any, Callable[[str], Path]], str]  # what the export depends on
+
+    def parse(self, params: dict[str, Any], where: str) -> BaseModel:
+        try:
+            return self.Params.model_validate(params)
+        except ValidationError as e:
+            from ..recipe import format_validation_error
+
+            raise PipelineError(format_validation_error(f"{where}.params", e, self.Params)) from None
+
+
+@dataclass
+class GenerateRequest:
+    """What `pipeline generate` asks of a family (it interprets what applies to it)."""
+
+    ids: list[int] | None
+    prompt: str | None
+    tokenizer: Path | None
+    steps: int
+    greedy: bool
+    seed: int
+    mode: str
+    threads: int
+
+
+@dataclass
+class Generated:
+    lines: list[str]  # what the CLI prints
+    data: dict[str, Any]  # what --json writes
+
+
+class Family:
+    """Base class of a family plug-in; the generic behaviour is that of a plain ONNX file."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    exporters: ClassVar[tuple[Exporter, ...]] = ()
+    sources: ClassVar[tuple[type[CalibrationSource], ...]] = ()
+    # A family whose ModelSet is an autoregressive loop implements `check_loop`; the core then
+    # calls it instead of walking the graphs as a dataflow chain.
+    autoregressive: ClassVar[bool] = False
+
+    # -- recognising ----------------------------------------------------------------
+    def recognizes(self, model_path: Path) -> bool:
+        """True when a plain ONNX file (no `family` key anywhere) is one of this family's models."""
+        return False
+
+    # -- outputs and their metrics ------------------------------------------------
+    def audio(self, ms: ModelSet | None) -> AudioOutput | None:
+        """The audio output of the whole ModelSet, or None when it makes no audio (`ms` None: before export)."""
+        return None
+
+    def tokens(self, ms: ModelSet | None) -> bool:
+        """True when the ModelSet's outputs are token distributions (teacher-forced token metrics)."""
+        return False
+
+    def metrics(self, ms: ModelSet | None) -> list[Metric]:
+        """Metrics of this family's own, beyond block/output SQNR, audio and tokens (`ms` None: before export)."""
+        return []
+
+    # -- inputs ---------------------------------------------------------------------
+    def eval_source(self, model_path: Path | None, ms: ModelSet | None) -> tuple[str, dict[str, Any]] | None:
+        """(source, params) the check and compare use when the recipe names none; None: the calibration's."""
+        return None
+
+    def fit_source(self, source: CalibrationSource, ms: ModelSet, explicit: dict[str, Any]) -> None:
+        """Adjust a source's params to an exported ModelSet (`explicit`: what the recipe set itself)."""
+
+    def entry_graph(self, ms: ModelSet) -> str:
+        """The graph the recipe's calibration feeds are checked against."""
+        from ..chain import entry_graphs
+
+        return entry_graphs(ms)[0]
+
+    def capture(self, reference: ModelSet, entry_feeds: list[Feeds], graph: str, cache: dict[str, list[Feeds]],
+                progress: Callable[[int, int], None]) -> list[Feeds]:
+        """Inputs of `graph` on real entry feeds, computed by the FP32 `reference` (dataflow by default).
+
+        `cache` is per reference ModelSet: a family that captures every graph in one sweep fills it once."""
+        if graph not in cache:
+            from ..chain import graph_feeds
+
+            cache[graph] = graph_feeds(reference, entry_feeds, graph, progress=progress)
+        return cache[graph]
+
+    def check_loop(self, reference: ModelSet, candidate: ModelSet, samples: list[Feeds], decode_steps: int,
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+        """Per-graph isolated/accumulated error and token metrics of an autoregressive ModelSet."""
+        raise PipelineError(f"family {self.name!r} is not autoregressive")
+
+    # -- bench and generate --------------------------------------------------------
+    def bench_inputs(self, model_path: Path, count: int, sentences: Path | None) -> tuple[list[str], list[Feeds]]:
+        """(labels, feeds) that `pipeline bench` runs every variant on: the first `count` evaluation inputs.
+
+        `model_path` is the reference's .onnx file, or the folder of a chained ModelSet."""
+        from calibration import SourceContext, checked_feeds, make_source
+
+        from ..modelset import ModelSet
+        from ..onnx_io import load_onnx
+
+        ms = ModelSet.read(model_path) if model_path.is_dir() else None
+        entry = ms.path(self.entry_graph(ms)) if ms is not None else model_path
+        spec = self.eval_source(entry, ms)
+        if spec is None:
+            raise PipelineError(f"{model_path}: family {self.name!r} has no evaluation inputs for bench")
+        name, params = spec
+        if sentences is not None:
+            params = {**params, "sentences": str(sentences)}
+        source = make_source(name, params, SourceContext(entry), where="bench inputs")
+        feeds = checked_feeds(source, load_onnx(entry), where="bench inputs")[:count]
+        return [f"sample {i}" for i in range(len(feeds))], feeds
+
+    def generate(self, ms: ModelSet, request: GenerateRequest) -> Generated:
+        raise PipelineError(f"family {self.name!r} has no generation (pipeline generate is for token families)")
+
+    # -- sidecars -------------------------------------------------------------------
+    def sidecars(self, model_path: Path) -> list[Path]:
+        """Files next to a plain ONNX model that its runtime reads; copied along with it."""
+        return []
+
+
+class GenericFamily(Family):
+    """A plain ONNX file: blocks from node names, error on its outputs, inputs from the recipe."""
+
+    name = GENERIC
+    description = "any ONNX model: per-block error on its outputs, inputs from --npz or the recipe"
+
+
+_REGISTERED: dict[str, type[Family]] = {}
+_LOADED: dict[str, type[Family]] | None = None
+
+
+def register(cls: type[Family]) -> type[Family]:
+    """Add a family at run time (as an entry point would); returns the class, so it works as a decorator."""
+    _REGISTERED[cls.name] = cls
+    global _LOADED
+    _LOADED = None
+    return cls
+
+
+def unregister(name: str) -> None:
+    _REGISTERED.pop(name, None)
+    global _LOADED
+    _LOADED = None
+
+
+def families() -> dict[str, type[Family]]:
+    """Every known family: entry points, then run-time registrations (which win on a name clash)."""
+    global _LOADED
+    if _LOADED is None:
+        found: dict[str, type[Family]] = {GENERIC: GenericFamily}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                cls = ep.load()
+            except Exception as e:  # a broken plug-in must not take the tool down with a traceback
+                raise PipelineError(f"family plug-in {ep.name!r} ({ep.value}) does not load: "
+                                    f"{type(e).__name__}: {e}") from None
+            if not (isinstance(cls, type) and issubclass(cls, Family)):
+                raise PipelineError(f"family plug-in {ep.name!r} ({ep.value}) is not a Family subclass")
+            found[cls.name] = cls
+        found.update(_REGISTERED)
+        _LOADED = found
+    return _LOADED
+
+
+def get_family(name: str, where: str = "model.family") -> Family:
+    known = families()
+    if name not in known:
+        raise PipelineError(f"{where}: unknown model family {name!r} (known: {', '.join(sorted(known))})")
+    return known[name]()
+
+
+def family_of_exporter(exporter: str, where: str = "model") -> tuple[Family, Exporter]:
+    for cls in families().values():
+        for e in cls.exporters:
+            if e.name == exporter:
+                return cls(), e
+    names = sorted(e.name for cls in families().values() for e in cls.exporters)
+    raise PipelineError(f"{where}.exporter: unknown exporter {exporter!r} (known: {', '.join(names)})")
+
+
+def detect_family(model_path: Path) -> Family:
+    """The family of a plain ONNX file: the first family that recognises it, else the generic one."""
+    for cls in families().values():
+        if cls is not GenericFamily and cls().recognizes(model_path):
+            return cls()
+    return GenericFamily()
+
+
+def family_of(ms: ModelSet, fallback: Path | None = None) -> Family:
+    """The family named in a ModelSet's metadata; one without it is detected from its first graph's file."""
+    name = ms.meta.get("family")
+    if name:
+        return get_family(name, where=f"{ms.root}/modelset.json: meta.family")
+    if ms.meta.get("exporter"):  # written before model sets named their family
+        for cls in families().values():
+            if any(e.name == ms.meta["exporter"] for e in cls.exporters):
+                return cls()
+    return detect_family(fallback or ms.path(ms.names()[0]))
+
+
+def all_sources() -> list[type[CalibrationSource]]:
+    return [s for cls in families().values() for s in cls.sources]
+
+
+def files_key(params: BaseModel, files: list[Path]) -> str:
+    """A cache key from an exporter's params and the size and mtime of the files it reads."""
+    h = hashlib.sha256(json.dumps(params.model_dump(), sort_keys=True).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()

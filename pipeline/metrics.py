@@ -1,0 +1,178 @@
+"""Output metrics and the thresholds each one owns.
+
+A check's thresholds are checked against the report by the metric that
+measures them; a threshold whose metric has nothing to measure on this
+ModelSet (`max_log_mel` on a model without audio) is an error before any work
+starts, naming the threshold. Which metrics a ModelSet has comes from its
+family: block and output SQNR always, audio metrics where the family says the
+ModelSet makes audio, token metrics where it makes tokens, plus any metric the
+family adds (`Family.metrics`).
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from .audio import compare_audio
+from .errors import PipelineError
+from .report import as_float
+
+if TYPE_CHECKING:
+    from .families import AudioOutput, Family
+    from .modelset import ModelSet
+    from .recipe import CheckSpec
+
+
+class Metric:
+    """Measures one aspect of the outputs and owns the thresholds on it.
+
+    `thresholds` maps each threshold name to what it bounds. A metric that
+    measures outputs sample by sample (`per_sample`) gets every (reference,
+    candidate) pair of the output it is attached to and writes `to_json()`
+    under `key` in that output's report entry."""
+
+    key: ClassVar[str]
+    needs: ClassVar[str]  # what a ModelSet must have for it, for the error naming a threshold
+    thresholds: ClassVar[dict[str, str]] = {}
+    per_sample: ClassVar[bool] = False
+
+    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def failures(self, report: dict[str, Any], limits: dict[str, float]) -> list[str]:
+        raise NotImplementedError
+
+
+class BlockSQNR(Metric):
+    key = "blocks"
+    needs = "blocks"
+    thresholds = {"min_sqnr_db": "every block's isolated SQNR, dB"}
+
+    def failures(self, report, limits):
+        limit = limits.get("min_sqnr_db")
+        if limit is None:
+            return []
+        out = []
+        for b in report["blocks"]:
+            v = as_float(b["isolated"]["sqnr_db"])
+            if b["matched"] and not math.isnan(v) and v < limit:
+                out.append(f"block {b['block']}: isolated SQNR {v:.1f} dB < {limit} dB")
+        return out
+
+
+class OutputSQNR(Metric):
+    key = "sqnr_db"
+    needs = "outputs"
+    thresholds = {"min_output_sqnr_db": "every output's SQNR, dB"}
+
+    def failures(self, report, limits):
+        limit = limits.get("min_output_sqnr_db")
+        if limit is None:
+            return []
+        out = []
+        for o in report["outputs"]:
+            v = as_float(o["sqnr_db"])
+            if v < limit:
+                out.append(f"output {o['name']}: SQNR {v:.1f} dB < {limit} dB")
+        return out
+
+
+class AudioMetric(Metric):
+    """Log-mel distance, MCD and length change at the family's sample rate and mel front end."""
+
+    key = "audio"
+    needs = "an audio output"
+    thresholds = {"max_log_mel": "worst sample's log-mel distance"}
+    per_sample = True
+
+    def __init__(self, audio: AudioOutput):
+        self.spec = audio
+        self.comparisons: list[Any] = []
+
+    def update(self, reference, candidate):
+        self.comparisons.append(compare_audio(reference, candidate, mel=self.spec.mel))
+
+    def to_json(self):
+        c = self.comparisons
+        return {
+            "log_mel_mean": float(np.mean([x.log_mel_distance for x in c])),
+            "log_mel_max": float(np.max([x.log_mel_distance for x in c])),
+            "mcd_db_mean": float(np.mean([x.mcd_db for x in c])),
+            "length_diff_max_abs": float(np.max([abs(x.length_diff) for x in c])),
+            "samples_with_length_change": int(sum(x.length_diff != 0 for x in c)),
+            "sample_rate": self.spec.sample_rate,
+            "note": "log-mel over the common length where lengths differ",
+        }
+
+    def failures(self, report, limits):
+        limit = limits.get("max_log_mel")
+        if limit is None:
+            return []
+        # In a chained model set the audio a user hears is the whole chain's: the threshold applies to it;
+        # each graph's own audio metrics (fed the FP32 upstream) are diagnostics.
+        chained = any(o["name"].startswith("chain:") for o in report["outputs"])
+        out = []
+        for o in report["outputs"]:
+            audio = o.get("audio") if not chained or o["name"].startswith("chain:") else None
+            if audio and audio["log_mel_max"] > limit:
+                out.append(f"output {o['name']}: log-mel max {audio['log_mel_max']:.4f} > {limit}")
+        return out
+
+
+class TokenMetric(Metric):
+    """Teacher-forced agreement and KL of the next-token distributions (measured by the family's loop)."""
+
+    key = "tokens"
+    needs = "token outputs"
+    thresholds = {"min_top1_agreement": "teacher-forced top-1 agreement of the text head"}
+
+    def failures(self, report, limits):
+        limit = limits.get("min_top1_agreement")
+        agreement = (report.get("tokens") or {}).get("teacher_forced_top1_agreement")
+        if limit is None or agreement is None or agreement >= limit:
+            return []
+        return [f"teacher-forced top-1 agreement {agreement:.3f} < {limit}"]
+
+
+def metrics_for(family: Family, ms: ModelSet | None) -> list[Metric]:
+    """The metrics a ModelSet of `family` has (`ms` None: before an exporter ran; its family still knows)."""
+    found: list[Metric] = [BlockSQNR(), OutputSQNR()]
+    audio = family.audio(ms)
+    if audio is not None:
+        found.append(AudioMetric(audio))
+    if family.tokens(ms):
+        found.append(TokenMetric())
+    return found + list(family.metrics(ms))
+
+
+def check_limits(check: CheckSpec) -> dict[str, float]:
+    """Every threshold the check sets: the named fields, then plug-in metrics' `thresholds`."""
+    named = {k: getattr(check, k) for k in ("min_sqnr_db", "min_output_sqnr_db", "max_log_mel", "min_top1_agreement")}
+    return {k: v for k, v in {**named, **check.thresholds}.items() if v is not None}
+
+
+def require_measurable(limits: dict[str, float], metrics: list[Metric], family: Family, where: str) -> None:
+    """A threshold no metric of this ModelSet owns is an error, naming it and what it needs."""
+    owned = {t for m in metrics for t in m.thresholds}
+    every = {t: cls.needs for cls in _metric_classes(family) for t in cls.thresholds}
+    for name in limits:
+        if name in owned:
+            continue
+        need = every.get(name)
+        why = (f"it needs {need}, and a {family.name!r} model has none" if need
+               else f"no metric measures it (thresholds here: {', '.join(sorted(owned))})")
+        raise PipelineError(f"{where}.{name}: nothing to measure: {why}")
+
+
+def _metric_classes(family: Family) -> list[type[Metric]]:
+    return [BlockSQNR, OutputSQNR, AudioMetric, TokenMetric] + [type(m) for m in family.metrics(None)]
+
+
+def failures(report: dict[str, Any], limits: dict[str, float], metrics: list[Metric]) -> list[str]:
+    """Every threshold the report misses, each with its numbers, metric by metric."""
+    return [f for m in metrics for f in m.failures(report, limits)]
