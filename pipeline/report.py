@@ -184,8 +184,9 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def html_page(report: dict[str, Any]) -> str:
-    png = base64.b64encode(plot_png(report)).decode()
+def html_page(report: dict[str, Any], png: bytes | None = None) -> str:
+    """A self-contained page; `png`: the plot already drawn for this report (drawing it takes about a second)."""
+    png = base64.b64encode(png if png is not None else plot_png(report)).decode()
     head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + "</tr>"
     body = []
     for cells in _rows(report):
@@ -216,7 +217,8 @@ def write_reports(report: dict[str, Any], folder: Path, stem: str = "report") ->
     paths = {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md", "html": folder / f"{stem}.html",
              "png": folder / f"{stem}.png"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["png"].write_bytes(plot_png(report))
+    png = plot_png(report)
+    paths["png"].write_bytes(png)
     paths["md"].write_text(markdown(report, png_name=paths["png"].name))
-    paths["html"].write_text(html_page(report))
+    paths["html"].write_text(html_page(report, png))
     return paths
