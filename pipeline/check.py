@@ -36,6 +36,7 @@ from .graph import cleanup, producers, toposort, with_outputs
 from .onnx_io import as_ort_type, session, tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
+from .results import json_float
 
 if TYPE_CHECKING:
     from .metrics import Metric
@@ -98,17 +99,8 @@ class Pooled:
         return self.sxy / denom if denom > 0 else (1.0 if self.see == 0 else 0.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"sqnr_db": _finite(self.sqnr_db), "cosine": self.cosine, "max_abs": self.max_abs,
-                "rel_l2": _finite(self.rel_l2), "samples": self.samples, "shape_mismatches": self.shape_mismatches}
-
-
-def _finite(v: float) -> float | str | None:
-    """JSON has no inf/nan: identical tensors say "inf", missing data says null."""
-    if math.isnan(v):
-        return None
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return v
+        return {"sqnr_db": json_float(self.sqnr_db), "cosine": self.cosine, "max_abs": self.max_abs,
+                "rel_l2": json_float(self.rel_l2), "samples": self.samples, "shape_mismatches": self.shape_mismatches}
 
 
 @dataclass
@@ -216,7 +208,7 @@ class CheckResult:
                 "bytes_candidate": b.bytes_candidate, "precision": b.precision, "weights": b.weights,
                 "matched": b.matched, "unmatched_tensors": b.unmatched_tensors, "outputs": b.outputs,
                 "isolated": b.isolated.to_json(), "accumulated": b.accumulated.to_json(),
-                "amplification": _finite(b.amplification) if b.amplification is not None else None,
+                "amplification": json_float(b.amplification) if b.amplification is not None else None,
                 **({"sensitivity": b.sensitivity} if b.sensitivity is not None else {}),
             } for b in self.blocks],
             "outputs": self.outputs,

@@ -89,12 +89,13 @@ def run(recipe: Path, out_dir: Path | None) -> None:
     if result.report is not None:
         from .report import headline, outputs_lines, terminal_table
 
-        for line in headline(result.report):
+        report = result.report.to_json()
+        for line in headline(report):
             out.print(escape(line), style="bold red")
-        out.print(terminal_table(result.report))
-        for line in [n for n in result.report["notes"] if n not in headline(result.report)] + outputs_lines(result.report):
+        out.print(terminal_table(report))
+        for line in [n for n in report["notes"] if n not in headline(report)] + outputs_lines(report):
             out.print(escape(line))
-        for failure in result.report.get("failures", []):
+        for failure in result.report.failures or []:
             out.print(escape(f"check (warn): {failure}"))
         out.print(escape(f"report: {result.out_dir / 'report.html'} (also .md, .json, .png)"))
 
@@ -223,8 +224,9 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
     family = family_of_file(reference)
     feeds, _ = eval_feeds(model_file(reference), samples, family, recipe, recipe.check if recipe else None, npz)
     with console.status("comparing ...") as status:
-        report = run_compare(reference, candidate, feeds, spec, family, sensitivity=sensitivity,
+        result = run_compare(reference, candidate, feeds, spec, family, sensitivity=sensitivity,
                              progress=lambda m: status.update(f"comparing: {m}"))
+    report = result.to_json()
     out.print(terminal_table(report))
     for line in report["notes"] + outputs_lines(report):
         out.print(escape(line))

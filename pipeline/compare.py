@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from calibration import Feeds, SourceContext, checked_feeds, make_source
 
@@ -11,6 +11,7 @@ from .errors import PipelineError
 from .modelset import ModelSet
 from .onnx_io import load_onnx
 from .recipe import BlockSpec, CheckSpec, Recipe
+from .results import CheckReport
 
 if TYPE_CHECKING:
     from .families import Family
@@ -72,7 +73,7 @@ def eval_feeds(reference: Path, samples: int, family: Family, recipe: Recipe | N
 
 def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: BlockSpec | None,
                 family: Family, sensitivity: bool = False,
-                progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Per-block report of two one-graph models (files or final/ folders), with the family's output metrics."""
     from .evaluate import compare_graphs
     from .metrics import metrics_for
@@ -81,4 +82,4 @@ def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: Bl
     report = compare_graphs(reference, candidate, feeds, blocks, metrics_for(family, as_modelset(reference, family)),
                             sensitivity, progress)
     report["family"] = family.name
-    return report
+    return CheckReport.from_json(report, where="compare")

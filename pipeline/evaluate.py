@@ -11,7 +11,7 @@ a ModelSet takes:
   family's loop runs the teacher-forced chain (`Family.check_loop`).
 Output metrics (audio at the family's sample rate, tokens, a family's own)
 come from `metrics.metrics_for`; the thresholds are checked by the metrics
-that own them. The report is the JSON documented in `report.py`.
+that own them. The result is a `results.CheckReport`; its JSON is report.json.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from .metrics import Metric, metrics_for
 from .modelset import ModelSet
 from .onnx_io import load_onnx
 from .recipe import BlockSpec
+from .results import CheckReport
 
 if TYPE_CHECKING:
     from .families import Family
@@ -33,8 +34,8 @@ if TYPE_CHECKING:
 
 def evaluate(reference: ModelSet, candidate: ModelSet, samples: list[Feeds], family: Family, *,
              blocks: BlockSpec | None = None, fp32_twin: ModelSet | None = None, sensitivity: bool = False,
-             decode_steps: int = 16, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Candidate vs reference on `samples` (the entry graph's feeds).
+             decode_steps: int = 16, progress: Callable[[str], None] = lambda m: None) -> CheckReport:
+    """Candidate vs reference on `samples` (the entry graph's feeds), as a typed report.
 
     `fp32_twin` is the FP32 ModelSet with the candidate's graph names (what a split made of the
     reference): a chain's downstream graphs are fed from it."""
@@ -46,7 +47,7 @@ def evaluate(reference: ModelSet, candidate: ModelSet, samples: list[Feeds], fam
     else:
         report = _chain(reference, fp32_twin or reference, candidate, samples, blocks, family, progress)
     report["family"] = family.name
-    return report
+    return CheckReport.from_json(report, where=f"check of a {family.name!r} model set")
 
 
 def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], blocks: BlockSpec | None,

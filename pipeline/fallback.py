@@ -22,7 +22,8 @@ import yaml
 
 from .errors import PipelineError
 from .recipe import FallbackSpec, Recipe, Scope, Step
-from .report import as_float, write_reports
+from .report import write_reports
+from .results import BlockResult, CheckReport, FallbackRound, as_float
 from .runner import Runner, RunResult, fallback_step_index, plan_recipe
 
 RESOLVED = "resolved_recipe.yaml"
@@ -34,7 +35,7 @@ def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] 
     index = fallback_step_index(recipe)
     current = _without_fallback(recipe, sensitivity=spec.rank_by == "sensitivity")
     moved: list[str] = []
-    rounds: list[dict[str, Any]] = []
+    rounds: list[FallbackRound] = []
     order: list[str] | None = None  # the sensitivity ranking, measured once
     step_left = True
     for round_no in range(spec.max_rounds + 1):
@@ -43,9 +44,9 @@ def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] 
         if spec.rank_by == "sensitivity" and order is None:
             order = _sensitivity_order(result.report, spec)
         summary, met = _evaluate(result.report, result, spec)
-        rounds.append({"round": round_no, "kept": list(moved), "kept_in": spec.move_to, "summary": summary,
-                       "target_met": met, "output": result.report["outputs"][0], "size_ratio": _size_ratio(result),
-                       "moved_next": []})
+        rounds.append(FallbackRound(round=round_no, kept=list(moved), kept_in=spec.move_to, summary=summary,
+                                    target_met=met, output=result.report.outputs[0], size_ratio=_size_ratio(result),
+                                    moved_next=[]))
         log(f"fallback round {round_no}: {summary}")
         over_budget = spec.max_size_ratio is not None and _size_ratio(result) > spec.max_size_ratio
         if met or over_budget or not step_left or round_no == spec.max_rounds:
@@ -59,16 +60,14 @@ def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] 
         if not choices or (not step_left and len(recipe.steps) == 1 and spec.move_to == "fp32"):
             break  # nothing left to move, short of the unquantized model itself
         moved += choices
-        rounds[-1]["moved_next"] = choices
+        rounds[-1].moved_next = choices
         current = _with_moved(_without_fallback(recipe), index, moved, spec, drop_step=not step_left)
-    report = dict(result.report)
-    report["rounds"] = rounds
-    write_reports(report, out_dir)
-    result.report = report
+    result.report.rounds = rounds
+    write_reports(result.report, out_dir)
     (out_dir / RESOLVED).write_text(_resolved_yaml(current, recipe))
     log(f"resolved recipe: {out_dir / RESOLVED}")
-    if not rounds[-1]["target_met"]:
-        msg = f"fallback did not reach its target after {len(rounds)} rounds: {rounds[-1]['summary']}"
+    if not rounds[-1].target_met:
+        msg = f"fallback did not reach its target after {len(rounds)} rounds: {rounds[-1].summary}"
         if recipe.check.on_fail == "error":
             raise PipelineError(msg + f" (resolved recipe of the last round: {out_dir / RESOLVED})")
         log(f"warning: {msg}")
@@ -107,23 +106,23 @@ def _with_moved(recipe: Recipe, index: int, moved: list[str], spec: FallbackSpec
     return recipe.model_copy(update={"steps": steps})
 
 
-def _upstream_of_length_change(report: dict[str, Any]) -> set[str]:
-    if not any(o.get("shape_mismatches") for o in report["outputs"]):
-        return {b["block"] for b in report["blocks"]}
-    return {b["block"] for b in report["blocks"] if b["accumulated"]["shape_mismatches"] == 0}
+def _upstream_of_length_change(report: CheckReport) -> set[str]:
+    if not any(o.shape_mismatches for o in report.outputs):
+        return {b.block for b in report.blocks}
+    return {b.block for b in report.blocks if b.accumulated.shape_mismatches == 0}
 
 
-def _sensitivity_order(report: dict[str, Any], spec: FallbackSpec) -> list[str]:
+def _sensitivity_order(report: CheckReport, spec: FallbackSpec) -> list[str]:
     """Blocks by their effect on the output when quantized alone, worst first."""
-    def badness(b: dict[str, Any]) -> float:
-        sens = b["sensitivity"]
+    def badness(b: BlockResult) -> float:
+        sens = b.sensitivity
         if spec.max_log_mel is not None and "log_mel_max" in sens:
             return sens["log_mel_max"]
         sqnr = as_float(sens["sqnr_db"])
         return float("inf") if math.isnan(sqnr) else -sqnr  # nan: lengths changed, the worst
 
-    measured = [b for b in report["blocks"] if b.get("sensitivity")]
-    return [b["block"] for b in sorted(measured, key=badness, reverse=True)]
+    measured = [b for b in report.blocks if b.sensitivity]
+    return [b.block for b in sorted(measured, key=badness, reverse=True)]
 
 
 def _size_ratio(result: RunResult) -> float:
@@ -132,23 +131,21 @@ def _size_ratio(result: RunResult) -> float:
     return final.total_bytes() / sum(g["bytes"] for g in base.values())
 
 
-def _evaluate(report: dict[str, Any], result: RunResult, spec: FallbackSpec) -> tuple[str, bool]:
-    out = report["outputs"][0]
+def _evaluate(report: CheckReport, result: RunResult, spec: FallbackSpec) -> tuple[str, bool]:
+    out = report.outputs[0]
     parts, met = [], True
-    sqnr = as_float(out["sqnr_db"])
-    if out.get("shape_mismatches"):
-        parts.append(f"output length differs on {out['shape_mismatches']} of {report['samples']} samples")
+    if out.shape_mismatches:
+        parts.append(f"output length differs on {out.shape_mismatches} of {report.samples} samples")
         met &= spec.min_output_sqnr_db is None
     else:
-        parts.append(f"output SQNR {sqnr:.1f} dB")
-    if spec.min_output_sqnr_db is not None and not out.get("shape_mismatches"):
-        met &= sqnr >= spec.min_output_sqnr_db
-    audio = out.get("audio")
+        parts.append(f"output SQNR {out.sqnr_db:.1f} dB")
+    if spec.min_output_sqnr_db is not None and not out.shape_mismatches:
+        met &= out.sqnr_db >= spec.min_output_sqnr_db
     if spec.max_log_mel is not None:
-        if audio is None:
+        if out.audio is None:
             raise PipelineError("check.fallback.max_log_mel needs an audio output (a Piper voice)")
-        parts.append(f"log-mel max {audio['log_mel_max']:.4f}")
-        met &= audio["log_mel_max"] <= spec.max_log_mel
+        parts.append(f"log-mel max {out.audio.log_mel_max:.4f}")
+        met &= out.audio.log_mel_max <= spec.max_log_mel
     size = _size_ratio(result)
     parts.append(f"size {size:.3f}x")
     if spec.max_size_ratio is not None:
@@ -156,7 +153,7 @@ def _evaluate(report: dict[str, Any], result: RunResult, spec: FallbackSpec) -> 
     return ", ".join(parts) + (" (target met)" if met else " (target missed)"), met
 
 
-def _ranked_candidates(report: dict[str, Any], result: RunResult, index: int, moved: list[str]) -> list[str]:
+def _ranked_candidates(report: CheckReport, result: RunResult, index: int, moved: list[str]) -> list[str]:
     """Blocks the fallback step changed the precision of (its stats' `blocks_changed`), worst isolated SQNR first.
 
     When the output's length changed (a duration flipped), the cause lies upstream of
@@ -168,10 +165,9 @@ def _ranked_candidates(report: dict[str, Any], result: RunResult, index: int, mo
     for stats in step.get("stats", {}).values():
         # Every precision pass reports `blocks_changed`; a step cached before it did has only quantize's key.
         touched.update(stats.get("blocks_changed", stats.get("quantized_per_block", {})))
-    length_changed = any(o.get("shape_mismatches") for o in report["outputs"])
-    ranked = sorted(((length_changed and b["accumulated"]["shape_mismatches"] > 0),
-                     as_float(b["isolated"]["sqnr_db"]), b["block"]) for b in report["blocks"]
-                    if b["block"] in touched and b["block"] not in moved and b["matched"])
+    length_changed = any(o.shape_mismatches for o in report.outputs)
+    ranked = sorted(((length_changed and b.accumulated.shape_mismatches > 0), b.isolated.sqnr_db, b.block)
+                    for b in report.blocks if b.block in touched and b.block not in moved and b.matched)
     return [b for *_, b in ranked]
 
 

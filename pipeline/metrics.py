@@ -17,12 +17,12 @@ import numpy as np
 
 from .audio import compare_audio
 from .errors import PipelineError
-from .report import as_float
 
 if TYPE_CHECKING:
     from .families import AudioOutput, Family
     from .modelset import ModelSet
     from .recipe import CheckSpec
+    from .results import CheckReport
 
 
 class Metric:
@@ -31,7 +31,8 @@ class Metric:
     `thresholds` maps each threshold name to what it bounds. A metric that
     measures outputs sample by sample (`per_sample`) gets every (reference,
     candidate) pair of the output it is attached to and writes `to_json()`
-    under `key` in that output's report entry."""
+    under `key` in that output's report entry (`OutputResult.extra(key)` reads
+    it back). `failures` gets the typed report (`pipeline.results.CheckReport`)."""
 
     key: ClassVar[str]
     needs: ClassVar[str]  # what a ModelSet must have for it, for the error naming a threshold
@@ -44,7 +45,7 @@ class Metric:
     def to_json(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def failures(self, report: dict[str, Any], limits: dict[str, float]) -> list[str]:
+    def failures(self, report: CheckReport, limits: dict[str, float]) -> list[str]:
         raise NotImplementedError
 
 
@@ -57,12 +58,8 @@ class BlockSQNR(Metric):
         limit = limits.get("min_sqnr_db")
         if limit is None:
             return []
-        out = []
-        for b in report["blocks"]:
-            v = as_float(b["isolated"]["sqnr_db"])
-            if b["matched"] and not math.isnan(v) and v < limit:
-                out.append(f"block {b['block']}: isolated SQNR {v:.1f} dB < {limit} dB")
-        return out
+        return [f"block {b.block}: isolated SQNR {b.isolated.sqnr_db:.1f} dB < {limit} dB" for b in report.blocks
+                if b.matched and not math.isnan(b.isolated.sqnr_db) and b.isolated.sqnr_db < limit]
 
 
 class OutputSQNR(Metric):
@@ -74,12 +71,8 @@ class OutputSQNR(Metric):
         limit = limits.get("min_output_sqnr_db")
         if limit is None:
             return []
-        out = []
-        for o in report["outputs"]:
-            v = as_float(o["sqnr_db"])
-            if v < limit:
-                out.append(f"output {o['name']}: SQNR {v:.1f} dB < {limit} dB")
-        return out
+        return [f"output {o.name}: SQNR {o.sqnr_db:.1f} dB < {limit} dB" for o in report.outputs
+                if o.sqnr_db < limit]
 
 
 class AudioMetric(Metric):
@@ -115,13 +108,10 @@ class AudioMetric(Metric):
             return []
         # In a chained model set the audio a user hears is the whole chain's: the threshold applies to it;
         # each graph's own audio metrics (fed the FP32 upstream) are diagnostics.
-        chained = any(o["name"].startswith("chain:") for o in report["outputs"])
-        out = []
-        for o in report["outputs"]:
-            audio = o.get("audio") if not chained or o["name"].startswith("chain:") else None
-            if audio and audio["log_mel_max"] > limit:
-                out.append(f"output {o['name']}: log-mel max {audio['log_mel_max']:.4f} > {limit}")
-        return out
+        chained = any(o.name.startswith("chain:") for o in report.outputs)
+        heard = [o for o in report.outputs if o.audio and (not chained or o.name.startswith("chain:"))]
+        return [f"output {o.name}: log-mel max {o.audio.log_mel_max:.4f} > {limit}" for o in heard
+                if o.audio.log_mel_max > limit]
 
 
 class TokenMetric(Metric):
@@ -133,7 +123,7 @@ class TokenMetric(Metric):
 
     def failures(self, report, limits):
         limit = limits.get("min_top1_agreement")
-        agreement = (report.get("tokens") or {}).get("teacher_forced_top1_agreement")
+        agreement = (report.tokens or {}).get("teacher_forced_top1_agreement")
         if limit is None or agreement is None or agreement >= limit:
             return []
         return [f"teacher-forced top-1 agreement {agreement:.3f} < {limit}"]
@@ -173,6 +163,6 @@ def _metric_classes(family: Family) -> list[type[Metric]]:
     return [BlockSQNR, OutputSQNR, AudioMetric, TokenMetric] + [type(m) for m in family.metrics(None)]
 
 
-def failures(report: dict[str, Any], limits: dict[str, float], metrics: list[Metric]) -> list[str]:
+def failures(report: CheckReport, limits: dict[str, float], metrics: list[Metric]) -> list[str]:
     """Every threshold the report misses, each with its numbers, metric by metric."""
     return [f for m in metrics for f in m.failures(report, limits)]

@@ -1,16 +1,18 @@
 """Reports of a check: terminal table, JSON, Markdown, and a self-contained HTML page with a plot.
 
-JSON schema (`"schema": "tts-onnx-pipeline/check/1"`):
+They render the JSON form of a `pipeline.results.CheckReport` (`"schema": "tts-onnx-pipeline/check/1"`),
+whose models document every field:
 
-    {"samples": N, "reference": str, "candidate": str, "notes": [str], "peak_rss_mb": float,
+    {"samples": N, "reference": str, "candidate": str, "notes": [str], "peak_rss_mb": float, "wall_s": float,
      "blocks": [{"block": id, "params": int, "bytes_reference": int, "bytes_candidate": int,
                  "precision": {"fp32"|"fp16"|"int8"|"other": nodes}, "weights": {dtype: bytes},
                  "matched": bool, "unmatched_tensors": [str], "outputs": [tensor],
                  "isolated": M, "accumulated": M, "amplification": float|"inf"|null,
                  "sensitivity": {...}?}],
-     "outputs": [{"name": str, **M, "audio": {"log_mel_mean", "log_mel_max",
-                  "mcd_db_mean", "length_diff_max_abs", "samples_with_length_change"}?}],
-     "rounds": [...]?  (automatic fallback), "failures": [...]? (thresholds)}
+     "outputs": [{"name": str, **M, "audio": {"log_mel_mean", "log_mel_max", "mcd_db_mean",
+                  "length_diff_max_abs", "samples_with_length_change", "sample_rate"}?, <family metric>: {...}?}],
+     "tokens": {...}? (token families), "family": str, "key": str, "failures": [str],
+     "rounds": [...]? (automatic fallback)}
     M = {"sqnr_db": float|"inf"|null, "cosine", "max_abs", "rel_l2", "samples", "shape_mismatches"}
 
 Blocks are in graph order. SQNR "inf" means identical; null means no sample could be compared.
@@ -23,18 +25,14 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .results import as_float
+
+if TYPE_CHECKING:
+    from .results import CheckReport
 
 WORST = 3
-
-
-def as_float(v: Any) -> float:
-    """A JSON metric back to a float: \"inf\" -> inf, null -> nan."""
-    if v == "inf":
-        return math.inf
-    if v == "-inf":
-        return -math.inf
-    return math.nan if v is None else float(v)
 
 
 def _fmt_db(v: Any) -> str:
@@ -212,7 +210,9 @@ output). SQNR is pooled over all samples.</p>
 """
 
 
-def write_reports(report: dict[str, Any], folder: Path, stem: str = "report") -> dict[str, Path]:
+def write_reports(result: CheckReport, folder: Path, stem: str = "report") -> dict[str, Path]:
+    """report.json, .md, .html and .png of a check in `folder`."""
+    report = result.to_json()
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md", "html": folder / f"{stem}.html",
              "png": folder / f"{stem}.png"}

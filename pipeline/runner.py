@@ -41,6 +41,7 @@ from .errors import PipelineError
 from .modelset import ModelSet, file_sha256
 from .onnx_io import check_loads, load_onnx, set_provenance
 from .recipe import Recipe, Scope, Step, format_validation_error
+from .results import CheckReport
 from .families import detect_family, family_of_exporter, get_family
 from .sources import materialize_base, resolve_model_path
 
@@ -91,7 +92,7 @@ class RunResult:
     final: ModelSet
     steps: list[StepRecord] = field(default_factory=list)
     wall_s: float = 0.0
-    report: dict[str, Any] | None = None
+    report: CheckReport | None = None
 
 
 def plan_recipe(recipe: Recipe) -> Plan:
@@ -244,8 +245,8 @@ class Runner:
             result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final)
         result.wall_s = time.perf_counter() - start
         self._write_manifest(result)
-        if result.report and result.report.get("failures") and self.plan.recipe.check.on_fail == "error":
-            fails = result.report["failures"]
+        if result.report and result.report.failures and self.plan.recipe.check.on_fail == "error":
+            fails = result.report.failures
             raise PipelineError(f"check failed ({len(fails)} thresholds missed; report in "
                                 f"{self.out_dir / 'report.md'}): " + "; ".join(fails[:5]))
         return result
@@ -260,7 +261,7 @@ class Runner:
         family.fit_source(source, base, self.plan.recipe.calibration.params)
         self.plan.calibration = checked_feeds(source, base.load(entry), where="calibration")
 
-    def _check(self, base: ModelSet, final: ModelSet) -> dict[str, Any]:
+    def _check(self, base: ModelSet, final: ModelSet) -> CheckReport:
         """Per-block error of final vs base and the family's output metrics; cached by content like a step."""
         from .compare import eval_feeds
         from .evaluate import evaluate
@@ -281,9 +282,9 @@ class Runner:
         report = evaluate(base, final, feeds, family, blocks=blocks, fp32_twin=self.references[tuple(final.names())],
                           sensitivity=check.sensitivity, decode_steps=check.decode_steps,
                           progress=lambda m: self.progress(f"check: {m}", 0, 0))
-        report["key"] = key
-        report["notes"].append(f"inputs: {inputs}")
-        report["failures"] = failures(report, check_limits(check), metrics_for(family, base))
+        report.key = key
+        report.notes.append(f"inputs: {inputs}")
+        report.failures = failures(report, check_limits(check), metrics_for(family, base))
         write_reports(report, self.out_dir)
         return report
 
@@ -421,13 +422,13 @@ class Runner:
             _write_json(tmp / ".final.json", {"key": key, "output_hash": out.content_hash()})
         return ModelSet.read(target)
 
-    def _cached_report(self, key: str) -> dict[str, Any] | None:
+    def _cached_report(self, key: str) -> CheckReport | None:
         """The run folder's report.json if it was made with `key` (checks are cached like steps)."""
         try:
-            cached = json.loads((self.out_dir / "report.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            cached = CheckReport.read(self.out_dir / "report.json")
+        except (OSError, json.JSONDecodeError, PipelineError):  # missing, or from an older tool: check again
             return None
-        if cached.get("key") != key:
+        if cached.key != key:
             return None
         self.log("check: cached")
         return cached
@@ -442,8 +443,8 @@ class Runner:
             "steps": [r.manifest | {"cached": r.cached} for r in result.steps],
             "final": {"folder": "final", "graphs": _graph_facts(result.final), "sidecars": list(result.final.sidecars)},
             "check": None if result.report is None else {
-                "report": "report.json", "failures": result.report.get("failures", []),
-                "outputs": result.report["outputs"]},
+                "report": "report.json", "failures": result.report.failures or [],
+                "outputs": result.report.to_json()["outputs"]},
             "wall_s": round(result.wall_s, 3),
         }
         _write_json(self.out_dir / "manifest.json", manifest)

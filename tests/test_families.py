@@ -20,7 +20,8 @@ from conftest import REPO, run_cli
 from pipeline.families import families
 
 CORE = ["pipeline/runner.py", "pipeline/check.py", "pipeline/compare.py", "pipeline/bench.py", "pipeline/report.py",
-        "pipeline/fallback.py", "pipeline/recipe.py", "pipeline/cli.py", "pipeline/evaluate.py", "pipeline/metrics.py"]
+        "pipeline/fallback.py", "pipeline/recipe.py", "pipeline/cli.py", "pipeline/evaluate.py", "pipeline/metrics.py",
+        "pipeline/results.py"]
 
 
 def _family_names() -> set[str]:
@@ -172,12 +173,12 @@ def test_a_24khz_vocoder_is_measured_at_24khz(tmp_path):
     assert family.name == "hifigan" and family.audio(ref).sample_rate == 24000
     feeds = [{"mel": np.random.default_rng(i).standard_normal((1, 80, 40)).astype(np.float32)} for i in range(2)]
     report = evaluate(ref, cand, feeds, family)
-    audio = report["outputs"][0]["audio"]
-    assert audio["sample_rate"] == 24000
+    audio = report.outputs[0].audio
+    assert audio.sample_rate == 24000
     outs = [(session(ref.path("model")).run(None, f)[0], session(cand.path("model")).run(None, f)[0]) for f in feeds]
     at = {sr: max(compare_audio(r, c, mel=MelSettings(sample_rate=sr)).log_mel_distance for r, c in outs)
           for sr in (24000, 22050)}
-    assert audio["log_mel_max"] == pytest.approx(at[24000], rel=1e-9)
+    assert audio.log_mel_max == pytest.approx(at[24000], rel=1e-9)
     assert abs(at[24000] - at[22050]) > 0.01 * at[24000]  # the rate makes a difference the test can see
 
 
@@ -240,7 +241,7 @@ class PeakRatio(Metric):
 
     def failures(self, report, limits):
         limit = limits.get("max_peak_ratio")
-        got = [o["peak"]["peak_ratio_max"] for o in report["outputs"] if "peak" in o]
+        got = [o.extra("peak")["peak_ratio_max"] for o in report.outputs if o.extra("peak")]
         return [f"peak ratio {g:.3f} > {limit}" for g in got if limit is not None and g > limit]
 
 

@@ -1,0 +1,169 @@
+"""Typed results of the evaluation engine: what `evaluate` returns and `report.json` holds.
+
+`CheckReport` is the report of one check (single graph, chain or autoregressive
+loop); `to_json()` gives the documented JSON (`"schema": "tts-onnx-pipeline/check/1"`)
+and `CheckReport.from_json` reads it back, including reports written before
+these models existed (no `family`, no audio `sample_rate`). In the typed form
+every dB figure is a float (identical tensors: inf; nothing compared: nan);
+JSON has no inf or nan, so there they are "inf"/"-inf" and null.
+
+A family adds its own per-output metrics under their key in an output entry
+(`OutputResult.extra(key)`), and token metrics under `tokens`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
+
+from .errors import PipelineError
+
+SCHEMA = "tts-onnx-pipeline/check/1"
+
+
+def as_float(v: Any) -> float:
+    """A JSON metric back to a float: "inf" -> inf, null -> nan."""
+    if v == "inf":
+        return math.inf
+    if v == "-inf":
+        return -math.inf
+    return math.nan if v is None else float(v)
+
+
+def _float_from_json(v: Any) -> Any:
+    return as_float(v) if v is None or isinstance(v, (str, int, float)) else v  # anything else: pydantic says why
+
+
+def json_float(v: float) -> float | str | None:
+    """JSON has no inf/nan: identical tensors say "inf", missing data says null."""
+    if math.isnan(v):
+        return None
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+# A float that may be inf or nan: "inf"/"-inf"/null in JSON.
+Db = Annotated[float, BeforeValidator(_float_from_json), PlainSerializer(json_float, when_used="json")]
+# The same where null means "does not apply" (None), not "nothing measured".
+OptionalDb = Annotated[float | None, BeforeValidator(lambda v: None if v is None else _float_from_json(v)),
+                       PlainSerializer(lambda v: None if v is None else json_float(v), when_used="json")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorStats(_Strict):
+    """Error of candidate tensors y against reference tensors x, pooled over every sample."""
+
+    sqnr_db: Db = Field(description="10 log10(sum x^2 / sum (x-y)^2), ONNX Runtime's qdq_loss_debug formula")
+    cosine: float = Field(description="x.y / (|x| |y|)")
+    max_abs: float = Field(description="max |x - y|")
+    rel_l2: Db = Field(description="|x - y| / |x|")
+    samples: int = Field(description="samples compared")
+    shape_mismatches: int = Field(description="samples whose shapes differ (not compared): a changed length")
+
+
+class AudioSummary(_Strict):
+    """Audio metrics over the samples, at the family's sample rate and mel front end."""
+
+    log_mel_mean: float = Field(description="mean over samples of mean |log mel x - log mel y|")
+    log_mel_max: float = Field(description="worst sample's log-mel distance")
+    mcd_db_mean: float | None = Field(None, description="mean mel-cepstral distortion, dB")
+    length_diff_max_abs: float = Field(description="largest relative length change")
+    samples_with_length_change: int
+    sample_rate: int | None = Field(None, description="Hz the metrics ran at (reports before families: 22050)")
+    note: str | None = None
+
+
+class BlockResult(_Strict):
+    """One block: its own error (isolated) and the error piled up at its outputs (accumulated)."""
+
+    block: str = Field(description="block id (`graph:block` in a chain; a graph in an autoregressive set)")
+    params: int
+    bytes_reference: int
+    bytes_candidate: int
+    precision: dict[str, int] = Field(description="nodes computing in fp32/fp16/int8/other")
+    weights: dict[str, int] = Field(description="bytes of weights per stored dtype")
+    matched: bool = Field(description="the candidate has the block's boundary tensors")
+    unmatched_tensors: list[str]
+    outputs: list[str] = Field(description="boundary tensors: made inside the block, read outside it")
+    isolated: ErrorStats = Field(description="the block in candidate precision, fed the reference's inputs")
+    accumulated: ErrorStats = Field(description="the whole candidate run, at the block's outputs")
+    amplification: OptionalDb = Field(description="accumulated / isolated relative L2; null: does not apply")
+    sensitivity: dict[str, Any] | None = Field(None, description="end-output error with only this block in "
+                                                                 "candidate precision (--sensitivity)")
+
+
+class OutputResult(ErrorStats):
+    """One model output (or `chain:<graph>`, the whole chain's); a family's metrics under their own keys."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    audio: AudioSummary | None = None
+
+    def extra(self, key: str) -> Any:
+        """What a family's own metric wrote under `key` (None when it wrote nothing)."""
+        return (self.model_extra or {}).get(key)
+
+
+class FallbackRound(_Strict):
+    round: int
+    kept: list[str] = Field(description="blocks moved out of the fallback step so far")
+    kept_in: str
+    summary: str
+    target_met: bool
+    output: OutputResult
+    size_ratio: float
+    moved_next: list[str]
+
+
+class CheckReport(_Strict):
+    """A check's whole result. Blocks are in graph order."""
+
+    # The field order is the JSON's key order.
+    schema_: str = Field(SCHEMA, alias="schema")
+    samples: int
+    reference: str
+    candidate: str
+    notes: list[str]
+    peak_rss_mb: float
+    wall_s: float
+    blocks: list[BlockResult]
+    outputs: list[OutputResult]
+    tokens: dict[str, Any] | None = Field(None, description="token metrics (teacher-forced agreement, KL, first "
+                                                            "divergence) of a token family")
+    family: str | None = None
+    key: str | None = Field(None, description="cache key of the check")
+    failures: list[str] | None = Field(None, description="thresholds missed, each with its numbers")
+    rounds: list[FallbackRound] | None = Field(None, description="automatic fallback rounds")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "report") -> CheckReport:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            path = ".".join(str(p) for p in first["loc"])
+            raise PipelineError(f"{where}: not a check report: {path}: {first['msg']}") from None
+
+    @classmethod
+    def read(cls, path: Path) -> CheckReport:
+        return cls.from_json(json.loads(path.read_text()), where=str(path))
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented JSON: keys that were never given are left out, as before."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def block(self, block_id: str) -> BlockResult:
+        for b in self.blocks:
+            if b.block == block_id:
+                return b
+        raise KeyError(block_id)
