@@ -150,6 +150,21 @@ def passes(markdown: bool) -> None:
 
 
 @main.command()
+def families() -> None:
+    """List the model families this install knows (built-in and plug-ins), with their exporters and sources."""
+    from .families import ENTRY_POINT_GROUP
+    from .families import families as known
+
+    for name, cls in sorted(known().items()):
+        out.print(f"[bold]{escape(name)}[/]  {escape(cls.description)}")
+        exporters = ", ".join(e.name for e in cls.exporters) or "-"
+        sources = ", ".join(s.name for s in cls.sources) or "-"
+        out.print(escape(f"    exporters: {exporters}; calibration sources: {sources}; module {cls.__module__}"))
+    out.print(escape(f"plug-ins register a Family subclass under the entry-point group {ENTRY_POINT_GROUP}"),
+              style="dim")
+
+
+@main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--blocks", "pattern", help="Regex over node names; capture groups form the block id.")
 @click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,

@@ -161,6 +161,68 @@ def _vocoder_set(folder: Path, model: onnx.ModelProto, sample_rate: int):
     return ms
 
 
+def test_pipeline_families_lists_the_built_in_ones():
+    res = run_cli("families")
+    assert res.code == 0, res.stderr
+    for name in ("piper", "hifigan", "chattts", "generic"):
+        assert f"\n{name}  " in "\n" + res.stdout
+    assert "exporters: chattts_gpt; calibration sources: chattts" in res.stdout
+
+
+def test_a_family_registered_at_run_time_is_found_and_can_be_removed(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.families import Family, detect_family, get_family, register, unregister
+
+    class Everything(Family):
+        name = "everything"
+
+        def recognizes(self, model_path, model):
+            return True
+
+    path = tiny.save(tiny.conv_net(), tmp_path / "tiny.onnx")
+    register(Everything)
+    try:
+        assert isinstance(get_family("everything"), Everything)
+        assert detect_family(path).name == "everything"  # a tiny conv net is neither a voice nor a vocoder
+    finally:
+        unregister("everything")
+    with pytest.raises(PipelineError, match="unknown model family 'everything'"):
+        get_family("everything")
+
+
+def test_missing_built_in_families_mean_a_stale_install_not_a_generic_model(monkeypatch):
+    import pipeline.families as fam
+
+    monkeypatch.setattr(fam, "entry_points", lambda group: [])
+    monkeypatch.setattr(fam, "_LOADED", None)
+    with pytest.raises(fam.PipelineError, match=r"built-in families piper, hifigan, chattts are not registered.*"
+                                                r"reinstall it \(pip install -e \.\)"):
+        fam.families()
+    monkeypatch.undo()
+    fam._LOADED = None  # found again through the real entry points
+    assert {"piper", "hifigan", "chattts"} <= set(fam.families())
+
+
+def test_chattts_fits_only_its_own_prompt_source(tmp_path):
+    """An npz calibration or check source on a ChatTTS model set is taken as it is (it has no vocabulary)."""
+    from calibration import SourceContext, make_source
+
+    from pipeline.families import get_family
+    from pipeline.modelset import ModelSet
+
+    tiny.write_npz_feeds(tmp_path / "feeds")
+    ms = ModelSet(tmp_path, [], meta={"config": {"num_text_tokens": 99}})
+    family = get_family("chattts")
+    npz = make_source("npz", {"folder": "feeds"}, SourceContext(tmp_path / "x.onnx", lambda p: tmp_path / p))
+    family.fit_source(npz, ms, {"folder": "feeds"})
+    prompts = make_source("chattts", {}, SourceContext(tmp_path / "x.onnx", lambda p: tmp_path / p))
+    family.fit_source(prompts, ms, {})
+    assert prompts.params.vocab == 99
+    explicit = make_source("chattts", {"vocab": 50}, SourceContext(tmp_path / "x.onnx", lambda p: tmp_path / p))
+    family.fit_source(explicit, ms, {"vocab": 50})
+    assert explicit.params.vocab == 50
+
+
 def test_a_24khz_vocoder_is_measured_at_24khz(tmp_path):
     from pipeline.audio import MelSettings, compare_audio
     from pipeline.evaluate import evaluate
@@ -317,6 +379,8 @@ def test_a_toy_family_from_outside_runs_a_recipe_its_check_and_bench(tmp_path):
     assert bench["family"] == "toy" and bench["sentences"] == 4
     cand = bench["variants"][1]
     assert cand["max_log_mel"] is None and 10 < min(s["sqnr_db"] for s in cand["sentences"]) < 80
+    res = cli("families")
+    assert res.returncode == 0 and "\ntoy  " in "\n" + res.stdout
     # and the core learned about the toy family from the entry point alone
     for rel in CORE:
         assert "toy" not in (REPO / rel).read_text()

@@ -29,6 +29,7 @@ from ..audio import MelSettings
 from ..errors import PipelineError
 
 if TYPE_CHECKING:
+    import onnx
     from calibration import CalibrationSource, Feeds
 
     from ..metrics import Metric
@@ -36,13 +37,15 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "tts_onnx_pipeline.families"
 GENERIC = "generic"
+# Registered through entry points like any plug-in; missing, the install's metadata is stale or absent, and a
+# voice would silently be taken for a generic model (no sidecar copied, no audio metrics).
+BUILT_IN = ("piper", "hifigan", "chattts")
 
 
 @dataclass(frozen=True)
 class AudioOutput:
-    """Where a family's audio comes out, and how to measure it."""
+    """How to measure a family's audio: its first output (of the last graph, in a chain) is the waveform."""
 
-    output: int = 0  # index of the waveform among the (last) graph's outputs
     mel: MelSettings = field(default_factory=MelSettings)  # sample rate and mel front end of the metrics
     durations: str | None = None  # tensor whose FP32 values pin the candidate's durations when lengths differ
 
@@ -101,8 +104,10 @@ class Family:
     autoregressive: ClassVar[bool] = False
 
     # -- recognising ----------------------------------------------------------------
-    def recognizes(self, model_path: Path) -> bool:
-        """True when a plain ONNX file (no `family` key anywhere) is one of this family's models."""
+    def recognizes(self, model_path: Path, model: onnx.ModelProto) -> bool:
+        """True when a plain ONNX file (no `family` key anywhere) is one of this family's models.
+
+        `model` is that file, already loaded: detection reads it once for every family."""
         return False
 
     # -- outputs and their metrics ------------------------------------------------
@@ -218,6 +223,11 @@ def families() -> dict[str, type[Family]]:
             if not (isinstance(cls, type) and issubclass(cls, Family)):
                 raise PipelineError(f"family plug-in {ep.name!r} ({ep.value}) is not a Family subclass")
             found[cls.name] = cls
+        missing = [name for name in BUILT_IN if name not in found]
+        if missing:
+            raise PipelineError(f"the built-in families {', '.join(missing)} are not registered (entry-point group "
+                                f"{ENTRY_POINT_GROUP}): this package's install is missing or older than its code; "
+                                f"reinstall it (pip install -e .)")
         found.update(_REGISTERED)
         _LOADED = found
     return _LOADED
@@ -239,24 +249,30 @@ def family_of_exporter(exporter: str, where: str = "model") -> tuple[Family, Exp
     raise PipelineError(f"{where}.exporter: unknown exporter {exporter!r} (known: {', '.join(names)})")
 
 
-def detect_family(model_path: Path) -> Family:
-    """The family of a plain ONNX file: the first family that recognises it, else the generic one."""
+def detect_family(model_path: Path, model: onnx.ModelProto | None = None) -> Family:
+    """The family of a plain ONNX file (`model`: the file, if already loaded): the first family that
+    recognises it, else the generic one."""
+    if model is None:
+        from ..onnx_io import load_onnx
+
+        model = load_onnx(model_path)
     for cls in families().values():
-        if cls is not GenericFamily and cls().recognizes(model_path):
+        if cls is not GenericFamily and cls().recognizes(model_path, model):
             return cls()
     return GenericFamily()
 
 
-def family_of(ms: ModelSet, fallback: Path | None = None) -> Family:
+def family_of(ms: ModelSet) -> Family:
     """The family named in a ModelSet's metadata; one without it is detected from its first graph's file."""
     name = ms.meta.get("family")
     if name:
         return get_family(name, where=f"{ms.root}/modelset.json: meta.family")
     if ms.meta.get("exporter"):  # written before model sets named their family
-        for cls in families().values():
-            if any(e.name == ms.meta["exporter"] for e in cls.exporters):
-                return cls()
-    return detect_family(fallback or ms.path(ms.names()[0]))
+        try:
+            return family_of_exporter(ms.meta["exporter"])[0]
+        except PipelineError:
+            pass  # an exporter no family brings any more: detect from the file
+    return detect_family(ms.path(ms.names()[0]))
 
 
 def all_sources() -> list[type[CalibrationSource]]:

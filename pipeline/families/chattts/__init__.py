@@ -73,7 +73,7 @@ class ChatTTSFamily(Family):
         return "embed_text"
 
     def fit_source(self, source, ms: ModelSet, explicit: dict[str, Any]) -> None:
-        if "vocab" not in explicit:  # sampled ids must fit this vocabulary
+        if isinstance(source, ChatTTSPrompts) and "vocab" not in explicit:  # sampled ids must fit this vocabulary
             source.params.vocab = _vocab(ms)
 
     def eval_source(self, model_path, ms):

@@ -58,13 +58,8 @@ class HifiganFamily(Family):
     exporters = (Exporter("hifigan", HifiganParams, _export, _key),)
     sources = (PiperMels,)
 
-    def recognizes(self, model_path: Path) -> bool:
-        import onnx
-
-        try:
-            return takes_mels(onnx.load(str(model_path), load_external_data=False))
-        except Exception:  # an unreadable file is reported by whoever loads it for real
-            return False
+    def recognizes(self, model_path: Path, model) -> bool:
+        return takes_mels(model)
 
     def audio(self, ms: ModelSet | None) -> AudioOutput:
         m = ms.meta if ms is not None else {}

@@ -45,7 +45,7 @@ class PiperFamily(Family):
     description = "Piper/VITS voices (.onnx + .onnx.json): phonemized sentences in, audio out"
     sources = (PiperSentences,)
 
-    def recognizes(self, model_path: Path) -> bool:
+    def recognizes(self, model_path: Path, model) -> bool:
         return voice_config(model_path).is_file()
 
     def sidecars(self, model_path: Path) -> list[Path]:
