@@ -163,7 +163,8 @@ def _weight_only(model: onnx.ModelProto, out_path, params: QuantizeParams, nodes
                                                 accuracy_level=params.accuracy_level, bits=params.bits,
                                                 op_types_to_quantize=tuple(params.op_types or ["MatMul"]))
     # ORT quantizes a node that is included *or* of a listed op type: the scope must also exclude the rest.
-    outside = None if nodes is None else [n.name for n in model.graph.node if n.name not in set(nodes)]
+    inside = None if nodes is None else set(nodes)
+    outside = None if inside is None else [n.name for n in model.graph.node if n.name not in inside]
     quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_include=nodes, nodes_to_exclude=outside,
                                            algo_config=config)
     quantizer.process()

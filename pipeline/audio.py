@@ -41,8 +41,6 @@ class MelSettings:
     fmax: float = FMAX
 
 
-DEFAULT_MEL = MelSettings()
-
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
     # Slaney scale: linear below 1 kHz, logarithmic above (librosa's htk=False).

@@ -207,19 +207,20 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
 
 
 def _quality(label: str, reference: np.ndarray, candidate: np.ndarray, audio: AudioOutput | None) -> SentenceQuality:
-    sqnr = sqnr_db(reference, candidate) if reference.shape == candidate.shape else None
     if audio is None:
+        sqnr = sqnr_db(reference, candidate) if reference.shape == candidate.shape else None
         diff = (candidate.size - reference.size) / max(reference.size, 1)
         return SentenceQuality(label, reference.size, candidate.size, diff, None, sqnr, sqnr_db=sqnr)
-    cmp = compare_audio(reference, candidate, mel=audio.mel)
+    cmp = compare_audio(reference, candidate, mel=audio.mel)  # its SNR is the output's SQNR (same samples)
     return SentenceQuality(label, cmp.ref_samples, cmp.cand_samples, cmp.length_diff, cmp.log_mel_distance,
-                           cmp.snr_db, cmp.mcd_db, sqnr_db=sqnr)
+                           cmp.snr_db, cmp.mcd_db, sqnr_db=cmp.snr_db)
 
 
 def _durations_pinned(reference: Path, candidate: Path, durations: str | None, threads: int):
     """Reference and candidate with the candidate's durations pinned to the reference's, or None when the
     family names no duration tensor or the graph lacks it (a changed length then stays unexplained)."""
-    from .pinning import PinnedPair, intermediate_names
+    from .graph import intermediate_names
+    from .pinning import PinnedPair
 
     if durations is None or candidate.is_dir() or durations not in intermediate_names(load_onnx(candidate)):
         return None

@@ -36,7 +36,7 @@ from .graph import cleanup, producers, toposort, with_outputs
 from .onnx_io import as_ort_type, session, tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
-from .results import json_float
+from .results import SCHEMA, json_float
 
 if TYPE_CHECKING:
     from .metrics import Metric
@@ -196,7 +196,7 @@ class CheckResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": "tts-onnx-pipeline/check/1",
+            "schema": SCHEMA,
             "samples": self.samples,
             "reference": self.reference,
             "candidate": self.candidate,

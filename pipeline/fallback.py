@@ -143,7 +143,7 @@ def _evaluate(report: CheckReport, result: RunResult, spec: FallbackSpec) -> tup
         met &= out.sqnr_db >= spec.min_output_sqnr_db
     if spec.max_log_mel is not None:
         if out.audio is None:
-            raise PipelineError("check.fallback.max_log_mel needs an audio output (a Piper voice)")
+            raise PipelineError("check.fallback.max_log_mel needs an audio output, and this model has none")
         parts.append(f"log-mel max {out.audio.log_mel_max:.4f}")
         met &= out.audio.log_mel_max <= spec.max_log_mel
     size = _size_ratio(result)

@@ -19,9 +19,10 @@ from .audio import compare_audio
 from .errors import PipelineError
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from .families import AudioOutput, Family
     from .modelset import ModelSet
-    from .recipe import CheckSpec
     from .results import CheckReport
 
 
@@ -129,6 +130,9 @@ class TokenMetric(Metric):
         return [f"teacher-forced top-1 agreement {agreement:.3f} < {limit}"]
 
 
+BUILT_IN: tuple[type[Metric], ...] = (BlockSQNR, OutputSQNR, AudioMetric, TokenMetric)
+
+
 def metrics_for(family: Family, ms: ModelSet | None) -> list[Metric]:
     """The metrics a ModelSet of `family` has (`ms` None: before an exporter ran; its family still knows)."""
     found: list[Metric] = [BlockSQNR(), OutputSQNR()]
@@ -140,10 +144,11 @@ def metrics_for(family: Family, ms: ModelSet | None) -> list[Metric]:
     return found + list(family.metrics(ms))
 
 
-def check_limits(check: CheckSpec) -> dict[str, float]:
-    """Every threshold the check sets: the named fields, then plug-in metrics' `thresholds`."""
-    named = {k: getattr(check, k) for k in ("min_sqnr_db", "min_output_sqnr_db", "max_log_mel", "min_top1_agreement")}
-    return {k: v for k, v in {**named, **check.thresholds}.items() if v is not None}
+def check_limits(spec: BaseModel) -> dict[str, float]:
+    """Every threshold a check (or its fallback) sets: its fields named after a built-in metric's threshold,
+    then its `thresholds` for plug-in metrics."""
+    named = {t: getattr(spec, t, None) for cls in BUILT_IN for t in cls.thresholds}
+    return {k: v for k, v in {**named, **getattr(spec, "thresholds", {})}.items() if v is not None}
 
 
 def require_measurable(limits: dict[str, float], metrics: list[Metric], family: Family, where: str) -> None:
@@ -160,7 +165,7 @@ def require_measurable(limits: dict[str, float], metrics: list[Metric], family: 
 
 
 def _metric_classes(family: Family) -> list[type[Metric]]:
-    return [BlockSQNR, OutputSQNR, AudioMetric, TokenMetric] + [type(m) for m in family.metrics(None)]
+    return list(BUILT_IN) + [type(m) for m in family.metrics(None)]
 
 
 def failures(report: CheckReport, limits: dict[str, float], metrics: list[Metric]) -> list[str]:

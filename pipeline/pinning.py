@@ -17,11 +17,10 @@ import numpy as np
 import onnx
 
 from .errors import PipelineError
-from .graph import intermediate_names, pin, with_outputs
+from .graph import pin, with_outputs
 from .onnx_io import as_ort_type, load_onnx, session
 
-__all__ = ["PinnedPair", "PinnedRun", "capture", "run_pinned",
-           "intermediate_names"]  # pipeline.bench imports it from here; it lives in pipeline.graph
+__all__ = ["PinnedPair", "PinnedRun", "capture", "run_pinned"]
 
 Feeds = dict[str, np.ndarray]
 

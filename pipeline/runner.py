@@ -110,7 +110,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
         model_path = resolve_model_path(recipe.model, recipe)
         base = load_onnx(model_path)
         family = get_family(recipe.model.family, f"{where}: model.family") if recipe.model.family \
-            else detect_family(model_path)
+            else detect_family(model_path, base)
     if recipe.check is not None:
         _check_thresholds(recipe.check, family, where)
     steps = []
@@ -153,9 +153,7 @@ def _check_thresholds(check, family, where: str) -> None:
     metrics = metrics_for(family, None)
     require_measurable(check_limits(check), metrics, family, f"{where}: check")
     if check.fallback is not None:
-        targets = {k: v for k, v in (("min_output_sqnr_db", check.fallback.min_output_sqnr_db),
-                                     ("max_log_mel", check.fallback.max_log_mel)) if v is not None}
-        require_measurable(targets, metrics, family, f"{where}: check.fallback")
+        require_measurable(check_limits(check.fallback), metrics, family, f"{where}: check.fallback")
 
 
 def fallback_step_index(recipe: Recipe) -> int:
@@ -269,7 +267,7 @@ class Runner:
         from .report import write_reports
 
         check, family = self.plan.recipe.check, self.plan.family
-        entry = family.entry_graph(base) if len(base.names()) > 1 else base.names()[0]
+        entry = family.entry_graph(base)
         feeds, inputs = eval_feeds(base.path(entry), check.samples, family, self.plan.recipe, check, ms=base)
         blocks = self.plan.recipe.blocks
         key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
