@@ -144,6 +144,14 @@ def _preview(ids: list[str], limit: int = 12) -> str:
 
 
 
+QUANTIZER_SUFFIX = re.compile(r"_(quant|QuantizeLinear|Q\d)$")
+
+
+def replaced_name(name: str) -> str:
+    """The name of the node a quantizer's node replaced (`X_Q8`, `X_quant` -> `X`); else the name itself."""
+    return QUANTIZER_SUFFIX.sub("", name)
+
+
 def adopt_new_nodes(model: onnx.ModelProto, old_names: set[str], spec: BlockSpec | None) -> int:
     """Rename nodes a pass added so they fall in the block of the node they serve.
 
@@ -164,9 +172,11 @@ def adopt_new_nodes(model: onnx.ModelProto, old_names: set[str], spec: BlockSpec
             while n.name in taken:
                 n.name += "_"
             taken.add(n.name)
-    settled = {n.name for n in nodes if n.name in old_names}
+    # A node named after an old one plus a quantizer's suffix (`/mlp/down_proj/MatMul_Q8`) replaces it: it is
+    # that node's block's, even where its consumer lies in another block.
+    settled = {n.name for n in nodes if n.name in old_names or replaced_name(n.name) in old_names}
     renamed = 0
-    pending = [n for n in nodes if n.name not in old_names]
+    pending = [n for n in nodes if n.name not in settled]
     while pending:
         progress = False
         for node in list(pending):

@@ -210,6 +210,19 @@ def cleanup(model: onnx.ModelProto, removable: Callable[[onnx.NodeProto], bool] 
     return len(nodes) - len(keep)
 
 
+def drop_unused_initializers(model: onnx.ModelProto) -> int:
+    """Drop, in place, the initializers no node reads (subgraph reads included) and no graph output is.
+    What stays keeps its order. Returns how many were dropped."""
+    graph = model.graph
+    used = {name for node in graph.node for name in node_inputs(node)} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    dropped = len(graph.initializer) - len(keep)
+    if dropped:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return dropped
+
+
 def _live_nodes(model: onnx.ModelProto, removable: Callable[[onnx.NodeProto], bool] | None) -> set[int]:
     """Indices of the nodes the graph outputs need, and of those `removable` refuses (and what they need)."""
     imported = gs.import_onnx(model)  # a copy for the question only: nothing is exported back
