@@ -46,6 +46,7 @@ not match and why, instead of shipping a model that silently stayed unfused.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import Counter, defaultdict
@@ -58,11 +59,14 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import Field
 
+from pipeline import kv_cache
 from pipeline.blocks import block_of
 from pipeline.errors import PipelineError
 from pipeline.graph import cleanup, consumers, producers, toposort
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
+
+IN_PLACE = kv_cache.IN_PLACE
 
 MS = "com.microsoft"
 ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention")
@@ -89,6 +93,11 @@ class FuseParams(Params):
                                    "attention into MultiHeadAttention.")
     expect: dict[str, int] = Field(default_factory=dict, description="Fused op -> minimum count in the graph "
                                    "(e.g. `{MultiHeadAttention: 1}`); a shortfall fails naming block and pattern.")
+    kv_cache: Literal["concat", "in_place"] = Field(
+        "concat", description="`concat`: MultiHeadAttention, present = past ++ new (a new cache each call); "
+                              "`in_place`: GroupQueryAttention over one preallocated past/present buffer, rotary "
+                              "inside it from cos/sin tables given once per generation (pipeline/kv_cache.py). "
+                              "Every attention of the graph must match.")
 
 
 @dataclass
@@ -115,8 +124,13 @@ class FuseAttention(Pass):
             raise PipelineError(f"fuse_attention: expect names unknown fused ops {unknown} "
                                 f"(known: {', '.join(FUSED_OPS)})")
         out, misses = copy_model(model), []
+        if params.kv_cache == IN_PLACE and not params.rotary_attention:
+            raise PipelineError("fuse_attention: kv_cache 'in_place' needs the structural matcher "
+                                "(rotary_attention: true)")
         if params.rotary_attention:
-            misses = fuse_rotary_attention(out, params.num_heads)
+            misses = fuse_rotary_attention(out, params.num_heads, in_place=params.kv_cache == IN_PLACE)
+            if params.kv_cache == IN_PLACE:
+                _require_all_attention(misses, ctx)
         out = _ort_fusions(out, params, ctx)
         misses += _unfused_norms(out)
         _declare_domains(out)
@@ -314,13 +328,13 @@ class Graph:
         self.refresh()
 
 
-def fuse_rotary_attention(model: onnx.ModelProto, num_heads: int = 0) -> list[Miss]:
-    """Fuse in place: RoPE first (attention then finds RotaryEmbedding on Q and K), then attention.
-    Returns the candidates that did not match."""
+def fuse_rotary_attention(model: onnx.ModelProto, num_heads: int = 0, in_place: bool = False) -> list[Miss]:
+    """Fuse in place: RoPE first (attention then finds RotaryEmbedding on Q and K), then attention
+    (GroupQueryAttention over a shared KV buffer when `in_place`). Returns the candidates that did not match."""
     g = Graph(model)
     misses = _fuse_rotary(g)
     g.finish()
-    misses += _fuse_attention(g, num_heads)
+    misses += _fuse_attention(g, num_heads, in_place)
     g.finish()
     if any(n.domain == MS for n in g.graph.node) and MS not in {o.domain for o in model.opset_import}:
         model.opset_import.add(domain=MS, version=1)
@@ -486,11 +500,14 @@ class AttentionMatch:
     merge: onnx.NodeProto | None = None  # the Reshape back to [B, S, hidden]
 
 
-def _fuse_attention(g: Graph, num_heads: int) -> list[Miss]:
+def _fuse_attention(g: Graph, num_heads: int, in_place: bool = False) -> list[Miss]:
     misses = []
     for softmax in [n for n in g.graph.node if n.op_type == "Softmax"]:
         try:
             m = _match_attention(g, softmax, num_heads)
+            if in_place:
+                _group_query_attention(g, m, softmax)
+                continue
         except NoMatch as e:
             misses.append(Miss("attention", softmax, str(e)))
             continue
@@ -503,6 +520,104 @@ def _fuse_attention(g: Graph, num_heads: int) -> list[Miss]:
         outputs = [m.out, *(m.present or ())]
         g.node("MultiHeadAttention", inputs[:len(inputs) if m.past else 3], outputs, softmax, domain=MS, **attrs)
     return misses
+
+
+def _group_query_attention(g: Graph, m: AttentionMatch, softmax: onnx.NodeProto) -> None:
+    """The matched attention as GroupQueryAttention over a shared past/present buffer (pipeline/kv_cache.py).
+
+    Its rotary moves inside the op (do_rotary, from cos/sin tables that are graph inputs), so the per-layer
+    position and angle arithmetic goes dead; the graph's inputs change to the in-place convention."""
+    if m.past is None:
+        raise NoMatch("the attention has no past key/value graph inputs: no cache to keep in place")
+    if not m.causal:
+        raise NoMatch("the attention is not causally masked; GroupQueryAttention's cache attention is causal")
+    if (m.q.rotary is None) != (m.k.rotary is None):
+        raise NoMatch("only one of query and key is rotated")
+    inv_freq = _rotary_inv_freq(g, m) if m.q.rotary is not None else None
+    attrs = {"num_heads": m.q.heads, "kv_num_heads": m.k.heads, "scale": m.scale,
+             "do_rotary": int(inv_freq is not None)}
+    inputs = [m.q.flat, m.k.flat, m.v.flat, *m.past, kv_cache.SEQLENS, kv_cache.TOTAL]
+    if inv_freq is not None:
+        inputs += [kv_cache.COS, kv_cache.SIN]
+    g.remove([m.merge, *m.present_nodes])
+    g.node("GroupQueryAttention", inputs, [m.out, *m.present], softmax, domain=MS, **attrs)
+    _in_place_interface(g, m, inv_freq)
+
+
+def _rotary_inv_freq(g: Graph, m: AttentionMatch) -> np.ndarray:
+    """The inverse frequencies of a RoPE whose angles are absolute positions x constants, checked to be
+    what GroupQueryAttention computes: non-interleaved, full head size, positions past length + 0..S-1."""
+    for rotary in (m.q.rotary, m.k.rotary):
+        if _attr(rotary, "interleaved", 0) or _attr(rotary, "rotary_embedding_dim", 0):
+            raise NoMatch("the rotary embedding is interleaved or partial")
+    if m.q.rotary.input[2:4] != m.k.rotary.input[2:4]:
+        raise NoMatch("query and key are rotated with different tables")
+    cos = g.parent(m.q.rotary.input[2], ["Cos"], "the rotary cos table")
+    freqs = g.parent(cos.input[0], ["Mul", "MatMul"], "the rotary angles")
+    constants = [g.const(i) for i in freqs.input]
+    if sum(c is not None for c in constants) != 1:
+        raise NoMatch("the rotary angles are not positions times constant inverse frequencies")
+    k = 0 if constants[0] is not None else 1
+    inv_freq = np.ravel(constants[k]).astype(np.float32)
+    if inv_freq.size * 2 != m.q.head_dim:
+        raise NoMatch(f"{inv_freq.size} rotary frequencies for head size {m.q.head_dim}")
+    if not _absolute_positions(g, freqs.input[1 - k], m.past[0]):
+        raise NoMatch("the rotary positions are not past length + 0..S-1")
+    return inv_freq
+
+
+def _absolute_positions(g: Graph, tensor: str, past_key: str) -> bool:
+    """Unsqueeze(Range(0, S, 1) + past length, 1), the past length read off past_key's axis 2."""
+    node = g.producer.get(tensor)
+    if node is None or node.op_type != "Unsqueeze" or \
+            (g.ints(node.input[1]) if len(node.input) > 1 else _attr(node, "axes")) != [1]:
+        return False
+    add = g.parent(node.input[0], ["Add"], "the rotary positions")
+    kinds = {}
+    for i in add.input:
+        p = g.producer.get(i)
+        while p is not None and p.op_type == "Cast":
+            p = g.producer.get(p.input[0])
+        kinds[getattr(p, "op_type", None)] = p
+    rng, gather = kinds.get("Range"), kinds.get("Gather")
+    if rng is None or gather is None or g.ints(rng.input[0]) != [0] or g.ints(rng.input[2]) != [1]:
+        return False
+    shape = g.producer.get(gather.input[0])
+    return shape is not None and shape.op_type == "Shape" and shape.input[0] == past_key \
+        and g.ints(gather.input[1]) == [2]
+
+
+def _in_place_interface(g: Graph, m: AttentionMatch, inv_freq: np.ndarray | None) -> None:
+    """Graph inputs and outputs of the in-place convention, and the metadata a runtime builds tables from."""
+    graph = g.graph
+    for value in [*graph.input, *graph.output]:
+        if value.name in (*m.past, *m.present):
+            value.type.tensor_type.shape.dim[2].dim_param = "kv_capacity"
+    names = {i.name for i in graph.input}
+    new = [helper.make_tensor_value_info(kv_cache.SEQLENS, onnx.TensorProto.INT32, ["batch"]),
+           helper.make_tensor_value_info(kv_cache.TOTAL, onnx.TensorProto.INT32, [])]
+    if inv_freq is not None:
+        elem = graph.input[[i.name for i in graph.input].index(m.past[0])].type.tensor_type.elem_type
+        new += [helper.make_tensor_value_info(t, elem, ["positions", inv_freq.size])
+                for t in (kv_cache.COS, kv_cache.SIN)]
+    graph.input.extend(v for v in new if v.name not in names)
+    props = {p.key: p for p in g.model.metadata_props}
+    meta = {kv_cache.LAYOUT_KEY: kv_cache.IN_PLACE}
+    if inv_freq is not None:
+        meta[kv_cache.INV_FREQ_KEY] = json.dumps([float(f) for f in inv_freq])
+    for key, value in meta.items():
+        (props[key] if key in props else g.model.metadata_props.add(key=key)).value = value
+
+
+def _require_all_attention(misses: list[Miss], ctx: PassContext) -> None:
+    """In-place caching is all or nothing per graph: an unfused attention would still concat its cache."""
+    missed = [m for m in misses if m.pattern == "attention"]
+    if missed:
+        first = missed[0]
+        block = ctx.blocks.node_block.get(first.node.name) or block_of(first.node, ctx.blocks.spec,
+                                                                       _block_patterns(ctx))
+        raise PipelineError(f"fuse_attention: kv_cache 'in_place' on {ctx.graph_name!r}: its attention did not "
+                            f"match in {block} at {first.node.name or 'Softmax'}: {first.reason}")
 
 
 def _with_rotary(g: Graph, heads: Heads) -> str:

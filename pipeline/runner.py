@@ -35,7 +35,7 @@ from passes import get_pass
 from passes.base import Params as PassParams
 from passes.base import Pass, PassContext, op_counts
 
-from . import __version__
+from . import __version__, kv_cache
 from .blocks import BlockPartition, adopt_new_nodes
 from .errors import PipelineError
 from .modelset import ModelSet, file_sha256
@@ -388,9 +388,11 @@ class Runner:
 
         def iterate() -> Iterator[Feeds]:
             feeds = self._graph_feeds(graph, current, f"{label}: capturing {graph} inputs")
+            # Captured from the FP32 reference, whose layers may keep their KV cache the other way.
+            adapt = kv_cache.feed_adapter(current.path(graph))
             for i, f in enumerate(feeds):
                 self.progress(f"{label}: calibrating", i, len(feeds))
-                yield f
+                yield adapt(f)
             self.progress(f"{label}: calibrating", len(feeds), len(feeds))
 
         return iterate

@@ -9,6 +9,7 @@ import pytest
 
 from passes import get_pass
 from passes.base import PassContext
+from pipeline import kv_cache
 from pipeline.blocks import BlockPartition
 from pipeline.errors import PipelineError
 from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
@@ -149,3 +150,91 @@ def test_greedy_generation_with_fused_layers_equals_unfused(base, fused, tmp_pat
     want_codes, _ = ref.generate_codes([3, 14, 15], 8)
     got_codes, _ = cand.generate_codes([3, 14, 15], 8)
     assert got_codes == want_codes and len(want_codes) == 8
+
+
+# --- kv_cache: in_place (GroupQueryAttention over one past/present buffer) --------------------------------
+
+IN_PLACE_EXPECT = {"GroupQueryAttention": 1, "SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 1}
+
+
+def in_place(model: onnx.ModelProto, graph: str, pack: bool = True) -> onnx.ModelProto:
+    out = fuse(model, graph, kv_cache="in_place", expect=IN_PLACE_EXPECT).model
+    if pack:
+        fuser = get_pass("fuse_matmuls")
+        out = fuser.apply(out, fuser.Params(expect_min_groups=2), PassContext(graph, BlockPartition(out), None,
+                                                                              Path("."))).model
+    return out
+
+
+def test_in_place_layers_compute_what_the_unfused_ones_do(base):
+    """Fed the concat convention's inputs (a buffer of exactly past + new), every output is the same, with
+    q/k/v packed into one MatMul and without; batch 2 only where ORT's kernel takes it (one new token)."""
+    for name in base.meta["layers"]:
+        layer = base.load(name)
+        for pack in (False, True):
+            ref, cand = session(layer), session(in_place(layer, name, pack))
+            inv_freq = kv_cache.inv_freq_of(in_place(layer, name, pack))
+            for batch, past, new in [(1, 0, 9), (1, 9, 1), (1, 5, 3), (2, 7, 1), (2, 0, 4)]:
+                feed = feeds(batch, past, new)
+                got = cand.run(None, kv_cache.contract_feeds(feed, inv_freq))
+                for out, want, have in zip(["hidden_out", "present_key", "present_value"], ref.run(None, feed), got):
+                    assert have.shape == want.shape and sqnr_db(want, have) >= 60, (name, pack, out, batch, past)
+
+
+def test_in_place_layer_takes_the_step_inputs_and_computes_positions_no_more(base):
+    layer = base.load("layer_00")
+    result = fuse(layer, "layer_00", kv_cache="in_place", expect=IN_PLACE_EXPECT)
+    out = result.model
+    assert result.stats["fused_per_block"]["/self_attn"] == {"GroupQueryAttention": 1}
+    assert [i.name for i in out.graph.input] == ["hidden", "past_key", "past_value", *kv_cache.STEP_INPUTS]
+    assert [o.name for o in out.graph.output] == [o.name for o in layer.graph.output]
+    ops = [n.op_type for n in out.graph.node]
+    # RoPE, the position Range and the angle tables were every layer's work every step: now the op's.
+    assert not {"RotaryEmbedding", "Range", "Cos", "Sin", "Concat", "Softmax"} & set(ops), ops
+    gqa = next(n for n in out.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs == {"num_heads": HEADS, "kv_num_heads": HEADS, "scale": pytest.approx(0.25), "do_rotary": 1}
+    theta = base.meta["config"]["rope_theta"]
+    want = 1.0 / theta ** (np.arange(0, HEAD_DIM, 2, dtype=np.float32) / HEAD_DIM)
+    np.testing.assert_allclose(kv_cache.inv_freq_of(out), want, rtol=1e-6)
+    packed = in_place(layer, "layer_00")
+    assert [n.op_type for n in packed.graph.node].count("MatMul") == 4  # q+k+v, o, gate+up, down
+    gqa = next(n for n in packed.graph.node if n.op_type == "GroupQueryAttention")
+    assert list(gqa.input[1:3]) == ["", ""]  # packed q/k/v, no Split in between
+    check_loads(packed, "in-place layer")
+
+
+def test_in_place_on_an_attention_the_pass_did_not_match_names_the_layer(base):
+    layer = base.load("layer_01")
+    for node in layer.graph.node:
+        if node.op_type == "Greater":
+            node.op_type = "Less"
+    before = layer.SerializeToString()
+    with pytest.raises(PipelineError, match=r"^fuse_attention: kv_cache 'in_place' on 'layer_01': its attention did "
+                                            r"not match in /self_attn at /self_attn/Softmax: the mask is not causal"):
+        fuse(layer, "layer_01", kv_cache="in_place")
+    assert layer.SerializeToString() == before
+    with pytest.raises(PipelineError, match="needs the structural matcher"):
+        fuse(base.load("layer_00"), "layer_00", kv_cache="in_place", rotary_attention=False)
+
+
+def test_in_place_cache_gives_the_same_greedy_tokens_for_64_steps(base, tmp_path):
+    """Text and audio-code mode, through the runtime's shared buffers, against today's concat graphs."""
+    out = base.derive(tmp_path / "in_place")
+    out.root.mkdir(parents=True)
+    for name in base.names():
+        if name in base.meta["layers"]:
+            out.save_graph(name, in_place(base.load(name), name))
+        else:
+            out.copy_graph_from(base, name)
+    out.write_manifest()
+    ref, cand = ChatTTSRuntime(base.root), ChatTTSRuntime(out.root)
+    assert cand.in_place and not ref.in_place
+    frames = []
+    for prompt in ([3, 14, 15, 92, 65], [7] * 30 + [1, 2]):
+        want = ref.generate_text(prompt, 64).ids
+        assert cand.generate_text(prompt, 64).ids == want and len(set(want)) > 3
+        want_codes, _ = ref.generate_codes(prompt, 64)
+        assert cand.generate_codes(prompt, 64)[0] == want_codes
+        frames.append(len(want_codes))
+    assert max(frames) == 64  # one prompt's codes run all 64 steps without an EOS frame

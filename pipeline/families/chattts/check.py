@@ -62,7 +62,7 @@ def _chain(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None
     ins = {}
     for name in rt.layers:
         ins[name] = h = feed_from[name] if feed_from else h
-        outs[name] = rt.sessions[name].run(None, {"hidden": h, "past_key": empty, "past_value": empty})
+        outs[name] = rt.run_layer(name, h, empty, empty)
         h = outs[name][0]
     for name in ("norm", "lm_head_code" if frames else "lm_head_text"):
         ins[name] = h = feed_from[name] if feed_from else h

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ... import kv_cache
 from ...errors import PipelineError
 from ...modelset import ModelSet
 from ...onnx_io import session
@@ -86,6 +87,31 @@ class ChatTTSRuntime:
         # no slower (measured 12.1 vs 11.4 ms; 7.4 ms both at 128 tokens).
         self.sessions = {n: session(self.ms.path(n), threads=threads, spinning=False, arena=False)
                          for n in self.ms.names()}
+        self.in_place, self.inv_freq = self._kv_layout()
+
+    def _kv_layout(self) -> tuple[bool, np.ndarray | None]:
+        """Whether the layers keep their cache in place (pipeline/kv_cache.py), and their rotary frequencies."""
+        kinds = {n: kv_cache.is_in_place(i.name for i in self.sessions[n].get_inputs()) for n in self.layers}
+        if len(set(kinds.values())) > 1:
+            odd = [n for n, k in kinds.items() if k != kinds[self.layers[0]]]
+            raise PipelineError(f"{self.ms.root}: layers mix KV-cache conventions ({', '.join(odd[:3])} differ from "
+                                f"{self.layers[0]}); run fuse_attention with kv_cache in_place on every layer")
+        if not kinds[self.layers[0]]:
+            return False, None
+        freqs = [kv_cache.inv_freq_of(self.ms.path(n)) for n in self.layers]
+        if any((f is None) != (freqs[0] is None) or (f is not None and not np.array_equal(f, freqs[0]))
+               for f in freqs):
+            raise PipelineError(f"{self.ms.root}: in-place layers disagree on their rotary frequencies")
+        return True, freqs[0]
+
+    def run_layer(self, name: str, hidden: np.ndarray, past_key: np.ndarray, past_value: np.ndarray
+                  ) -> list[np.ndarray]:
+        """[hidden_out, present_key, present_value] of one layer on its own, present = past ++ new whichever
+        KV convention the graph keeps (the check and calibration capture feed layers this way)."""
+        feeds = {"hidden": hidden, "past_key": past_key, "past_value": past_value}
+        if self.in_place:
+            feeds = kv_cache.contract_feeds(feeds, self.inv_freq)
+        return self.sessions[name].run(None, feeds)
 
     def empty_kv(self, batch: int = 1) -> np.ndarray:
         """An empty past key (or value) [batch, heads, 0, head_dim], for running a layer graph on its own."""
@@ -213,6 +239,39 @@ class KVBuffers:
         return {self.data[i, kv, s].ctypes.data for i in range(layers) for kv in (0, 1) for s in (0, 1)}
 
 
+class InPlaceKV:
+    """The KV cache of one generation for layers that keep it in place: per layer one key and one value
+    buffer for `max_len` positions, bound once as both past and present; a step writes only its new
+    positions. The step's lengths and the rotary tables are shared by every layer: the lengths are two
+    small arrays updated in place, the tables computed once here."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, max_len: int, inv_freq: np.ndarray | None):
+        self.max_len, self.length = max_len, 0
+        # np.empty: pages are committed as the cache grows into them.
+        self.data = np.empty((layers, 2, 1, heads, max_len, head_dim), np.float32)
+        self.lengths = kv_cache.step_inputs(1)
+        self.shared = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.lengths.items()}
+        if inv_freq is not None:
+            self.tables = dict(zip((kv_cache.COS, kv_cache.SIN), kv_cache.rotary_tables(inv_freq, max_len)))
+            self.shared.update({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.tables.items()})
+
+    def bindings(self) -> list[dict[str, ort.OrtValue]]:
+        """Per layer, its inputs: past_key/past_value (also its presents) and the shared step inputs."""
+        return [{"past_key": ort.OrtValue.ortvalue_from_numpy(self.data[i, 0]),
+                 "past_value": ort.OrtValue.ortvalue_from_numpy(self.data[i, 1]), **self.shared}
+                for i in range(self.data.shape[0])]
+
+    def advance(self, new: int) -> None:
+        """Set the step's lengths for `new` positions; the cache counts as grown from here on."""
+        total = self.length + new
+        if total > self.max_len:
+            raise PipelineError(f"KV cache full: {self.length} + {new} positions exceed the {self.max_len} "
+                                f"allocated for this generation")
+        self.lengths[kv_cache.SEQLENS][:] = total - 1
+        self.lengths[kv_cache.TOTAL][...] = total
+        self.length = total
+
+
 class Decoder:
     """One generation's chain of sessions over io_binding: embedding -> layers -> norm -> one head.
 
@@ -228,8 +287,17 @@ class Decoder:
         self.runs = {n: rt.sessions[n].run_with_iobinding for n in self.bindings}
         # Outputs by position, as `run(None, ...)` takes them (a layer's hidden output is named hidden_out).
         self.outputs = {n: [o.name for o in rt.sessions[n].get_outputs()] for n in self.bindings}
-        self.kv = KVBuffers(len(rt.layers), c.get("num_key_value_heads") or heads,
-                            c["hidden_size"] // heads, max_len)
+        dims = (len(rt.layers), c.get("num_key_value_heads") or heads, c["hidden_size"] // heads, max_len)
+        self.in_place = rt.in_place
+        if rt.in_place:
+            self.kv = InPlaceKV(*dims, inv_freq=rt.inv_freq)
+            for name, values in zip(self.layers, self.kv.bindings()):
+                for input_name, value in values.items():
+                    self.bindings[name].bind_ortvalue_input(input_name, value)
+                self._bind_out(name, 1, values["past_key"])
+                self._bind_out(name, 2, values["past_value"])
+        else:
+            self.kv = KVBuffers(*dims)
         self.hidden_size = c["hidden_size"]
         self.hidden = np.empty((2, max_tokens * self.hidden_size), np.float32)
         self.normed = np.empty((1, 1, self.hidden_size), np.float32)
@@ -270,6 +338,17 @@ class Decoder:
         self.bindings[embed].bind_cpu_input("input_ids", input_ids)
         self._bind_out(embed, 0, self.hidden_values[0])
         self.runs[embed](self.bindings[embed])
+        if self.in_place:
+            self.kv.advance(tokens)
+            for name in self.layers:
+                self.runs[name](self.bindings[name])
+        else:
+            self._concat_layers(tokens)
+        self.runs["norm"](self.bindings["norm"])
+        self.runs[self.head](self.bindings[self.head])
+        return self.logits
+
+    def _concat_layers(self, tokens: int) -> None:
         for name, (past, present) in zip(self.layers, self.kv.grow(tokens)):
             binding = self.bindings[name]
             binding.bind_ortvalue_input("past_key", past[0])
@@ -277,6 +356,3 @@ class Decoder:
             self._bind_out(name, 1, present[0])
             self._bind_out(name, 2, present[1])
             self.runs[name](binding)
-        self.runs["norm"](self.bindings["norm"])
-        self.runs[self.head](self.bindings[self.head])
-        return self.logits

@@ -1,0 +1,97 @@
+"""The in-place KV cache convention: layer graphs whose past and present share one preallocated buffer.
+
+`fuse_attention` with `kv_cache: in_place` turns a layer's attention into ONNX
+Runtime's GroupQueryAttention. Such a graph takes, besides its hidden state:
+
+- `past_key` / `past_value` [B, H, capacity, D]: a buffer for every position of
+  the generation, of which the first `seqlens_k + 1 - S` are the cache so far;
+  `present_key` / `present_value` are the same buffer (bind both to one
+  OrtValue), and a step writes only its S new positions into it;
+- `seqlens_k` int32 [B]: total length after this step, minus one;
+- `total_sequence_length` int32 scalar: the same total (batch 1);
+- `cos_cache` / `sin_cache` [positions, D/2]: the rotary tables of every
+  position, computed once per generation instead of in every layer every step
+  (when the attention had a rotary embedding).
+
+The graph's metadata says it (`kv_cache.layout`), and holds the rotary inverse
+frequencies the tables are built from (`kv_cache.rotary_inv_freq`), read off
+the graph by the pass, so a runtime needs no model config to build them.
+
+A graph of the other convention (present = past ++ new, a new tensor each
+call) is what exporters write and checks compare against. `contract_feeds`
+feeds an in-place graph the other convention's inputs (a buffer exactly the
+size of past + new, so its presents come out as past + new too), so
+calibration capture and the per-block check run either kind alike.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+LAYOUT_KEY = "kv_cache.layout"
+INV_FREQ_KEY = "kv_cache.rotary_inv_freq"
+IN_PLACE = "in_place"
+SEQLENS, TOTAL, COS, SIN = "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"
+STEP_INPUTS = (SEQLENS, TOTAL, COS, SIN)
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def is_in_place(input_names) -> bool:
+    """A graph of the in-place convention, told by its inputs (as a session or a proto lists them)."""
+    return SEQLENS in set(input_names)
+
+
+def inv_freq_of(model: onnx.ModelProto | Path) -> np.ndarray | None:
+    """The rotary inverse frequencies an in-place graph's tables are built from; None without rotary."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    value = metadata(model).get(INV_FREQ_KEY)
+    return None if value is None else np.array(json.loads(value), np.float32)
+
+
+def rotary_tables(inv_freq: np.ndarray, positions: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [positions, D/2] of angle position * inv_freq, computed in float32 as the exported graphs do."""
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :].astype(np.float32)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def step_inputs(total: int, batch: int = 1) -> dict[str, np.ndarray]:
+    """seqlens_k and total_sequence_length for a step that brings the cache to `total` positions."""
+    return {SEQLENS: np.full(batch, total - 1, np.int32), TOTAL: np.array(total, np.int32)}
+
+
+def contract_feeds(feeds: dict[str, np.ndarray], inv_freq: np.ndarray | None,
+                   hidden: str = "hidden") -> dict[str, np.ndarray]:
+    """An in-place graph's inputs for a step given as {hidden [B, S, .], past_key [B, H, P, D], past_value}:
+    buffers of exactly P + S positions holding the past, and the step's lengths and tables."""
+    past_k, past_v = feeds["past_key"], feeds["past_value"]
+    batch, new = feeds[hidden].shape[:2]
+    past = past_k.shape[2]
+    if batch != 1 and past and new > 1:
+        # ORT's GroupQueryAttention: "batch_size must be 1 when sequence_length > 1 and past context is given"
+        raise ValueError("in-place KV graphs take a multi-token step on a cache at batch 1 only")
+    total = past + new
+    out = {k: v for k, v in feeds.items() if k not in ("past_key", "past_value")}
+    for name, value in (("past_key", past_k), ("past_value", past_v)):
+        buf = np.zeros((*value.shape[:2], total, value.shape[3]), value.dtype)
+        buf[:, :, :past] = value
+        out[name] = buf
+    out.update(step_inputs(total, batch))
+    if inv_freq is not None:
+        out[COS], out[SIN] = rotary_tables(inv_freq, total, past_k.dtype)
+    return out
+
+
+def feed_adapter(graph: Path):
+    """feeds -> feeds for `graph`: `contract_feeds` when it is an in-place graph, else unchanged."""
+    model = onnx.load(str(graph), load_external_data=False)
+    if not is_in_place(i.name for i in model.graph.input):
+        return lambda feeds: feeds
+    inv_freq = inv_freq_of(model)
+    return lambda feeds: feeds if SEQLENS in feeds else contract_feeds(feeds, inv_freq)
