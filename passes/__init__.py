@@ -10,12 +10,13 @@ from .base import Pass
 from .compress_weights import CompressWeights
 from .fp16 import Fp16
 from .fuse_attention import FuseAttention
+from .fuse_matmuls import FuseMatmuls
 from .pin import Pin
 from .quantize import Quantize
 from .simplify import Simplify
 from .split import Split
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Simplify, FuseAttention, Fp16, Quantize, CompressWeights,
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Simplify, FuseAttention, FuseMatmuls, Fp16, Quantize, CompressWeights,
                                                             Split, Pin)}
 
 

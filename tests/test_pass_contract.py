@@ -138,7 +138,9 @@ class Case:
 
 CASES: dict[str, list[Case]] = {
     "simplify": [Case(conv_net, {})],
-    "fuse_attention": [Case(attention_layer, {"expect": {"MultiHeadAttention": 1, "RotaryEmbedding": 2}})],
+    "fuse_attention": [Case(attention_layer, {"expect": {"MultiHeadAttention": 1, "RotaryEmbedding": 2}}),
+                       Case(attention_layer, {"kv_cache": "in_place", "expect": {"GroupQueryAttention": 1}})],
+    "fuse_matmuls": [Case(attention_layer, {"expect_min_groups": 1}, block="/mlp")],
     "fp16": [Case(conv_net, {}, block="/enc/layers.1", feeds=conv_feeds)],
     "quantize": [Case(conv_net, {"mode": "dynamic"}, block="/enc/layers.1"),
                  Case(conv_net, {"mode": "static", "op_types": ["Conv"]}, block="/enc/layers.1", feeds=conv_feeds),
