@@ -1,4 +1,4 @@
-"""quantize: INT8 through onnxruntime.quantization: dynamic, static (QDQ), or weight-only MatMulNBits.
+"""quantize: INT8 (or INT4 weight-only) through onnxruntime.quantization: dynamic, static (QDQ), or MatMulNBits.
 
 `dynamic` quantizes weights ahead of time and activations at run time
 (MatMulInteger/ConvInteger). It needs no data but ConvInteger has no fast CPU
@@ -11,7 +11,36 @@ the scope decides which blocks pay it.
 `weight_only` stores MatMul weights block-wise in `bits` (8 or 4) for ONNX
 Runtime's MatMulNBits kernel, activations staying float (accuracy_level 4
 computes in int8 on CPU): for memory-bound transformer decoding it is as fast
-as dynamic INT8 and more accurate (ChatTTS layer: 51.5 vs 46.7 dB).
+as dynamic INT8 and more accurate (ChatTTS layer: 51.5 vs 46.7 dB). `method`
+chooses how the weights are rounded:
+
+- `rtn` (default): symmetric round to nearest, one scale per block, no data
+  (what ONNX Runtime GenAI's builder does). 8 or 4 bits; the choice at 8 bits,
+  where rounding error is already small.
+- `hqq`: Half-Quadratic Quantization: per block a float scale and zero point
+  fitted to the weight itself (a proximal solver), no data. 4 bits only (its
+  float zero points have no CPU kernel at 8 bits), and the CPU computes these
+  nodes in fp32 whatever accuracy_level says. 1.5-2.5 dB over `rtn` at 4 bits
+  on random Gaussian weights: the 4-bit choice without calibration data. (ORT
+  runs its solver on CUDA, in fp16, when torch sees a GPU: other weights.)
+- `gptq`: GPTQ: a weight's input rows are rounded one at a time and each
+  row's error is pushed onto the rows not yet rounded, weighted by the layer's
+  input Hessian (X^T X) captured from the float graph on the calibration
+  feeds, so the error goes where the layer's real inputs do not look. 4 bits,
+  asymmetric, needs calibration data. Worth it when inputs are correlated, as
+  transformer hidden states are: +10 dB over `rtn` on a layer fed rank-16
+  inputs (tests/test_quantize_nbits.py); on white inputs there is nothing to
+  use, and it only fits the Hessian's sampling noise. ORT 1.32's own GPTQ
+  never applies that feedback (it reads the zero triangle of its Cholesky
+  factor, so it returns plain asymmetric round to nearest): `_gptq` replaces
+  it while the pass runs. ORT then re-rounds the result on a fresh min/max
+  grid per block, which gives back 0.5-2 dB of the gain.
+
+MatMulNBits pads a weight whose input dimension K is not a multiple of the
+block size, silently, and the kernel only takes power-of-two blocks of at
+least 16 (ORT's RTN quantizer at most 256; its GPTQ packs zero points across
+rows, so it needs an even number of blocks along K). A block size that breaks
+one of these fails the step naming the node and the block sizes that fit.
 
 The scope becomes `nodes_to_quantize`; nodes outside it stay in float.
 `expect_min_nodes` declares how many nodes must end up quantized, so a scope or
@@ -19,13 +48,18 @@ op list that quietly matches nothing fails loudly instead.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Literal
+from unittest import mock
 
+import numpy as np
 import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -74,11 +108,19 @@ class QuantizeParams(Params):
     expect_min_nodes: int | None = Field(default=None, ge=0, description="Fail the step when fewer nodes than "
                                          "this end up quantized (a scope or op list that matches nothing).")
     # weight_only (MatMulNBits) only:
-    bits: Literal[4, 8] = Field(8, description="`weight_only` only: bits per stored weight.")
+    bits: Literal[4, 8] = Field(8, description="`weight_only` only: bits per stored weight (`hqq` and `gptq`: 4).")
     block_size: int = Field(default=128, ge=16, description="`weight_only` only: weights per quantization block "
-                            "(one scale each) along the input dimension.")
+                            "(one scale each) along the input dimension; a power of two >= 16 that divides the "
+                            "input dimension of every MatMul quantized (`rtn`: at most 256).")
+    method: Literal["rtn", "hqq", "gptq"] = Field("rtn", description="`weight_only` only: how weights are rounded. "
+                                                  "`rtn`: symmetric round to nearest, no data (8 or 4 bits); `hqq`: "
+                                                  "Half-Quadratic Quantization, scale and zero point fitted to each "
+                                                  "block, no data (4 bits); `gptq`: GPTQ, rounding error pushed "
+                                                  "where the calibration inputs do not look (4 bits, needs "
+                                                  "calibration data).")
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(4, description="`weight_only` only: MatMulNBits' compute "
-                                                   "precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8).")
+                                                   "precision (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8; the CPU "
+                                                   "computes `hqq`'s nodes in fp32 at any level).")
 
 
 class _Reader(CalibrationDataReader):
@@ -89,18 +131,44 @@ class _Reader(CalibrationDataReader):
         return next(self._feeds, None)
 
 
+class _ListReader(CalibrationDataReader):
+    """Feeds held in a list. ORT's GPTQ deep-copies its reader and iterates the copy: a copy is a new reader
+    over the same (read-only) arrays, not a second copy of every feed."""
+
+    def __init__(self, feeds: list[Feeds]):
+        self._feeds = feeds
+        self._next = 0
+
+    def get_next(self) -> Feeds | None:
+        if self._next >= len(self._feeds):
+            return None
+        self._next += 1
+        return self._feeds[self._next - 1]
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def __deepcopy__(self, memo) -> _ListReader:
+        return _ListReader(self._feeds)
+
+
 class Quantize(Pass):
     name = "quantize"
     Params = QuantizeParams
     changes_precision = True
 
     def needs_calibration_for(self, params: QuantizeParams) -> bool:
-        return params.mode == "static"
+        return params.mode == "static" or (params.mode == "weight_only" and params.method == "gptq")
 
     def apply(self, model: onnx.ModelProto, params: QuantizeParams, ctx: PassContext) -> PassResult:
         nodes = sorted(ctx.selected) if ctx.selected is not None else None
         if nodes is not None and not nodes:
             raise PipelineError(f"quantize on {ctx.graph_name!r}: the scope selects no node")
+        if params.method != "rtn" and params.mode != "weight_only":
+            raise PipelineError(f"quantize method {params.method!r} is for mode 'weight_only' (MatMulNBits), "
+                                f"not {params.mode!r}")
+        if params.mode == "weight_only":
+            _check_weight_only(model, params, ctx)
         out_path = ctx.workdir / f"{ctx.graph_name}.quantized.onnx"
         common: dict[str, Any] = dict(op_types_to_quantize=params.op_types, per_channel=params.per_channel,
                                       reduce_range=params.reduce_range, weight_type=_TYPES[params.weight_type],
@@ -115,7 +183,7 @@ class Quantize(Pass):
         source = copy_model(model)
         try:
             if params.mode == "weight_only":
-                _weight_only(source, out_path, params, nodes)
+                _weight_only(source, out_path, params, nodes, ctx)
             elif params.mode == "dynamic":
                 quantize_dynamic(source, out_path, extra_options=extra, **common)
             else:
@@ -152,23 +220,205 @@ class Quantize(Pass):
                  "blocks_changed": dict(per_block),
                  "quantize_linear": _count(quantized, "QuantizeLinear"),
                  "dequantize_linear": _count(quantized, "DequantizeLinear")}
+        if params.mode == "weight_only":
+            stats.update(method=params.method, bits=params.bits, block_size=params.block_size,
+                         accuracy_level=params.accuracy_level)
         return PassResult(quantized, changed=count > 0, stats=stats)
 
 
-def _weight_only(model: onnx.ModelProto, out_path, params: QuantizeParams, nodes: list[str] | None) -> None:
+def _check_weight_only(model: onnx.ModelProto, params: QuantizeParams, ctx: PassContext) -> None:
+    """What MatMulNBits and ORT's quantizers would get wrong or fail on obscurely, as one line each."""
+    method, block = params.method, params.block_size
+    if method != "rtn" and params.bits != 4:
+        why = ("its float zero points have no CPU kernel at 8 bits" if method == "hqq"
+               else "ORT's GPTQ writes MatMulNBits only at 4 bits")
+        raise PipelineError(f"quantize method {method!r} stores 4-bit weights only ({why}): set bits: 4, or use "
+                            f"method 'rtn' for 8 bits")
+    if method != "rtn" and params.op_types not in (None, ["MatMul"]):
+        raise PipelineError(f"quantize method {method!r} quantizes MatMul weights only, not op_types "
+                            f"{params.op_types}")
+    if block & (block - 1):
+        raise PipelineError(f"quantize: block_size {block} is not a power of two >= 16 (MatMulNBits' rule)")
+    if method == "rtn" and block > 256:
+        raise PipelineError(f"quantize: block_size {block} is over 256, the largest ORT's round-to-nearest "
+                            f"quantizer takes (hqq and gptq take larger ones)")
+    if method == "gptq" and ctx.calibration is None:
+        raise PipelineError("quantize method 'gptq' needs calibration data (recipe 'calibration'): GPTQ fits each "
+                            "weight to the layer's captured inputs")
+    for node, k in _nbits_matmuls(model, params, ctx):
+        if k % block or (method == "gptq" and (k // block) % 2):
+            fits = [b for b in (2 ** e for e in range(4, k.bit_length())) if _block_fits(k, b, method)]
+            why = (f"gives {k // block} blocks, and ORT's GPTQ packs 4-bit zero points across rows, so it needs an "
+                   f"even count" if k % block == 0 else "does not divide it (MatMulNBits would pad it silently)")
+            hint = (f"block sizes that fit: {', '.join(map(str, fits))}" if fits
+                    else "no block size fits: keep this node out of the scope")
+            raise PipelineError(f"quantize ({method}) on {ctx.graph_name!r}: {node.op_type} {node.name!r} has input "
+                                f"dimension K={k}; block_size {block} {why}; {hint}")
+
+
+def _block_fits(k: int, block: int, method: str) -> bool:
+    return k % block == 0 and (method != "rtn" or block <= 256) and (method != "gptq" or (k // block) % 2 == 0)
+
+
+def _nbits_matmuls(model: onnx.ModelProto, params: QuantizeParams, ctx: PassContext):
+    """(node, K) of each MatMul the step would hand to MatMulNBits: in scope, weight a constant initializer of
+    2 dimensions (or more, all leading ones 1), as ORT's quantizers require. Subgraphs only without a scope
+    (a scope names nodes of the main graph), and never for GPTQ, which looks at the main graph only."""
+    if "MatMul" not in (params.op_types or ["MatMul"]):
+        return
+
+    def walk(graph: onnx.GraphProto, weights: dict[str, onnx.TensorProto], main: bool):
+        weights = {**weights, **{t.name: t for t in graph.initializer}}
+        for node in graph.node:
+            if node.op_type == "MatMul" and (ctx.in_scope(node) if main else ctx.selected is None):
+                w = weights.get(node.input[1]) if len(node.input) > 1 else None
+                if w is not None and len(w.dims) >= 2 and all(d == 1 for d in w.dims[:-2]) and \
+                        (params.method != "gptq" or len(w.dims) == 2):
+                    yield node, int(w.dims[-2])
+            if params.method != "gptq":
+                for attr in node.attribute:
+                    for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                        yield from walk(sub, weights, False)
+
+    yield from walk(model.graph, {}, True)
+
+
+def _all_node_names(graph: onnx.GraphProto) -> list[str]:
+    names = []
+    for node in graph.node:
+        names.append(node.name)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                names.extend(_all_node_names(sub))
+    return names
+
+
+def _weight_only(model: onnx.ModelProto, out_path, params: QuantizeParams, nodes: list[str] | None,
+                 ctx: PassContext) -> None:
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    config = nbits.DefaultWeightOnlyQuantConfig(block_size=params.block_size, is_symmetric=True,
-                                                accuracy_level=params.accuracy_level, bits=params.bits,
-                                                op_types_to_quantize=tuple(params.op_types or ["MatMul"]))
-    # ORT quantizes a node that is included *or* of a listed op type: the scope must also exclude the rest.
+    op_types = tuple(params.op_types or ["MatMul"])
+    # ORT quantizes a node that is included *or* of a listed op type: the scope must also exclude the rest,
+    # subgraph nodes included (the scope names main-graph nodes). Only nodes of those op types are included:
+    # ORT hands any included node to its quantizer (RTN logs an error for a Relu, HQQ fails on it).
     inside = None if nodes is None else set(nodes)
-    outside = None if inside is None else [n.name for n in model.graph.node if n.name not in inside]
-    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_include=nodes, nodes_to_exclude=outside,
-                                           algo_config=config)
-    quantizer.process()
+    include = None if inside is None else [n.name for n in model.graph.node if n.name in inside
+                                           and n.op_type in op_types]
+    outside = None if inside is None else [n for n in _all_node_names(model.graph) if n not in inside]
+    if params.method == "rtn":
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=params.block_size, is_symmetric=True,
+                                                    accuracy_level=params.accuracy_level, bits=params.bits,
+                                                    op_types_to_quantize=op_types)
+        quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_include=include, nodes_to_exclude=outside,
+                                               algo_config=config)
+        quantizer.process()
+    elif params.method == "hqq":
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=params.block_size, bits=params.bits,
+                                                op_types_to_quantize=op_types)
+        quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_include=include, nodes_to_exclude=outside,
+                                               algo_config=config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.from_numpy on ORT's read-only weight arrays
+            quantizer.process()
+        # ORT's HQQ writes no accuracy_level; the attribute is the node's, whichever rounding made its weights.
+        if params.accuracy_level:
+            for node in quantizer.model.model.graph.node:
+                if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                    node.attribute.append(onnx.helper.make_attribute("accuracy_level", params.accuracy_level))
+    else:
+        quantizer = _gptq_quantizer(nbits, model, params, inside, ctx)
+        with mock.patch.object(_weight_only_module(), "gptq", _gptq), contextlib.redirect_stdout(io.StringIO()):
+            quantizer.process()  # (ORT prints a progress bar on stdout)
+        opsets = quantizer.model.model.opset_import
+        if not any(o.domain == "com.microsoft" for o in opsets):  # ORT's GPTQ leaves the contrib domain out
+            opsets.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.save(quantizer.model.model, str(out_path))
+
+
+def _weight_only_module():
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    return weight_only
+
+
+def _gptq_quantizer(nbits, model: onnx.ModelProto, params: QuantizeParams, inside: set[str] | None,
+                    ctx: PassContext):
+    """ORT's GPTQ path, fed the step's calibration feeds and held to its scope."""
+
+    class Scoped(nbits.MatMulNBitsQuantizer):
+        def _generate_q4_node_config(self):
+            # ORT's GPTQ ignores nodes_to_include/exclude (and op types): it quantizes every MatMul with a constant
+            # weight unless its entry in this config is "fp32".
+            config = super()._generate_q4_node_config()
+            if inside is not None:
+                config.update({n.name: "fp32" for n in self.model.model.graph.node
+                               if n.op_type == "MatMul" and n.name not in inside})
+            return config
+
+    # GPTQ's own block_size is how many input rows it rounds before it applies their error to the rest in one
+    # product: speed only, as long as a quantization block (the quantizer's block_size) never straddles two.
+    feeds = list(ctx.calibration())
+    if not feeds:  # (every Hessian would be 0, and GPTQ zeroes the weights of inputs it never saw)
+        raise PipelineError(f"quantize method 'gptq' on {ctx.graph_name!r}: the calibration data gave no feeds")
+    config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=_ListReader(feeds),
+                                             block_size=max(128, params.block_size))
+    return Scoped(model, bits=4, block_size=params.block_size, is_symmetric=False,
+                  accuracy_level=params.accuracy_level, algo_config=config)
+
+
+def _gptq(W, H, num_bits=4, group_size=32, scheme="asym", blocksize=128, percdamp=0.01, actorder=False,
+          mse=False, perchannel=True):
+    """GPTQ as ORT's `gptq_quantize` calls it: weight W [K, N], Hessian H [K, K] of the layer's inputs; returns W
+    rounded onto its grid, which ORT then packs into MatMulNBits.
+
+    Stands in for ORT 1.32's `weight_only.gptq`, which has no effect: it takes the upper Cholesky factor U of
+    H^-1 and reads U[i:, i] and U[i2:, i1:i2], its zero triangle, for the error feedback, so it returns plain
+    asymmetric round to nearest (tests pin this). With weights laid out [K, N] the feedback of row i onto a later
+    row j is U[i, j] = L[j, i] for the lower factor L: the same algorithm read the right way round. Row by
+    row: round to the grid, then subtract the rounding error, scaled by L[j, i] / L[i, i], from every row j not
+    yet rounded (rows past the current `blocksize` rows get theirs in one product at its end). Each group's
+    grid is ORT's (min and max with 0 inside, per output column), set from the group's rows as they are when the
+    group starts, their error feedback included.
+    """
+    if actorder or mse or not perchannel:
+        raise NotImplementedError("the quantize pass's GPTQ does not use actorder, mse or perchannel=False")
+    dtype = W.dtype
+    maxq = 2 ** num_bits - 1
+    W = np.array(W, dtype=np.float64)
+    H = np.array(H, dtype=np.float64)
+    k = W.shape[0]
+    dead = np.diag(H) == 0  # inputs that are always 0: their weights do not matter
+    H[dead, dead] = 1
+    W[dead, :] = 0
+    H[np.diag_indices(k)] += percdamp * np.mean(np.diag(H))
+    L = np.linalg.cholesky(np.linalg.inv(H))
+    Q = np.zeros_like(W)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        err = np.zeros((i2 - i1, W.shape[1]))
+        for r in range(i1, i2):
+            if r % group_size == 0:
+                scale, zero = _gptq_grid(W[r:r + group_size], maxq, scheme)
+            Q[r] = scale * (np.clip(np.round(W[r] / scale) + zero, 0, maxq) - zero)
+            err[r - i1] = (W[r] - Q[r]) / L[r, r]
+            W[r + 1:i2] -= np.outer(L[r + 1:i2, r], err[r - i1])
+        W[i2:] -= L[i2:, i1:i2] @ err
+    return Q.astype(dtype)
+
+
+def _gptq_grid(rows: np.ndarray, maxq: int, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point per column of a group of rows, as ORT's GPTQ sets them (its `find_params`)."""
+    lo = np.minimum(rows.min(axis=0), 0)
+    hi = np.maximum(rows.max(axis=0), 0)
+    if scheme == "sym":
+        hi = np.maximum(-lo, hi)
+        lo = np.where(lo < 0, -hi, lo)
+    flat = (lo == 0) & (hi == 0)
+    lo[flat], hi[flat] = -1, 1
+    scale = (hi - lo) / maxq
+    zero = np.full_like(scale, (maxq + 1) / 2) if scheme == "sym" else np.round(-lo / scale)
+    return scale, zero
 
 
 def _count(model: onnx.ModelProto, op: str) -> int:
