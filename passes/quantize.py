@@ -52,7 +52,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -71,6 +70,7 @@ from onnxruntime.quantization import (
 )
 from pydantic import Field
 
+from pipeline.blocks import replaced_name
 from pipeline.errors import PipelineError
 
 from .base import Feeds, Params, Pass, PassContext, PassResult, copy_model
@@ -210,7 +210,8 @@ class Quantize(Pass):
             root.setLevel(level)
             if out_path.exists():
                 os.unlink(out_path)
-        per_block = _quantized_per_block(quantized, ctx, params.op_types)
+        already = {n.name for n in model.graph.node if n.op_type in INTEGER_OPS}  # an earlier step's
+        per_block = _quantized_per_block(quantized, ctx, params.op_types, already)
         count = sum(per_block.values())
         if params.expect_min_nodes is not None and count < params.expect_min_nodes:
             raise PipelineError(f"quantize on {ctx.graph_name!r}: expected at least {params.expect_min_nodes} "
@@ -425,8 +426,9 @@ def _count(model: onnx.ModelProto, op: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op)
 
 
-def _quantized_per_block(model: onnx.ModelProto, ctx: PassContext, op_types: list[str] | None) -> dict[str, int]:
-    """Original nodes that now compute on INT8 data, by block of the input graph.
+def _quantized_per_block(model: onnx.ModelProto, ctx: PassContext, op_types: list[str] | None,
+                         already: set[str]) -> dict[str, int]:
+    """Original nodes that now compute on INT8 data, by block of the input graph (not those `already` integer).
 
     In QDQ form a node (of the requested op types) is quantized when one of its
     inputs comes out of a DequantizeLinear; in operator form it became an integer op.
@@ -437,7 +439,7 @@ def _quantized_per_block(model: onnx.ModelProto, ctx: PassContext, op_types: lis
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             continue
         qdq = any(i in dq_outputs for i in node.input) and (op_types is None or node.op_type in op_types)
-        if node.op_type in INTEGER_OPS or qdq:
-            name = re.sub(r"_(quant|QuantizeLinear|Q\d)$", "", node.name)
+        if (node.op_type in INTEGER_OPS or qdq) and node.name not in already:
+            name = replaced_name(node.name)
             counts[ctx.blocks.node_block.get(name, "(new)")] += 1
     return dict(counts)

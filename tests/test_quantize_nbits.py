@@ -278,3 +278,11 @@ def test_gptq_reader_copies_restart_over_the_same_feeds():
     again = copy.deepcopy(reader)
     got = list(again)
     assert len(got) == 3 and all(a["x"] is b["x"] for a, b in zip(got, feeds))  # not a copy of every array
+
+
+def test_a_second_step_counts_only_what_it_quantized(tmp_path):
+    """blocks_changed (which the fallback shrinks) names the blocks this step changed, not an earlier step's."""
+    first, _ = quantize(matmul_net(), tmp_path, scope="/enc/layers.0", bits=8, block_size=16)
+    second, _ = quantize(first.model, tmp_path, scope="/enc/layers.1", bits=4, block_size=16)
+    assert first.stats["blocks_changed"] == {"/enc/layers.0": 1}
+    assert second.stats["blocks_changed"] == {"/enc/layers.1": 1}
