@@ -57,7 +57,9 @@ class CalibrationSource:
 class SentencesParams(SourceParams):
     # text file, one sentence per line; default: the source's shipped set
     sentences: str | None = Field(default=None, json_schema_extra=PATH)
-    count: int | None = Field(default=None, ge=1)  # first N sentences; default all
+    count: int | None = Field(default=None, ge=1)  # first N sentences (after `skip`); default all
+    # sentences to leave out first: calibrate on others than the check evaluates on (its first `samples`)
+    skip: int = Field(default=0, ge=0)
 
 
 class SentenceSource(CalibrationSource):
@@ -70,6 +72,9 @@ class SentenceSource(CalibrationSource):
 
         p = self.params
         sentences = read_sentences(self.ctx.resolve(p.sentences) if p.sentences else DATA_DIR / self.default_sentences)
+        sentences = sentences[p.skip:]
+        if not sentences:
+            raise PipelineError(f"{self.name}: skip {p.skip} leaves no sentence")
         return sentences[: p.count] if p.count else sentences
 
 

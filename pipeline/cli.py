@@ -319,7 +319,8 @@ def _ids(ids: str | None) -> list[int] | None:
 @click.option("--ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
 @click.option("--prompt", help="Prompt text, tokenized with --tokenizer.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="The model's tokenizer folder, for --prompt.")
-@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", default=2, show_default=True,
+              help="ONNX Runtime threads: one pool that every graph's session shares.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write ids and timings as JSON.")
 def generate(modelset: Path, steps: int, mode: str, greedy: bool, seed: int, ids: str | None, prompt: str | None,
              tokenizer: Path | None, threads: int, json_path: Path | None) -> None:
@@ -331,7 +332,9 @@ def generate(modelset: Path, steps: int, mode: str, greedy: bool, seed: int, ids
 
     from .families import GenerateRequest, family_of
     from .modelset import ModelSet
+    from .onnx_io import share_one_thread_pool
 
+    share_one_thread_pool(threads)  # this process only generates: its sessions run one after another
     request = GenerateRequest(_ids(ids), prompt, tokenizer, steps, greedy, seed, mode, threads)
     ms = ModelSet.read(modelset)
     result = family_of(ms).generate(ms, request)

@@ -435,24 +435,38 @@ def test_calibration_is_teacher_forced_on_the_models_own_codes(assets, tmp_path)
 
 
 @pytest.mark.slow
-def test_static_int8_recipe_calibrates_the_layers_from_the_fp32_chain(tmp_path):
+@pytest.mark.parametrize("kv_cache", ["concat", "in_place"])
+def test_calibrated_recipes_capture_the_layer_inputs_from_the_fp32_chain(tmp_path, kv_cache):
+    """Calibration inputs are captured from the FP32 export and fed to each layer in its own KV convention:
+    static INT8 on the exported layers; GPTQ (INT4, which runs the graph on them) on in-place ones. The check
+    runs in-place layers as it runs the exported ones. (Static QDQ on fused layers quantizes only the weights:
+    ORT's quantizer puts no activation QDQ around contrib-op outputs, concat or in-place alike.)"""
     import yaml
     from conftest import run_cli
 
-    recipe = {"name": "chattts_static", "model": {"exporter": "chattts_gpt", "params": {
+    layers = {"graphs": ["layer_\\d+"]}
+    steps = [{"pass": "quantize", "params": {"mode": "static", "op_types": ["MatMul"]}, "scope": layers}]
+    if kv_cache == "in_place":
+        steps = [{"pass": "fuse_attention", "params": {"kv_cache": "in_place"}, "scope": layers},
+                 {"pass": "quantize", "params": {"mode": "weight_only", "method": "gptq", "bits": 4,
+                                                 "block_size": 32}, "scope": layers}]
+    recipe = {"name": "chattts_calibrated", "model": {"exporter": "chattts_gpt", "params": {
                   "config": {k: v for k, v in TINY.items() if k != "max_position_embeddings"}}},
               "calibration": {"source": "chattts", "params": {"count": 4}},
-              "steps": [{"pass": "quantize", "params": {"mode": "static", "op_types": ["MatMul"]},
-                         "scope": {"graphs": ["layer_\\d+"]}}],
-              "check": {"samples": 2, "decode_steps": 6}}
+              "steps": steps, "check": {"samples": 2, "decode_steps": 6}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr[-2000:]
-    step = json.loads((tmp_path / "run" / "steps" / "01-quantize" / "step.json").read_text())
-    assert step["stats"]["layer_00"]["quantize_linear"] > 0 and "embed_text" not in step["stats"]
+    folder = f"{len(steps):02d}-quantize"
+    stats = json.loads((tmp_path / "run" / "steps" / folder / "step.json").read_text())["stats"]
+    assert "embed_text" not in stats
+    if kv_cache == "concat":
+        assert stats["layer_00"]["quantize_linear"] > 0
+    else:
+        assert stats["layer_00"]["method"] == "gptq" and stats["layer_00"]["nodes_quantized"] == 7
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     layer = {b["block"]: b for b in report["blocks"]}["layer_01"]
-    assert 15 < layer["isolated"]["sqnr_db"] < 80
+    assert (15 if kv_cache == "concat" else 8) < layer["isolated"]["sqnr_db"] < 80
 
 
 @pytest.mark.slow

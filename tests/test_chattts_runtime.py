@@ -122,3 +122,24 @@ def test_prompt_and_steps_past_the_position_limit_fail_in_one_line(rt):
             call()
         assert "\n" not in str(err.value)
     assert len(rt.generate_text([1] * 250, 6).ids) == 6  # exactly at the limit is fine
+
+
+def test_one_shared_thread_pool_generates_the_same_tokens(rt):
+    """A process that only generates runs every session on one pool (onnx_io.share_one_thread_pool): the same
+    greedy tokens; then it is that pool or nothing, so asking for another thread count is one clear error."""
+    import subprocess
+    import sys
+
+    want = rt.generate_text([3, 14, 15, 92], 16).ids
+    script = (
+        "import sys; from pipeline.onnx_io import share_one_thread_pool\n"
+        "from pipeline.errors import PipelineError\n"
+        "from pipeline.families.chattts.runtime import ChatTTSRuntime\n"
+        "share_one_thread_pool(2)\n"
+        "print(ChatTTSRuntime(sys.argv[1]).generate_text([3, 14, 15, 92], 16).ids)\n"
+        "try:\n    share_one_thread_pool(1)\nexcept PipelineError as e:\n    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(rt.ms.root)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ids, error = res.stdout.strip().splitlines()
+    assert ids == str(want)
+    assert error == "this process already shares a pool of 2 threads, not 1"

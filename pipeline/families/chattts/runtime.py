@@ -81,10 +81,10 @@ class ChatTTSRuntime:
         missing = [n for n in ["embed_text", "norm", "lm_head_text", *self.layers] if n not in self.ms.names()]
         if missing:
             raise PipelineError(f"{folder}: model set lacks graphs {', '.join(missing)}")
-        # One session per graph: without spinning, their idle threads leave the cores to the one running.
-        # Without an arena, each of the ~25 sessions gives its prefill's activations back instead of
-        # keeping its largest prefill cached: INT8, 1024-token prompt, peak RSS 2.8 -> 0.9 GB, and decode
-        # no slower (measured 12.1 vs 11.4 ms; 7.4 ms both at 128 tokens).
+        # One session per graph: without spinning, their idle threads leave the cores to the one running
+        # (a process that only generates does better still: onnx_io.share_one_thread_pool). Without an
+        # arena, each of the ~25 sessions gives its prefill's activations back instead of keeping its
+        # largest prefill cached: INT8, 1024-token prompt, peak RSS 2.8 -> 0.9 GB, and decode no slower.
         self.sessions = {n: session(self.ms.path(n), threads=threads, spinning=False, arena=False)
                          for n in self.ms.names()}
         self.in_place, self.inv_freq = self._kv_layout()
