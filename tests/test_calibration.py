@@ -61,3 +61,16 @@ def test_npz_refuses_pickled_objects(tmp_path, tiny_model):
 def test_source_params_are_strict(tiny_model):
     with pytest.raises(PipelineError, match="unknown key 'folderr'.*valid keys: folder, pattern"):
         make_source("npz", {"folderr": "x"}, SourceContext(tiny_model))
+
+
+def test_skip_leaves_out_the_first_sentences_the_check_evaluates_on(tmp_path):
+    from calibration.chattts_prompts import sampled_ids
+
+    ctx = SourceContext(tmp_path / "gpt.onnx")
+    every = [f["input_ids"][0].tolist() for f in make_source("chattts", {"vocab": 500}, ctx).feeds()]
+    later = [f["input_ids"][0].tolist() for f in make_source("chattts", {"vocab": 500, "skip": 8, "count": 3},
+                                                               ctx).feeds()]
+    assert later == every[8:11] and not any(p in every[:8] for p in later)
+    assert every[0] == sampled_ids(read_sentences(DATA_DIR / "chattts_prompts.txt")[0], 500)
+    with pytest.raises(PipelineError, match="chattts: skip 99 leaves no sentence"):
+        list(make_source("chattts", {"vocab": 500, "skip": 99}, ctx).feeds())

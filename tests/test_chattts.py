@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -276,7 +277,7 @@ def test_sampled_generation_is_reproducible_from_its_seed(assets, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["chattts_int8", "chattts_fp16", "chattts_fp32"])
+@pytest.mark.parametrize("name", ["chattts_int8", "chattts_fp16", "chattts_fp32", "chattts_int4"])
 def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
     """The recipes as shipped, only the seeded model made small: export, pass, check, token metrics."""
     import yaml
@@ -298,15 +299,15 @@ def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
     assert {"lm_head_text", "lm_head_code"} <= set(blocks)
     assert blocks["embed_text"]["isolated"]["sqnr_db"] == "inf"
     layer = blocks["layer_02"]
-    if name != "chattts_fp32":
+    if name in ("chattts_int8", "chattts_fp16"):
         assert 20 < layer["isolated"]["sqnr_db"] < 90 and layer["accumulated"]["sqnr_db"] > 15
-    if name in ("chattts_int8", "chattts_fp32"):
+    if name in ("chattts_int8", "chattts_fp32", "chattts_int4"):
         from pipeline.blocks import BlockPartition
         from pipeline.onnx_io import load_onnx
 
         fused = load_onnx(tmp_path / "run" / "final" / "layer_02.onnx")
         where = BlockPartition(fused).node_block  # the runner keeps fused ops in the blocks the pass chose
-        weights = "MatMulNBits" if name == "chattts_int8" else "MatMul"
+        weights = "MatMul" if name == "chattts_fp32" else "MatMulNBits"
         assert {op: sorted(where[n.name] for n in fused.graph.node if n.op_type == op) for op in
                 ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupQueryAttention",
                  weights)} == {
@@ -318,6 +319,11 @@ def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
         assert layer["bytes_candidate"] < layer["bytes_reference"]
     elif name == "chattts_fp32":
         assert layer["isolated"]["sqnr_db"] == "inf" or layer["isolated"]["sqnr_db"] > 100
+    elif name == "chattts_int4":
+        bits = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["bits"]
+                for g in ("layer_02", "lm_head_text") for n in load_onnx(tmp_path / "run" / "final" / f"{g}.onnx").graph.node
+                if n.op_type == "MatMulNBits"}
+        assert sorted(bits.values()) == [4, 4, 4, 4, 8] and layer["bytes_candidate"] < layer["bytes_reference"] / 3
     else:
         weights = layer["weights"]  # the graph's own structure weighs more than its weights at this size
         assert weights.get("float16", 0) > 0.95 * sum(weights.values())
