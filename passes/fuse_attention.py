@@ -35,6 +35,20 @@ unfused layer, prefill and decode). Two fusers run in turn:
    it before onnxsim, whose rewrite of the RMSNorm arithmetic ORT's pattern no
    longer matches (the structural matcher does not mind).
 
+`kv_cache: in_place` makes the attention com.microsoft.GroupQueryAttention
+instead, over one preallocated buffer that is both past and present (the
+convention is pipeline/kv_cache.py's): a decode step writes its new positions
+into the cache instead of copying all of it into a new present (at full
+ChatTTS size, 128 cached tokens, about 34 MB of traffic a step). The rotary
+moves inside the op (do_rotary), from cos/sin tables that become graph inputs:
+the inverse frequencies are read off the graph (angles = (past length +
+0..S-1) x constants, checked) and stored in its metadata, so a runtime builds
+the tables once per generation and every layer's position and angle
+arithmetic goes away (176 -> 14 nodes a ChatTTS layer). Every attention of the
+graph must match, or the step fails naming the layer and why: a half-converted
+graph would mix conventions. ONNX Runtime's kernel takes a multi-token step on
+a cache at batch 1 only (prefill and one-token decode at any batch).
+
 Every fused node is named into the scope of the nodes it replaced
 (`/self_attn/MultiHeadAttention`, `/post_attention_layernorm/Skip...`), so it
 stays in their block; stats count each fused op per block.
