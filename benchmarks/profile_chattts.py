@@ -2,9 +2,10 @@
 
     python benchmarks/profile_chattts.py RUN/final [--cache 128] [--steps 32] [--threads 2]
 
-Runs the model set's decode loop (text mode: embedding, every layer, norm,
-text head; the runtime's io_binding chain) after a prefill of `--cache`
-random tokens, and prints:
+Runs the model set's decode loop as `pipeline generate` does (text mode:
+embedding, the layers and norm joined into one session when they keep their
+cache in place, text head; io_binding; one shared thread pool) after a
+prefill of `--cache` random tokens, and prints:
 - per graph kind, the median time inside `run_with_iobinding` and its share
   of the step; the rest of the step is Python and binding;
 - per op type, ONNX Runtime's own profile of the same steps (every session
@@ -22,15 +23,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from pipeline.families.chattts import runtime as chattts_runtime
 from pipeline.families.chattts.runtime import ChatTTSRuntime
+from pipeline.onnx_io import share_one_thread_pool
 from pipeline.procinfo import machine_line
 
 
 def kind(graph: str) -> str:
-    return "layers" if graph.startswith("layer_") else graph
+    return "layers" if graph.startswith("layer_") else "layers + norm" if graph == "stack" else graph
 
 
 def timed_runs(dec) -> dict[str, list[float]]:
@@ -46,15 +49,16 @@ def timed_runs(dec) -> dict[str, list[float]]:
 
 
 def profiled_session(path, threads=2, **_):
-    """The runtime's sessions, with ONNX Runtime's profiler on."""
+    """The runtime's sessions (on the process's shared pool, as `pipeline generate` runs them), profiled."""
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.use_per_session_threads = False
     opts.log_severity_level = 3
     opts.enable_profiling = True
-    opts.profile_file_prefix = str(PROFILE_DIR / Path(path).stem)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    joined = isinstance(path, onnx.ModelProto)  # the runtime's stack of layers (ChatTTSRuntime.stack)
+    opts.profile_file_prefix = str(PROFILE_DIR / ("stack" if joined else Path(path).stem))
+    source = path.SerializeToString() if joined else str(path)
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
 PROFILE_DIR = Path("runs") / "profile"
@@ -88,6 +92,7 @@ def main() -> int:
     prompt = rng.integers(0, 21178, (1, args.cache))
     token = np.array([[7]], np.int64)
 
+    share_one_thread_pool(args.threads)  # as `pipeline generate` runs
     rt = ChatTTSRuntime(args.folder, threads=args.threads)
     dec = rt.decoder(args.cache, args.steps + 2)
     dec.forward("embed_text", prompt)
@@ -120,7 +125,8 @@ def main() -> int:
     dec.forward("embed_text", prompt)
     for _ in range(args.steps):
         dec.forward("embed_text", token)
-    files = [Path(s.end_profiling()) for s in rt.sessions.values()]
+    sessions = [*rt.sessions.values(), *([rt.stack()] if rt.in_place else [])]
+    files = [Path(s.end_profiling()) for s in sessions]
     ops, runs = op_totals(files, args.steps)
     kernels = sum(ops.values())
     print(f"ONNX Runtime's profiler (its own timing, profiling on): session runs {runs / 1e3:.2f} ms a step, "

@@ -31,6 +31,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 import onnx
+import onnx.compose
 import onnx_graphsurgeon as gs
 from onnx import helper
 
@@ -355,3 +356,45 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str], typed: bool = F
         else:
             copy.graph.output.add(name=name)
     return copy
+
+
+def join(parts: Sequence[tuple[str, onnx.ModelProto]], links: dict[str, str], shared: Iterable[str],
+         outputs: Sequence[str]) -> onnx.ModelProto:
+    """One model that computes `parts` in order, so a chain of graphs runs as one session.
+
+    Every name of part P becomes `P/name` (onnx.compose.add_prefix), except the graph inputs named in
+    `shared`, which all parts read as one input of the joined model. `links` feeds a part's input from an
+    earlier part's output (`{"norm/hidden": "layer_19/hidden_out"}`); the other inputs stay inputs
+    (`layer_03/past_key`). The joined model's outputs are `outputs`, in prefixed names."""
+    shared = set(shared)
+    graph = onnx.GraphProto(name="+".join(prefix for prefix, _ in parts))
+    opsets: dict[str, int] = {}
+    declared: set[str] = set()
+    known_outputs: dict[str, onnx.ValueInfoProto] = {}
+    for prefix, part in parts:
+        m = onnx.compose.add_prefix(part, prefix + "/")
+        rename = {f"{prefix}/{name}": name for name in shared} | \
+            {k: v for k, v in links.items() if k.startswith(prefix + "/")}
+        for node in m.graph.node:
+            node.input[:] = [rename.get(name, name) for name in node.input]
+        for value in m.graph.input:
+            name = rename.get(value.name, value.name)
+            if value.name in links or name in declared:
+                continue
+            value.name = name
+            graph.input.append(value)
+            declared.add(name)
+        graph.node.extend(m.graph.node)
+        graph.initializer.extend(m.graph.initializer)
+        graph.value_info.extend(m.graph.value_info)
+        known_outputs.update({o.name: o for o in m.graph.output})
+        for o in m.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    missing = [name for name in outputs if name not in known_outputs]
+    if missing:
+        raise PipelineError(f"join: no part has the outputs {', '.join(missing)}")
+    graph.output.extend(known_outputs[name] for name in outputs)
+    joined = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    joined.ir_version = max(part.ir_version for _, part in parts)
+    return joined
+

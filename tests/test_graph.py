@@ -195,3 +195,24 @@ def test_a_new_node_goes_into_its_neighbours_block():
     assert new == ["/enc/layers.2/conv/enc.layers.2.conv.weight_DequantizeLinear", "/enc/layers.0/probe_Sigmoid"]
     blocks = BlockPartition(model).node_block
     assert blocks[new[0]] == "/enc/layers.2" and blocks[new[1]] == "/enc/layers.0"
+
+
+def test_join_runs_a_chain_of_graphs_as_one_with_shared_inputs():
+    """a: y = x + s; b: y = x * s, joined as b(a(x)): one input x, one shared s, prefixed outputs."""
+    from pipeline.graph import join
+    from pipeline.onnx_io import session
+
+    def part(op: str) -> onnx.ModelProto:
+        io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("x", "s", "y")]
+        graph = helper.make_graph([helper.make_node(op, ["x", "s"], ["y"], name=f"/{op}")], op, io[:2], io[2:])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    joined = join([("a", part("Add")), ("b", part("Mul"))], {"b/x": "a/y"}, ["s"], ["b/y", "a/y"])
+    assert [i.name for i in joined.graph.input] == ["a/x", "s"]
+    assert [n.name for n in joined.graph.node] == ["a//Add", "b//Mul"]
+    x, s = np.array([1.0, 2.0], np.float32), np.array([3.0, 4.0], np.float32)
+    b_y, a_y = session(joined).run(None, {"a/x": x, "s": s})
+    np.testing.assert_array_equal(a_y, x + s)
+    np.testing.assert_array_equal(b_y, (x + s) * s)
+    with pytest.raises(PipelineError, match="join: no part has the outputs c/y"):
+        join([("a", part("Add"))], {}, [], ["c/y"])

@@ -37,10 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 
 from ... import kv_cache
 from ...errors import PipelineError
+from ...graph import join
 from ...modelset import ModelSet
 from ...onnx_io import session
 
@@ -81,28 +84,48 @@ class ChatTTSRuntime:
         missing = [n for n in ["embed_text", "norm", "lm_head_text", *self.layers] if n not in self.ms.names()]
         if missing:
             raise PipelineError(f"{folder}: model set lacks graphs {', '.join(missing)}")
-        # One session per graph: without spinning, their idle threads leave the cores to the one running
-        # (a process that only generates does better still: onnx_io.share_one_thread_pool). Without an
-        # arena, each of the ~25 sessions gives its prefill's activations back instead of keeping its
-        # largest prefill cached: INT8, 1024-token prompt, peak RSS 2.8 -> 0.9 GB, and decode no slower.
-        self.sessions = {n: session(self.ms.path(n), threads=threads, spinning=False, arena=False)
-                         for n in self.ms.names()}
+        # One session per graph, made when first run: without spinning, their idle threads leave the cores
+        # to the one running (a process that only generates does better still:
+        # onnx_io.share_one_thread_pool). Without an arena, each of the ~25 sessions gives its prefill's
+        # activations back instead of keeping its largest prefill cached: INT8, 1024-token prompt, peak RSS
+        # 2.8 -> 0.9 GB, and decode no slower.
+        self.threads = threads
+        self.sessions = _Sessions(lambda n: session(self.ms.path(n), threads=threads, spinning=False, arena=False))
         self.in_place, self.inv_freq = self._kv_layout()
+        self._stack: ort.InferenceSession | None = None
 
     def _kv_layout(self) -> tuple[bool, np.ndarray | None]:
         """Whether the layers keep their cache in place (pipeline/kv_cache.py), and their rotary frequencies."""
-        kinds = {n: kv_cache.is_in_place(i.name for i in self.sessions[n].get_inputs()) for n in self.layers}
+        models = {n: onnx.load(str(self.ms.path(n)), load_external_data=False) for n in self.layers}
+        kinds = {n: kv_cache.is_in_place(i.name for i in m.graph.input) for n, m in models.items()}
         if len(set(kinds.values())) > 1:
             odd = [n for n, k in kinds.items() if k != kinds[self.layers[0]]]
             raise PipelineError(f"{self.ms.root}: layers mix KV-cache conventions ({', '.join(odd[:3])} differ from "
                                 f"{self.layers[0]}); run fuse_attention with kv_cache in_place on every layer")
         if not kinds[self.layers[0]]:
             return False, None
-        freqs = [kv_cache.inv_freq_of(self.ms.path(n)) for n in self.layers]
+        freqs = [kv_cache.inv_freq_of(m) for m in models.values()]
         if any((f is None) != (freqs[0] is None) or (f is not None and not np.array_equal(f, freqs[0]))
                for f in freqs):
             raise PipelineError(f"{self.ms.root}: in-place layers disagree on their rotary frequencies")
         return True, freqs[0]
+
+    def stack(self) -> ort.InferenceSession:
+        """In-place layers, then the last position's norm, joined into one session (made once): a decode step
+        runs the embedding, this and a head, 3 sessions instead of 23, each run costing ONNX Runtime's
+        per-run overhead. Inputs `layer_NN/past_*` and the step inputs, outputs `layer_NN/present_*` (the same
+        buffers) and `norm/hidden_out`. Blocks stay graphs of their own for the check (`run_layer`)."""
+        if self._stack is None:
+            parts = [(n, onnx.load(str(self.ms.path(n)))) for n in self.layers]
+            parts += [(STACK_LAST, _last_position(self.config["hidden_size"])), ("norm", onnx.load(str(self.ms.path("norm"))))]
+            chain = [n for n, _ in parts]
+            links = {f"{b}/{'x' if b == STACK_LAST else 'hidden'}": f"{a}/{'y' if a == STACK_LAST else 'hidden_out'}"
+                     for a, b in zip(chain, chain[1:])}
+            presents = [f"{n}/present_{kv}" for n in self.layers for kv in ("key", "value")]
+            joined = join(parts, links, kv_cache.STEP_INPUTS, ["norm/hidden_out", *presents])
+            del parts
+            self._stack = session(joined, threads=self.threads, spinning=False, arena=False)
+        return self._stack
 
     def run_layer(self, name: str, hidden: np.ndarray, past_key: np.ndarray, past_value: np.ndarray
                   ) -> list[np.ndarray]:
@@ -122,7 +145,7 @@ class ChatTTSRuntime:
         """A chain over io_binding for one generation: a prefill of up to `prompt_len` tokens, then `steps`
         tokens one at a time, each call returning `head`'s logits at the last position."""
         missing = [n for n in (head, "embed_code" if head == "lm_head_code" else "embed_text")
-                   if n not in self.sessions]
+                   if n not in self.ms.names()]
         if missing:
             raise PipelineError(f"{self.ms.root}: model set lacks graphs {', '.join(missing)}")
         return Decoder(self, head, max_len=prompt_len + steps, max_tokens=prompt_len)
@@ -172,7 +195,7 @@ class ChatTTSRuntime:
               rng: np.random.Generator) -> int:
         if sampling is None:
             return int(np.argmax(logits))
-        if "sample_head" not in self.sessions:
+        if "sample_head" not in self.ms.names():
             raise PipelineError(f"{self.ms.root}: this model set has no sample_head graph; generate greedily")
         window = history[-sampling.past_window:]
         past = np.full((1, sampling.past_window), -1, np.int64)
@@ -239,6 +262,32 @@ class KVBuffers:
         return {self.data[i, kv, s].ctypes.data for i in range(layers) for kv in (0, 1) for s in (0, 1)}
 
 
+STACK_LAST = "last_position"
+
+
+class _Sessions(dict):
+    """Graph name -> its session, made on first use (generation from in-place layers never needs theirs)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, name: str) -> ort.InferenceSession:
+        made = self[name] = self.make(name)
+        return made
+
+
+def _last_position(hidden: int) -> onnx.ModelProto:
+    """x [B, S, hidden] -> y [B, 1, hidden], its last position: what the norm and head need a step."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", hidden])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 1, hidden])
+    bounds = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in
+              (("start", -1), ("end", np.iinfo(np.int64).max), ("axis", 1))]
+    node = helper.make_node("Slice", ["x", "start", "end", "axis"], ["y"], name="/Slice")
+    return helper.make_model(helper.make_graph([node], "last_position", [x], [y], bounds),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
 class InPlaceKV:
     """The KV cache of one generation for layers that keep it in place: per layer one key and one value
     buffer for `max_len` positions, bound once as both past and present; a step writes only its new
@@ -255,10 +304,9 @@ class InPlaceKV:
             self.tables = dict(zip((kv_cache.COS, kv_cache.SIN), kv_cache.rotary_tables(inv_freq, max_len)))
             self.shared.update({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.tables.items()})
 
-    def bindings(self) -> list[dict[str, ort.OrtValue]]:
-        """Per layer, its inputs: past_key/past_value (also its presents) and the shared step inputs."""
-        return [{"past_key": ort.OrtValue.ortvalue_from_numpy(self.data[i, 0]),
-                 "past_value": ort.OrtValue.ortvalue_from_numpy(self.data[i, 1]), **self.shared}
+    def layer_values(self) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
+        """Per layer, its (key, value) buffer: bound as its past and as its present."""
+        return [tuple(ort.OrtValue.ortvalue_from_numpy(self.data[i, kv]) for kv in (0, 1))
                 for i in range(self.data.shape[0])]
 
     def advance(self, new: int) -> None:
@@ -273,7 +321,8 @@ class InPlaceKV:
 
 
 class Decoder:
-    """One generation's chain of sessions over io_binding: embedding -> layers -> norm -> one head.
+    """One generation's chain of sessions over io_binding: embedding -> layers -> norm -> one head, the layers
+    and norm joined into one session (`ChatTTSRuntime.stack`) when they keep their cache in place.
 
     `forward` takes up to `max_tokens` new tokens a call and returns the logits at the last position, a view
     into a buffer that the next call overwrites."""
@@ -281,33 +330,44 @@ class Decoder:
     def __init__(self, rt: ChatTTSRuntime, head: str, max_len: int, max_tokens: int):
         c = rt.config
         heads = c["num_attention_heads"]
-        self.layers, self.head, self.max_tokens = rt.layers, head, max_tokens
-        graphs = [n for n in ("embed_text", "embed_code") if n in rt.sessions] + [*rt.layers, "norm", head]
-        self.bindings = {n: rt.sessions[n].io_binding() for n in graphs}
-        self.runs = {n: rt.sessions[n].run_with_iobinding for n in self.bindings}
-        # Outputs by position, as `run(None, ...)` takes them (a layer's hidden output is named hidden_out).
-        self.outputs = {n: [o.name for o in rt.sessions[n].get_outputs()] for n in self.bindings}
-        dims = (len(rt.layers), c.get("num_key_value_heads") or heads, c["hidden_size"] // heads, max_len)
-        self.in_place = rt.in_place
+        self.layers, self.head, self.max_tokens, self.in_place = rt.layers, head, max_tokens, rt.in_place
+        sessions = {n: rt.sessions[n] for n in ("embed_text", "embed_code", head) if n in rt.ms.names()}
         if rt.in_place:
-            self.kv = InPlaceKV(*dims, inv_freq=rt.inv_freq)
-            for name, values in zip(self.layers, self.kv.bindings()):
-                for input_name, value in values.items():
-                    self.bindings[name].bind_ortvalue_input(input_name, value)
-                self._bind_out(name, 1, values["past_key"])
-                self._bind_out(name, 2, values["past_value"])
+            sessions["stack"] = rt.stack()
         else:
-            self.kv = KVBuffers(*dims)
+            sessions.update({n: rt.sessions[n] for n in [*rt.layers, "norm"]})
+        self.bindings = {n: s.io_binding() for n, s in sessions.items()}
+        self.runs = {n: s.run_with_iobinding for n, s in sessions.items()}
+        # Outputs by position, as `run(None, ...)` takes them (a layer's hidden output is named hidden_out).
+        self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in sessions.items()}
+        dims = (len(rt.layers), c.get("num_key_value_heads") or heads, c["hidden_size"] // heads, max_len)
         self.hidden_size = c["hidden_size"]
         self.hidden = np.empty((2, max_tokens * self.hidden_size), np.float32)
         self.normed = np.empty((1, 1, self.hidden_size), np.float32)
         vocab = (c["num_text_tokens"],) if head == "lm_head_text" else (c["num_audio_tokens"], c["num_vq"])
         self.logits = np.empty((1, 1, *vocab), np.float32)
-        self._bind_out("norm", 0, self.normed)
+        if rt.in_place:
+            self.kv = InPlaceKV(*dims, inv_freq=rt.inv_freq)
+            self._bind_stack()
+        else:
+            self.kv = KVBuffers(*dims)
+            self._bind_out("norm", 0, self.normed)
         self._bind_in(head, "hidden", self.normed)
         self._bind_out(head, 0, self.logits)
         self.tokens = 0  # the token count the hidden bindings are set for
         self.hidden_values: tuple[ort.OrtValue, ort.OrtValue] | None = None
+
+    def _bind_stack(self) -> None:
+        """Once per generation: every layer's buffer as its past and its present, the shared step inputs."""
+        stack = self.bindings["stack"]
+        for name, (key, value) in zip(self.layers, self.kv.layer_values()):
+            stack.bind_ortvalue_input(f"{name}/past_key", key)
+            stack.bind_ortvalue_input(f"{name}/past_value", value)
+            stack.bind_ortvalue_output(f"{name}/present_key", key)
+            stack.bind_ortvalue_output(f"{name}/present_value", value)
+        for input_name, value in self.kv.shared.items():
+            stack.bind_ortvalue_input(input_name, value)
+        stack.bind_ortvalue_output("norm/hidden_out", ort.OrtValue.ortvalue_from_numpy(self.normed))
 
     def _bind_in(self, graph: str, name: str, array: np.ndarray) -> None:
         self.bindings[graph].bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array))
@@ -318,15 +378,19 @@ class Decoder:
         self.bindings[graph].bind_ortvalue_output(self.outputs[graph][index], value)
 
     def _bind_hidden(self, tokens: int) -> None:
-        """Layer i reads hidden buffer i % 2 and writes the other; the norm reads the last row of the last one."""
+        """The embedding writes hidden buffer 0. Separate layers: layer i reads buffer i % 2 and writes the
+        other; the norm reads the last row of the last one. Joined: the stack reads buffer 0."""
         if tokens > self.max_tokens:
             raise PipelineError(f"{tokens} tokens in one call; this decoder was made for at most {self.max_tokens}")
         views = [buf[:tokens * self.hidden_size].reshape(1, tokens, self.hidden_size) for buf in self.hidden]
         self.hidden_values = tuple(ort.OrtValue.ortvalue_from_numpy(v) for v in views)
-        for i, name in enumerate(self.layers):
-            self.bindings[name].bind_ortvalue_input("hidden", self.hidden_values[i % 2])
-            self._bind_out(name, 0, self.hidden_values[(i + 1) % 2])
-        self._bind_in("norm", "hidden", views[len(self.layers) % 2][:, -1:])  # batch 1: the last row is contiguous
+        if self.in_place:
+            self.bindings["stack"].bind_ortvalue_input(f"{self.layers[0]}/hidden", self.hidden_values[0])
+        else:
+            for i, name in enumerate(self.layers):
+                self.bindings[name].bind_ortvalue_input("hidden", self.hidden_values[i % 2])
+                self._bind_out(name, 0, self.hidden_values[(i + 1) % 2])
+            self._bind_in("norm", "hidden", views[len(self.layers) % 2][:, -1:])  # batch 1: the last row is contiguous
         self.tokens = tokens
 
     def forward(self, embed: str, input_ids: np.ndarray) -> np.ndarray:
@@ -340,11 +404,10 @@ class Decoder:
         self.runs[embed](self.bindings[embed])
         if self.in_place:
             self.kv.advance(tokens)
-            for name in self.layers:
-                self.runs[name](self.bindings[name])
+            self.runs["stack"](self.bindings["stack"])
         else:
             self._concat_layers(tokens)
-        self.runs["norm"](self.bindings["norm"])
+            self.runs["norm"](self.bindings["norm"])
         self.runs[self.head](self.bindings[self.head])
         return self.logits
 
