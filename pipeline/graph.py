@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import difflib
 import heapq
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import onnx
 import onnx.compose
@@ -358,43 +360,80 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str], typed: bool = F
     return copy
 
 
-def join(parts: Sequence[tuple[str, onnx.ModelProto]], links: dict[str, str], shared: Iterable[str],
-         outputs: Sequence[str]) -> onnx.ModelProto:
-    """One model that computes `parts` in order, so a chain of graphs runs as one session.
+def join(parts: Sequence[tuple[str, onnx.ModelProto | Path]], links: dict[str, str], shared: Iterable[str],
+         outputs: Sequence[str], dest: Path) -> None:
+    """Write to `dest` one model that computes `parts` in order, so a chain of graphs runs as one session.
 
     Every name of part P becomes `P/name` (onnx.compose.add_prefix), except the graph inputs named in
     `shared`, which all parts read as one input of the joined model. `links` feeds a part's input from an
     earlier part's output (`{"norm/hidden": "layer_19/hidden_out"}`); the other inputs stay inputs
-    (`layer_03/past_key`). The joined model's outputs are `outputs`, in prefixed names."""
+    (`layer_03/past_key`). The joined model's outputs are `outputs`, in prefixed names.
+
+    A part given as a path is loaded when its turn comes, and its weights go to the file before the next
+    is loaded: protobuf's wire format appends repeated fields when messages are concatenated, so the
+    graph is written as a skeleton (nodes, inputs, outputs) followed by each part's initializers, and
+    joining a model set never holds its weights twice. (A given proto is renamed in place.)"""
     shared = set(shared)
-    graph = onnx.GraphProto(name="+".join(prefix for prefix, _ in parts))
+    skeleton = onnx.GraphProto(name="+".join(prefix for prefix, _ in parts))
     opsets: dict[str, int] = {}
     declared: set[str] = set()
     known_outputs: dict[str, onnx.ValueInfoProto] = {}
-    for prefix, part in parts:
-        m = onnx.compose.add_prefix(part, prefix + "/")
-        rename = {f"{prefix}/{name}": name for name in shared} | \
-            {k: v for k, v in links.items() if k.startswith(prefix + "/")}
-        for node in m.graph.node:
-            node.input[:] = [rename.get(name, name) for name in node.input]
-        for value in m.graph.input:
-            name = rename.get(value.name, value.name)
-            if value.name in links or name in declared:
-                continue
-            value.name = name
-            graph.input.append(value)
-            declared.add(name)
-        graph.node.extend(m.graph.node)
-        graph.initializer.extend(m.graph.initializer)
-        graph.value_info.extend(m.graph.value_info)
-        known_outputs.update({o.name: o for o in m.graph.output})
-        for o in m.opset_import:
-            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    ir_version = 0
+    chunks = dest.with_name(dest.name + ".initializers")
+    with open(chunks, "wb") as weights:
+        for prefix, part in parts:
+            m = onnx.load(str(part)) if isinstance(part, Path) else part
+            onnx.compose.add_prefix(m, prefix + "/", inplace=True)
+            _append_part(skeleton, m, prefix, links, shared, declared)
+            known_outputs.update({o.name: o for o in m.graph.output})
+            for o in m.opset_import:
+                opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+            ir_version = max(ir_version, m.ir_version)
+            weights.write(onnx.GraphProto(initializer=m.graph.initializer).SerializeToString())
+            del m
     missing = [name for name in outputs if name not in known_outputs]
     if missing:
+        chunks.unlink()
         raise PipelineError(f"join: no part has the outputs {', '.join(missing)}")
-    graph.output.extend(known_outputs[name] for name in outputs)
-    joined = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
-    joined.ir_version = max(part.ir_version for _, part in parts)
-    return joined
+    skeleton.output.extend(known_outputs[name] for name in outputs)
+    header = helper.make_model(onnx.GraphProto(), opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    header.ir_version = ir_version
+    header.ClearField("graph")
+    graph_head = skeleton.SerializeToString()
+    graph_size = len(graph_head) + chunks.stat().st_size
+    with open(dest, "wb") as out, open(chunks, "rb") as weights:
+        out.write(header.SerializeToString())
+        out.write(_field_header(7, graph_size))  # ModelProto.graph, length-delimited
+        out.write(graph_head)
+        shutil.copyfileobj(weights, out, 2**24)
+    chunks.unlink()
 
+
+def _append_part(skeleton: onnx.GraphProto, m: onnx.ModelProto, prefix: str, links: dict[str, str],
+                 shared: set[str], declared: set[str]) -> None:
+    """A renamed part's nodes, value_info and own inputs into the joined graph (not its initializers)."""
+    rename = {f"{prefix}/{name}": name for name in shared} | \
+        {k: v for k, v in links.items() if k.startswith(prefix + "/")}
+    for node in m.graph.node:
+        node.input[:] = [rename.get(name, name) for name in node.input]
+    for value in m.graph.input:
+        name = rename.get(value.name, value.name)
+        if value.name in links or name in declared:
+            continue
+        value.name = name
+        skeleton.input.append(value)
+        declared.add(name)
+    skeleton.node.extend(m.graph.node)
+    skeleton.value_info.extend(m.graph.value_info)
+
+
+def _field_header(number: int, size: int) -> bytes:
+    """The tag and length varints of a length-delimited protobuf field."""
+    def varint(v: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, v = v & 0x7F, v >> 7
+            out.append(byte | (0x80 if v else 0))
+            if not v:
+                return bytes(out)
+    return varint(number << 3 | 2) + varint(size)

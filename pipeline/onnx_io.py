@@ -75,7 +75,7 @@ def share_one_thread_pool(threads: int) -> None:
         _shared_pool_threads = threads
 
 
-def session(model: onnx.ModelProto | str | Path, threads: int = 2,
+def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             arena: bool = True, spinning: bool = True) -> ort.InferenceSession:
     """A CPU session with a fixed thread count, so timings compare.
@@ -99,7 +99,8 @@ def session(model: onnx.ModelProto | str | Path, threads: int = 2,
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = optimization
     opts.log_severity_level = 3
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
+        model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 

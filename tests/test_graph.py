@@ -197,7 +197,7 @@ def test_a_new_node_goes_into_its_neighbours_block():
     assert blocks[new[0]] == "/enc/layers.2" and blocks[new[1]] == "/enc/layers.0"
 
 
-def test_join_runs_a_chain_of_graphs_as_one_with_shared_inputs():
+def test_join_runs_a_chain_of_graphs_as_one_with_shared_inputs(tmp_path):
     """a: y = x + s; b: y = x * s, joined as b(a(x)): one input x, one shared s, prefixed outputs."""
     from pipeline.graph import join
     from pipeline.onnx_io import session
@@ -207,7 +207,9 @@ def test_join_runs_a_chain_of_graphs_as_one_with_shared_inputs():
         graph = helper.make_graph([helper.make_node(op, ["x", "s"], ["y"], name=f"/{op}")], op, io[:2], io[2:])
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
-    joined = join([("a", part("Add")), ("b", part("Mul"))], {"b/x": "a/y"}, ["s"], ["b/y", "a/y"])
+    join([("a", part("Add")), ("b", part("Mul"))], {"b/x": "a/y"}, ["s"], ["b/y", "a/y"], tmp_path / "j.onnx")
+    joined = onnx.load(str(tmp_path / "j.onnx"))
+    onnx.checker.check_model(joined)
     assert [i.name for i in joined.graph.input] == ["a/x", "s"]
     assert [n.name for n in joined.graph.node] == ["a//Add", "b//Mul"]
     x, s = np.array([1.0, 2.0], np.float32), np.array([3.0, 4.0], np.float32)
@@ -215,4 +217,4 @@ def test_join_runs_a_chain_of_graphs_as_one_with_shared_inputs():
     np.testing.assert_array_equal(a_y, x + s)
     np.testing.assert_array_equal(b_y, (x + s) * s)
     with pytest.raises(PipelineError, match="join: no part has the outputs c/y"):
-        join([("a", part("Add"))], {}, [], ["c/y"])
+        join([("a", part("Add"))], {}, [], ["c/y"], tmp_path / "k.onnx")

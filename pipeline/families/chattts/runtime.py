@@ -32,6 +32,7 @@ head graph (a plain `run`: its inputs are tiny).
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from ...errors import PipelineError
 from ...graph import join
 from ...modelset import ModelSet
 from ...onnx_io import session
+from ...procinfo import release_free_memory
 
 
 @dataclass
@@ -116,15 +118,19 @@ class ChatTTSRuntime:
         per-run overhead. Inputs `layer_NN/past_*` and the step inputs, outputs `layer_NN/present_*` (the same
         buffers) and `norm/hidden_out`. Blocks stay graphs of their own for the check (`run_layer`)."""
         if self._stack is None:
-            parts = [(n, onnx.load(str(self.ms.path(n)))) for n in self.layers]
-            parts += [(STACK_LAST, _last_position(self.config["hidden_size"])), ("norm", onnx.load(str(self.ms.path("norm"))))]
+            parts: list[tuple[str, onnx.ModelProto | Path]] = [(n, self.ms.path(n)) for n in self.layers]
+            parts += [(STACK_LAST, _last_position(self.config["hidden_size"])), ("norm", self.ms.path("norm"))]
             chain = [n for n, _ in parts]
             links = {f"{b}/{'x' if b == STACK_LAST else 'hidden'}": f"{a}/{'y' if a == STACK_LAST else 'hidden_out'}"
                      for a, b in zip(chain, chain[1:])}
             presents = [f"{n}/present_{kv}" for n in self.layers for kv in ("key", "value")]
-            joined = join(parts, links, kv_cache.STEP_INPUTS, ["norm/hidden_out", *presents])
-            del parts
-            self._stack = session(joined, threads=self.threads, spinning=False, arena=False)
+            # Through a file: the weights are never held twice while joining (graph.join), nor in Python
+            # and in the session at once.
+            with tempfile.TemporaryDirectory(prefix="chattts_stack_") as tmp:
+                joined = Path(tmp) / "stack.onnx"
+                join(parts, links, kv_cache.STEP_INPUTS, ["norm/hidden_out", *presents], joined)
+                self._stack = session(joined, threads=self.threads, spinning=False, arena=False)
+            release_free_memory()  # INT8, 1024-token prompt: peak RSS 933 -> 833 MB
         return self._stack
 
     def run_layer(self, name: str, hidden: np.ndarray, past_key: np.ndarray, past_value: np.ndarray
