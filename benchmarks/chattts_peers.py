@@ -188,14 +188,11 @@ def eager_prefill(model, ids: np.ndarray):
     return h[0].numpy(), post[0].numpy(), model.lm_head_text(post)[0].numpy()
 
 
-def sqnr_db(ref: np.ndarray, cand: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - cand) ** 2))
-    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(ref.astype(np.float64) ** 2)) / noise)
-
-
 def accuracy(kind: str, path: Path, ref: Path, threads: int) -> dict:
     """Against the FP32 eager reference: SQNR of the final norm's output (and of the last layer's output,
     ours only) over all positions; top-1 agreement of the text head at the continuation's positions."""
+    from pipeline.audio import sqnr_db
+
     r = np.load(ref)
     ids, p = r["ids"], int(r["prompt_len"])
     if kind == "ours":

@@ -8,22 +8,30 @@ owned. Here the graphs are chained with io_binding over memory allocated once
 per generation; no cache or hidden state is allocated in the loop (ORT's
 intermediates come from its own arena, reused):
 
-- **KV buffers**, allocated once per generation for prompt + steps positions:
-  per layer and per K/V two flat buffers, used in turn. A step binds `past_*`
-  to an OrtValue over the contiguous prefix of one buffer viewed as
-  [B, H, P, D] and `present_*` to the prefix of the other as [B, H, P+T, D];
-  the layer writes the grown cache straight into it, and that OrtValue is the
-  next step's past. (A slice along axis 2 of one [B, H, Tmax, D] array would
-  not be a dense tensor, and a present that overlaps its past would be
-  overwritten while being read.) The layer still rewrites the whole cache
-  every step (its Concat, or a fused attention op): that is the graphs'
-  contract (present = past ++ new), not the runtime's. The buffers come from
-  np.empty, so the OS commits pages only as the cache grows into them: about
-  twice the cache's size resident, as before.
-- **Hidden state**: two buffers; layer i reads one and writes the other, so the
-  hidden bindings change only when the step's token count does (prefill ->
-  decode). The norm reads the last position's row in place; norm and head
-  write into their own buffers, and the logits are read from there.
+- **KV buffers**, allocated once per generation for prompt + steps positions,
+  in one of two ways, after the layers' convention (pipeline/kv_cache.py):
+  - exported layers (present = past ++ new): per layer and per K/V two flat
+    buffers, used in turn. A step binds `past_*` to an OrtValue over the
+    contiguous prefix of one buffer viewed as [B, H, P, D] and `present_*` to
+    the prefix of the other as [B, H, P+T, D]; the layer writes the grown cache
+    straight into it, and that OrtValue is the next step's past. (A slice
+    along axis 2 of one [B, H, Tmax, D] array would not be a dense tensor, and
+    a present that overlaps its past would be overwritten while being read.)
+    The layer still rewrites the whole cache every step: that is the graphs'
+    contract. About twice the cache's size resident.
+  - in-place layers (`fuse_attention` with `kv_cache: in_place`): per layer one
+    key and one value buffer, bound once as both past and present; a step
+    writes only its new positions. The step's lengths and the rotary tables
+    are shared by every layer, the tables computed once per generation. These
+    layers and the norm run joined into one session (`ChatTTSRuntime.stack`),
+    so a step runs 3 sessions instead of 23.
+  The buffers come from np.empty, so the OS commits pages only as the cache
+  grows into them.
+- **Hidden state**: two buffers; separate layers read one and write the other
+  in turn, so the hidden bindings change only when the step's token count does
+  (prefill -> decode). The norm reads the last position (a row view, or a
+  Slice inside the joined session); norm and head write into their own
+  buffers, and the logits are read from there.
 
 Only the I/O names and shapes of the graphs are relied on, not what is inside
 them (the attention may become an ORT contrib op). Batch 1, as the API takes
