@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from .errors import PipelineError
-from .onnx_io import load_onnx, save_onnx
+from .onnx_io import external_files, load_onnx, save_onnx
 
 MANIFEST = "modelset.json"
 
@@ -32,6 +32,21 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def graph_sha256(path: Path) -> str:
+    """A graph file's hash, over its external-data files too (a graph may keep its weights in one that
+    other graphs share)."""
+    try:
+        extra = external_files(path) if path.suffix == ".onnx" else []
+    except Exception:  # a corrupt file: its bytes' hash differs from the recorded one, which is what matters
+        extra = []
+    if not extra:
+        return file_sha256(path)
+    h = hashlib.sha256(file_sha256(path).encode())
+    for f in extra:
+        h.update(f.name.encode() + file_sha256(f).encode())
     return h.hexdigest()
 
 
@@ -72,12 +87,20 @@ class ModelSet:
         h = hashlib.sha256()
         for g in self.graphs:
             h.update(g.name.encode())
-            h.update((g.sha256 or file_sha256(self.root / g.file)).encode())
+            h.update((g.sha256 or graph_sha256(self.root / g.file)).encode())
         h.update(json.dumps(self.chain, sort_keys=True).encode())
         return h.hexdigest()
 
+    def files(self) -> list[Path]:
+        """Every graph file and external-data file, each once."""
+        found = {}
+        for g in self.graphs:
+            for f in [self.root / g.file, *external_files(self.root / g.file)]:
+                found[f] = True
+        return list(found)
+
     def total_bytes(self) -> int:
-        return sum((self.root / g.file).stat().st_size for g in self.graphs)
+        return sum(f.stat().st_size for f in self.files())
 
     def to_json(self) -> dict[str, Any]:
         return {"graphs": [vars(g) for g in self.graphs], "sidecars": self.sidecars, "chain": self.chain,
@@ -104,7 +127,7 @@ class ModelSet:
 
     def require_unchanged(self) -> None:
         """A runtime's guard: every graph file still has the hash modelset.json recorded for it."""
-        changed = [g.file for g in self.graphs if g.sha256 and file_sha256(self.root / g.file) != g.sha256]
+        changed = [g.file for g in self.graphs if g.sha256 and graph_sha256(self.root / g.file) != g.sha256]
         if changed:
             raise PipelineError(f"{self.root}: modelset.json does not match its files (changed since it was "
                                 f"written: {', '.join(changed[:5])})")
@@ -112,7 +135,7 @@ class ModelSet:
     def verify(self) -> bool:
         """True when every graph file still has the hash the manifest recorded."""
         try:
-            return all(file_sha256(self.root / g.file) == g.sha256 for g in self.graphs)
+            return all(graph_sha256(self.root / g.file) == g.sha256 for g in self.graphs)
         except OSError:
             return False
 
@@ -124,7 +147,7 @@ class ModelSet:
     def save_graph(self, name: str, model: onnx.ModelProto) -> None:
         g = self.graph(name)
         save_onnx(model, self.root / g.file)
-        g.sha256 = file_sha256(self.root / g.file)
+        g.sha256 = graph_sha256(self.root / g.file)
 
     def replace_graph(self, name: str, new_names: list[str], chain: list[dict[str, Any]]) -> None:
         """Make room for the graphs one graph was cut into (files `<stem>.<new>.onnx`, in its place).
@@ -141,9 +164,13 @@ class ModelSet:
         self.chain = self.chain + list(chain)
 
     def copy_graph_from(self, other: ModelSet, name: str) -> None:
+        """The graph's file, and its external-data files unless an earlier copy brought them."""
         g = self.graph(name)
+        for f in external_files(other.path(name)):
+            if not (self.root / f.name).exists():
+                shutil.copyfile(f, self.root / f.name)
         shutil.copyfile(other.path(name), self.root / g.file)
-        g.sha256 = other.graph(name).sha256 or file_sha256(self.root / g.file)
+        g.sha256 = other.graph(name).sha256 or graph_sha256(self.root / g.file)
 
     def copy_sidecars_from(self, other: ModelSet) -> None:
         for sidecar in self.sidecars:

@@ -29,14 +29,79 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, or others on garbage
         raise PipelineError(f"{path}: not a valid ONNX model (truncated or corrupt?): {_one_line(e)}") from None
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        raise PipelineError(f"{path}: model keeps weights in external data files; not supported yet")
+    _load_external_data(model, path)
     if model.ir_version == 0 or len(model.graph.node) == 0:
         raise PipelineError(f"{path}: not a valid ONNX model (no IR version or no nodes)")
     problem = _checker_problem(model)
     if problem:
         raise PipelineError(f"{path}: ONNX checker rejects the model: {problem}")
     return model
+
+
+def _external(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def external_files(path: Path, model: onnx.ModelProto | None = None) -> list[Path]:
+    """The external-data files a model file's initializers live in (none for a self-contained file)."""
+    model = model if model is not None else onnx.load(str(path), load_external_data=False)
+    names = dict.fromkeys(e.value for t in _external(model) for e in t.external_data if e.key == "location")
+    return [path.parent / n for n in names]
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Bring external weights into the proto, which then stays under protobuf's 2 GB like any other."""
+    tensors = _external(model)
+    if not tensors:
+        return
+    for f in external_files(path, model):
+        if f.parent.resolve() != path.parent.resolve():
+            raise PipelineError(f"{path}: external data must lie next to the model, not at {f}")
+        if not f.is_file():
+            raise PipelineError(f"{path}: its weights file {f.name} is missing")
+    total = sum(int(next((e.value for e in t.external_data if e.key == "length"), 0)) for t in tensors)
+    if total + path.stat().st_size >= MAX_PROTO_BYTES:
+        raise PipelineError(f"{path}: model with its external data is over 2 GB; not supported yet")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as e:
+        raise PipelineError(f"{path}: cannot read its external data: {_one_line(e)}") from None
+
+
+def save_sharing_weights(models: dict[Path, onnx.ModelProto], data_file: Path, min_bytes: int = 1024) -> None:
+    """Save models that hold the same weights (a prefill and a decode graph) with one external-data file.
+
+    Each distinct initializer of at least `min_bytes` is written once, whichever model and name it has
+    (exporters name folded weights differently per graph), at a page-aligned offset; every model's
+    tensors point at it. `models` are changed in place. Everything in one folder, written through
+    temporary names and renamed, data file first."""
+    import hashlib
+
+    where: dict[bytes, tuple[int, int]] = {}
+    tmp = data_file.with_name(f".{data_file.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for model in models.values():
+                for t in model.graph.initializer:
+                    if t.data_location == onnx.TensorProto.EXTERNAL or len(t.raw_data) < min_bytes:
+                        continue
+                    key = hashlib.sha256(t.raw_data).digest()
+                    if key not in where:
+                        f.seek(-f.tell() % 4096, os.SEEK_CUR)
+                        where[key] = (f.tell(), len(t.raw_data))
+                        f.write(t.raw_data)
+                    offset, length = where[key]
+                    t.ClearField("raw_data")
+                    t.data_location = onnx.TensorProto.EXTERNAL
+                    del t.external_data[:]
+                    for k, v in (("location", data_file.name), ("offset", str(offset)), ("length", str(length))):
+                        t.external_data.add(key=k, value=v)
+        os.replace(tmp, data_file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    for path, model in models.items():
+        save_onnx(model, path)
 
 
 def _checker_problem(model: onnx.ModelProto) -> str | None:

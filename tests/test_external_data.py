@@ -1,0 +1,62 @@
+"""Graphs that keep their weights in external data, shared between graphs: written once, loaded, hashed, copied."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from tiny import conv_net
+
+from pipeline.errors import PipelineError
+from pipeline.modelset import GraphFile, ModelSet, graph_sha256
+from pipeline.onnx_io import external_files, load_onnx, save_sharing_weights, session
+
+
+def _pair(tmp_path):
+    """Two graphs with the same weights, one of them renamed: written with one shared weights file."""
+    a, b = conv_net(seed=1, channels=32), conv_net(seed=1, channels=32)
+    for t in b.graph.initializer:  # exporters name folded weights differently per graph
+        old = t.name
+        t.name = "renamed::" + old
+        for n in b.graph.node:
+            n.input[:] = [t.name if i == old else i for i in n.input]
+    save_sharing_weights({tmp_path / "a.onnx": a, tmp_path / "b.onnx": b}, tmp_path / "weights.bin")
+    return tmp_path / "a.onnx", tmp_path / "b.onnx"
+
+
+def test_shared_weights_are_written_once_and_both_graphs_run(tmp_path):
+    a, b = _pair(tmp_path)
+    one = sum(t.raw_data.__len__() for t in conv_net(seed=1, channels=32).graph.initializer if len(t.raw_data) >= 1024)
+    assert one < (tmp_path / "weights.bin").stat().st_size < one + 4096 * 8  # once, page-aligned
+    assert external_files(a) == external_files(b) == [tmp_path / "weights.bin"]
+    x = np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)
+    want = session(conv_net(seed=1, channels=32)).run(None, {"x": x})[0]
+    for path in (a, b):
+        np.testing.assert_array_equal(session(path).run(None, {"x": x})[0], want)
+        model = load_onnx(path)  # the weights come in with it
+        assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        np.testing.assert_array_equal(session(model).run(None, {"x": x})[0], want)
+
+
+def test_changed_or_missing_weights_are_caught(tmp_path):
+    a, b = _pair(tmp_path)
+    ms = ModelSet(tmp_path, [GraphFile("a", "a.onnx", graph_sha256(a)), GraphFile("b", "b.onnx", graph_sha256(b))])
+    ms.require_unchanged()
+    data = bytearray((tmp_path / "weights.bin").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="does not match its files"):
+        ms.require_unchanged()
+    (tmp_path / "weights.bin").unlink()
+    with pytest.raises(PipelineError, match="weights file weights.bin is missing"):
+        load_onnx(a)
+
+
+def test_a_copied_graph_brings_its_weights_file(tmp_path):
+    (tmp_path / "src").mkdir()
+    a, b = _pair(tmp_path / "src")
+    src = ModelSet(tmp_path / "src", [GraphFile("a", "a.onnx", graph_sha256(a)), GraphFile("b", "b.onnx", graph_sha256(b))])
+    (tmp_path / "dst").mkdir()
+    dst = src.derive(tmp_path / "dst")
+    dst.copy_graph_from(src, "b")
+    assert (tmp_path / "dst" / "weights.bin").exists() and dst.graph("b").sha256 == src.graph("b").sha256
+    assert src.total_bytes() == sum(f.stat().st_size for f in (a, b, tmp_path / "src" / "weights.bin"))
