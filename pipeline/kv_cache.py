@@ -22,6 +22,10 @@ call) is what exporters write and checks compare against. `contract_feeds`
 feeds an in-place graph the other convention's inputs (a buffer exactly the
 size of past + new, so its presents come out as past + new too), so
 calibration capture and the per-block check run either kind alike.
+
+`KVBuffers` holds the other convention's cache for a runtime that chains
+graphs with io_binding: preallocated once per generation, no cache allocated
+per step.
 """
 from __future__ import annotations
 
@@ -30,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+
+from .errors import PipelineError
 
 LAYOUT_KEY = "kv_cache.layout"
 INV_FREQ_KEY = "kv_cache.rotary_inv_freq"
@@ -95,3 +102,40 @@ def feed_adapter(graph: Path):
         return lambda feeds: feeds
     inv_freq = inv_freq_of(model)
     return lambda feeds: feeds if SEQLENS in feeds else contract_feeds(feeds, inv_freq)
+
+
+class KVBuffers:
+    """The KV cache of one generation, for up to `max_len` positions: per layer and per K/V, two flat buffers
+    used in turn (the past in one, the present written into the other)."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, max_len: int, batch: int = 1):
+        self.dims = (batch, heads, head_dim)
+        self.max_len = max_len
+        # np.empty, not zeros: the OS commits the pages only as the cache grows into them. One array, so
+        # one allocation; each [layer, kv, side] row is a flat, contiguous buffer.
+        self.data = np.empty((layers, 2, 2, batch * heads * max_len * head_dim), np.float32)
+        self.length = 0
+        self.side = 0  # which of each pair holds the cache so far
+        self.past = [self._values(layer, 0, 0) for layer in range(layers)]
+
+    def _values(self, layer: int, side: int, length: int) -> tuple[ort.OrtValue, ort.OrtValue]:
+        """(key, value) over the first `length` positions of one buffer of each pair, as [B, H, length, D]."""
+        b, h, d = self.dims
+        views = (self.data[layer, kv, side, :b * h * length * d].reshape(b, h, length, d) for kv in (0, 1))
+        return tuple(ort.OrtValue.ortvalue_from_numpy(v) for v in views)
+
+    def grow(self, new: int) -> list[tuple[tuple[ort.OrtValue, ort.OrtValue], tuple[ort.OrtValue, ort.OrtValue]]]:
+        """Per layer ((past_key, past_value), (present_key, present_value)) for a step adding `new` positions;
+        the cache counts as grown from here on."""
+        if self.length + new > self.max_len:
+            raise PipelineError(f"KV cache full: {self.length} + {new} positions exceed the {self.max_len} "
+                                f"allocated for this generation")
+        present = [self._values(layer, 1 - self.side, self.length + new) for layer in range(len(self.past))]
+        pairs = list(zip(self.past, present))
+        self.past, self.side, self.length = present, 1 - self.side, self.length + new
+        return pairs
+
+    def pointers(self) -> set[int]:
+        """Addresses of all the buffers: every cache a step binds lies at one of them."""
+        layers = self.data.shape[0]
+        return {self.data[i, kv, s].ctypes.data for i in range(layers) for kv in (0, 1) for s in (0, 1)}

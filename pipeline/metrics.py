@@ -120,7 +120,7 @@ class TokenMetric(Metric):
 
     key = "tokens"
     needs = "token outputs"
-    thresholds = {"min_top1_agreement": "teacher-forced top-1 agreement of the text head"}
+    thresholds = {"min_top1_agreement": "teacher-forced top-1 agreement of the main token head (the text head, where there are two)"}
 
     def failures(self, report, limits):
         limit = limits.get("min_top1_agreement")
@@ -171,3 +171,44 @@ def _metric_classes(family: Family) -> list[type[Metric]]:
 def failures(report: CheckReport, limits: dict[str, float], metrics: list[Metric]) -> list[str]:
     """Every threshold the report misses, each with its numbers, metric by metric."""
     return [f for m in metrics for f in m.failures(report, limits)]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+class HeadMetrics:
+    """Teacher-forced agreement and KL of one head, per generated position, plus free-run divergence."""
+
+    def __init__(self) -> None:
+        self.agree: list[bool] = []
+        self.kl_by_step: dict[int, list[float]] = {}
+        self.divergence: list[int | None] = []
+
+    def add(self, ref_logits: np.ndarray, cand_logits: np.ndarray) -> None:
+        """Logits [steps, V] (text) or [steps, V, num_vq] (codes: one distribution per codebook)."""
+        if ref_logits.ndim == 3:
+            ref_logits, cand_logits = ref_logits.transpose(0, 2, 1), cand_logits.transpose(0, 2, 1)
+        lr, lc = log_softmax(ref_logits), log_softmax(cand_logits)
+        self.agree += (lr.argmax(-1) == lc.argmax(-1)).ravel().tolist()
+        kl = (np.exp(lr) * (lr - lc)).sum(-1)
+        for step, value in enumerate(kl.reshape(len(kl), -1).mean(-1) if len(kl) else []):
+            self.kl_by_step.setdefault(step, []).append(float(value))
+
+    def diverged(self, reference: list, free: list) -> None:
+        self.divergence.append(next((k for k, (a, b) in enumerate(zip(reference, free)) if a != b), None))
+
+    def to_json(self) -> dict[str, Any]:
+        kls = [v for vs in self.kl_by_step.values() for v in vs]
+        diverged = [d for d in self.divergence if d is not None]
+        return {
+            "teacher_forced_top1_agreement": float(np.mean(self.agree)) if self.agree else None,
+            "teacher_forced_kl_mean": float(np.mean(kls)) if kls else None,
+            "teacher_forced_kl_max": float(np.max(kls)) if kls else None,
+            "teacher_forced_kl_per_step": [float(np.mean(self.kl_by_step[k])) for k in sorted(self.kl_by_step)],
+            "first_divergence_steps": self.divergence,
+            "prompts_diverged": len(diverged),
+            "first_divergence_min": min(diverged) if diverged else None,
+        }

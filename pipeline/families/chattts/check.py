@@ -29,18 +29,13 @@ from onnx import numpy_helper
 from ...blocks import BlockPartition
 from ...check import BlockReport, CheckResult, Pooled, _precision_mix
 from ...errors import PipelineError
+from ...metrics import HeadMetrics
 from ...onnx_io import tensor_types
 from ...procinfo import peak_rss_mb
 from ...recipe import BlockSpec
 
 Feeds = dict[str, np.ndarray]
 from .runtime import ChatTTSRuntime
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
 def _embed(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None = None) -> dict[str, np.ndarray]:
@@ -128,41 +123,6 @@ def _graph_facts(rt: ChatTTSRuntime, name: str) -> tuple[int, int, dict[str, int
     return params, path.stat().st_size, mix, weights
 
 
-class _HeadMetrics:
-    """Teacher-forced agreement and KL of one head, per generated position, plus free-run divergence."""
-
-    def __init__(self) -> None:
-        self.agree: list[bool] = []
-        self.kl_by_step: dict[int, list[float]] = {}
-        self.divergence: list[int | None] = []
-
-    def add(self, ref_logits: np.ndarray, cand_logits: np.ndarray) -> None:
-        """Logits [steps, V] (text) or [steps, V, num_vq] (codes: one distribution per codebook)."""
-        if ref_logits.ndim == 3:
-            ref_logits, cand_logits = ref_logits.transpose(0, 2, 1), cand_logits.transpose(0, 2, 1)
-        lr, lc = _log_softmax(ref_logits), _log_softmax(cand_logits)
-        self.agree += (lr.argmax(-1) == lc.argmax(-1)).ravel().tolist()
-        kl = (np.exp(lr) * (lr - lc)).sum(-1)
-        for step, value in enumerate(kl.reshape(len(kl), -1).mean(-1) if len(kl) else []):
-            self.kl_by_step.setdefault(step, []).append(float(value))
-
-    def diverged(self, reference: list, free: list) -> None:
-        self.divergence.append(next((k for k, (a, b) in enumerate(zip(reference, free)) if a != b), None))
-
-    def to_json(self) -> dict[str, Any]:
-        kls = [v for vs in self.kl_by_step.values() for v in vs]
-        diverged = [d for d in self.divergence if d is not None]
-        return {
-            "teacher_forced_top1_agreement": float(np.mean(self.agree)) if self.agree else None,
-            "teacher_forced_kl_mean": float(np.mean(kls)) if kls else None,
-            "teacher_forced_kl_max": float(np.max(kls)) if kls else None,
-            "teacher_forced_kl_per_step": [float(np.mean(self.kl_by_step[k])) for k in sorted(self.kl_by_step)],
-            "first_divergence_steps": self.divergence,
-            "prompts_diverged": len(diverged),
-            "first_divergence_min": min(diverged) if diverged else None,
-        }
-
-
 def compare_chattts(reference: Path, candidate: Path, prompts: list[list[int]], steps: int = 16,
                     threads: int = 2, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Each prompt twice: continued by FP32 greedy text, and by FP32 greedy audio codes (teacher forcing
@@ -172,7 +132,7 @@ def compare_chattts(reference: Path, candidate: Path, prompts: list[list[int]], 
     blocks = ["embed_text", "embed_code", *ref.layers, "norm", "lm_head_text", "lm_head_code"]
     iso = {b: Pooled() for b in blocks}
     acc = {b: Pooled() for b in blocks}
-    text, code = _HeadMetrics(), _HeadMetrics()
+    text, code = HeadMetrics(), HeadMetrics()
     for i, prompt in enumerate(prompts):
         progress(f"prompt {i + 1}/{len(prompts)}")
         continuation = ref.generate_text(prompt, steps).ids

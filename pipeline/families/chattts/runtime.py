@@ -51,6 +51,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ... import kv_cache
+from ...kv_cache import KVBuffers
 from ...errors import PipelineError
 from ...graph import join
 from ...modelset import ModelSet
@@ -237,43 +238,6 @@ class ChatTTSRuntime:
             out.ids.append(self._next(logits[0, -1], out.ids, sampling, rng))
             out.step_s.append(time.perf_counter() - t0)
         return out
-
-
-class KVBuffers:
-    """The KV cache of one generation, for up to `max_len` positions: per layer and per K/V, two flat buffers
-    used in turn (the past in one, the present written into the other)."""
-
-    def __init__(self, layers: int, heads: int, head_dim: int, max_len: int, batch: int = 1):
-        self.dims = (batch, heads, head_dim)
-        self.max_len = max_len
-        # np.empty, not zeros: the OS commits the pages only as the cache grows into them. One array, so
-        # one allocation; each [layer, kv, side] row is a flat, contiguous buffer.
-        self.data = np.empty((layers, 2, 2, batch * heads * max_len * head_dim), np.float32)
-        self.length = 0
-        self.side = 0  # which of each pair holds the cache so far
-        self.past = [self._values(layer, 0, 0) for layer in range(layers)]
-
-    def _values(self, layer: int, side: int, length: int) -> tuple[ort.OrtValue, ort.OrtValue]:
-        """(key, value) over the first `length` positions of one buffer of each pair, as [B, H, length, D]."""
-        b, h, d = self.dims
-        views = (self.data[layer, kv, side, :b * h * length * d].reshape(b, h, length, d) for kv in (0, 1))
-        return tuple(ort.OrtValue.ortvalue_from_numpy(v) for v in views)
-
-    def grow(self, new: int) -> list[tuple[tuple[ort.OrtValue, ort.OrtValue], tuple[ort.OrtValue, ort.OrtValue]]]:
-        """Per layer ((past_key, past_value), (present_key, present_value)) for a step adding `new` positions;
-        the cache counts as grown from here on."""
-        if self.length + new > self.max_len:
-            raise PipelineError(f"KV cache full: {self.length} + {new} positions exceed the {self.max_len} "
-                                f"allocated for this generation")
-        present = [self._values(layer, 1 - self.side, self.length + new) for layer in range(len(self.past))]
-        pairs = list(zip(self.past, present))
-        self.past, self.side, self.length = present, 1 - self.side, self.length + new
-        return pairs
-
-    def pointers(self) -> set[int]:
-        """Addresses of all the buffers: every cache a step binds lies at one of them."""
-        layers = self.data.shape[0]
-        return {self.data[i, kv, s].ctypes.data for i in range(layers) for kv in (0, 1) for s in (0, 1)}
 
 
 STACK_LAST = "last_position"
