@@ -311,19 +311,22 @@ def _ids(ids: str | None) -> list[int] | None:
 @main.command()
 @click.argument("modelset", type=click.Path(path_type=Path))
 @click.option("--steps", default=32, show_default=True, help="Tokens (or frames) to generate.")
-@click.option("--mode", default="text", show_default=True,
-              help="What to generate, as the family names it (a GPT with two heads: text or code).")
+@click.option("--mode", help="What to generate, as the family names it (ChatTTS: text, the default, or code).")
 @click.option("--greedy/--sample", default=True, show_default=True,
               help="Greedy decoding, or the family's sampling through its sample head.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the uniform noise that sampling draws from.")
-@click.option("--ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
+@click.option("--ids", "--text-ids", "ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
 @click.option("--prompt", help="Prompt text, tokenized with --tokenizer.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="The model's tokenizer folder, for --prompt.")
 @click.option("--threads", default=2, show_default=True,
               help="ONNX Runtime threads: one pool that every graph's session shares.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write ids and timings as JSON.")
-def generate(modelset: Path, steps: int, mode: str, greedy: bool, seed: int, ids: str | None, prompt: str | None,
-             tokenizer: Path | None, threads: int, json_path: Path | None) -> None:
+@click.option("--conditioning", type=click.Path(path_type=Path),
+              help="A .npy the family conditions on (a voice's conditioning latent).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write ids and timings as JSON (a family with arrays to keep writes them beside it).")
+def generate(modelset: Path, steps: int, mode: str | None, greedy: bool, seed: int, ids: str | None,
+             prompt: str | None, tokenizer: Path | None, threads: int, conditioning: Path | None,
+             json_path: Path | None) -> None:
     """Generate with a token model set (e.g. runs/<recipe>/final) in ONNX Runtime, as its family does.
 
     Prints the generated ids and the per-step decode latency.
@@ -335,7 +338,8 @@ def generate(modelset: Path, steps: int, mode: str, greedy: bool, seed: int, ids
     from .onnx_io import share_one_thread_pool
 
     share_one_thread_pool(threads)  # this process only generates: its sessions run one after another
-    request = GenerateRequest(_ids(ids), prompt, tokenizer, steps, greedy, seed, mode, threads)
+    request = GenerateRequest(_ids(ids), prompt, tokenizer, steps, greedy, seed, mode, threads, conditioning,
+                              json_path)
     ms = ModelSet.read(modelset)
     result = family_of(ms).generate(ms, request)
     for line in result.lines:

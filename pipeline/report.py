@@ -76,7 +76,8 @@ def outputs_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     t = report.get("tokens")
     if t:
-        lines.append(_token_line("text head", t, f"{t['decode_steps']} steps a prompt", report["samples"]))
+        lines.append(_token_line(t.get("head", "text head"), t, f"{t['decode_steps']} steps a prompt",
+                                 report["samples"]))
         if t.get("code_head") and t["code_head"]["teacher_forced_top1_agreement"] is not None:
             lines.append(_token_line("code head", t["code_head"], "per codebook", report["samples"]))
     for o in report["outputs"]:

@@ -82,8 +82,10 @@ class GenerateRequest:
     steps: int
     greedy: bool
     seed: int
-    mode: str
+    mode: str | None  # None: the family's default
     threads: int
+    conditioning: Path | None = None  # a .npy the family conditions on (a speaker latent)
+    json_path: Path | None = None  # where --json goes: arrays the family keeps are written beside it
 
 
 @dataclass

@@ -100,24 +100,25 @@ class ChatTTSFamily(Family):
         lines = []
         if rt.ms.meta.get("seeded"):
             lines.append(f"note: {rt.ms.meta.get('source')}: ChatTTS's exact config, untrained; tokens mean nothing")
-        if request.mode == "code":
+        mode = request.mode or "text"
+        if mode == "code":
             sampling = None if request.greedy else infer_code_sampling(seed=request.seed)
             frames, gen = rt.generate_codes(prompt, request.steps, sampling)
             lines.append(f"frames ({len(frames)} of {rt.config['num_vq']} codes): "
                          + " | ".join(" ".join(map(str, f)) for f in frames))
             ids: Any = frames
-        elif request.mode == "text":
+        elif mode == "text":
             gen = rt.generate_text(prompt, request.steps, None if request.greedy else SamplingParams(seed=request.seed))
             lines.append("ids: " + " ".join(map(str, gen.ids)))
             ids = gen.ids
         else:
-            raise PipelineError(f"--mode: {request.mode!r} is not a ChatTTS mode (text, code)")
+            raise PipelineError(f"--mode: {mode!r} is not a ChatTTS mode (text, code)")
         ms_steps = [t * 1e3 for t in gen.step_s]
         if ms_steps:
             lines.append(f"prefill {gen.prefill_s * 1e3:.1f} ms ({len(prompt)} tokens); decode step median "
                          f"{statistics.median(ms_steps):.1f} ms, min {min(ms_steps):.1f}, max {max(ms_steps):.1f} "
                          f"over {len(ms_steps)} steps")
-        data = {"prompt": prompt, "mode": request.mode, "ids": ids, "prefill_s": gen.prefill_s,
+        data = {"prompt": prompt, "mode": mode, "ids": ids, "prefill_s": gen.prefill_s,
                 "step_s": gen.step_s, "seeded": rt.ms.meta.get("seeded")}
         return Generated(lines, data)
 
