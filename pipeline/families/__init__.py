@@ -39,7 +39,7 @@ ENTRY_POINT_GROUP = "tts_onnx_pipeline.families"
 GENERIC = "generic"
 # Registered through entry points like any plug-in; missing, the install's metadata is stale or absent, and a
 # voice would silently be taken for a generic model (no sidecar copied, no audio metrics).
-BUILT_IN = ("piper", "hifigan", "chattts")
+BUILT_IN = ("piper", "hifigan", "chattts", "tortoise")
 
 
 @dataclass(frozen=True)

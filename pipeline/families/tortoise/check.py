@@ -1,0 +1,141 @@
+"""Calibration capture and the check of a Tortoise ModelSet: per-layer error inside the graphs, code-head
+metrics and the latents the diffusion decoder would see.
+
+Every sample is a real sentence with the voice's latent, continued by the FP32
+model's own greedy codes, then teacher-forced:
+- **blocks**: the core's per-block comparison (isolated and accumulated, blocks
+  `/gpt/h.N`, embeddings, norms, heads) inside `prefill`, fed the prompt and
+  `[start_mel, c1, ..., c_{N-1}]` in one pass, inside `decode`, fed its last
+  step with the real decode-time cache, and inside `conditioning`, fed the
+  reference mels. Block ids are `graph/block` (`prefill/gpt/h.13`);
+- **code head**: teacher-forced top-1 agreement and KL of the decode-time
+  logits (the FP32 codes fed to the candidate's prefill and decode), and where
+  the candidate's own greedy codes first diverge;
+- **latents**: the candidate's latents of the FP32 codes (the second forward
+  pass) against the FP32 model's: what the diffusion decoder would see.
+The candidate is fed the FP32 conditioning latent, so the GPT's error is not
+mixed with the conditioning encoder's (whose error is its own block).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration import Feeds
+from calibration.tortoise_texts import reference_mels
+
+from ...check import CheckResult, Pooled, compare_models
+from ...errors import PipelineError
+from ...metrics import HeadMetrics
+from ...procinfo import peak_rss_mb
+from .exporter import kv_names
+from .runtime import TortoiseRuntime
+
+
+def teacher_forced(rt: TortoiseRuntime, text_ids: list[int], latent: np.ndarray, codes: list[int]
+                   ) -> tuple[np.ndarray, Feeds]:
+    """Decode-time logits [N, V] predicting c1..cN with `codes` fed back (plain runs), and the decode graph's
+    feeds of the last step (the real cache of everything before it)."""
+    c = rt.config
+    out = rt.prefill(text_ids, latent, [c["start_mel_token"]])
+    logits, kv = [out[0][0, -1]], out[2:]
+    feeds: Feeds = {}
+    for k, code in enumerate(codes[:-1], start=1):
+        feeds = {"mel_id": np.array([[code]], np.int64), "position": np.array([k + 1], np.int64),
+                 **dict(zip(kv_names(c["layers"], "past"), kv))}
+        out = rt.session("decode").run(None, feeds)
+        logits.append(out[0][0, -1])
+        kv = out[2:]
+    return np.stack(logits), feeds
+
+
+def sample_inputs(feeds: Feeds) -> tuple[list[int], np.ndarray]:
+    return feeds["text_ids"][0].tolist(), np.asarray(feeds["cond_latent"], np.float32)
+
+
+def capture_tortoise(reference: Path, entry_feeds: list[Feeds], steps: int = 16) -> dict[str, list[Feeds]]:
+    """Every graph's calibration inputs from the FP32 model, in one sweep: for each sentence the prefill fed
+    the prompt and its own greedy codes (teacher-forced), the decode graph's last step with its real cache,
+    and the conditioning graph the reference mels."""
+    rt = TortoiseRuntime(reference)
+    start = rt.config["start_mel_token"]
+    captured: dict[str, list[Feeds]] = {"conditioning": [{"mels": reference_mels()}], "prefill": [], "decode": []}
+    for f in entry_feeds:
+        text, latent = sample_inputs(f)
+        codes = rt.generate(text, latent, steps).codes
+        captured["prefill"].append({"text_ids": f["text_ids"], "cond_latent": latent,
+                                    "mel_ids": np.array([[start, *codes[:-1]]], np.int64)})
+        if len(codes) > 1:
+            captured["decode"].append(teacher_forced(rt, text, latent, codes)[1])
+    return captured
+
+
+def captured_feeds(captured: dict[str, list[Feeds]], graph: str) -> list[Feeds]:
+    if graph not in captured:
+        raise PipelineError(f"calibration: no capture for Tortoise graph {graph!r} (captured: {', '.join(captured)})")
+    if not captured[graph]:
+        raise PipelineError(f"calibration: the sentences gave no inputs for {graph!r}")
+    return captured[graph]
+
+
+def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], steps: int = 32, threads: int = 2,
+                     progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ref, cand = TortoiseRuntime(reference, threads), TortoiseRuntime(candidate, threads)
+    start = ref.config["start_mel_token"]
+    codes_head, latents = HeadMetrics(), Pooled()
+    prefill_feeds, decode_feeds = [], []
+    for i, f in enumerate(samples):
+        progress(f"sentence {i + 1}/{len(samples)}")
+        text, latent = sample_inputs(f)
+        codes = ref.generate(text, latent, steps).codes
+        if not codes:
+            continue
+        ref_logits, last = teacher_forced(ref, text, latent, codes)
+        cand_logits, _ = teacher_forced(cand, text, latent, codes)
+        codes_head.add(ref_logits, cand_logits)
+        codes_head.diverged(codes, cand.generate(text, latent, steps).codes)
+        latents.update(ref.latents(text, latent, codes), cand.latents(text, latent, codes))
+        prefill_feeds.append({"text_ids": f["text_ids"], "cond_latent": latent,
+                              "mel_ids": np.array([[start, *codes[:-1]]], np.int64)})
+        if last:
+            decode_feeds.append(last)
+    if not prefill_feeds:
+        raise PipelineError("check: the FP32 model stopped at once on every sentence; nothing to compare")
+    del ref, cand  # the per-block comparison loads the graphs again, with their boundary tensors exposed
+    graphs = [("conditioning", [{"mels": reference_mels()}]), ("prefill", prefill_feeds), ("decode", decode_feeds)]
+    blocks, outputs = [], []
+    for graph, feeds in graphs:
+        if not feeds:
+            continue
+        progress(f"blocks of {graph}")
+        result = _compare_graph(reference, candidate, graph, feeds, threads)
+        for b in result.blocks:
+            b.id = f"{graph}{b.id}" if b.id.startswith("/") else f"{graph}/{b.id}"
+        blocks += result.blocks
+        outputs += [{**o, "name": f"{graph}.{o['name']}"} for o in result.outputs if "present_" not in o["name"]]
+    from ...modelset import ModelSet
+
+    meta = ModelSet.read(reference).meta
+    notes = []
+    if meta.get("seeded"):
+        notes.append(f"SEEDED RANDOM WEIGHTS ({meta.get('source')}): Tortoise's released config, untrained; the "
+                     f"code head's agreement only means something on trained weights")
+    notes.append("the candidate is fed the FP32 conditioning latent; the conditioning graph is checked on its own")
+    result = CheckResult(len(prefill_feeds), str(reference), str(candidate), blocks, [], peak_rss_mb(),
+                         time.perf_counter() - t0, notes)
+    report = result.to_json()
+    report["outputs"] = [{"name": "latents", **latents.to_json()}, *outputs]
+    report["tokens"] = {"decode_steps": steps, "head": "mel head (codes)", **codes_head.to_json()}
+    return report
+
+
+def _compare_graph(reference: Path, candidate: Path, graph: str, feeds: list[Feeds], threads: int) -> CheckResult:
+    from ...modelset import ModelSet
+
+    ref_ms, cand_ms = ModelSet.read(reference), ModelSet.read(candidate)
+    return compare_models(ref_ms.load(graph), cand_ms.load(graph), feeds, None, threads=threads)

@@ -1,0 +1,222 @@
+"""Generation with a Tortoise ModelSet in ONNX Runtime: prefill once, then one decode step per code.
+
+Both graphs run over io_binding, as ChatTTS's runtime does: the KV cache is
+`kv_cache.KVBuffers` (two flat buffers per layer and K/V, the past read from
+one and the grown present written into the other, allocated once per
+generation), the logits land in one preallocated buffer, and each step's
+hidden state is written straight into its row of the result array. Nothing is
+allocated per step but ONNX Runtime's own intermediates.
+
+Tortoise's conventions (tortoise-tts 3.0.0, inference_speech with the KV cache):
+the prefill is `[cond latent | start_text, text..., stop_text | start_mel]`;
+code k (1-based) is embedded at mel position k + 1; generation stops at
+stop_mel. The diffusion latents are a second pass over the finished codes
+(`latents`), not the decode-time states.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ...errors import PipelineError
+from ...kv_cache import KVBuffers
+from ...modelset import ModelSet
+from ...onnx_io import session
+from .exporter import EXPORTER, kv_names
+from .sample_head import TortoiseSampling
+
+PLACEHOLDER_ID = 1  # inference_speech's fake input ids before start_mel: they are in the penalty's history
+
+
+@dataclass
+class Generation:
+    codes: list[int]
+    hidden: np.ndarray  # [steps, dim]: the decode-time hidden state at each code's input
+    prefill_s: float
+    step_s: list[float] = field(default_factory=list)
+    stopped: bool = False  # ended at stop_mel before the step budget
+
+
+class TortoiseRuntime:
+    def __init__(self, folder: Path, threads: int = 2):
+        self.ms = ModelSet.read(Path(folder))
+        meta = self.ms.meta
+        if meta.get("exporter") != EXPORTER:
+            raise PipelineError(f"{folder}: not a Tortoise model set (modelset.json meta.exporter)")
+        missing = [n for n in ("prefill", "decode") if n not in self.ms.names()]
+        if missing:
+            raise PipelineError(f"{folder}: model set lacks graphs {', '.join(missing)}")
+        self.ms.require_unchanged()
+        self.config = meta["config"]
+        self.layers = self.config["layers"]
+        self.dim = self.config["model_dim"]
+        self.threads = threads
+        self._sessions: dict[str, ort.InferenceSession] = {}
+
+    def session(self, name: str) -> ort.InferenceSession:
+        if name not in self._sessions:
+            self._sessions[name] = session(self.ms.path(name), threads=self.threads, spinning=False)
+        return self._sessions[name]
+
+    # -- input checks: one clear line each ---------------------------------------------
+    def check_text(self, text_ids: list[int]) -> None:
+        c = self.config
+        if not text_ids:
+            raise PipelineError("empty text: give at least one text token id")
+        vocab = c["number_text_tokens"] + 1
+        bad = [i for i in text_ids if not 0 <= i < vocab]
+        if bad:
+            raise PipelineError(f"text ids outside the text vocabulary (0..{vocab - 1}): {bad[:5]}")
+        if len(text_ids) > c["max_text_tokens"]:
+            raise PipelineError(f"{len(text_ids)} text tokens: the model takes at most {c['max_text_tokens']}")
+
+    def check_latent(self, latent: np.ndarray) -> np.ndarray:
+        given = latent = np.asarray(latent)
+        if latent.ndim == 1:
+            latent = latent[None]
+        if latent.shape != (1, self.dim) or not np.issubdtype(latent.dtype, np.floating):
+            raise PipelineError(f"conditioning latent of shape {list(given.shape)} ({given.dtype}): this model "
+                                f"takes one float latent of {self.dim} values ([1, {self.dim}] or [{self.dim}])")
+        if not np.isfinite(latent).all():
+            raise PipelineError("conditioning latent holds NaN or infinite values")
+        return latent.astype(np.float32)
+
+    def max_steps(self) -> int:
+        """inference_speech's limit: max_mel_tokens - 1 codes after start_mel."""
+        return self.config["max_mel_tokens"] - 1
+
+    def check_steps(self, steps: int) -> None:
+        if not 1 <= steps <= self.max_steps():
+            raise PipelineError(f"--steps {steps}: this model generates 1..{self.max_steps()} codes "
+                                f"(max_mel_tokens {self.config['max_mel_tokens']} - 1)")
+
+    # -- stages ---------------------------------------------------------------------------
+    def conditioning(self, mels: np.ndarray) -> np.ndarray:
+        """Reference mels [B, clips, 80, frames] -> conditioning latent [B, dim]."""
+        if "conditioning" not in self.ms.names():
+            raise PipelineError(f"{self.ms.root}: model set has no conditioning graph")
+        mels = np.asarray(mels, np.float32)
+        if mels.ndim != 4 or mels.shape[2] != self.config["mel_channels"]:
+            raise PipelineError(f"reference mels of shape {list(mels.shape)}: expected [batch, clips, "
+                                f"{self.config['mel_channels']}, frames]")
+        return self.session("conditioning").run(None, {"mels": mels})[0]
+
+    def prefill(self, text_ids: list[int], latent: np.ndarray, mel_ids: list[int]) -> list[np.ndarray]:
+        """[logits, hidden, presents...] of the prefill graph, a plain run (the check and the latents use it)."""
+        return self.session("prefill").run(None, {"text_ids": np.array([text_ids], np.int64),
+                                                  "cond_latent": latent, "mel_ids": np.array([mel_ids], np.int64)})
+
+    def latents(self, text_ids: list[int], latent: np.ndarray, codes: list[int]) -> np.ndarray:
+        """The diffusion decoder's latents [N, dim] for codes c1..cN: forward(return_latent=True), i.e. the
+        hidden states at `[start_mel, c1, ..., c_{N-1}]` at mel positions 0..N-1, in one prefill."""
+        if not codes:
+            return np.zeros((0, self.dim), np.float32)
+        self.check_text(text_ids)
+        latent = self.check_latent(latent)
+        return self.prefill(text_ids, latent, [self.config["start_mel_token"], *codes[:-1]])[1][0]
+
+    def generate(self, text_ids: list[int], latent: np.ndarray, steps: int,
+                 sampling: TortoiseSampling | None = None, seed: int = 0) -> Generation:
+        """Up to `steps` codes, greedy (`sampling` None) or with Tortoise's sampling through the sample head,
+        its uniform noise drawn from `seed`. Stops at stop_mel, which is not returned."""
+        self.check_text(text_ids)
+        latent = self.check_latent(latent)
+        self.check_steps(steps)
+        c = self.config
+        prompt_len = 1 + len(text_ids) + 2 + 1
+        loop = _Loop(self, prompt_len + steps)
+        sampler = _Sampler(self, sampling, seed, prompt_len) if sampling else None
+        t0 = time.perf_counter()
+        logits = loop.prefill(text_ids, latent)
+        out = Generation([], loop.hidden, time.perf_counter() - t0)
+        while True:
+            code = sampler.next(logits) if sampler else int(np.argmax(logits))
+            if code == c["stop_mel_token"]:
+                out.stopped = True
+                break
+            out.codes.append(code)
+            if len(out.codes) == steps:
+                break
+            t0 = time.perf_counter()
+            logits = loop.decode(code, len(out.codes) + 1)
+            out.step_s.append(time.perf_counter() - t0)
+        out.hidden = loop.hidden[:len(out.codes)]
+        return out
+
+
+class _Loop:
+    """One generation's prefill and decode sessions over io_binding."""
+
+    def __init__(self, rt: TortoiseRuntime, max_len: int):
+        c = rt.config
+        self.rt = rt
+        self.prefill_s, self.decode_s = rt.session("prefill"), rt.session("decode")
+        self.bindings = {"prefill": self.prefill_s.io_binding(), "decode": self.decode_s.io_binding()}
+        self.kv = KVBuffers(c["layers"], c["heads"], c["model_dim"] // c["heads"], max_len)
+        self.logits = np.empty((1, 1, c["number_mel_codes"]), np.float32)
+        self.hidden = np.empty((max_len, c["model_dim"]), np.float32)  # row k: the state at code k's input
+        self.row = 0
+        self.presents = kv_names(c["layers"], "present")
+        self.pasts = kv_names(c["layers"], "past")
+        logits = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        for b in self.bindings.values():
+            b.bind_ortvalue_output("logits", logits)
+
+    def _bind_step(self, graph: str, new: int) -> None:
+        binding = self.bindings[graph]
+        row = self.hidden[self.row:self.row + 1][None]  # [1, 1, dim], contiguous
+        binding.bind_ortvalue_output("hidden", ort.OrtValue.ortvalue_from_numpy(row))
+        for n, (past, present) in enumerate(self.kv.grow(new)):
+            if graph == "decode":
+                binding.bind_ortvalue_input(self.pasts[2 * n], past[0])
+                binding.bind_ortvalue_input(self.pasts[2 * n + 1], past[1])
+            binding.bind_ortvalue_output(self.presents[2 * n], present[0])
+            binding.bind_ortvalue_output(self.presents[2 * n + 1], present[1])
+        self.row += 1
+
+    def prefill(self, text_ids: list[int], latent: np.ndarray) -> np.ndarray:
+        b = self.bindings["prefill"]
+        b.bind_cpu_input("text_ids", np.array([text_ids], np.int64))
+        b.bind_cpu_input("cond_latent", latent)
+        b.bind_cpu_input("mel_ids", np.array([[self.rt.config["start_mel_token"]]], np.int64))
+        self._bind_step("prefill", 1 + len(text_ids) + 2 + 1)
+        self.prefill_s.run_with_iobinding(b)
+        return self.logits[0, -1]
+
+    def decode(self, code: int, position: int) -> np.ndarray:
+        b = self.bindings["decode"]
+        b.bind_cpu_input("mel_id", np.array([[code]], np.int64))
+        b.bind_cpu_input("position", np.array([position], np.int64))
+        self._bind_step("decode", 1)
+        self.decode_s.run_with_iobinding(b)
+        return self.logits[0, -1]
+
+
+class _Sampler:
+    """Tortoise's sampling through the sample head; the history starts with inference_speech's fake inputs."""
+
+    def __init__(self, rt: TortoiseRuntime, sampling: TortoiseSampling, seed: int, prompt_len: int):
+        if "sample_head" not in rt.ms.names():
+            raise PipelineError(f"{rt.ms.root}: this model set has no sample_head graph; generate greedily")
+        c = rt.config
+        self.head = rt.session("sample_head")
+        self.seen = np.zeros((1, c["number_mel_codes"]), bool)
+        if prompt_len > 1:
+            self.seen[0, PLACEHOLDER_ID] = True
+        self.seen[0, c["start_mel_token"]] = True
+        self.rng = np.random.default_rng(seed)
+        self.fixed = {"temperature": np.array([[sampling.temperature]], np.float32),
+                      "penalty": np.array([[sampling.repetition_penalty]], np.float32),
+                      "top_k": np.array([[sampling.top_k]], np.int64),
+                      "top_p": np.array([[sampling.top_p]], np.float32), "greedy": np.array(False)}
+
+    def next(self, logits: np.ndarray) -> int:
+        code = int(self.head.run(["next_ids"], {"logits": logits[None], "seen": self.seen,
+                                                "noise": self.rng.random((1, 1), dtype=np.float32),
+                                                **self.fixed})[0][0])
+        self.seen[0, code] = True
+        return code

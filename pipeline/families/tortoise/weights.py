@@ -1,0 +1,110 @@
+"""Tortoise's `autoregressive.pth`, or seeded weights with the released config.
+
+The checkpoint is a plain state_dict, loaded with `torch.load(weights_only=True)`:
+a pickle that would run code is refused. Every key is checked against the
+modules (model.py): a missing, misshaped or unknown key is named, never ignored.
+The only extras accepted are the legacy causal-mask buffers that releases
+carry and current transformers no longer has (`gpt.h.N.attn.bias`,
+`gpt.h.N.attn.masked_bias`): buffers, not weights.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...errors import PipelineError
+from .model import TortoiseConfig, UnifiedVoiceGPT
+
+LEGACY_BUFFER = re.compile(r"^gpt\.h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+@dataclass
+class TortoiseWeights:
+    config: TortoiseConfig
+    state: dict[str, torch.Tensor]  # UnifiedVoiceGPT's state dict
+    seeded: bool
+    source: str
+
+    def model(self) -> UnifiedVoiceGPT:
+        m = UnifiedVoiceGPT(self.config)
+        m.load_state_dict(self.state)
+        return m.eval()
+
+
+def expected_keys(c: TortoiseConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in UnifiedVoiceGPT(c).state_dict().items()} if c.layers <= 4 else \
+        _expected_keys_cheap(c)
+
+
+def _expected_keys_cheap(c: TortoiseConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes without building the 1.7 GB model: one small-layer model's keys, with the layers repeated."""
+    one = TortoiseConfig(**{**c.__dict__, "layers": 1})
+    keys: dict[str, tuple[int, ...]] = {}
+    for k, v in UnifiedVoiceGPT(one).state_dict().items():
+        if k.startswith("gpt.h.0."):
+            for n in range(c.layers):
+                keys[f"gpt.h.{n}." + k[len("gpt.h.0."):]] = tuple(v.shape)
+        else:
+            keys[k] = tuple(v.shape)
+    return keys
+
+
+def seeded_weights(c: TortoiseConfig | None = None, seed: int = 0) -> TortoiseWeights:
+    """GPT2's initialisation (normal 0.02, zero biases, unit norms) from one seeded generator."""
+    c = c or TortoiseConfig()
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, shape in expected_keys(c).items():
+        if re.search(r"(ln_\d|ln_f|final_norm|\.norm)\.weight$", k):
+            state[k] = torch.ones(shape)
+        elif k.endswith(".bias"):
+            state[k] = torch.zeros(shape)
+        else:
+            state[k] = torch.randn(shape, generator=gen) * 0.02
+    return TortoiseWeights(c, state, True, f"seeded random weights (seed {seed})")
+
+
+def load_checkpoint(path: Path, c: TortoiseConfig | None = None) -> TortoiseWeights:
+    """A real autoregressive.pth, checked key by key against `c` (default: the released config)."""
+    c = c or TortoiseConfig()
+    if not path.is_file():
+        raise PipelineError(f"checkpoint not found: {path}")
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses globals it does not know: code, not tensors
+        raise PipelineError(f"{path}: refused: the pickle asks to run code or build objects other than tensors "
+                            f"({str(e).splitlines()[-1][:160]})") from None
+    except Exception as e:  # truncated zip, not a torch file at all
+        raise PipelineError(f"{path}: not a readable PyTorch checkpoint: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    if isinstance(found, dict) and isinstance(found.get("state_dict"), dict):
+        found = found["state_dict"]
+    if not isinstance(found, dict) or not all(isinstance(v, torch.Tensor) for v in found.values()):
+        raise PipelineError(f"{path}: not a state_dict (a dict of tensor name -> tensor)")
+    state = {k: v for k, v in found.items() if not LEGACY_BUFFER.match(k)}
+    check_keys(state, expected_keys(c), path)
+    return TortoiseWeights(c, {k: v.float() for k, v in state.items()}, False, str(path))
+
+
+def check_keys(found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: Path) -> None:
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys (not in Tortoise's UnifiedVoice with this config) {listed(unexpected)}")
+    if not problems:
+        misshaped = [f"{k} {list(found[k].shape)} (expected {list(v)})" for k, v in expected.items()
+                     if tuple(found[k].shape) != v]
+        if misshaped:
+            problems.append(f"misshaped keys {'; '.join(misshaped[:4])}")
+    if problems:
+        raise PipelineError(f"{where}: checkpoint does not fit the config: {'; '.join(problems)}")
