@@ -23,9 +23,9 @@ feeds an in-place graph the other convention's inputs (a buffer exactly the
 size of past + new, so its presents come out as past + new too), so
 calibration capture and the per-block check run either kind alike.
 
-`KVBuffers` holds the other convention's cache for a runtime that chains
-graphs with io_binding: preallocated once per generation, no cache allocated
-per step.
+`KVBuffers` and `InPlaceKV` hold a generation's cache, of either convention,
+for a runtime that chains graphs with io_binding: preallocated once per
+generation, no cache allocated per step.
 """
 from __future__ import annotations
 
@@ -74,34 +74,39 @@ def step_inputs(total: int, batch: int = 1) -> dict[str, np.ndarray]:
 
 
 def contract_feeds(feeds: dict[str, np.ndarray], inv_freq: np.ndarray | None,
-                   hidden: str = "hidden") -> dict[str, np.ndarray]:
-    """An in-place graph's inputs for a step given as {hidden [B, S, .], past_key [B, H, P, D], past_value}:
-    buffers of exactly P + S positions holding the past, and the step's lengths and tables."""
-    past_k, past_v = feeds["past_key"], feeds["past_value"]
+                   hidden: str | None = None) -> dict[str, np.ndarray]:
+    """An in-place graph's inputs for a step given as {hidden [B, S, ...], past_key [B, H, P, D], past_value}
+    (or, for a graph of many layers, past_key_N / past_value_N each): buffers of exactly P + S positions
+    holding the past, and the step's lengths and tables. `hidden` names the input whose first two axes are
+    batch and the step's tokens (default: the first other input of rank 2 or more)."""
+    pasts = [k for k in feeds if k.startswith(("past_key", "past_value"))]
+    if hidden is None:
+        hidden = next(k for k, v in feeds.items() if k not in pasts and np.ndim(v) >= 2)
     batch, new = feeds[hidden].shape[:2]
-    past = past_k.shape[2]
+    past = feeds[pasts[0]].shape[2]
     if batch != 1 and past and new > 1:
         # ORT's GroupQueryAttention: "batch_size must be 1 when sequence_length > 1 and past context is given"
         raise ValueError("in-place KV graphs take a multi-token step on a cache at batch 1 only")
     total = past + new
-    out = {k: v for k, v in feeds.items() if k not in ("past_key", "past_value")}
-    for name, value in (("past_key", past_k), ("past_value", past_v)):
+    out = {k: v for k, v in feeds.items() if k not in pasts}
+    for name in pasts:
+        value = feeds[name]
         buf = np.zeros((*value.shape[:2], total, value.shape[3]), value.dtype)
         buf[:, :, :past] = value
         out[name] = buf
     out.update(step_inputs(total, batch))
     if inv_freq is not None:
-        out[COS], out[SIN] = rotary_tables(inv_freq, total, past_k.dtype)
+        out[COS], out[SIN] = rotary_tables(inv_freq, total, feeds[pasts[0]].dtype)
     return out
 
 
-def feed_adapter(graph: Path):
+def feed_adapter(graph: Path, hidden: str | None = None):
     """feeds -> feeds for `graph`: `contract_feeds` when it is an in-place graph, else unchanged."""
     model = onnx.load(str(graph), load_external_data=False)
     if not is_in_place(i.name for i in model.graph.input):
         return lambda feeds: feeds
     inv_freq = inv_freq_of(model)
-    return lambda feeds: feeds if SEQLENS in feeds else contract_feeds(feeds, inv_freq)
+    return lambda feeds: feeds if SEQLENS in feeds else contract_feeds(feeds, inv_freq, hidden)
 
 
 class KVBuffers:
@@ -139,3 +144,35 @@ class KVBuffers:
         """Addresses of all the buffers: every cache a step binds lies at one of them."""
         layers = self.data.shape[0]
         return {self.data[i, kv, s].ctypes.data for i in range(layers) for kv in (0, 1) for s in (0, 1)}
+
+
+class InPlaceKV:
+    """The KV cache of one generation for layers that keep it in place: per layer one key and one value
+    buffer for `max_len` positions, bound once as both past and present; a step writes only its new
+    positions. The step's lengths and the rotary tables are shared by every layer: the lengths are two
+    small arrays updated in place, the tables computed once here."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, max_len: int, inv_freq: np.ndarray | None):
+        self.max_len, self.length = max_len, 0
+        # np.empty: pages are committed as the cache grows into them.
+        self.data = np.empty((layers, 2, 1, heads, max_len, head_dim), np.float32)
+        self.lengths = step_inputs(1)
+        self.shared = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.lengths.items()}
+        if inv_freq is not None:
+            self.tables = dict(zip((COS, SIN), rotary_tables(inv_freq, max_len)))
+            self.shared.update({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.tables.items()})
+
+    def layer_values(self) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
+        """Per layer, its (key, value) buffer: bound as its past and as its present."""
+        return [tuple(ort.OrtValue.ortvalue_from_numpy(self.data[i, kv]) for kv in (0, 1))
+                for i in range(self.data.shape[0])]
+
+    def advance(self, new: int) -> None:
+        """Set the step's lengths for `new` positions; the cache counts as grown from here on."""
+        total = self.length + new
+        if total > self.max_len:
+            raise PipelineError(f"KV cache full: {self.length} + {new} positions exceed the {self.max_len} "
+                                f"allocated for this generation")
+        self.lengths[SEQLENS][:] = total - 1
+        self.lengths[TOTAL][...] = total
+        self.length = total

@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from .errors import PipelineError
-from .onnx_io import external_files, load_onnx, save_onnx
+from .onnx_io import external_files, load_onnx, save_onnx, save_sharing_weights
 
 MANIFEST = "modelset.json"
 
@@ -148,6 +148,30 @@ class ModelSet:
         g = self.graph(name)
         save_onnx(model, self.root / g.file)
         g.sha256 = graph_sha256(self.root / g.file)
+
+    def share_weights(self, data_file: str = "weights.bin", min_bytes: int = 1 << 20) -> list[str]:
+        """Graphs holding byte-identical weights (a prefill and a decode graph a pass left alike) rewritten with
+        one shared external-data file, so the set costs one copy on disk; the graphs' names, or [] when none
+        share a tensor of `min_bytes`. Graphs already reading `data_file` are rewritten with them."""
+        digests: dict[str, set[bytes]] = {}
+        for g in self.graphs:
+            model = onnx.load(str(self.root / g.file), load_external_data=False)
+            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+                model = load_onnx(self.root / g.file)
+            digests[g.name] = {hashlib.sha256(t.raw_data).digest() for t in model.graph.initializer
+                               if len(t.raw_data) >= min_bytes}
+        counts: dict[bytes, int] = {}
+        for found in digests.values():
+            for d in found:
+                counts[d] = counts.get(d, 0) + 1
+        sharing = [n for n, found in digests.items() if any(counts[d] > 1 for d in found)
+                   or self.root / data_file in external_files(self.path(n))]
+        if not any(counts[d] > 1 for n in sharing for d in digests[n]):
+            return []
+        save_sharing_weights({self.path(n): load_onnx(self.path(n)) for n in sharing}, self.root / data_file)
+        for n in sharing:
+            self.graph(n).sha256 = graph_sha256(self.path(n))
+        return sharing
 
     def replace_graph(self, name: str, new_names: list[str], chain: list[dict[str, Any]]) -> None:
         """Make room for the graphs one graph was cut into (files `<stem>.<new>.onnx`, in its place).

@@ -374,6 +374,7 @@ class Runner:
             if unmatched:
                 raise PipelineError(f"{label}.scope: pattern {unmatched[0]!r} matches nothing in graphs "
                                     f"{', '.join(graphs)}")
+            out.share_weights()
             out.copy_sidecars_from(source)
             out.write_manifest()
             manifest = {"step": planned.folder, **planned.spec(), "key": key, "input_hash": source.content_hash(),
@@ -417,6 +418,7 @@ class Runner:
                 model = last.load(graph)
                 set_provenance(model, {"pipeline.recipe_sha256": recipe_hash})
                 out.save_graph(graph, model)
+            out.share_weights()
             out.copy_sidecars_from(last)
             out.write_manifest()
             _write_json(tmp / ".final.json", {"key": key, "output_hash": out.content_hash()})

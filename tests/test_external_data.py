@@ -60,3 +60,26 @@ def test_a_copied_graph_brings_its_weights_file(tmp_path):
     dst.copy_graph_from(src, "b")
     assert (tmp_path / "dst" / "weights.bin").exists() and dst.graph("b").sha256 == src.graph("b").sha256
     assert src.total_bytes() == sum(f.stat().st_size for f in (a, b, tmp_path / "src" / "weights.bin"))
+
+
+def test_a_model_set_shares_weights_its_graphs_hold_alike(tmp_path):
+    """A pass that left two graphs with the same weights (inline): the set is rewritten with one weights file."""
+    from pipeline.onnx_io import save_onnx
+
+    x = np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)
+    big = conv_net(seed=1, channels=512)  # a 1 MB+ weight
+    want = session(big).run(None, {"x": x})[0]
+    for name in ("a", "b"):
+        save_onnx(big, tmp_path / f"{name}.onnx")
+    save_onnx(conv_net(seed=2, channels=512), tmp_path / "c.onnx")  # weights of its own: left inline
+    ms = ModelSet(tmp_path, [GraphFile(n, f"{n}.onnx", graph_sha256(tmp_path / f"{n}.onnx")) for n in "abc"])
+    before = ms.total_bytes()
+    assert ms.share_weights() == ["a", "b"]
+    assert ms.total_bytes() < 0.75 * before and external_files(tmp_path / "c.onnx") == []
+    ms.require_unchanged()
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(session(tmp_path / f"{name}.onnx").run(None, {"x": x})[0], want)
+    assert ms.share_weights() == ["a", "b"]  # again: the same, still runs
+    np.testing.assert_array_equal(session(tmp_path / "b.onnx").run(None, {"x": x})[0], want)
+    lone = ModelSet(tmp_path, [GraphFile("c", "c.onnx")])
+    assert lone.share_weights() == []

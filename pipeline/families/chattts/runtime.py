@@ -51,7 +51,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ... import kv_cache
-from ...kv_cache import KVBuffers
+from ...kv_cache import InPlaceKV, KVBuffers
 from ...errors import PipelineError
 from ...graph import join
 from ...modelset import ModelSet
@@ -264,38 +264,6 @@ def _last_position(hidden: int) -> onnx.ModelProto:
     node = helper.make_node("Slice", ["x", "start", "end", "axis"], ["y"], name="/Slice")
     return helper.make_model(helper.make_graph([node], "last_position", [x], [y], bounds),
                              opset_imports=[helper.make_opsetid("", 17)])
-
-
-class InPlaceKV:
-    """The KV cache of one generation for layers that keep it in place: per layer one key and one value
-    buffer for `max_len` positions, bound once as both past and present; a step writes only its new
-    positions. The step's lengths and the rotary tables are shared by every layer: the lengths are two
-    small arrays updated in place, the tables computed once here."""
-
-    def __init__(self, layers: int, heads: int, head_dim: int, max_len: int, inv_freq: np.ndarray | None):
-        self.max_len, self.length = max_len, 0
-        # np.empty: pages are committed as the cache grows into them.
-        self.data = np.empty((layers, 2, 1, heads, max_len, head_dim), np.float32)
-        self.lengths = kv_cache.step_inputs(1)
-        self.shared = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.lengths.items()}
-        if inv_freq is not None:
-            self.tables = dict(zip((kv_cache.COS, kv_cache.SIN), kv_cache.rotary_tables(inv_freq, max_len)))
-            self.shared.update({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.tables.items()})
-
-    def layer_values(self) -> list[tuple[ort.OrtValue, ort.OrtValue]]:
-        """Per layer, its (key, value) buffer: bound as its past and as its present."""
-        return [tuple(ort.OrtValue.ortvalue_from_numpy(self.data[i, kv]) for kv in (0, 1))
-                for i in range(self.data.shape[0])]
-
-    def advance(self, new: int) -> None:
-        """Set the step's lengths for `new` positions; the cache counts as grown from here on."""
-        total = self.length + new
-        if total > self.max_len:
-            raise PipelineError(f"KV cache full: {self.length} + {new} positions exceed the {self.max_len} "
-                                f"allocated for this generation")
-        self.lengths[kv_cache.SEQLENS][:] = total - 1
-        self.lengths[kv_cache.TOTAL][...] = total
-        self.length = total
 
 
 class Decoder:

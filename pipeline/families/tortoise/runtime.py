@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ... import kv_cache
 from ...errors import PipelineError
-from ...kv_cache import KVBuffers
 from ...modelset import ModelSet
 from ...onnx_io import session
 from .exporter import EXPORTER, kv_names
@@ -56,6 +56,16 @@ class TortoiseRuntime:
         self.dim = self.config["model_dim"]
         self.threads = threads
         self._sessions: dict[str, ort.InferenceSession] = {}
+
+    def run_decode(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One plain decode run on past ++ new feeds (`past_key_N` of exactly the cache so far), whichever KV
+        convention the graph keeps: [logits, hidden, presents...], presents one position longer."""
+        if not hasattr(self, "_adapt"):
+            self._adapt = kv_cache.feed_adapter(self.ms.path("decode"))
+        return self.session("decode").run(None, self._adapt(feeds))
+
+    def decode_in_place(self) -> bool:
+        return kv_cache.is_in_place(i.name for i in self.session("decode").get_inputs())
 
     def session(self, name: str) -> ort.InferenceSession:
         if name not in self._sessions:
@@ -149,14 +159,19 @@ class TortoiseRuntime:
 
 
 class _Loop:
-    """One generation's prefill and decode sessions over io_binding."""
+    """One generation's prefill and decode sessions over io_binding. The decode graph keeps its cache either
+    way of pipeline/kv_cache.py: present = past ++ new (`KVBuffers`), or in place (`fuse_attention` with
+    `kv_cache: in_place`: one buffer per layer and K/V bound once as past and present, `InPlaceKV`; the
+    prefill's presents are copied into it once)."""
 
     def __init__(self, rt: TortoiseRuntime, max_len: int):
         c = rt.config
         self.rt = rt
         self.prefill_s, self.decode_s = rt.session("prefill"), rt.session("decode")
         self.bindings = {"prefill": self.prefill_s.io_binding(), "decode": self.decode_s.io_binding()}
-        self.kv = KVBuffers(c["layers"], c["heads"], c["model_dim"] // c["heads"], max_len)
+        dims = (c["layers"], c["heads"], c["model_dim"] // c["heads"], max_len)
+        self.in_place = kv_cache.is_in_place(i.name for i in self.decode_s.get_inputs())
+        self.kv = kv_cache.InPlaceKV(*dims, inv_freq=None) if self.in_place else kv_cache.KVBuffers(*dims)
         self.logits = np.empty((1, 1, c["number_mel_codes"]), np.float32)
         self.hidden = np.empty((max_len, c["model_dim"]), np.float32)  # row k: the state at code k's input
         self.row = 0
@@ -165,33 +180,64 @@ class _Loop:
         logits = ort.OrtValue.ortvalue_from_numpy(self.logits)
         for b in self.bindings.values():
             b.bind_ortvalue_output("logits", logits)
+        if self.in_place:
+            self._bind_in_place()
 
-    def _bind_step(self, graph: str, new: int) -> None:
-        binding = self.bindings[graph]
+    def _bind_in_place(self) -> None:
+        """Once per generation: each layer's buffers as its past and present, the shared step lengths."""
+        b = self.bindings["decode"]
+        for n, (key, value) in enumerate(self.kv.layer_values()):
+            b.bind_ortvalue_input(self.pasts[2 * n], key)
+            b.bind_ortvalue_input(self.pasts[2 * n + 1], value)
+            b.bind_ortvalue_output(self.presents[2 * n], key)
+            b.bind_ortvalue_output(self.presents[2 * n + 1], value)
+        for name, value in self.kv.shared.items():
+            b.bind_ortvalue_input(name, value)
+
+    def _bind_hidden(self, graph: str) -> None:
         row = self.hidden[self.row:self.row + 1][None]  # [1, 1, dim], contiguous
-        binding.bind_ortvalue_output("hidden", ort.OrtValue.ortvalue_from_numpy(row))
+        self.bindings[graph].bind_ortvalue_output("hidden", ort.OrtValue.ortvalue_from_numpy(row))
+        self.row += 1
+
+    def _bind_concat(self, graph: str, new: int) -> None:
+        binding = self.bindings[graph]
         for n, (past, present) in enumerate(self.kv.grow(new)):
             if graph == "decode":
                 binding.bind_ortvalue_input(self.pasts[2 * n], past[0])
                 binding.bind_ortvalue_input(self.pasts[2 * n + 1], past[1])
             binding.bind_ortvalue_output(self.presents[2 * n], present[0])
             binding.bind_ortvalue_output(self.presents[2 * n + 1], present[1])
-        self.row += 1
 
     def prefill(self, text_ids: list[int], latent: np.ndarray) -> np.ndarray:
         b = self.bindings["prefill"]
         b.bind_cpu_input("text_ids", np.array([text_ids], np.int64))
         b.bind_cpu_input("cond_latent", latent)
         b.bind_cpu_input("mel_ids", np.array([[self.rt.config["start_mel_token"]]], np.int64))
-        self._bind_step("prefill", 1 + len(text_ids) + 2 + 1)
+        self._bind_hidden("prefill")
+        total = 1 + len(text_ids) + 2 + 1
+        if not self.in_place:
+            self._bind_concat("prefill", total)
+            self.prefill_s.run_with_iobinding(b)
+            return self.logits[0, -1]
+        data = self.kv.data
+        presents = np.empty((*data.shape[:4], total, data.shape[5]), np.float32)
+        for n in range(data.shape[0]):
+            for kv in (0, 1):
+                b.bind_ortvalue_output(self.presents[2 * n + kv], ort.OrtValue.ortvalue_from_numpy(presents[n, kv]))
         self.prefill_s.run_with_iobinding(b)
+        data[:, :, :, :, :total] = presents
+        self.kv.length = total
         return self.logits[0, -1]
 
     def decode(self, code: int, position: int) -> np.ndarray:
         b = self.bindings["decode"]
         b.bind_cpu_input("mel_id", np.array([[code]], np.int64))
         b.bind_cpu_input("position", np.array([position], np.int64))
-        self._bind_step("decode", 1)
+        self._bind_hidden("decode")
+        if self.in_place:
+            self.kv.advance(1)
+        else:
+            self._bind_concat("decode", 1)
         self.decode_s.run_with_iobinding(b)
         return self.logits[0, -1]
 
