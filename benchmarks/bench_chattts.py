@@ -92,15 +92,9 @@ def spawn(args: argparse.Namespace, kind: str, variant: str = "", path: Path | N
            "--threads", str(threads or args.threads), "--cache", str(args.cache), "--steps", str(args.steps)]
     cmd += ["--path", str(path)] if path else []
     cmd += ["--ref", str(ref)] if ref else []
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode or not lines:
-        tail = [ln for ln in (res.stderr + res.stdout).splitlines() if ln.strip()] or [f"exit {res.returncode}"]
-        return {"error": tail[-1][-300:]}
-    return json.loads(lines[-1])
+    from worker_process import run_worker
+
+    return run_worker(cmd, REPO, WORKER_TIMEOUT_S)
 
 
 # --- preparing the variants -----------------------------------------------------------------------------

@@ -144,15 +144,9 @@ def spawn(args: argparse.Namespace, kind: str, variant: str = "", path: Path | N
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--variant", variant,
            "--threads", str(args.threads), "--cache", str(args.cache), "--steps", str(args.steps),
            "--prefill", str(args.prefill)] + (["--path", str(path)] if path else [])
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"error": f"worker timed out after {WORKER_TIMEOUT_S} s"}
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-    if res.returncode or not lines:
-        tail = [ln for ln in (res.stderr + res.stdout).splitlines() if ln.strip()] or [f"exit {res.returncode}"]
-        return {"error": tail[-1][-300:]}
-    return json.loads(lines[-1])
+    from worker_process import run_worker
+
+    return run_worker(cmd, REPO, WORKER_TIMEOUT_S)
 
 
 # --- the comparison -------------------------------------------------------------------------------------

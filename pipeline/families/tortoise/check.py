@@ -85,34 +85,41 @@ def captured_feeds(captured: dict[str, list[Feeds]], graph: str) -> list[Feeds]:
 def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], steps: int = 32, threads: int = 2,
                      progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    ref, cand = TortoiseRuntime(reference, threads), TortoiseRuntime(candidate, threads)
+    # The reference's runs first, then the candidate's: one model's sessions in memory at a time (at full size
+    # each holds its weights twice, prefill and decode).
+    ref = TortoiseRuntime(reference, threads)
     start = ref.config["start_mel_token"]
-    codes_head, latents = HeadMetrics(), Pooled()
-    prefill_feeds, decode_feeds = [], []
+    runs, prefill_feeds, decode_feeds = [], [], []
     for i, f in enumerate(samples):
-        progress(f"sentence {i + 1}/{len(samples)}")
+        progress(f"sentence {i + 1}/{len(samples)}: FP32")
         text, latent = sample_inputs(f)
         codes = ref.generate(text, latent, steps).codes
         if not codes:
             continue
         ref_logits, last = teacher_forced(ref, text, latent, codes)
-        cand_logits, _ = teacher_forced(cand, text, latent, codes)
-        codes_head.add(ref_logits, cand_logits)
-        codes_head.diverged(codes, cand.generate(text, latent, steps).codes)
-        latents.update(ref.latents(text, latent, codes), cand.latents(text, latent, codes))
+        runs.append((text, latent, codes, ref_logits, ref.latents(text, latent, codes)))
         prefill_feeds.append({"text_ids": f["text_ids"], "cond_latent": latent,
                               "mel_ids": np.array([[start, *codes[:-1]]], np.int64)})
         if last:
             decode_feeds.append(last)
     if not prefill_feeds:
         raise PipelineError("check: the FP32 model stopped at once on every sentence; nothing to compare")
+    ref_in_place = ref.decode_in_place()
+    del ref
+    cand = TortoiseRuntime(candidate, threads)
+    codes_head, latents = HeadMetrics(), Pooled()
+    for i, (text, latent, codes, ref_logits, ref_latents) in enumerate(runs):
+        progress(f"sentence {i + 1}/{len(runs)}: candidate")
+        codes_head.add(ref_logits, teacher_forced(cand, text, latent, codes)[0])
+        codes_head.diverged(codes, cand.generate(text, latent, steps).codes)
+        latents.update(ref_latents, cand.latents(text, latent, codes))
     notes = []
-    if cand.decode_in_place() and not ref.decode_in_place():
+    if cand.decode_in_place() and not ref_in_place:
         notes.append("decode's blocks are not compared one by one: the candidate keeps its KV cache in place, "
                      "so its graph takes other inputs; its error is in the code-head metrics, and prefill's "
                      "blocks hold the same layers")
         decode_feeds = []
-    del ref, cand  # the per-block comparison loads the graphs again, with their boundary tensors exposed
+    del cand  # the per-block comparison loads the graphs again, with their boundary tensors exposed
     graphs = [("conditioning", [{"mels": reference_mels()}]), ("prefill", prefill_feeds), ("decode", decode_feeds)]
     blocks, outputs = [], []
     for graph, feeds in graphs:

@@ -96,8 +96,9 @@ def _export_stage(model: _Stage, stage: str, path: Path, opset: int) -> None:
 
 def export_modelset(w: TortoiseWeights, dest: Path, opset: int = 17) -> ModelSet:
     c = w.config
-    model = _Stage(c)
-    model.load_state_dict(w.state)
+    with torch.device("meta"):  # no random init of 1.7 GB only to overwrite it
+        model = _Stage(c)
+    model.load_state_dict(w.state, assign=True)  # the weights' own tensors, not a second copy
     model.eval()
     dest.mkdir(parents=True, exist_ok=True)
     _export_stage(model, "conditioning", dest / "conditioning.onnx", opset)

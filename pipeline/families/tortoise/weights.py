@@ -30,27 +30,15 @@ class TortoiseWeights:
     source: str
 
     def model(self) -> UnifiedVoiceGPT:
-        m = UnifiedVoiceGPT(self.config)
-        m.load_state_dict(self.state)
+        with torch.device("meta"):  # no random init only to overwrite it
+            m = UnifiedVoiceGPT(self.config)
+        m.load_state_dict({k: v.clone() for k, v in self.state.items()}, assign=True)
         return m.eval()
 
 
 def expected_keys(c: TortoiseConfig) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in UnifiedVoiceGPT(c).state_dict().items()} if c.layers <= 4 else \
-        _expected_keys_cheap(c)
-
-
-def _expected_keys_cheap(c: TortoiseConfig) -> dict[str, tuple[int, ...]]:
-    """Shapes without building the 1.7 GB model: one small-layer model's keys, with the layers repeated."""
-    one = TortoiseConfig(**{**c.__dict__, "layers": 1})
-    keys: dict[str, tuple[int, ...]] = {}
-    for k, v in UnifiedVoiceGPT(one).state_dict().items():
-        if k.startswith("gpt.h.0."):
-            for n in range(c.layers):
-                keys[f"gpt.h.{n}." + k[len("gpt.h.0."):]] = tuple(v.shape)
-        else:
-            keys[k] = tuple(v.shape)
-    return keys
+    with torch.device("meta"):  # shapes only: no 1.7 GB allocated
+        return {k: tuple(v.shape) for k, v in UnifiedVoiceGPT(c).state_dict().items()}
 
 
 def seeded_weights(c: TortoiseConfig | None = None, seed: int = 0) -> TortoiseWeights:
