@@ -154,8 +154,11 @@ class ModelSet:
         one shared external-data file, so the set costs one copy on disk; the graphs' names, or [] when none
         share a tensor of `min_bytes`. Graphs already reading `data_file` are rewritten with them."""
         digests: dict[str, set[bytes]] = {}
+        inline: set[bytes] = set()  # weights some graph still holds itself
         for g in self.graphs:
             model = onnx.load(str(self.root / g.file), load_external_data=False)
+            held = {hashlib.sha256(t.raw_data).digest() for t in model.graph.initializer if len(t.raw_data) >= min_bytes}
+            inline |= held
             if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
                 model = load_onnx(self.root / g.file)
             digests[g.name] = {hashlib.sha256(t.raw_data).digest() for t in model.graph.initializer
@@ -164,10 +167,10 @@ class ModelSet:
         for found in digests.values():
             for d in found:
                 counts[d] = counts.get(d, 0) + 1
+        if not any(counts[d] > 1 for d in inline):  # nothing held twice that is not shared already
+            return []
         sharing = [n for n, found in digests.items() if any(counts[d] > 1 for d in found)
                    or self.root / data_file in external_files(self.path(n))]
-        if not any(counts[d] > 1 for n in sharing for d in digests[n]):
-            return []
         save_sharing_weights({self.path(n): load_onnx(self.path(n)) for n in sharing}, self.root / data_file)
         for n in sharing:
             self.graph(n).sha256 = graph_sha256(self.path(n))

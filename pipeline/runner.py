@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from pydantic import ValidationError
 
 from calibration import Feeds, SourceContext, checked_feeds, make_source
@@ -39,7 +40,7 @@ from . import __version__, kv_cache
 from .blocks import BlockPartition, adopt_new_nodes
 from .errors import PipelineError
 from .modelset import ModelSet, file_sha256
-from .onnx_io import check_loads, load_onnx, set_provenance
+from .onnx_io import check_loads, external_files, load_onnx, set_provenance
 from .recipe import Recipe, Scope, Step, format_validation_error
 from .results import CheckReport
 from .families import detect_family, family_of_exporter, get_family
@@ -415,7 +416,11 @@ class Runner:
         with _building(target) as tmp:
             out = last.derive(tmp)
             for graph in last.names():
-                model = last.load(graph)
+                if external_files(last.path(graph)):  # its weights stay where they are: stamp the graph only
+                    out.copy_graph_from(last, graph)
+                    model = onnx.load(str(out.path(graph)), load_external_data=False)
+                else:
+                    model = last.load(graph)
                 set_provenance(model, {"pipeline.recipe_sha256": recipe_hash})
                 out.save_graph(graph, model)
             out.share_weights()
