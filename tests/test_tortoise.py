@@ -296,3 +296,41 @@ def test_full_size_export_equals_upstream_tortoise(tmp_path):
     assert gen.codes == codes and len(codes) == 64
     assert sqnr_db(_layer_norm(up["decode_hidden"], norm_w, norm_b), gen.hidden) > 60
     assert sqnr_db(up["latents"][0], rt.latents(TEXT, latent, codes)) > 60
+
+
+def test_calibration_capture_is_the_fp32_models_own_codes_teacher_forced(small):
+    """Each sentence's prefill feed is the prompt + the FP32 model's greedy codes; its decode feed is the last
+    step with the real decode-time cache (positions code k at k + 1)."""
+    from pipeline.families.tortoise.check import capture_tortoise
+
+    w, folder = small
+    latent = latent_of(w)
+    feeds = [{"text_ids": np.array([TEXT], np.int64), "cond_latent": latent, "mel_ids": np.array([[8192]])}]
+    captured = capture_tortoise(folder, feeds, steps=12)
+    codes = w.model().greedy(torch.tensor([TEXT]), torch.from_numpy(latent), 12)
+    assert captured["prefill"][0]["mel_ids"].tolist() == [[8192, *codes[:-1]]]
+    last = captured["decode"][0]
+    assert last["mel_id"].tolist() == [[codes[-2]]] and last["position"].tolist() == [12]
+    assert last["past_key_0"].shape[2] == 1 + len(TEXT) + 2 + 1 + len(codes) - 2
+    assert captured["conditioning"][0]["mels"].shape[:3] == (1, 2, 80)
+
+
+@pytest.mark.slow
+def test_static_int8_calibrates_on_captured_feeds(tmp_path):
+    """A recipe whose pass needs calibration data gets each graph's inputs captured from the FP32 model."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: static
+model: {{exporter: tortoise_gpt, params: {{config: {json.dumps(SMALL)}}}}}
+calibration: {{source: tortoise, params: {{count: 3}}}}
+steps:
+  - name: qdq
+    pass: quantize
+    params: {{mode: static, op_types: [MatMul], expect_min_nodes: 12}}
+    scope: {{graphs: [prefill, decode]}}
+check: {{samples: 2, decode_steps: 8}}
+""")
+    res = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert res.code == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    blocks = {b["block"]: b for b in report["blocks"]}
+    assert blocks["prefill/gpt/h.0"]["precision"].get("int8") and blocks["decode/gpt/h.0"]["precision"].get("int8")
