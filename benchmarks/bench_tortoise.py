@@ -92,7 +92,7 @@ def eager_worker(threads: int, cache: int, steps: int, prefill: int) -> dict:
 def ours_worker(folder: Path, threads: int, cache: int, steps: int, prefill: int) -> dict:
     import numpy as np
 
-    from pipeline.families.tortoise.runtime import TortoiseRuntime, _Loop
+    from pipeline.families.tortoise.runtime import TortoiseRuntime, _Loop, prefill_positions
     from pipeline.onnx_io import share_one_thread_pool
 
     share_one_thread_pool(threads)  # as pipeline generate runs
@@ -101,7 +101,7 @@ def ours_worker(folder: Path, threads: int, cache: int, steps: int, prefill: int
     loops: dict[str, _Loop] = {}
 
     def run_prefill(text: list[int]):
-        loops["current"] = _Loop(rt, len(text) + 4 + steps + 2)
+        loops["current"] = _Loop(rt, prefill_positions(len(text)) + steps + 2)
         return loops["current"].prefill(text, latent), None
 
     def step(code: int, position: int, past):

@@ -138,7 +138,6 @@ class TortoiseFamily(Family):
             raise PipelineError("--conditioning LATENT.npy is required: the voice's conditioning latent")
         latent = _read_latent(request.conditioning)
         rt = TortoiseRuntime(ms.root, threads=request.threads)
-        rt.check_steps(request.steps)
         gen = rt.generate(request.ids, latent, request.steps, None if request.greedy else TortoiseSampling(),
                           seed=request.seed)
         latents = rt.latents(request.ids, latent, gen.codes)

@@ -57,11 +57,11 @@ class _Stage(UnifiedVoiceGPT):
             x = torch.cat([self.prompt(text_ids, cond_latent), self.mel_inputs(mel_ids, 0)], dim=1)
             cache = self.empty_cache(x.shape[0])
         else:
-            mel_id, position, *flat = args
-            x = self.mel_inputs(mel_id, position)
+            mel_ids, position, *flat = args
+            x = self.mel_inputs(mel_ids, position)
             cache = list(zip(flat[0::2], flat[1::2]))
         h, presents = self.gpt(x, cache)
-        logits, latent = self.head(h[:, -(args[2] if self.stage == "prefill" else args[0]).shape[1]:])
+        logits, latent = self.head(h[:, -mel_ids.shape[1]:])  # the mel positions only
         return (logits, latent, *[t for kv in presents for t in kv])
 
 

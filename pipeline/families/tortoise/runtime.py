@@ -32,6 +32,11 @@ from .sample_head import TortoiseSampling
 PLACEHOLDER_ID = 1  # inference_speech's fake input ids before start_mel: they are in the penalty's history
 
 
+def prefill_positions(text_tokens: int) -> int:
+    """The prefill's sequence: cond latent, start_text, the text, stop_text, start_mel."""
+    return 1 + 1 + text_tokens + 1 + 1
+
+
 @dataclass
 class Generation:
     codes: list[int]
@@ -137,7 +142,7 @@ class TortoiseRuntime:
         latent = self.check_latent(latent)
         self.check_steps(steps)
         c = self.config
-        prompt_len = 1 + len(text_ids) + 2 + 1
+        prompt_len = prefill_positions(len(text_ids))
         loop = _Loop(self, prompt_len + steps)
         sampler = _Sampler(self, sampling, seed, prompt_len) if sampling else None
         t0 = time.perf_counter()
@@ -214,7 +219,7 @@ class _Loop:
         b.bind_cpu_input("cond_latent", latent)
         b.bind_cpu_input("mel_ids", np.array([[self.rt.config["start_mel_token"]]], np.int64))
         self._bind_hidden("prefill")
-        total = 1 + len(text_ids) + 2 + 1
+        total = prefill_positions(len(text_ids))
         if not self.in_place:
             self._bind_concat("prefill", total)
             self.prefill_s.run_with_iobinding(b)
