@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from .audio import compare_audio
 from .blocks import BlockPartition
 from .errors import PipelineError
 from .graph import cleanup, producers, toposort, with_outputs
-from .onnx_io import as_ort_type, session, tensor_types
+from .onnx_io import as_ort_type, session, stored_bytes, tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
 from .results import SCHEMA, json_float
@@ -226,7 +227,7 @@ def _block_bytes(model: onnx.ModelProto, partition: BlockPartition) -> tuple[dic
         for t in n.input:
             if t in inits and t not in seen:
                 seen.add(t)
-                size = int(numpy_helper.to_array(inits[t]).nbytes)
+                size = stored_bytes(inits[t])
                 total[b] = total.get(b, 0) + size
                 kind = TensorProto.DataType.Name(inits[t].data_type).lower()
                 by_type.setdefault(b, {})[kind] = by_type.setdefault(b, {}).get(kind, 0) + size
@@ -261,12 +262,18 @@ def _interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterator[Feeds] | list[Feeds],
                    spec: BlockSpec | None = None, *, metrics: Sequence[Metric] = (), reference_label: str = "reference",
                    candidate_label: str = "candidate", threads: int = 2, sensitivity: bool = False,
+                   weights_dirs: tuple[Path | None, Path | None] = (None, None),
                    progress: Callable[[str], None] = lambda m: None) -> CheckResult:
     """Run both models on the same inputs and attribute the candidate's error to blocks.
 
-    `metrics` that measure per sample (audio, a family's own) get the first output of every sample."""
+    `metrics` that measure per sample (audio, a family's own) get the first output of every sample.
+    `weights_dirs`: where the reference's and the candidate's external weights lie, for models loaded with
+    them left there (`onnx_io.load_light`)."""
     sample_metrics = [m for m in metrics if m.per_sample]
     from .sources import name_all_nodes
+
+    if sensitivity and any(weights_dirs):  # splicing mixes both models' weights into one graph
+        raise PipelineError("compare: sensitivity needs models with their weights loaded, not left external")
 
     t0 = time.perf_counter()
     ref_in, ref_out = _interface(reference)
@@ -297,7 +304,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                                    matched=not missing and b.id in cand_part.blocks, unmatched_tensors=missing))
     progress("building sessions")
     ref_sess, acc_sess, iso_sess, fed = _sessions(reference, candidate, cand_part, captured, present, cand_types,
-                                                  threads)
+                                                  threads, weights_dirs)
     interface = onnx.ModelProto()  # enough of the reference to check feeds against
     interface.graph.input.extend(i for i in reference.graph.input if i.name in ref_in)
     if sensitivity:
@@ -448,11 +455,12 @@ def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, outp
             r.sensitivity["log_mel_max"] = float(max(mels))
 
 
-def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads):
-    ref_sess = session(with_outputs(reference, captured), threads=threads, arena=False)
-    acc_sess = session(with_outputs(candidate, present), threads=threads, arena=False)
+def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads, weights_dirs=(None, None)):
+    ref_dir, cand_dir = weights_dirs
+    ref_sess = session(with_outputs(reference, captured), threads=threads, arena=False, weights_dir=ref_dir)
+    acc_sess = session(with_outputs(candidate, present), threads=threads, arena=False, weights_dir=cand_dir)
     iso_model, fed = isolate_blocks(candidate, cand_part, set(present), cand_types)
-    iso_sess = session(with_outputs(iso_model, present), threads=threads, arena=False)
+    iso_sess = session(with_outputs(iso_model, present), threads=threads, arena=False, weights_dir=cand_dir)
     return ref_sess, acc_sess, iso_sess, fed
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from .errors import PipelineError
 
@@ -35,6 +36,25 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     problem = _checker_problem(model)
     if problem:
         raise PipelineError(f"{path}: ONNX checker rejects the model: {problem}")
+    return model
+
+
+def stored_bytes(t: onnx.TensorProto) -> int:
+    """A weight's size as stored, inline or in an external-data file (whose data need not be loaded)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return int(next((e.value for e in t.external_data if e.key == "length"), 0))
+    return len(t.raw_data) or int(numpy_helper.to_array(t).nbytes)
+
+
+def load_light(path: Path) -> onnx.ModelProto:
+    """A model file, checked as `load_onnx` does, with the weights of an external-data file left there
+    (sessions read them through `session(..., weights_dir=path.parent)`)."""
+    if not path.is_file() or not external_files(path):
+        return load_onnx(path)
+    model = onnx.load(str(path), load_external_data=False)
+    for f in external_files(path, model):
+        if not f.is_file():
+            raise PipelineError(f"{path}: its weights file {f.name} is missing")
     return model
 
 
@@ -142,7 +162,7 @@ def share_one_thread_pool(threads: int) -> None:
 
 def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            arena: bool = True, spinning: bool = True) -> ort.InferenceSession:
+            arena: bool = True, spinning: bool = True, weights_dir: Path | None = None) -> ort.InferenceSession:
     """A CPU session with a fixed thread count, so timings compare.
 
     `arena=False` returns freed activation memory to the system instead of keeping
@@ -151,6 +171,9 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
     `spinning=False` stops idle worker threads from busy-waiting: for runtimes that
     chain many sessions, whose thread pools would otherwise fight over the cores.
     After `share_one_thread_pool`, the process's pool replaces both `threads` and `spinning`.
+    `weights_dir`: a proto whose weights stay in external-data files reads them from there; ONNX Runtime
+    maps them, and keeps them in the file's layout (no repacked copy): a session over a 1.6 GB graph then
+    costs megabytes until it runs, and the check's three sessions share the pages.
     """
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
@@ -162,6 +185,9 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if weights_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     opts.graph_optimization_level = optimization
     opts.log_severity_level = 3
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
