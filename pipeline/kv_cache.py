@@ -100,13 +100,13 @@ def contract_feeds(feeds: dict[str, np.ndarray], inv_freq: np.ndarray | None,
     return out
 
 
-def feed_adapter(graph: Path, hidden: str | None = None):
+def feed_adapter(graph: Path):
     """feeds -> feeds for `graph`: `contract_feeds` when it is an in-place graph, else unchanged."""
     model = onnx.load(str(graph), load_external_data=False)
     if not is_in_place(i.name for i in model.graph.input):
         return lambda feeds: feeds
     inv_freq = inv_freq_of(model)
-    return lambda feeds: feeds if SEQLENS in feeds else contract_feeds(feeds, inv_freq, hidden)
+    return lambda feeds: feeds if SEQLENS in feeds else contract_feeds(feeds, inv_freq)
 
 
 class KVBuffers:

@@ -50,6 +50,11 @@ def graph_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _digests(model: onnx.ModelProto, min_bytes: int) -> set[bytes]:
+    """Content hashes of a model's weights of at least `min_bytes` that it holds in the proto."""
+    return {hashlib.sha256(t.raw_data).digest() for t in model.graph.initializer if len(t.raw_data) >= min_bytes}
+
+
 @dataclass
 class GraphFile:
     name: str
@@ -155,22 +160,24 @@ class ModelSet:
         share a tensor of `min_bytes`. Graphs already reading `data_file` are rewritten with them."""
         digests: dict[str, set[bytes]] = {}
         inline: set[bytes] = set()  # weights some graph still holds itself
+        reads_data: set[str] = set()  # graphs already reading `data_file`
         for g in self.graphs:
-            model = onnx.load(str(self.root / g.file), load_external_data=False)
-            held = {hashlib.sha256(t.raw_data).digest() for t in model.graph.initializer if len(t.raw_data) >= min_bytes}
-            inline |= held
-            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-                model = load_onnx(self.root / g.file)
-            digests[g.name] = {hashlib.sha256(t.raw_data).digest() for t in model.graph.initializer
-                               if len(t.raw_data) >= min_bytes}
+            path = self.root / g.file
+            model = onnx.load(str(path), load_external_data=False)
+            inline |= _digests(model, min_bytes)
+            external = external_files(path, model)
+            if external:
+                onnx.load_external_data_for_model(model, str(self.root))
+                if self.root / data_file in external:
+                    reads_data.add(g.name)
+            digests[g.name] = _digests(model, min_bytes)
         counts: dict[bytes, int] = {}
         for found in digests.values():
             for d in found:
                 counts[d] = counts.get(d, 0) + 1
         if not any(counts[d] > 1 for d in inline):  # nothing held twice that is not shared already
             return []
-        sharing = [n for n, found in digests.items() if any(counts[d] > 1 for d in found)
-                   or self.root / data_file in external_files(self.path(n))]
+        sharing = [n for n, found in digests.items() if any(counts[d] > 1 for d in found) or n in reads_data]
         save_sharing_weights({self.path(n): load_onnx(self.path(n)) for n in sharing}, self.root / data_file)
         for n in sharing:
             self.graph(n).sha256 = graph_sha256(self.path(n))

@@ -43,18 +43,21 @@ def stored_bytes(t: onnx.TensorProto) -> int:
     """A weight's size as stored, inline or in an external-data file (whose data need not be loaded)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
         return int(next((e.value for e in t.external_data if e.key == "length"), 0))
-    return len(t.raw_data) or int(numpy_helper.to_array(t).nbytes)
+    return int(numpy_helper.to_array(t).nbytes)
 
 
 def load_light(path: Path) -> onnx.ModelProto:
-    """A model file, checked as `load_onnx` does, with the weights of an external-data file left there
+    """`load_onnx`, except that the weights of a model kept in an external-data file stay there, unchecked
     (sessions read them through `session(..., weights_dir=path.parent)`)."""
-    if not path.is_file() or not external_files(path):
+    if not path.is_file():
         return load_onnx(path)
     model = onnx.load(str(path), load_external_data=False)
-    for f in external_files(path, model):
-        if not f.is_file():
-            raise PipelineError(f"{path}: its weights file {f.name} is missing")
+    data = external_files(path, model)
+    if not data:
+        return load_onnx(path)
+    missing = [f.name for f in data if not f.is_file()]
+    if missing:
+        raise PipelineError(f"{path}: its weights file {missing[0]} is missing")
     return model
 
 
