@@ -59,14 +59,22 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Run folder (default: the recipe's `output`, else runs/<recipe name>).")
 def run(recipe: Path, out_dir: Path | None) -> None:
-    """Run RECIPE: base model, then each step; finished steps are reused on a re-run."""
+    """Run RECIPE: base model, then each step; finished steps are reused on a re-run.
+
+    A recipe with a `tune:` section runs the precision search first (as `pipeline tune`)."""
     from .recipe import load_recipe
-    from .runner import Runner, plan_recipe
+    from .runner import plan_recipe
 
     r = load_recipe(recipe)
     target = out_dir or Path(r.output or f"runs/{r.name}")
     with console.status(f"checking recipe {recipe} ..."):
         plan = plan_recipe(r)
+    _run_recipe(r, plan, target)
+
+
+def _run_recipe(r, plan, target: Path) -> None:
+    from .runner import Runner
+
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         tasks: dict[str, int] = {}
@@ -83,6 +91,10 @@ def run(recipe: Path, out_dir: Path | None) -> None:
             from .fallback import run_with_fallback
 
             result = run_with_fallback(r, target, log=log, progress=on_progress)
+        elif r.tune is not None:
+            from .tune import run_tune
+
+            result = run_tune(r, target, log=log, progress=on_progress)
         else:
             result = Runner(plan, target, log=log, progress=on_progress).run()
     _print_run_summary(result)
@@ -98,6 +110,31 @@ def run(recipe: Path, out_dir: Path | None) -> None:
         for failure in result.report.failures or []:
             out.print(escape(f"check (warn): {failure}"))
         out.print(escape(f"report: {result.out_dir / 'report.html'} (also .md, .json, .png)"))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Run folder (default: the recipe's `output`, else runs/<recipe name>).")
+def tune(recipe: Path, out_dir: Path | None) -> None:
+    """Search every block's precision from RECIPE's `tune:` menu under its target.
+
+    Measures each block under each menu item alone, chooses a combination with an additive model,
+    verifies it whole and corrects the model until the target holds. Writes resolved_recipe.yaml
+    (explicit steps that rebuild the model without the search), tune/trials.jsonl, and the model in
+    final/ with its check report. Trials are cached: a re-run resumes. `pipeline run` on the same
+    recipe does the same.
+    """
+    from .recipe import load_recipe
+    from .runner import plan_recipe
+
+    r = load_recipe(recipe)
+    if r.tune is None:
+        raise PipelineError(f"{recipe}: no 'tune' section (menu, target, budget); see recipes/piper_tune.yaml")
+    target = out_dir or Path(r.output or f"runs/{r.name}")
+    with console.status(f"checking recipe {recipe} ..."):
+        plan = plan_recipe(r)
+    _run_recipe(r, plan, target)
 
 
 def _print_run_summary(result) -> None:

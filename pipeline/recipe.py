@@ -131,6 +131,65 @@ class CheckSpec(Strict):
     fallback: FallbackSpec | None = None
 
 
+class MenuItem(Strict):
+    """One treatment the search may give a block: a precision pass and its params."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the item's name: its step's name in the resolved recipe")
+    pass_name: str = Field(alias="pass", description="a pass that changes precision (quantize, compress_weights, fp16)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the pass's parameters, as in a step")
+
+
+class TuneBlocks(Strict):
+    """Which blocks the search decides: regexes matched in full against block ids (default: every block)."""
+
+    include: list[str] | None = Field(None, description="blocks searched; default all of the family's partition")
+    exclude: list[str] = Field(default_factory=list, description="blocks left in FP32, never searched")
+
+
+class TuneTarget(Strict):
+    """Quality bounds the chosen model must meet on the tune samples, from the family's metrics."""
+
+    max_log_mel: float | None = Field(None, gt=0, description="worst sample's log-mel distance (audio families)")
+    min_output_sqnr_db: float | None = Field(None, description="the first output's pooled SQNR, dB")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="teacher-forced top-1 agreement (tokens)")
+    max_length_change: float = Field(0.0, ge=0, description="largest output length change allowed, as a fraction "
+                                                            "(0: every sample keeps its length)")
+    max_size_ratio: float | None = Field(None, gt=0, description="bound on final bytes / base bytes")
+    max_latency_ratio: float | None = Field(None, gt=0, description="bound on latency / base latency (2 threads)")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="bounds on a family's own metrics")
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.max_log_mel is None and self.min_output_sqnr_db is None and self.min_top1_agreement is None \
+                and not self.thresholds:
+            raise ValueError("give a quality bound: max_log_mel, min_output_sqnr_db, min_top1_agreement or thresholds")
+
+
+class TuneBudget(Strict):
+    trials: int | None = Field(None, ge=1, description="most trials (screening plus verification runs)")
+    minutes: float | None = Field(None, gt=0, description="most wall-clock minutes for the search")
+    verify_rounds: int = Field(4, ge=1, description="most verification runs per objective weighting")
+
+
+class TuneSpec(Strict):
+    """A per-block precision search: every block gets one menu item (or stays FP32) under a quality target."""
+
+    menu: list[MenuItem] = Field(min_length=1, description="the treatments a block may get; FP32 is always a choice")
+    blocks: TuneBlocks = Field(default_factory=TuneBlocks, description="which blocks are searched")
+    target: TuneTarget = Field(description="quality (and optional size/latency) bounds")
+    objective: Literal["size", "latency", "both"] = Field("size", description="what the search minimizes; both: "
+                                                                              "the Pareto front of size and latency")
+    budget: TuneBudget = Field(default_factory=TuneBudget, description="trials and/or minutes")
+    executor: Literal["local", "ray"] = Field("local", description="where trials run: processes here, or Ray tasks")
+    address: str | None = Field(None, description="Ray cluster: 'auto' or 'ray://host:port'; default a local "
+                                                  "instance this command starts")
+    workers: int | None = Field(None, ge=1, description="trials at once (local); default cores / threads")
+    threads: int = Field(1, ge=1, description="ONNX Runtime threads per trial")
+    samples: int = Field(8, ge=1, description="tune samples the trials run on (not the check's evaluation set)")
+    source: CalibrationSpec | None = Field(None, description="where tune samples come from; default the recipe's "
+                                                             "calibration source")
+    seed: int = Field(0, description="picks the tune samples out of the source")
+
+
 class Step(Strict):
     # `pass` is a Python keyword, hence the alias.
     pass_name: str = Field(alias="pass")
@@ -149,8 +208,9 @@ class Recipe(Strict):
     model: ModelSource
     blocks: BlockSpec | None = None
     calibration: CalibrationSpec | None = None
-    steps: list[Step]  # may be empty: export (or copy) only, then check
+    steps: list[Step] = Field(default_factory=list)  # may be empty: export (or copy) only, then check
     check: CheckSpec | None = None
+    tune: TuneSpec | None = None  # a per-block precision search (pipeline tune) writes the steps instead
     output: str | None = None
 
     # Where the recipe was read from: relative paths in it resolve against it.
@@ -162,6 +222,8 @@ class Recipe(Strict):
         spec = self.model_dump(mode="json", by_alias=True, exclude={"description", "output", "source_path", "check"})
         if spec["model"]["family"] is None:  # recipes that name no family keep the hash they had before the key
             del spec["model"]["family"]
+        if spec["tune"] is None:  # nor the key of the search
+            del spec["tune"]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     def resolve_path(self, value: str) -> Path:

@@ -161,12 +161,74 @@ def _round_lines(report: dict[str, Any]) -> list[str]:
             for r in report.get("rounds", [])]
 
 
+TUNE_COLUMNS = ("candidate", "choices", "size x", "latency x", "log-mel max", "SQNR dB", "length change",
+                "target", "")
+
+
+def _tune_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for c in (report.get("tune") or {}).get("candidates", []):
+        mark = "chosen" if c["chosen"] else ("Pareto" if c["pareto"] else "")
+        rows.append([c["key"][:8], c["choices"], f"{c['size_ratio']:.3f}",
+                     "-" if c["latency_ratio"] is None else f"{c['latency_ratio']:.2f}",
+                     "-" if c["log_mel_max"] is None else f"{c['log_mel_max']:.4f}", _fmt_db(c["sqnr_db"]),
+                     f"{c['length_change_max']:.2%}", "met" if c["met"] else "missed: " + "; ".join(c["misses"]),
+                     mark])
+    return rows
+
+
+def _tune_lines(report: dict[str, Any]) -> list[str]:
+    t = report.get("tune")
+    if not t:
+        return []
+    target = ", ".join(f"{k} {v}" for k, v in t["target"].items() if v not in ({}, None))
+    return [f"objective {t['objective']}; target {target}", f"{t['blocks_searched']} blocks searched, menu "
+            f"{', '.join(t['menu'])}; {t['trials']} trials ({t['screening_trials']} screening) on {t['executor']}, "
+            f"{t['wall_s']:.0f} s", f"tune samples: {t['samples']} (the table above is on the evaluation inputs)"]
+
+
+def tune_png(report: dict[str, Any]) -> bytes | None:
+    """Size against latency of every verified candidate: met, missed, the Pareto front and the chosen one."""
+    cands = [c for c in (report.get("tune") or {}).get("candidates", []) if c["latency_ratio"] is not None]
+    if not cands:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    for met, style, label in ((True, "o", "met the target"), (False, "x", "missed the target")):
+        pts = [c for c in cands if c["met"] == met]
+        ax.scatter([c["size_ratio"] for c in pts], [c["latency_ratio"] for c in pts], marker=style, label=label)
+    front = sorted((c for c in cands if c["pareto"]), key=lambda c: c["size_ratio"])
+    if front:
+        ax.plot([c["size_ratio"] for c in front], [c["latency_ratio"] for c in front], "-", color="grey", lw=1,
+                label="Pareto front")
+    for c in cands:
+        if c["chosen"]:
+            ax.scatter([c["size_ratio"]], [c["latency_ratio"]], s=220, facecolors="none", edgecolors="red",
+                       label="chosen")
+        ax.annotate(c["key"][:6], (c["size_ratio"], c["latency_ratio"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("size x (of the base)")
+    ax.set_ylabel("latency x (of the base)")
+    ax.set_title("pipeline tune: verified candidates")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def headline(report: dict[str, Any]) -> list[str]:
     """What must come first in every report (seeded, untrained weights)."""
     return [n for n in report.get("notes", []) if n.startswith("SEEDED")]
 
 
-def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
+def markdown(report: dict[str, Any], png_name: str | None = None, tune_png_name: str | None = None) -> str:
     lines = [f"**{n}**" for n in headline(report)]
     lines += [f"# Per-block error: {report['candidate']} vs {report['reference']}", ""]
     lines += [f"{report['samples']} samples. Peak RSS {report['peak_rss_mb']:.0f} MB.", ""]
@@ -180,10 +242,16 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("rounds"):
         lines += ["", "## Automatic fallback", ""] + [f"- {line}" for line in _round_lines(report)]
+    if report.get("tune"):
+        lines += ["", "## Precision search (pipeline tune)", ""] + [f"- {line}" for line in _tune_lines(report)]
+        if tune_png_name:
+            lines += ["", f"![verified candidates, size against latency]({tune_png_name})"]
+        lines += ["", "| " + " | ".join(TUNE_COLUMNS) + " |", "|" + "---|" * len(TUNE_COLUMNS)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in _tune_rows(report)]
     return "\n".join(lines) + "\n"
 
 
-def html_page(report: dict[str, Any], png: bytes | None = None) -> str:
+def html_page(report: dict[str, Any], png: bytes | None = None, tune: bytes | None = None) -> str:
     """A self-contained page; `png`: the plot already drawn for this report (drawing it takes about a second)."""
     png = base64.b64encode(png if png is not None else plot_png(report)).decode()
     head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS) + "</tr>"
@@ -207,8 +275,23 @@ output). SQNR is pooled over all samples.</p>
 <ul>{notes}</ul>
 <img alt="isolated and accumulated SQNR per block" src="data:image/png;base64,{png}">
 <table><thead>{head}</thead><tbody>{''.join(body)}</tbody></table>
+{_tune_html(report, tune)}
 </body></html>
 """
+
+
+def _tune_html(report: dict[str, Any], png: bytes | None) -> str:
+    if not report.get("tune"):
+        return ""
+    head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in TUNE_COLUMNS) + "</tr>"
+    chosen = ' class="worst"'
+    body = "".join(f"<tr{chosen if cells[-1] == 'chosen' else ''}>"
+                   + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in _tune_rows(report))
+    img = (f'<img alt="verified candidates, size against latency" src="data:image/png;base64,'
+           f'{base64.b64encode(png).decode()}">') if png else ""
+    lines = "".join(f"<li>{html.escape(line)}</li>" for line in _tune_lines(report))
+    return (f"<h2>Precision search (pipeline tune)</h2><ul>{lines}</ul>{img}"
+            f"<table><thead>{head}</thead><tbody>{body}</tbody></table>")
 
 
 def write_reports(result: CheckReport, folder: Path, stem: str = "report") -> dict[str, Path]:
@@ -220,6 +303,11 @@ def write_reports(result: CheckReport, folder: Path, stem: str = "report") -> di
     paths["json"].write_text(json.dumps(report, indent=2) + "\n")
     png = plot_png(report)
     paths["png"].write_bytes(png)
-    paths["md"].write_text(markdown(report, png_name=paths["png"].name))
-    paths["html"].write_text(html_page(report, png))
+    tune = tune_png(report)
+    if tune is not None:
+        paths["tune_png"] = folder / f"{stem}-tune.png"
+        paths["tune_png"].write_bytes(tune)
+    paths["md"].write_text(markdown(report, png_name=paths["png"].name,
+                                    tune_png_name=paths["tune_png"].name if tune else None))
+    paths["html"].write_text(html_page(report, png, tune))
     return paths

@@ -123,6 +123,38 @@ class FallbackRound(_Strict):
     moved_next: list[str]
 
 
+class TuneCandidate(_Strict):
+    """One combination `pipeline tune` built and measured whole, on the tune samples."""
+
+    key: str = Field(description="the combination's cache key (its folder under tune/candidates)")
+    choices: str = Field(description="how many blocks took each menu item")
+    size_ratio: float = Field(description="final bytes / base bytes")
+    latency_ratio: float | None = Field(description="latency / base latency, 2 threads, on the tune samples")
+    log_mel_max: float | None = Field(description="worst tune sample's log-mel distance (audio families)")
+    sqnr_db: float | None = Field(description="first output's pooled SQNR, dB")
+    length_change_max: float = Field(description="largest output length change, as a fraction")
+    predicted: dict[str, float] = Field(description="what the additive model predicted for its quality terms")
+    met: bool = Field(description="every target bound holds")
+    misses: list[str] = Field(description="the bounds it misses, with numbers")
+    pareto: bool = Field(description="on the front of size and latency among candidates that met the target")
+    chosen: bool = Field(description="the candidate the resolved recipe builds")
+
+
+class TuneSummary(_Strict):
+    """The per-block precision search behind a tuned model (`pipeline tune`)."""
+
+    objective: str
+    target: dict[str, Any] = Field(description="the tune section's target")
+    samples: str = Field(description="the tune samples: how many, from which source, which ones")
+    blocks_searched: int
+    menu: list[str]
+    trials: int = Field(description="screening trials plus verification trials, cached ones included")
+    screening_trials: int
+    executor: str
+    wall_s: float = Field(description="the search's wall time in this invocation")
+    candidates: list[TuneCandidate]
+
+
 class CheckReport(_Strict):
     """A check's whole result. Blocks are in graph order."""
 
@@ -142,6 +174,7 @@ class CheckReport(_Strict):
     key: str | None = Field(None, description="cache key of the check")
     failures: list[str] | None = Field(None, description="thresholds missed, each with its numbers")
     rounds: list[FallbackRound] | None = Field(None, description="automatic fallback rounds")
+    tune: TuneSummary | None = Field(None, description="the precision search behind this model (pipeline tune)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -114,6 +114,10 @@ def plan_recipe(recipe: Recipe) -> Plan:
             else detect_family(model_path, base)
     if recipe.check is not None:
         _check_thresholds(recipe.check, family, where)
+    if recipe.tune is not None:
+        from .tune import validate_tune
+
+        validate_tune(recipe, family, where)
     steps = []
     for i, step in enumerate(recipe.steps, start=1):
         at = f"{where}: steps.{i - 1}"
