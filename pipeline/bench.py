@@ -152,6 +152,20 @@ def peak_rss_mb(path: Path, feeds: list[Feeds], threads: int) -> float:
     return float(value)
 
 
+def time_interleaved(sessions: list, feeds: list[Feeds], repeat: int, progress=lambda msg: None) -> list[float]:
+    """Median seconds per pass over `feeds` of each (warmed-up) session, the sessions taking turns in every
+    repetition so that a slower or busier stretch of the machine lands on all of them."""
+    timings: list[list[float]] = [[] for _ in sessions]
+    for r in range(repeat):
+        progress(f"latency, repetition {r + 1}/{repeat}")
+        for vi, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            for f in feeds:
+                s.run(None, f)
+            timings[vi].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in timings]
+
+
 def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], repeat: int = 5,
               threads: int = 2, measure_rss: bool = True, progress=lambda msg: None,
               audio: AudioOutput | None = None) -> dict[str, Any]:
@@ -166,15 +180,7 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
         sessions.append(_session(v.path, threads))
     progress("quality")
     outputs = [[_audio(s, f) for f in feeds] for s in sessions]  # also the warm-up run
-    timings: list[list[float]] = [[] for _ in variants]
-    for r in range(repeat):
-        progress(f"latency, repetition {r + 1}/{repeat}")
-        for vi, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            for f in feeds:
-                s.run(None, f)
-            timings[vi].append(time.perf_counter() - t0)
-    latencies = [statistics.median(t) for t in timings]
+    latencies = time_interleaved(sessions, feeds, repeat, progress)
     rss = []
     for v in variants:
         progress(f"peak RSS of {v.label}")

@@ -1,0 +1,13 @@
+"""recipes/piper_tune.yaml runs as shipped: the search finds a voice that meets its target on the evaluation
+sentences it never saw, from a recipe that names no block."""
+from __future__ import annotations
+
+import pytest
+from conftest import REPO
+from tune_recipe import assert_tuned_recipe_runs
+
+pytestmark = pytest.mark.slow  # a whole search on the real voice (about 6 minutes on 2 cores)
+
+
+def test_piper_tune_runs_as_shipped(tmp_path):
+    assert_tuned_recipe_runs(REPO / "recipes" / "piper_tune.yaml", tmp_path / "run", max_size=0.40, max_log_mel=0.10)
