@@ -79,7 +79,7 @@ def _without_fallback(recipe: Recipe, sensitivity: bool = False) -> Recipe:
     resolved recipe will have them, so both carry the same recipe hash (the check
     section is not part of that hash)."""
     data = recipe.model_dump(mode="python", by_alias=True, exclude={"source_path"})
-    _absolute_paths(data, recipe)
+    absolute_paths(data, recipe)
     data["check"]["fallback"] = None
     data["check"]["sensitivity"] = sensitivity or recipe.check.sensitivity
     data["check"]["on_fail"] = "warn"  # a missed threshold is the search's business, not an error mid-way
@@ -171,7 +171,7 @@ def _ranked_candidates(report: CheckReport, result: RunResult, index: int, moved
     return [b for *_, b in ranked]
 
 
-def _absolute_paths(data: dict[str, Any], original: Recipe) -> None:
+def absolute_paths(data: dict[str, Any], original: Recipe) -> None:
     """Relative paths were relative to the original recipe's folder; the resolved recipe lives elsewhere.
 
     The model's `path`, and the params each calibration source marks as paths (`calibration.path_fields`).
@@ -191,7 +191,7 @@ def _absolute_paths(data: dict[str, Any], original: Recipe) -> None:
 def _resolved_yaml(resolved: Recipe, original: Recipe) -> str:
     data = resolved.model_dump(mode="json", by_alias=True, exclude={"source_path"}, exclude_none=True)
     data["check"] = original.check.model_dump(mode="json", exclude={"fallback"}, exclude_none=True)
-    _absolute_paths(data, original)
+    absolute_paths(data, original)
     header = (f"# Resolved by the automatic fallback of {original.source_path.name if original.source_path else original.name}:\n"
               f"# every per-block precision choice is explicit; running this recipe rebuilds the same model.\n")
     return header + yaml.safe_dump(data, sort_keys=False)

@@ -28,7 +28,6 @@ trial, and the report gets a section with every verified candidate.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -44,11 +43,15 @@ import yaml
 from calibration import Feeds, SourceContext, checked_feeds, make_source
 
 from . import __version__
+from .blocks import BlockPartition
 from .errors import PipelineError
+from .fallback import absolute_paths
 from .modelset import ModelSet
+from .onnx_io import load_onnx
 from .recipe import CalibrationSpec, Recipe, Scope, Step, TuneSpec
 from .results import TuneCandidate, TuneSummary
 from .runner import Runner, RunResult, plan_recipe
+from .runner import _feeds_hash, _hash  # the cache keys of steps, for trials alike
 from .tune_trials import TrialSpec, make_executor
 
 RESOLVED = "resolved_recipe.yaml"
@@ -75,7 +78,7 @@ def validate_tune(recipe: Recipe, family, where: str) -> None:
         raise PipelineError(f"{where}: check.fallback: use either 'tune' or the fallback, not both")
     if family.autoregressive:
         raise PipelineError(f"{where}: tune: a {family.name!r} model set is an autoregressive loop of graphs; "
-                            f"tune searches one-graph models so far (a Piper voice, a vocoder, an ONNX file)")
+                            f"tune searches one-graph models so far (a voice, a vocoder, an ONNX file)")
     names = [m.name for m in spec.menu]
     if len(set(names)) != len(names):
         raise PipelineError(f"{where}: tune.menu: item names must differ ({', '.join(names)})")
@@ -176,6 +179,8 @@ class Tuner:
 
         self.family = family_of(base)
         validate_tune(self.recipe, self.family, where)
+        self.base_model = load_onnx(self.base_path)
+        self.partition = BlockPartition(self.base_model, self.recipe.blocks)
         self.searched = self._searched_blocks(where)
         self.samples, self.samples_desc = self._samples(base, where)
         self.ref_outputs = self._reference_outputs()
@@ -215,9 +220,7 @@ class Tuner:
             data["model"] = model
         if not check:
             data["check"] = None
-        from .fallback import _absolute_paths
-
-        _absolute_paths(data, recipe)
+        absolute_paths(data, recipe)
         out = Recipe.model_validate(data)
         out.source_path = recipe.source_path
         return out
@@ -233,11 +236,6 @@ class Tuner:
         return base
 
     def _searched_blocks(self, where: str) -> list[str]:
-        from .blocks import BlockPartition
-        from .onnx_io import load_onnx
-
-        self.base_model = load_onnx(self.base_path)
-        self.partition = BlockPartition(self.base_model, self.recipe.blocks)
         ids = self.partition.ids()
         include, exclude = self.spec.blocks.include, self.spec.blocks.exclude
         for pattern in (include or []) + exclude:
@@ -295,9 +293,6 @@ class Tuner:
         for s in stats.values():
             changed.update(s.get("blocks_changed", {}))
         path = result.final.path(result.final.names()[0])
-        from .blocks import BlockPartition
-        from .onnx_io import load_onnx
-
         model = load_onnx(path)
         sizes, _ = _block_bytes(model, BlockPartition(model, self.recipe.blocks))
         return {"path": path, "sha": result.final.graphs[0].sha256,
@@ -547,7 +542,6 @@ class Tuner:
         r["latency_ratio"] = self._latency_ratio(path)
         if r["length_change_max"] > self.spec.target.max_length_change:
             from .check import compare_models
-            from .onnx_io import load_onnx
 
             report = compare_models(self.base_model, load_onnx(path), self.samples, self.recipe.blocks,
                                     threads=LATENCY_THREADS)
@@ -633,7 +627,7 @@ class Tuner:
 def quality_terms(r: dict[str, Any], limits: dict[str, float]) -> dict[str, float]:
     """A trial's quality as terms that add up over blocks (the keys of `limits`).
 
-    Log-mel distances of independent errors combine like a root sum of squares: six HiFi-GAN resblocks
+    Log-mel distances of independent errors combine like a root sum of squares: six vocoder resblocks
     measured at 0.014-0.050 alone gave 0.068 together, where the root of their squares says 0.071 and
     their plain sum 0.156. So that term is the distance squared. Output noise powers add (SQNR), so that
     term is the noise ratio itself."""
@@ -790,16 +784,6 @@ def _sha(path: Path) -> str:
     from .modelset import file_sha256
 
     return file_sha256(path)
-
-
-def _feeds_hash(feeds: list[Feeds]) -> str:
-    from .runner import _feeds_hash as feeds_hash
-
-    return feeds_hash(feeds)
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def run_tune(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print, progress=None) -> RunResult:

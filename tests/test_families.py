@@ -21,7 +21,7 @@ from pipeline.families import families
 
 CORE = ["pipeline/runner.py", "pipeline/check.py", "pipeline/compare.py", "pipeline/bench.py", "pipeline/report.py",
         "pipeline/fallback.py", "pipeline/recipe.py", "pipeline/cli.py", "pipeline/evaluate.py", "pipeline/metrics.py",
-        "pipeline/results.py"]
+        "pipeline/results.py", "pipeline/tune.py", "pipeline/tune_trials.py"]
 
 
 def _family_names() -> set[str]:
