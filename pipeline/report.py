@@ -128,6 +128,13 @@ def plot_png(report: dict[str, Any]) -> bytes:
     ax.set_xticklabels([b["block"] for b in blocks], rotation=90, fontsize=6)
     ax.set_ylabel("SQNR dB (higher is better)")
     ax.set_title(f"{report['candidate']} vs {report['reference']}, {report['samples']} samples")
+    return _finished_png(fig, ax)
+
+
+def _finished_png(fig, ax) -> bytes:
+    """A grid, the legend, and the figure as PNG bytes (the figure closed)."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -214,13 +221,7 @@ def tune_png(report: dict[str, Any]) -> bytes | None:
     ax.set_xlabel("size x (of the base)")
     ax.set_ylabel("latency x (of the base)")
     ax.set_title("pipeline tune: verified candidates")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _finished_png(fig, ax)
 
 
 def headline(report: dict[str, Any]) -> list[str]:
