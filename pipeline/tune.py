@@ -368,6 +368,12 @@ class Tuner:
             raise PipelineError(f"tune: budget.minutes ({limit:g}) ran out during {what} with {left} trials left; "
                                 f"finished trials are cached: re-run with a larger budget to resume")
 
+    def _budget_spent(self) -> bool:
+        """Verification stops here (the best verified candidate is chosen); screening cannot stop short."""
+        b = self.spec.budget
+        return (b.trials is not None and self.trials_run >= b.trials) or \
+            (b.minutes is not None and time.perf_counter() - self.start > b.minutes * 60)
+
     def _logged(self, spec: TrialSpec, result: dict[str, Any], cached: bool, kind: str) -> None:
         self.log_rows.append({"kind": kind, "key": spec.key, "item": self.item_of.get(spec.candidate),
                               "candidate": spec.candidate, "block": spec.block,
@@ -426,6 +432,9 @@ class Tuner:
                 if key in seen:
                     break  # the measurements no longer change the choice
                 seen.add(key)
+                if key not in verified and self._budget_spent():
+                    self.log(f"tune: budget spent; choosing among the {len(verified)} candidates verified")
+                    return list(verified.values())
                 v = verified.get(key) or self._verify(assignment, key, predicted, weighting)
                 verified[key] = v
                 measured = quality_terms(v.result, limits)
@@ -499,10 +508,6 @@ class Tuner:
     def _verify(self, assignment: dict[str, str], key: str, predicted: dict[str, float],
                 weighting: tuple[float, float]) -> Verified:
         """Build the combination, measure it whole (cached by what builds it), and keep only the numbers."""
-        self._over_budget("verification", 1)
-        if self.spec.budget.trials is not None and self.trials_run >= self.spec.budget.trials:
-            raise PipelineError(f"tune: budget.trials ({self.spec.budget.trials}) spent before a candidate "
-                                f"was verified")
         steps = self._steps(assignment)
         trial_key = _hash({"version": __version__, "base": self.base_sha, "samples": _feeds_hash(self.samples),
                            "steps": [s.model_dump(mode="json", by_alias=True) for s in steps],

@@ -23,11 +23,11 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> CliResult:
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> CliResult:
     """The real console entry point in a child process: exit codes and output as a user sees them."""
     env = dict(os.environ, COLUMNS="200", PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=900)
+                          cwd=cwd, env=env, timeout=timeout)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
