@@ -17,6 +17,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import PipelineError
+from pipeline.recipe import CountOrAll
 
 Feeds = dict[str, np.ndarray]
 DATA_DIR = Path(__file__).parent / "data"
@@ -43,9 +44,16 @@ class CalibrationSource:
     name: ClassVar[str]
     Params: ClassVar[type[SourceParams]] = SourceParams
 
+    # The recipe section the source comes from, for its errors (`{where}.params.count: ...`); set by make_source.
+    where: str = "calibration"
+
     def __init__(self, params: SourceParams, ctx: SourceContext):
         self.params = params
         self.ctx = ctx
+
+    def check(self) -> None:
+        """What can be checked before any feed is drawn (files, counts); `make_source` calls it, so a recipe's
+        mistake fails in `pipeline validate`, not minutes into a run."""
 
     def feeds(self) -> Iterator[Feeds]:
         raise NotImplementedError
@@ -57,7 +65,9 @@ class CalibrationSource:
 class SentencesParams(SourceParams):
     # text file, one sentence per line; default: the source's shipped set
     sentences: str | None = Field(default=None, json_schema_extra=PATH)
-    count: int | None = Field(default=None, ge=1)  # first N sentences (after `skip`); default all
+    count: CountOrAll = Field(
+        default="all", description="how many sentences, the first after `skip`: `all` (the default) or a number "
+                                   "no larger than the source holds; asking for more is an error, never a silent cap")
     # sentences to leave out first: calibrate on others than the check evaluates on (its first `samples`)
     skip: int = Field(default=0, ge=0)
 
@@ -67,15 +77,35 @@ class SentenceSource(CalibrationSource):
 
     default_sentences: ClassVar[str]  # a file in calibration/data
 
+    def check(self) -> None:
+        self.sentences()
+
     def sentences(self) -> list[str]:
         from .piper_sentences import read_sentences
 
         p = self.params
-        sentences = read_sentences(self.ctx.resolve(p.sentences) if p.sentences else DATA_DIR / self.default_sentences)
-        sentences = sentences[p.skip:]
-        if not sentences:
+        path = self.ctx.resolve(p.sentences) if p.sentences else DATA_DIR / self.default_sentences
+        return self.pick(read_sentences(path), path)
+
+    def pick(self, sentences: list[str], path: Path) -> list[str]:
+        """`skip` sentences, then `count` of the rest. More than the rest is an error naming both numbers: a
+        silent cap would calibrate (or evaluate) on fewer samples than the recipe says, and nobody would know."""
+        p = self.params
+        left = sentences[p.skip:]
+        if not left:
             raise PipelineError(f"{self.name}: skip {p.skip} leaves no sentence")
-        return sentences[: p.count] if p.count else sentences
+        if p.count == "all":
+            return left
+        if p.count > len(left):
+            after = f" after skip {p.skip}" if p.skip else ""
+            raise PipelineError(f"{self.where}.params.count: {p.count} sentences asked, but source {self.name!r} "
+                                f"holds {len(left)}{after} ({shown(path)}); use count: all or at most {len(left)}")
+        return left[: p.count]
+
+
+def shown(path: Path) -> str:
+    """A shipped data file as `calibration/data/NAME` (where it is in the checkout), any other file as it is."""
+    return f"calibration/data/{path.name}" if path.parent == DATA_DIR else str(path)
 
 
 def _registry() -> dict[str, type[CalibrationSource]]:
@@ -111,7 +141,10 @@ def make_source(name: str, params: dict[str, Any], ctx: SourceContext, where: st
         from pipeline.recipe import format_validation_error
 
         raise PipelineError(format_validation_error(f"{where}.params", e, cls.Params)) from None
-    return cls(parsed, ctx)
+    source = cls(parsed, ctx)
+    source.where = where
+    source.check()
+    return source
 
 
 _ONNX_TO_NUMPY = {

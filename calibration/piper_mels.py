@@ -27,6 +27,7 @@ from pydantic import Field
 
 from pipeline.audio import SAMPLE_RATE, hifigan_mel
 from pipeline.errors import PipelineError
+from pipeline.recipe import CountOrAll
 
 from . import DATA_DIR, PATH, Feeds, SentenceSource, SentencesParams
 from .piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
@@ -40,7 +41,9 @@ class PiperMelsParams(SentencesParams):
     length_scale: float = Field(default=1.0, gt=0)
     threads: int = Field(default=2, ge=1)
     chunk_frames: int | None = Field(default=None, ge=16)  # cut mels into chunks of this many frames
-    chunks: int | None = Field(default=None, ge=1)  # with chunk_frames: keep this many, spread evenly
+    # With chunk_frames: keep this many, spread evenly over all the chunks; `all` (or none): every chunk. More than
+    # the sentences give is an error, as `count` beyond the sentences is.
+    chunks: CountOrAll | None = None
 
 
 def default_voice() -> Path:
@@ -118,19 +121,32 @@ class PiperMels(SentenceSource):
     Params = PiperMelsParams
     default_sentences = "sentences_en.txt"
 
+    def check(self) -> None:
+        super().check()
+        if self.params.chunks is not None and self.params.chunk_frames is None:
+            raise PipelineError("calibration source 'piper_mels': 'chunks' needs 'chunk_frames'")
+
     def feeds(self) -> Iterator[Feeds]:
         p = self.params
-        if p.chunks is not None and p.chunk_frames is None:
-            raise PipelineError("calibration source 'piper_mels': 'chunks' needs 'chunk_frames'")
         voice = self.ctx.resolve(p.voice) if p.voice else None
-        spoken = speech_mels(self.sentences(), voice, p.threads, p.length_scale)
+        sentences = self.sentences()
+        spoken = speech_mels(sentences, voice, p.threads, p.length_scale)
         if p.chunk_frames is None:
             for _, _, feeds in spoken:
                 yield feeds
             return
-        chunks = chunk_mels([f["mel"] for _, _, f in spoken], p.chunk_frames, p.chunks)
+        mels = [f["mel"] for _, _, f in spoken]
+        chunks = chunk_mels(mels, p.chunk_frames)
         if not chunks:
             raise PipelineError(f"calibration source 'piper_mels': no sentence is {p.chunk_frames} frames long")
+        if p.chunks not in (None, "all"):
+            # What this source holds is the chunks its sentences' speech gives, known only once spoken.
+            if p.chunks > len(chunks):
+                raise PipelineError(f"{self.where}.params.chunks: {p.chunks} chunks asked, but source 'piper_mels' "
+                                    f"cuts {len(chunks)} chunks of {p.chunk_frames} frames from its {len(sentences)} "
+                                    f"sentences; use chunks: all or at most {len(chunks)} (or more sentences, or "
+                                    f"a shorter chunk_frames)")
+            chunks = chunk_mels(mels, p.chunk_frames, p.chunks)
         for mel in chunks:
             yield {"mel": mel}
 

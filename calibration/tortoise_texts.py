@@ -62,11 +62,7 @@ class TortoiseTexts(SentenceSource):
 
         if self.params.sentences:
             return super().sentences()
-        p = self.params
-        texts = read_sentences(DATA_DIR / self.shipped)[p.skip:]
-        if not texts:
-            raise PipelineError(f"{self.name}: skip {p.skip} leaves no sentence")
-        return texts[: p.count] if p.count else texts
+        return self.pick(read_sentences(DATA_DIR / self.shipped), DATA_DIR / self.shipped)
 
     def token_ids(self) -> list[list[int]]:
         p = self.params

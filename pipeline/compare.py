@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from calibration import Feeds, SourceContext, checked_feeds, make_source
 
@@ -45,11 +45,15 @@ def as_modelset(path: Path, family: Family) -> ModelSet:
     return ModelSet(path.parent, [GraphFile("model", path.name)], {p.name: "model" for p in family.sidecars(path)})
 
 
-def eval_feeds(reference: Path, samples: int, family: Family, recipe: Recipe | None = None,
+def eval_feeds(reference: Path, samples: int | Literal["all"], family: Family, recipe: Recipe | None = None,
                check: CheckSpec | None = None, npz: Path | None = None,
-               ms: ModelSet | None = None) -> tuple[list[Feeds], str]:
+               ms: ModelSet | None = None, strict: bool = False) -> tuple[list[Feeds], str]:
     """Inputs for a comparison, checked against `reference` (the entry graph), and what they are: --npz,
-    the check's source, the family's evaluation inputs, or the recipe's calibration source."""
+    the check's source, the family's evaluation inputs, or the recipe's calibration source.
+
+    `samples`: the first that many, or `all`. A count the user gave (`strict`, or a recipe's `check.samples`)
+    larger than the inputs hold is an error naming both numbers; the default (8, not written in the recipe)
+    takes at most that many, as always."""
     model = load_onnx(reference)
     resolve = recipe.resolve_path if recipe else Path
     spec = family.eval_source(reference, ms)
@@ -68,6 +72,16 @@ def eval_feeds(reference: Path, samples: int, family: Family, recipe: Recipe | N
     if ms is not None:
         family.fit_source(source, ms, params)
     feeds = checked_feeds(source, model, where="compare inputs")
+    if samples == "all":
+        return feeds, source.describe()
+    # Only a count the user wrote is held to: the default 8 has always meant "up to 8" (a folder of 6 .npz
+    # files checks on 6).
+    asked = strict or (check is not None and "samples" in check.model_fields_set and samples == check.samples)
+    if asked and samples > len(feeds):
+        what = "--samples" if strict else f"{recipe.source_path or recipe.name}: check.samples"
+        fix = "ask for" if strict else "use samples: all or"
+        raise PipelineError(f"{what}: {samples} samples asked, but the evaluation inputs ({source.describe()}) "
+                            f"hold {len(feeds)}; {fix} at most {len(feeds)}")
     return feeds[:samples], source.describe()
 
 

@@ -8,13 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator
 
 from .errors import PipelineError
+
+
+def _whole_or_all(value: Any) -> int | str:
+    if value == "all" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError(f"give a whole number >= 1, or 'all' (got {value!r})")
+
+
+# How many samples to take: a number (never more than the source holds: that is an error, not a cap) or `all`.
+# One validator, so a wrong value is one plain message instead of one per member of the union.
+CountOrAll = Annotated[int | Literal["all"], PlainValidator(_whole_or_all)]
 
 
 class Strict(BaseModel):
@@ -116,7 +128,9 @@ class FallbackSpec(Strict):
 class CheckSpec(Strict):
     """The per-block error check that runs after the last step (final model vs base model)."""
 
-    samples: int = Field(default=8, ge=1)
+    samples: CountOrAll = Field(
+        default=8, description="evaluation samples: `all`, or a number no larger than the evaluation source holds "
+                               "(set explicitly, more is an error; the default 8 takes at most the 8 first)")
     # Evaluation inputs; default: the shipped evaluation sentences for a Piper voice,
     # else the recipe's calibration source.
     source: CalibrationSpec | None = None
@@ -184,7 +198,9 @@ class TuneSpec(Strict):
                                                   "instance this command starts")
     workers: int | None = Field(None, ge=1, description="trials at once (local); default cores / threads")
     threads: int = Field(1, ge=1, description="ONNX Runtime threads per trial")
-    samples: int = Field(8, ge=1, description="tune samples the trials run on (not the check's evaluation set)")
+    samples: CountOrAll = Field(8, description="tune samples the trials run on (not the check's evaluation set): "
+                                               "`all`, or a number no larger than the source holds (set explicitly, "
+                                               "more is an error; the default 8 takes at most 8)")
     source: CalibrationSpec | None = Field(None, description="where tune samples come from; default the recipe's "
                                                              "calibration source")
     seed: int = Field(0, description="picks the tune samples out of the source")
@@ -239,6 +255,8 @@ def format_validation_error(where: str, err: ValidationError, model: type[BaseMo
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<top>"
         msg = e["msg"]
+        if e["type"] == "value_error":  # our validators' own sentences: pydantic's prefix adds nothing
+            msg = msg.removeprefix("Value error, ")
         if e["type"] == "extra_forbidden" and model is not None:
             valid = _valid_keys_at(model, e["loc"][:-1])
             if valid:
@@ -283,10 +301,43 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+def installed_recipes() -> dict[str, Path]:
+    """The recipes shipped with the package, by name (the file's stem, which is also its `name`): the YAML files
+    of recipes/ at the checkout's root, installed as the package data of `pipeline.recipes`."""
+    from importlib.resources import files
+
+    try:
+        folder = Path(str(files("pipeline.recipes")))
+    except ModuleNotFoundError:  # a checkout on sys.path without an install: recipes/ beside pipeline/
+        folder = Path(__file__).resolve().parent.parent / "recipes"
+    if not folder.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix in RECIPE_SUFFIXES and p.is_file()}
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """RECIPE as a command takes it: a file, else an installed recipe's name (`piper_int8`).
+
+    An existing file always wins, so a path works exactly as before; an argument with a folder or a .yaml/.yml
+    suffix is a path even when no such file exists (its error names the path, not the installed names)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    text = str(recipe)
+    if any(sep and sep in text for sep in ("/", os.sep, os.altsep)) or path.suffix.lower() in RECIPE_SUFFIXES:
         raise PipelineError(f"recipe not found: {path}")
+    installed = installed_recipes()
+    if text in installed:
+        return installed[text]
+    raise PipelineError(f"recipe not found: {text!r} is no file here and no installed recipe (installed: "
+                        f"{', '.join(installed) or 'none'}; `pipeline recipes` describes them)")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
