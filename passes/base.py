@@ -37,6 +37,9 @@ class PassContext:
     # Yields real feed dicts for this graph (calibration); None when the recipe has none.
     calibration: Callable[[], Iterator[Feeds]] | None = None
     log: Callable[[str], None] = lambda msg: None
+    # Set when the model is handed over light (a large model, `pipeline.onnx_io.LARGE_BYTES`): the folder of the
+    # external-data files its weights stay in (read them with `onnx_io.tensor_array(t, ctx.weights_dir)`).
+    weights_dir: Path | None = None
 
     def in_scope(self, node: onnx.NodeProto) -> bool:
         return self.selected is None or node.name in self.selected
@@ -55,6 +58,8 @@ class PassResult:
     chain: list[dict[str, str]] = field(default_factory=list)
     # New nodes the pass already named into the right block (fused ops): the runner leaves their names.
     placed: set[str] = field(default_factory=set)
+    # Where the external-data files of a light result lie, when not in `ctx.weights_dir` (a tool wrote them).
+    weights_dir: Path | None = None
 
 
 class Pass:
@@ -76,6 +81,13 @@ class Pass:
     def wants_calibration(self, params: Params) -> bool:
         """True when the pass uses calibration data if the recipe has some."""
         return self.needs_calibration_for(params)
+
+    def large_model_problem(self, params: Params) -> str | None:
+        """Why this pass cannot take a large model (weights left in external-data files), or None when it can.
+
+        Passes that edit the proto's weights in memory cannot: protobuf caps a proto at 2 GB."""
+        return (f"pass {self.name!r} holds the whole model in memory, and protobuf caps a model at 2 GB: run it "
+                f"after a step that brings the model under 2 GB (quantize, fp16, compress_weights)")
 
     def graphs_after(self, params: Params, graph: str) -> list[str]:
         """Names of the graphs this pass makes of `graph` (itself, unless it cuts graphs), known before it

@@ -26,6 +26,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field
 
+from pipeline.onnx_io import tensor_array
+
 from .base import Params, Pass, PassContext, PassResult, copy_model
 
 # (op type, input index) pairs where an initializer is a weight.
@@ -49,6 +51,9 @@ class CompressWeights(Pass):
     Params = CompressWeightsParams
     changes_precision = True
 
+    def large_model_problem(self, params: CompressWeightsParams) -> str | None:
+        return None  # reads each weight from its file; only the compressed ones are held
+
     def apply(self, model: onnx.ModelProto, params: CompressWeightsParams, ctx: PassContext) -> PassResult:
         from pipeline.errors import PipelineError
 
@@ -70,7 +75,7 @@ class CompressWeights(Pass):
                 continue
             if not all((n.op_type, k) in slots and ctx.in_scope(n) for n, k in users):
                 continue
-            w = numpy_helper.to_array(t)
+            w = tensor_array(t, ctx.weights_dir)  # a large model's weight is read from its file, one at a time
             nodes, tensors, out = _compress(name, w, params.dtype, users[0][0].op_type)
             for n, k in users:
                 n.input[k] = out

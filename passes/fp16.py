@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -37,7 +38,7 @@ from pydantic import Field
 
 from pipeline.errors import PipelineError
 from pipeline.graph import cleanup, consumers, producers, with_outputs
-from pipeline.onnx_io import session, tensor_types
+from pipeline.onnx_io import external_bytes, session, tensor_types
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 
@@ -68,6 +69,9 @@ class Fp16(Pass):
 
     def wants_calibration(self, params: Fp16Params) -> bool:
         return params.overflow_guard
+
+    def large_model_problem(self, params: Fp16Params) -> str | None:
+        return None  # the converter rewrites the light proto; the weights it converts are read from their files
 
     def apply(self, model: onnx.ModelProto, params: Fp16Params, ctx: PassContext) -> PassResult:
         names = {n.name for n in model.graph.node}
@@ -105,6 +109,7 @@ class Fp16(Pass):
             except Exception as e:
                 raise PipelineError(f"fp16 conversion failed on {ctx.graph_name!r}: "
                                     f"{' '.join(str(e).split())[:400]}") from None
+        from_files = _convert_external_weights(converted, ctx.weights_dir, params) if ctx.weights_dir else 0
         cast_fixed = _fix_cast_targets(converted)
         roundtrips = _remove_fp16_round_trips(converted)
         kept = Counter(reasons.values())
@@ -120,6 +125,7 @@ class Fp16(Pass):
             "initializers_unshared": unshared,
             "noop_casts_removed": len(noop_casts),
             "fp16_round_trips_removed": roundtrips,
+            **({"weights_converted_from_files": from_files} if ctx.weights_dir else {}),
             "blocks_changed": dict(Counter(ctx.blocks.node_block.get(n, "?") for n in sorted(names - set(reasons)))),
         }
         return PassResult(converted, changed=True, stats=stats)
@@ -133,7 +139,7 @@ def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: floa
     """
     float_types = {name for name, t in tensor_types(model).items() if t == TensorProto.FLOAT}
     producer = {t: n.name for t, n in producers(model.graph.node).items() if t in float_types}
-    sess = session(with_outputs(model, producer))
+    sess = session(with_outputs(model, producer), weights_dir=ctx.weights_dir)
     outputs = [o.name for o in sess.get_outputs()]
     peak: dict[str, float] = {}
     for feeds in ctx.calibration():
@@ -143,6 +149,27 @@ def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: floa
                 m = float(finite.max()) if finite.size else 0.0
                 peak[name] = max(peak.get(name, 0.0), m)
     return sorted({producer[t] for t, m in peak.items() if m >= threshold})
+
+
+def _convert_external_weights(model: onnx.ModelProto, weights_dir: Path, params: Fp16Params) -> int:
+    """Give the weights the converter marked FP16 in a light model their FP16 bytes, held in the proto.
+
+    The converter changes the type of a weight left in its external-data file but cannot reach its bytes, which
+    are still FP32 there: they are read, converted as the converter converts (clamped to `min_positive_val` and
+    `max_finite_val`) and stored inline, one tensor at a time (half the size of what they were)."""
+    count = 0
+    for t in model.graph.initializer:
+        if t.data_type != TensorProto.FLOAT16 or t.data_location != TensorProto.EXTERNAL:
+            continue
+        fp32 = external_bytes(t, weights_dir).view(np.float32)
+        with warnings.catch_warnings():  # (one per clamped weight, as in the converter)
+            warnings.simplefilter("ignore")
+            half = float16.convert_np_to_float16(fp32, params.min_positive_val, params.max_finite_val)
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+        t.raw_data = half.astype(np.float16).tobytes()
+        count += 1
+    return count
 
 
 def _remove_noop_casts(model: onnx.ModelProto) -> set[str]:

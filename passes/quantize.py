@@ -160,6 +160,12 @@ class Quantize(Pass):
     def needs_calibration_for(self, params: QuantizeParams) -> bool:
         return params.mode == "static" or (params.mode == "weight_only" and params.method == "gptq")
 
+    def large_model_problem(self, params: QuantizeParams) -> str | None:
+        if params.mode == "weight_only" and params.method == "gptq":
+            return ("quantize method 'gptq' runs ONNX Runtime's GPTQ, which holds the model in memory; use method "
+                    "'rtn' or 'hqq' on a model this large")
+        return None  # ORT's quantizers run on the light model (passes.ort_light)
+
     def apply(self, model: onnx.ModelProto, params: QuantizeParams, ctx: PassContext) -> PassResult:
         nodes = sorted(ctx.selected) if ctx.selected is not None else None
         if nodes is not None and not nodes:
@@ -178,24 +184,25 @@ class Quantize(Pass):
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)
-        # ORT's quantizers may re-save the proto they are given with external data, in place, leaving it
-        # pointing at a deleted temp file: they get a copy, and `model` stays usable.
-        source = copy_model(model)
+        large = ctx.weights_dir is not None  # a light model: ORT reads its weights from their files (ort_light)
         try:
-            if params.mode == "weight_only":
-                _weight_only(source, out_path, params, nodes, ctx)
-            elif params.mode == "dynamic":
-                quantize_dynamic(source, out_path, extra_options=extra, **common)
-            else:
-                if ctx.calibration is None:
-                    raise PipelineError("quantize mode 'static' needs calibration data (recipe 'calibration')")
-                extra.setdefault("ActivationSymmetric", params.symmetric_activations)
-                quantize_static(source, out_path, _Reader(ctx.calibration()),
-                                quant_format=QuantFormat.QDQ if params.format == "qdq" else QuantFormat.QOperator,
-                                activation_type=_TYPES[params.activation_type],
-                                calibrate_method=_CALIBRATION[params.calibration_method],
-                                extra_options=extra, **common)
-            quantized = onnx.load(str(out_path))
+            with _source(model, ctx) as source:
+                if params.mode == "weight_only":
+                    _weight_only(onnx.load(source, load_external_data=False) if large else source, out_path,
+                                 params, nodes, ctx)
+                elif params.mode == "dynamic":
+                    quantize_dynamic(source, out_path, extra_options=extra, **common)
+                else:
+                    if ctx.calibration is None:
+                        raise PipelineError("quantize mode 'static' needs calibration data (recipe 'calibration')")
+                    extra.setdefault("ActivationSymmetric", params.symmetric_activations)
+                    quantize_static(source, out_path, _Reader(ctx.calibration()),
+                                    quant_format=QuantFormat.QDQ if params.format == "qdq" else QuantFormat.QOperator,
+                                    activation_type=_TYPES[params.activation_type],
+                                    calibrate_method=_CALIBRATION[params.calibration_method],
+                                    extra_options=extra, **common)
+            # A large result keeps pointing at the weights it did not change, in their files (ctx.weights_dir).
+            quantized = onnx.load(str(out_path), load_external_data=not large)
         except PipelineError:
             raise
         except Exception as e:
@@ -225,6 +232,22 @@ class Quantize(Pass):
             stats.update(method=params.method, bits=params.bits, block_size=params.block_size,
                          accuracy_level=params.accuracy_level)
         return PassResult(quantized, changed=count > 0, stats=stats)
+
+
+@contextlib.contextmanager
+def _source(model: onnx.ModelProto, ctx: PassContext):
+    """What ORT's quantizer is given: a copy of the model (ORT may re-save the proto it gets with external data, in
+    place, leaving it pointing at a deleted temp file), or for a light model, the light proto's file in the scratch
+    folder, with ORT patched to read the weights from their files in ctx.weights_dir (`passes.ort_light`)."""
+    if ctx.weights_dir is None:
+        yield copy_model(model)
+        return
+    from .ort_light import light_quantizers
+
+    path = ctx.workdir / f"{ctx.graph_name}.input.onnx"
+    onnx.save(model, str(path))  # the proto alone (megabytes): its external tensors hold no bytes to move
+    with light_quantizers(ctx.weights_dir):
+        yield str(path)
 
 
 def _check_weight_only(model: onnx.ModelProto, params: QuantizeParams, ctx: PassContext) -> None:

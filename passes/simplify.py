@@ -33,15 +33,30 @@ class Simplify(Pass):
     Params = SimplifyParams
     scoped = False
 
+    def large_model_problem(self, params: SimplifyParams) -> str | None:
+        if params.check_n:
+            return ("simplify's check_n runs onnxsim's check on the whole model in memory; set check_n: 0 (the "
+                    "step's result is still loaded in ONNX Runtime, and the check compares it)")
+        return None  # onnxsim simplifies it file to file, weights in external data
+
     def apply(self, model: onnx.ModelProto, params: SimplifyParams, ctx: PassContext) -> PassResult:
         # Imported here: onnxsim pulls in torch when it is installed, seconds a cached run need not pay.
         from onnxsim import simplify as onnxsim_simplify
 
         before = len(model.graph.node)
+        source, out, extra = model, None, {}
+        if ctx.weights_dir is not None:
+            # A light model (over 2 GB with its weights) cannot cross into onnxsim as one proto: onnxsim reads
+            # it from a file and writes its result to one, weights in external data (its C++ path route).
+            from pipeline.onnx_io import stage_model
+
+            source = str(stage_model(model, ctx.weights_dir, ctx.workdir, f"{ctx.graph_name}.input.onnx"))
+            out = ctx.workdir / f"{ctx.graph_name}.simplified.onnx"
+            extra = {"output_path": str(out)}
         try:
             simplified, ok = onnxsim_simplify(
-                model, check_n=params.check_n, skip_fuse_bn=params.skip_fuse_bn,
-                skip_constant_folding=params.skip_constant_folding)
+                source, check_n=params.check_n, skip_fuse_bn=params.skip_fuse_bn,
+                skip_constant_folding=params.skip_constant_folding, **extra)
             if not ok:
                 raise RuntimeError("onnxsim's output check found a mismatch")
         except Exception as e:  # onnxsim raises plain RuntimeErrors from C++
@@ -51,5 +66,6 @@ class Simplify(Pass):
             raise PipelineError(f"simplify failed on graph {ctx.graph_name!r}: {' '.join(str(e).split())[:400]} "
                                 f"(set on_error: skip to go on without it)") from None
         after = len(simplified.graph.node)
-        return PassResult(simplified, changed=after != before,
-                          stats={"nodes_before": before, "nodes_after": after})
+        stats = {"nodes_before": before, "nodes_after": after, **({"via": "files (model over 2 GB)"} if out else {})}
+        # A large result is light: its weights lie in onnxsim's external-data file, in the scratch folder.
+        return PassResult(simplified, changed=after != before, stats=stats, weights_dir=out.parent if out else None)

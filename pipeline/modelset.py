@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from .errors import PipelineError
-from .onnx_io import external_files, load_onnx, save_onnx, save_sharing_weights
+from .onnx_io import external_files, is_large, load_onnx, save_onnx, save_sharing_weights
 
 MANIFEST = "modelset.json"
 
@@ -149,9 +149,10 @@ class ModelSet:
         return ModelSet(root, [GraphFile(g.name, g.file) for g in self.graphs], dict(self.sidecars), list(self.chain),
                         dict(self.meta))
 
-    def save_graph(self, name: str, model: onnx.ModelProto) -> None:
+    def save_graph(self, name: str, model: onnx.ModelProto, weights_dir: Path | None = None) -> None:
+        """Write a graph; a light proto's weights are read from its external-data files in `weights_dir`."""
         g = self.graph(name)
-        save_onnx(model, self.root / g.file)
+        save_onnx(model, self.root / g.file, weights_dir)
         g.sha256 = graph_sha256(self.root / g.file)
 
     def share_weights(self, data_file: str = "weights.bin", min_bytes: int = 1 << 20) -> list[str]:
@@ -163,6 +164,8 @@ class ModelSet:
         reads_data: set[str] = set()  # graphs already reading `data_file`
         for g in self.graphs:
             path = self.root / g.file
+            if is_large(path):  # its weights would not fit a proto: left out of sharing
+                continue
             model = onnx.load(str(path), load_external_data=False)
             inline |= _digests(model, min_bytes)
             external = external_files(path, model)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -12,10 +14,21 @@ from onnx import numpy_helper
 from .errors import PipelineError
 
 MAX_PROTO_BYTES = 2 * 1024**3
+# Protobuf cannot serialize or parse a message of 2 GiB or more. A model whose weights (graph file plus its
+# external-data files) reach LARGE_BYTES is therefore handled "light": its proto is loaded without the weights,
+# which stay in their files; passes read the tensors they need from there, sessions map the files, and every
+# save writes the weights to an external-data file. The margin below 2 GiB leaves room for the graph itself and
+# for what a pass adds inline. (Tests lower it to run the light path on small models.)
+LARGE_BYTES = int(1.8 * 1024**3)
+EXTERNAL_MIN_BYTES = 1024  # a large model's tensors of at least this size go to its external-data file
+_ALIGN = 4096  # external tensors start on a page: ONNX Runtime maps them instead of copying
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load and sanity-check an ONNX file; every failure is one clear PipelineError."""
+    """Load and sanity-check an ONNX file; every failure is one clear PipelineError.
+
+    A large model (`LARGE_BYTES` of weights or more, with external data) comes back light: its weights stay in
+    their files next to it (`is_light`), which is what a session or a pass then reads."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"model file not found: {path}")
@@ -25,18 +38,40 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if size == 0:
         raise PipelineError(f"model file is empty: {path}")
     if size >= MAX_PROTO_BYTES:
-        raise PipelineError(f"{path}: model is over 2 GB; models with external data are not supported yet")
+        raise PipelineError(f"{path}: a single ONNX file of 2 GB or more cannot be parsed (protobuf's limit); save "
+                            f"the model with its weights as external data (onnx.save_model(model, path, "
+                            f"save_as_external_data=True)) and give that")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, or others on garbage
         raise PipelineError(f"{path}: not a valid ONNX model (truncated or corrupt?): {_one_line(e)}") from None
-    _load_external_data(model, path)
     if model.ir_version == 0 or len(model.graph.node) == 0:
         raise PipelineError(f"{path}: not a valid ONNX model (no IR version or no nodes)")
-    problem = _checker_problem(model)
+    _require_external_files(model, path)
+    # Checked from the file, before any external weights come in: checking a proto would serialize it (another
+    # copy of every weight, and impossible over 2 GB).
+    problem = _checker_problem(path)
     if problem:
         raise PipelineError(f"{path}: ONNX checker rejects the model: {problem}")
+    if not (_external(model) and model_size(path, model) >= LARGE_BYTES):  # a large model stays light
+        _load_external_data(model, path)
     return model
+
+
+def model_size(path: Path, model: onnx.ModelProto | None = None) -> int:
+    """Bytes of a model file plus its external-data files."""
+    return path.stat().st_size + sum(f.stat().st_size for f in external_files(path, model) if f.is_file())
+
+
+def is_light(model: onnx.ModelProto) -> bool:
+    """True when some of the model's weights were left in external-data files (a large model's proto)."""
+    return bool(_external(model))
+
+
+def is_large(path: Path) -> bool:
+    """True when `load_onnx` hands this file's model over light."""
+    model = onnx.load(str(path), load_external_data=False)
+    return bool(_external(model)) and model_size(path, model) >= LARGE_BYTES
 
 
 def stored_bytes(t: onnx.TensorProto) -> int:
@@ -72,19 +107,18 @@ def external_files(path: Path, model: onnx.ModelProto | None = None) -> list[Pat
     return [path.parent / n for n in names]
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Bring external weights into the proto, which then stays under protobuf's 2 GB like any other."""
-    tensors = _external(model)
-    if not tensors:
-        return
+def _require_external_files(model: onnx.ModelProto, path: Path) -> None:
     for f in external_files(path, model):
         if f.parent.resolve() != path.parent.resolve():
             raise PipelineError(f"{path}: external data must lie next to the model, not at {f}")
         if not f.is_file():
             raise PipelineError(f"{path}: its weights file {f.name} is missing")
-    total = sum(int(next((e.value for e in t.external_data if e.key == "length"), 0)) for t in tensors)
-    if total + path.stat().st_size >= MAX_PROTO_BYTES:
-        raise PipelineError(f"{path}: model with its external data is over 2 GB; not supported yet")
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Bring a small model's external weights into the proto, which then stays under protobuf's 2 GB."""
+    if not _external(model):
+        return
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as e:
@@ -127,14 +161,15 @@ def save_sharing_weights(models: dict[Path, onnx.ModelProto], data_file: Path, m
         save_onnx(model, path)
 
 
-def _checker_problem(model: onnx.ModelProto) -> str | None:
+def _checker_problem(model: onnx.ModelProto | Path) -> str | None:
     """The checker's complaint, if any, ignoring ops only ONNX Runtime registers.
 
     Fusions emit ORT ops such as SimplifiedLayerNormalization in the default domain;
     the checker does not know them, ORT runs them (check_loads proves it after each step).
+    A file is checked from disk (any size, its external data found next to it).
     """
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
     except onnx.checker.ValidationError as e:
         text = _one_line(e)
         if text.startswith("No Op registered for"):
@@ -165,7 +200,8 @@ def share_one_thread_pool(threads: int) -> None:
 
 def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            arena: bool = True, spinning: bool = True, weights_dir: Path | None = None) -> ort.InferenceSession:
+            arena: bool = True, spinning: bool = True, weights_dir: Path | None = None,
+            inline_limit: int | None = None) -> ort.InferenceSession:
     """A CPU session with a fixed thread count, so timings compare.
 
     `arena=False` returns freed activation memory to the system instead of keeping
@@ -177,6 +213,8 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
     `weights_dir`: a proto whose weights stay in external-data files reads them from there; ONNX Runtime
     maps them, and keeps them in the file's layout (no repacked copy): a session over a 1.6 GB graph then
     costs megabytes until it runs, and the check's three sessions share the pages.
+    A proto of any size works: one holding `inline_limit` bytes of weights or more (default `LARGE_BYTES`),
+    which protobuf could not serialize, goes through a temporary file with external data (`_file_session`).
     """
     opts = ort.SessionOptions()
     opts.enable_cpu_mem_arena = arena
@@ -188,23 +226,79 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = optimization
+    opts.log_severity_level = 3
+    limit = LARGE_BYTES if inline_limit is None else inline_limit
+    if isinstance(model, onnx.ModelProto) and inline_bytes(model) >= limit:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        return _file_session(model, opts, weights_dir)
+    shared: dict[str, ort.OrtValue] = {}
     if weights_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    opts.graph_optimization_level = optimization
-    opts.log_severity_level = 3
+        if isinstance(model, onnx.ModelProto):
+            shared = _mapped_initializers(model, weights_dir)
+            for name, value in shared.items():
+                opts.add_initializer(name, value)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else \
         model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    sess._pipeline_weights = shared  # ORT reads them in place: they live as long as the session
+    return sess
 
 
-def check_loads(model: onnx.ModelProto, what: str) -> None:
-    """onnx.checker, then an ORT CPU session: a step whose result cannot load fails here."""
-    problem = _checker_problem(model)
+# One read-only map per weights file for the whole process (dropped with the last session that reads it). Every
+# session that maps a file itself adds it to the process's RSS once more, though the pages are shared: the
+# check's candidate and isolated-candidate sessions would count a 2 GB model twice.
+_maps: weakref.WeakValueDictionary[str, np.memmap] = weakref.WeakValueDictionary()
+_MAPPABLE = {np.dtype(t) for t in (np.float32, np.float16, np.float64, np.int8, np.uint8, np.int16, np.uint16,
+                                   np.int32, np.uint32, np.int64, np.uint64, np.bool_)}
+
+
+def _mapped_initializers(model: onnx.ModelProto, weights_dir: Path) -> dict[str, ort.OrtValue]:
+    """The model's external weights as OrtValues over the process's shared maps of their files (a session given
+    them reads them in place), for the plain numeric types; others ONNX Runtime reads from the files itself."""
+    values = {}
+    for t in _external(model):
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+        file, offset, length = _external_info(t, weights_dir)
+        if dtype not in _MAPPABLE or offset % dtype.itemsize or length != _nbytes(t) or length == 0:
+            continue
+        key = str(file.resolve())
+        mapped = _maps.get(key)
+        if mapped is None:
+            mapped = np.memmap(file, dtype=np.uint8, mode="r")
+            _maps[key] = mapped
+        array = mapped[offset:offset + length].view(dtype).reshape(tuple(t.dims))
+        values[t.name] = ort.OrtValue.ortvalue_from_numpy(array)
+    return values
+
+
+def _file_session(model: onnx.ModelProto, opts: ort.SessionOptions, weights_dir: Path | None) -> ort.InferenceSession:
+    """A session over a proto too large to serialize: written into a scratch folder, its weights as external data
+    (beside the weights files it already reads, linked in), and loaded from there. The folder lives as long as
+    the session (ONNX Runtime maps the weights)."""
+    import tempfile
+
+    folder = tempfile.TemporaryDirectory(prefix="pipeline-session-")
+    path = stage_model(model, weights_dir, Path(folder.name), "model.onnx")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess._pipeline_scratch = folder  # removed when the session is
+    return sess
+
+
+def check_loads(model: onnx.ModelProto | Path, what: str, weights_dir: Path | None = None) -> None:
+    """onnx.checker, then an ORT CPU session: a step whose result cannot load fails here.
+
+    Give a saved file for a model of any size: both read it from disk, with its external data. A light proto
+    (weights left in files) is only loaded in ONNX Runtime, from `weights_dir` (the checker wants a file)."""
+    problem = None if isinstance(model, onnx.ModelProto) and is_light(model) else _checker_problem(model)
     if problem:
         raise PipelineError(f"{what}: result fails the ONNX checker: {problem}")
+    if isinstance(model, Path):  # weights mapped from the file, not repacked (12 s and 2.5 GB on a 2.4 GB model)
+        weights_dir = model.parent
     try:
-        session(model, threads=1, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        session(model, threads=1, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, weights_dir=weights_dir)
     except Exception as e:
         raise PipelineError(f"{what}: ONNX Runtime cannot load the result: {_one_line(e)}") from None
 
@@ -228,13 +322,25 @@ def tensor_types(model: onnx.ModelProto, infer: bool = True) -> dict[str, int]:
     graph = model.graph
     if infer:
         try:
-            graph = onnx.shape_inference.infer_shapes(model).graph
+            graph = onnx.shape_inference.infer_shapes(_shape_view(model)).graph
         except Exception:  # inference is a help here; ORT checks the types anyway
             graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type
              for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
     types.update({t.name: t.data_type for t in graph.initializer})
     return types
+
+
+def _shape_view(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model itself, or for one holding too many weights to serialize, a copy with their bytes left out
+    (names, types and shapes kept): all that shape inference reads of a weight."""
+    if inline_bytes(model, EXTERNAL_MIN_BYTES) < LARGE_BYTES:
+        return model
+    view = _without_initializers(model)
+    for t in model.graph.initializer:
+        big = t.data_location != onnx.TensorProto.EXTERNAL and _nbytes(t) >= EXTERNAL_MIN_BYTES
+        view.graph.initializer.append(_external_ref(t, "left-out", 0, 0) if big else t)
+    return view
 
 
 # ORT's input type strings -> numpy dtypes, for feeding a value to a session that declares another float width.
@@ -254,8 +360,17 @@ def _one_line(e: BaseException) -> str:
     return text[:600] + ("..." if len(text) > 600 else "")
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> None:
-    """Write via a temporary name in the same folder, then rename: never half a file."""
+def save_onnx(model: onnx.ModelProto, path: Path, weights_dir: Path | None = None) -> None:
+    """Write via a temporary name in the same folder, then rename: never half a file.
+
+    A light model (weights left in external-data files in `weights_dir`), one holding `LARGE_BYTES` of weights or
+    more, or any model given a `weights_dir` (what a step made of a light one, which may now hold its weights
+    itself) is written with its weights in an external-data file beside it (`_save_external`): what came from a
+    large model stays cheap to open, whatever a step left of it. A light model given no `weights_dir` points at
+    files beside `path` already (`save_sharing_weights`)."""
+    if weights_dir is not None or is_light(model) or inline_bytes(model, EXTERNAL_MIN_BYTES) >= LARGE_BYTES:
+        _save_external(model, path, weights_dir or path.parent)
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         onnx.save(model, str(tmp))
@@ -263,3 +378,154 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def inline_bytes(model: onnx.ModelProto, min_bytes: int = 0) -> int:
+    """Bytes of the weights a proto holds itself (initializers of at least `min_bytes`), from their shapes."""
+    return sum(n for t in model.graph.initializer
+               if t.data_location != onnx.TensorProto.EXTERNAL and (n := _nbytes(t)) >= min_bytes)
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):  # strings and odd types: never large, never raw bytes here
+        return 0
+    return itemsize * int(np.prod(t.dims, dtype=np.int64))
+
+
+def _save_external(model: onnx.ModelProto, path: Path, weights_dir: Path) -> None:
+    """Write `model` with every weight of EXTERNAL_MIN_BYTES or more in `<file>.data`, page-aligned, one tensor
+    at a time: those the proto holds from it, light ones copied from their files in `weights_dir`. Files already
+    beside `path` are pointed at, not copied, and the weights the proto holds then stay in it unless they are too
+    many (a model whose weights lie in a shared file keeps its small ones, as it always did). The proto given is
+    not changed (a new one points at the data); the data file is renamed into place first, then the graph."""
+    keep = weights_dir.resolve() == path.parent.resolve()
+    move_inline = not keep or inline_bytes(model, EXTERNAL_MIN_BYTES) >= LARGE_BYTES
+    kept = {e.value for t in _external(model) for e in t.external_data if e.key == "location"} if keep else set()
+    data = path.with_name(f"{path.name}.data")
+    while data.name in kept:  # never write over a file the model still reads
+        data = data.with_name(f"_{data.name}")
+    tmp_data = data.with_name(f".{data.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    out = _without_initializers(model)
+    sources: dict[str, Any] = {}
+    try:
+        with open(tmp_data, "wb") as f:
+            for t in model.graph.initializer:
+                external = t.data_location == onnx.TensorProto.EXTERNAL
+                inline_stays = not (move_inline and t.HasField("raw_data") and _nbytes(t) >= EXTERNAL_MIN_BYTES)
+                if (external and keep) or (not external and inline_stays):
+                    out.graph.initializer.append(t)  # kept refs, and small or typed-field tensors, stay as they are
+                    continue
+                f.seek(-f.tell() % _ALIGN, os.SEEK_CUR)
+                offset = f.tell()
+                if external:
+                    _copy_external(t, weights_dir, f, sources)
+                else:
+                    f.write(t.raw_data)
+                out.graph.initializer.append(_external_ref(t, data.name, offset, f.tell() - offset))
+            wrote = f.tell() > 0
+        onnx.save(out, str(tmp))
+        if wrote:
+            os.replace(tmp_data, data)
+        os.replace(tmp, path)
+    finally:
+        for handle in sources.values():
+            handle.close()
+        for leftover in (tmp_data, tmp):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model but for its main graph's initializers, made without copying their bytes."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip="graph")
+    _copy_fields(model.graph, out.graph, skip="initializer")
+    return out
+
+
+def _copy_fields(src, dst, skip: str) -> None:
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(dst, field.name).extend(value)
+        elif field.message_type:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+def _external_ref(t: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    ref = onnx.TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, doc_string=t.doc_string,
+                           data_location=onnx.TensorProto.EXTERNAL)
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        ref.external_data.add(key=k, value=v)
+    return ref
+
+
+def _external_info(t: onnx.TensorProto, weights_dir: Path | None) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor; its location must be a plain name inside `weights_dir`."""
+    info = {e.key: e.value for e in t.external_data}
+    location = info.get("location", "")
+    if weights_dir is None or not location or Path(location).is_absolute() or ".." in Path(location).parts:
+        raise PipelineError(f"tensor {t.name!r}: its external data {location!r} cannot be read"
+                            + ("" if weights_dir else " (no folder given for the model's weights)"))
+    file = weights_dir / location
+    length = int(info["length"]) if "length" in info else file.stat().st_size - int(info.get("offset", 0))
+    return file, int(info.get("offset", 0)), length
+
+
+def _copy_external(t: onnx.TensorProto, weights_dir: Path, out, sources: dict[str, Any]) -> None:
+    """Copy an external tensor's bytes into the open file `out`, in chunks (never the whole tensor in memory)."""
+    file, offset, length = _external_info(t, weights_dir)
+    if str(file) not in sources:
+        sources[str(file)] = open(file, "rb")
+    src = sources[str(file)]
+    src.seek(offset)
+    while length > 0:
+        chunk = src.read(min(length, 1 << 26))
+        if not chunk:
+            raise PipelineError(f"tensor {t.name!r}: its external data file {file.name} is truncated")
+        out.write(chunk)
+        length -= len(chunk)
+
+
+def external_bytes(t: onnx.TensorProto, weights_dir: Path | None) -> np.ndarray:
+    """An external tensor's stored bytes (uint8), read from its file without touching the proto."""
+    file, offset, length = _external_info(t, weights_dir)
+    data = np.fromfile(file, dtype=np.uint8, count=length, offset=offset)
+    if data.size != length:
+        raise PipelineError(f"tensor {t.name!r}: its external data file {file.name} is truncated")
+    return data
+
+
+def tensor_array(t: onnx.TensorProto, weights_dir: Path | None = None) -> np.ndarray:
+    """A tensor's value, read from its external-data file in `weights_dir` when the proto left it there."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        _external_info(t, weights_dir)  # one clear error for a location that cannot be read
+        return numpy_helper.to_array(t, base_dir=str(weights_dir))  # (onnx reads it without changing `t`)
+    return numpy_helper.to_array(t)
+
+
+def stage_model(model: onnx.ModelProto, weights_dir: Path | None, folder: Path, name: str) -> Path:
+    """Write a (light) model into `folder` for a tool that reads files (ONNX Runtime, onnxsim): the external-data
+    files it points at are hard-linked there from `weights_dir` (copied across file systems; the onnx package
+    itself refuses to read through a link), weights it holds go to a data file of its own when they are too
+    many for one proto (`save_onnx`). Returns the model's path."""
+    import shutil
+
+    for t in _external(model):
+        file, _, _ = _external_info(t, weights_dir)
+        target = folder / file.relative_to(weights_dir)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, target)
+            except OSError:
+                shutil.copyfile(file, target)
+    path = folder / name
+    save_onnx(model, path, weights_dir=folder)
+    return path

@@ -9,8 +9,8 @@ import onnx
 
 from .blocks import adopt_new_nodes
 from .errors import PipelineError
-from .modelset import GraphFile, ModelSet, file_sha256
-from .onnx_io import load_onnx
+from .modelset import GraphFile, ModelSet, graph_sha256
+from .onnx_io import external_files, is_light, load_onnx
 from .recipe import ModelSource, Recipe
 
 def package_file(package: str, file: str) -> Path:
@@ -55,11 +55,12 @@ def materialize_base(model_path: Path, dest: Path, family) -> ModelSet:
     model = load_onnx(model_path)  # every bad-model error surfaces here, before any work
     dest.mkdir(parents=True, exist_ok=True)
     ms = ModelSet(dest, [GraphFile("model", model_path.name)])
-    if name_all_nodes(model):
-        ms.save_graph("model", model)
+    if name_all_nodes(model):  # (a large model's weights are copied from the user's files, only read)
+        ms.save_graph("model", model, weights_dir=model_path.parent if is_light(model) else None)
     else:
-        shutil.copyfile(model_path, dest / model_path.name)
-        ms.graphs[0].sha256 = file_sha256(dest / model_path.name)
+        for f in [model_path, *external_files(model_path)]:  # its external-data files too
+            shutil.copyfile(f, dest / f.name)
+        ms.graphs[0].sha256 = graph_sha256(dest / model_path.name)
     ms.meta["family"] = family.name
     for sidecar in family.sidecars(model_path):
         shutil.copyfile(sidecar, dest / sidecar.name)
