@@ -10,6 +10,7 @@ family adds (`Family.metrics`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
     from .families import AudioOutput, Family
     from .modelset import ModelSet
-    from .results import CheckReport
+    from .results import AudioExample, CheckReport
 
 
 class Metric:
@@ -77,7 +78,11 @@ class OutputSQNR(Metric):
 
 
 class AudioMetric(Metric):
-    """Log-mel distance, MCD and length change at the family's sample rate and mel front end."""
+    """Log-mel distance, MCD and length change at the family's sample rate and mel front end.
+
+    It also keeps every (reference, candidate) waveform pair, float32, so that the report can let a person
+    hear the worst and a typical sample (`examples`): evaluation sets are a handful of sentences of a few
+    seconds (8 x 3 s at 22 kHz: 4 MB), and which samples to keep is known only at the end."""
 
     key = "audio"
     needs = "an audio output"
@@ -87,9 +92,13 @@ class AudioMetric(Metric):
     def __init__(self, audio: AudioOutput):
         self.spec = audio
         self.comparisons: list[Any] = []
+        self.waveforms: list[tuple[np.ndarray, np.ndarray]] = []
 
     def update(self, reference, candidate):
-        self.comparisons.append(compare_audio(reference, candidate, mel=self.spec.mel))
+        ref = np.asarray(reference, dtype=np.float32).reshape(-1)
+        cand = np.asarray(candidate, dtype=np.float32).reshape(-1)
+        self.comparisons.append(compare_audio(ref, cand, mel=self.spec.mel))
+        self.waveforms.append((ref, cand))
 
     def to_json(self):
         c = self.comparisons
@@ -101,7 +110,24 @@ class AudioMetric(Metric):
             "samples_with_length_change": int(sum(x.length_diff != 0 for x in c)),
             "sample_rate": self.spec.sample_rate,
             "note": "log-mel over the common length where lengths differ",
+            "per_sample": [{"log_mel": x.log_mel_distance, "mcd_db": x.mcd_db, "length_change": x.length_diff,
+                            "divergence_s": x.divergence_s} for x in c],
         }
+
+    def examples(self, output: str) -> list[tuple[AudioExample, np.ndarray, np.ndarray]]:
+        """(example, reference waveform, candidate waveform) of the samples to listen to (`choose_examples`)."""
+        from .results import AudioExample
+
+        rate = self.spec.sample_rate
+        found = []
+        for i, why in choose_examples([x.log_mel_distance for x in self.comparisons]):
+            x, (ref, cand) = self.comparisons[i], self.waveforms[i]
+            found.append((AudioExample(
+                output=output, sample=i, why=why, log_mel=x.log_mel_distance, length_change=x.length_diff,
+                divergence_s=x.divergence_s, reference_s=ref.size / rate, candidate_s=cand.size / rate,
+                front_end=dataclasses.asdict(self.spec.mel), reference_wav=f"sample{i}-reference.wav",
+                candidate_wav=f"sample{i}-candidate.wav", spectrogram=f"sample{i}-spectrogram.png"), ref, cand))
+        return found
 
     def failures(self, report, limits):
         limit = limits.get("max_log_mel")
@@ -131,6 +157,18 @@ class TokenMetric(Metric):
 
 
 BUILT_IN: tuple[type[Metric], ...] = (BlockSQNR, OutputSQNR, AudioMetric, TokenMetric)
+
+
+def choose_examples(log_mels: list[float]) -> list[tuple[int, str]]:
+    """(sample index, why) of the samples worth hearing: the worst by log-mel distance, and the median one
+    (the lower median, so it differs from the worst whenever there are two samples or more)."""
+    if not log_mels:
+        return []
+    order = sorted(range(len(log_mels)), key=lambda i: (log_mels[i], i))
+    chosen = [(order[-1], "worst")]
+    if len(order) >= 2:
+        chosen.append((order[(len(order) - 1) // 2], "typical"))
+    return chosen
 
 
 def metrics_for(family: Family, ms: ModelSet | None) -> list[Metric]:
@@ -184,6 +222,7 @@ class HeadMetrics:
 
     def __init__(self) -> None:
         self.agree: list[bool] = []
+        self.agree_by_step: dict[int, list[float]] = {}
         self.kl_by_step: dict[int, list[float]] = {}
         self.divergence: list[int | None] = []
 
@@ -192,8 +231,12 @@ class HeadMetrics:
         if ref_logits.ndim == 3:
             ref_logits, cand_logits = ref_logits.transpose(0, 2, 1), cand_logits.transpose(0, 2, 1)
         lr, lc = log_softmax(ref_logits), log_softmax(cand_logits)
-        self.agree += (lr.argmax(-1) == lc.argmax(-1)).ravel().tolist()
+        agree = lr.argmax(-1) == lc.argmax(-1)
+        self.agree += agree.ravel().tolist()
         kl = (np.exp(lr) * (lr - lc)).sum(-1)
+        # Per step, codebooks averaged: where along a continuation the candidate starts to disagree.
+        for step, value in enumerate(agree.reshape(len(agree), -1).mean(-1) if len(agree) else []):
+            self.agree_by_step.setdefault(step, []).append(float(value))
         for step, value in enumerate(kl.reshape(len(kl), -1).mean(-1) if len(kl) else []):
             self.kl_by_step.setdefault(step, []).append(float(value))
 
@@ -208,6 +251,8 @@ class HeadMetrics:
             "teacher_forced_kl_mean": float(np.mean(kls)) if kls else None,
             "teacher_forced_kl_max": float(np.max(kls)) if kls else None,
             "teacher_forced_kl_per_step": [float(np.mean(self.kl_by_step[k])) for k in sorted(self.kl_by_step)],
+            "teacher_forced_top1_per_step": [float(np.mean(self.agree_by_step[k]))
+                                             for k in sorted(self.agree_by_step)],
             "first_divergence_steps": self.divergence,
             "prompts_diverged": len(diverged),
             "first_divergence_min": min(diverged) if diverged else None,

@@ -9,15 +9,23 @@ JSON has no inf or nan, so there they are "inf"/"-inf" and null.
 
 A family adds its own per-output metrics under their key in an output entry
 (`OutputResult.extra(key)`), and token metrics under `tokens`.
+
+An audio output's metrics keep every sample's numbers (`AudioSummary.per_sample`),
+and the report names two samples to listen to (`audio_examples`: the worst by
+log-mel, and the median one). Their waveforms are held in memory by the report
+that the check returns (`waveform(name)`) until `report.write_reports` writes
+them as WAV files into `<stem>-audio/` beside report.json; a report read back
+from JSON has the names only, and the files stay where they were written.
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
+import numpy as np
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PrivateAttr, ValidationError
 
 from .errors import PipelineError
 
@@ -68,6 +76,16 @@ class ErrorStats(_Strict):
     shape_mismatches: int = Field(description="samples whose shapes differ (not compared): a changed length")
 
 
+class AudioSample(_Strict):
+    """One evaluation sample's audio metrics."""
+
+    log_mel: float = Field(description="mean |log mel x - log mel y| over the common frames")
+    mcd_db: float | None = None
+    length_change: float = Field(description="(candidate - reference) / reference, in samples")
+    divergence_s: float | None = Field(None, description="lengths differ: where the candidate stops matching the "
+                                                         "reference (first run of mismatched frames), seconds")
+
+
 class AudioSummary(_Strict):
     """Audio metrics over the samples, at the family's sample rate and mel front end."""
 
@@ -78,6 +96,35 @@ class AudioSummary(_Strict):
     samples_with_length_change: int
     sample_rate: int | None = Field(None, description="Hz the metrics ran at (reports before families: 22050)")
     note: str | None = None
+    per_sample: list[AudioSample] | None = Field(None, description="each sample's numbers, in sample order")
+
+
+class MelFrontEnd(_Strict):
+    """The mel front end the audio metrics ran with (`pipeline.audio.MelSettings`)."""
+
+    sample_rate: int
+    n_fft: int
+    hop: int
+    n_mels: int
+    fmin: float
+    fmax: float
+
+
+class AudioExample(_Strict):
+    """A sample to listen to: its reference and candidate audio as WAV files in `<report stem>-audio/`."""
+
+    output: str = Field(description="the output it comes from (`chain:<graph>` in a chain: what a user hears)")
+    sample: int = Field(description="index of the evaluation sample")
+    why: Literal["worst", "typical"] = Field(description="worst: largest log-mel distance; typical: the median")
+    log_mel: float
+    length_change: float
+    divergence_s: float | None = Field(description="lengths differ: where the durations diverge, seconds")
+    reference_s: float = Field(description="the reference's duration, seconds")
+    candidate_s: float
+    front_end: MelFrontEnd = Field(description="the mel front end of the metrics, which the spectrograms use")
+    reference_wav: str = Field(description="file name of the reference's 16-bit PCM WAV")
+    candidate_wav: str
+    spectrogram: str = Field(description="file name of the PNG of both mel spectrograms and their difference")
 
 
 class BlockResult(_Strict):
@@ -175,8 +222,11 @@ class CheckReport(_Strict):
     failures: list[str] | None = Field(None, description="thresholds missed, each with its numbers")
     rounds: list[FallbackRound] | None = Field(None, description="automatic fallback rounds")
     tune: TuneSummary | None = Field(None, description="the precision search behind this model (pipeline tune)")
+    audio_examples: list[AudioExample] | None = Field(None, description="samples to listen to (audio families)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # The examples' waveforms by WAV file name, while this report is the check's own (not read back from JSON).
+    _waveforms: dict[str, np.ndarray] = PrivateAttr(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "report") -> CheckReport:
@@ -194,6 +244,16 @@ class CheckReport(_Strict):
     def to_json(self) -> dict[str, Any]:
         """The documented JSON: keys that were never given are left out, as before."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    def add_audio_example(self, example: AudioExample, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """Name a sample to listen to, with its waveforms (written when the report is)."""
+        self.audio_examples = [*(self.audio_examples or []), example]
+        self._waveforms[example.reference_wav] = reference
+        self._waveforms[example.candidate_wav] = candidate
+
+    def waveform(self, wav_name: str) -> np.ndarray | None:
+        """An example's waveform, when this report holds it (None when it was read back from JSON)."""
+        return self._waveforms.get(wav_name)
 
     def block(self, block_id: str) -> BlockResult:
         for b in self.blocks:
