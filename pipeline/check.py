@@ -30,11 +30,12 @@ from calibration import Feeds, check_feeds
 from passes.base import copy_model
 from passes.quantize import INTEGER_OPS
 
+from . import progress as progress_display
 from .audio import compare_audio
 from .blocks import BlockPartition
 from .errors import PipelineError
 from .graph import cleanup, producers, toposort, with_outputs
-from .onnx_io import as_ort_type, session, stored_bytes, tensor_types
+from .onnx_io import as_ort_type, is_light, session, stored_bytes, tensor_types
 from .procinfo import peak_rss_mb
 from .recipe import BlockSpec
 from .results import SCHEMA, json_float
@@ -273,7 +274,14 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     from .sources import name_all_nodes
 
     if sensitivity and any(weights_dirs):  # splicing mixes both models' weights into one graph
-        raise PipelineError("compare: sensitivity needs models with their weights loaded, not left external")
+        raise PipelineError("compare: sensitivity is not supported for models whose weights stay in external-data "
+                            "files (those over 2 GB): it splices both models' weights into one graph; leave "
+                            "--sensitivity / check.sensitivity off")
+    for proto, folder, label in ((reference, weights_dirs[0], reference_label),
+                                 (candidate, weights_dirs[1], candidate_label)):
+        if folder is None and is_light(proto):  # (its sessions would look for the weights in the working folder)
+            raise PipelineError(f"compare: {label} keeps its weights in external-data files, and no folder for "
+                                f"them was given")
 
     t0 = time.perf_counter()
     ref_in, ref_out = _interface(reference)
@@ -319,6 +327,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     for i, f in enumerate(feeds):
         check_feeds(f, interface, f"sample {i}")
         progress(f"sample {i + 1}")
+        # Counted where the total is known (a list of feeds), for the live display's estimate of the time left.
+        progress_display.update("per-block error: samples", i, len(feeds) if isinstance(feeds, list) else None)
         # One candidate run at a time, folded into sums and dropped: memory is the
         # reference's boundary tensors plus one candidate's, for the current sample.
         ref_vals = _run(ref_sess, f)
@@ -338,6 +348,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
             per_tensor_iso[t].update(ref_vals[t], iso_vals[t])
         del ref_vals, iso_vals, iso_feed
         n += 1
+    progress_display.finish("per-block error: samples")
     if n == 0:
         raise PipelineError("compare: the input source yields no samples")
     for r in reports:

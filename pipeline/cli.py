@@ -7,7 +7,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
@@ -29,8 +28,10 @@ class _Group(click.Group):
                 raise
             console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            console.print("interrupted; finished steps are kept, re-run to resume")
+        except KeyboardInterrupt as e:
+            from .runfolder import RunInterrupted
+
+            console.print(escape(e.hint) if isinstance(e, RunInterrupted) else "interrupted", soft_wrap=True)
             sys.exit(130)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
@@ -49,74 +50,105 @@ class _Group(click.Group):
 def main(ctx: click.Context, debug: bool) -> None:
     """Shrink text-to-speech ONNX models (FP16, INT8) from a YAML recipe, block by block.
 
-    Start with `pipeline run recipes/piper_int8.yaml`.
+    Start with `pipeline run piper_int8`; `pipeline recipes` lists the installed recipes.
     """
     ctx.obj = {"debug": debug}
 
 
+def _display(quiet: bool):
+    """Live bars on a terminal, plain lines in a log (CI, a pipe), nothing with --quiet."""
+    from .progress import Display
+
+    return Display(console, "quiet" if quiet else ("rich" if console.is_terminal else "plain"))
+
+
+quiet_option = click.option("--quiet", "-q", is_flag=True,
+                            help="Print only the result: no progress, no step log, no block table.")
+all_blocks_option = click.option("--all-blocks", is_flag=True,
+                                 help="Show every block in the terminal table (default: the worst few; "
+                                      "report.html always has all).")
+out_option = click.option("--out", "out_dir", type=click.Path(path_type=Path),
+                          help="Run folder (default: the recipe's `output`, else runs/<recipe name>).")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
-              help="Run folder (default: the recipe's `output`, else runs/<recipe name>).")
-def run(recipe: Path, out_dir: Path | None) -> None:
-    """Run RECIPE: base model, then each step; finished steps are reused on a re-run.
+@out_option
+@quiet_option
+@all_blocks_option
+def run(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: bool) -> None:
+    """Run RECIPE (a file, or the name of an installed recipe: see `pipeline recipes`): base model, then
+    each step; finished steps are reused on a re-run, and an interrupted run resumes.
 
     A recipe with a `tune:` section runs the precision search first (as `pipeline tune`)."""
+    _run_recipe(recipe, out_dir, quiet, all_blocks)
+
+
+def _run_recipe(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: bool, need_tune: bool = False) -> None:
     from .recipe import load_recipe
-    from .runner import plan_recipe
+    from .runfolder import hold
+    from .runner import Runner, plan_recipe
 
     r = load_recipe(recipe)
+    if need_tune and r.tune is None:
+        raise PipelineError(f"{recipe}: no 'tune' section (menu, target, budget); see the installed recipe piper_tune (pipeline recipes)")
     target = out_dir or Path(r.output or f"runs/{r.name}")
-    with console.status(f"checking recipe {recipe} ..."):
+    with _display(quiet) as display:
+        display.update("checking the recipe", 0, None)
         plan = plan_recipe(r)
-    _run_recipe(r, plan, target)
+        display.finish("checking the recipe")
+        with hold(target, resume_hint=_resume_hint(target), log=display.log):
+            if r.check is not None and r.check.fallback is not None:
+                from .fallback import run_with_fallback
+
+                result = run_with_fallback(r, target, log=display.log)
+            elif r.tune is not None:
+                from .tune import run_tune
+
+                result = run_tune(r, target, log=display.log)
+            else:
+                result = Runner(plan, target, log=display.log).run()
+    _print_result(result, quiet, all_blocks)
 
 
-def _run_recipe(r, plan, target: Path) -> None:
-    from .runner import Runner
+def _resume_hint(target: Path) -> str:
+    """The command line that resumes this run: the same command, with the run folder spelled out."""
+    import shlex
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        tasks: dict[str, int] = {}
+    args = sys.argv[1:]
+    if "--out" not in args:
+        args = [*args, "--out", str(target)]
+    return "pipeline " + shlex.join(args)
 
-        def on_progress(what: str, done: int, total: int) -> None:
-            if total == 0:  # a status message, not a count
-                return
-            if what not in tasks:
-                tasks[what] = progress.add_task(what, total=total)
-            progress.update(tasks[what], completed=done)
 
-        log = lambda m: progress.console.print(escape(m))  # noqa: E731
-        if r.check is not None and r.check.fallback is not None:
-            from .fallback import run_with_fallback
+def _print_result(result, quiet: bool, all_blocks: bool) -> None:
+    if not quiet:
+        _print_run_summary(result)
+    else:
+        out.print(escape(f"final model: {result.out_dir / 'final'}"))
+    if result.report is None:
+        return
+    from .report import headline, outputs_lines, terminal_table
 
-            result = run_with_fallback(r, target, log=log, progress=on_progress)
-        elif r.tune is not None:
-            from .tune import run_tune
-
-            result = run_tune(r, target, log=log, progress=on_progress)
-        else:
-            result = Runner(plan, target, log=log, progress=on_progress).run()
-    _print_run_summary(result)
-    if result.report is not None:
-        from .report import headline, outputs_lines, terminal_table
-
-        report = result.report.to_json()
-        for line in headline(report):
-            out.print(escape(line), style="bold red")
-        out.print(terminal_table(report))
-        for line in [n for n in report["notes"] if n not in headline(report)] + outputs_lines(report):
-            out.print(escape(line))
-        for failure in result.report.failures or []:
-            out.print(escape(f"check (warn): {failure}"))
-        out.print(escape(f"report: {result.out_dir / 'report.html'} (also .md, .json, .png)"))
+    report = result.report.to_json()
+    for line in headline(report):
+        out.print(escape(line), style="bold red")
+    if not quiet:
+        out.print(terminal_table(report, limit=None if all_blocks else 8))
+    notes = [] if quiet else [n for n in report["notes"] if n not in headline(report)]
+    for line in notes + outputs_lines(report):
+        out.print(escape(line))
+    for failure in result.report.failures or []:
+        out.print(escape(f"check (warn): {failure}"))
+    out.print(escape(f"report: {result.out_dir / 'report.html'} (also .md, .json, .png)"))
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path),
-              help="Run folder (default: the recipe's `output`, else runs/<recipe name>).")
-def tune(recipe: Path, out_dir: Path | None) -> None:
+@out_option
+@quiet_option
+@all_blocks_option
+def tune(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: bool) -> None:
     """Search every block's precision from RECIPE's `tune:` menu under its target.
 
     Measures each block under each menu item alone, chooses a combination with an additive model,
@@ -125,16 +157,7 @@ def tune(recipe: Path, out_dir: Path | None) -> None:
     final/ with its check report. Trials are cached: a re-run resumes. `pipeline run` on the same
     recipe does the same.
     """
-    from .recipe import load_recipe
-    from .runner import plan_recipe
-
-    r = load_recipe(recipe)
-    if r.tune is None:
-        raise PipelineError(f"{recipe}: no 'tune' section (menu, target, budget); see recipes/piper_tune.yaml")
-    target = out_dir or Path(r.output or f"runs/{r.name}")
-    with console.status(f"checking recipe {recipe} ..."):
-        plan = plan_recipe(r)
-    _run_recipe(r, plan, target)
+    _run_recipe(recipe, out_dir, quiet, all_blocks, need_tune=True)
 
 
 def _print_run_summary(result) -> None:
@@ -201,6 +224,23 @@ def families() -> None:
               style="dim")
 
 
+@main.command("recipes")
+def recipes_list() -> None:
+    """List the recipes installed with the package, with their descriptions; run one by name."""
+    from .recipe import installed_recipes, load_recipe
+
+    found = installed_recipes()
+    if not found:
+        raise PipelineError("no recipes installed with this package (reinstall it: pip install tts-onnx-pipeline)")
+    width = max(map(len, found))
+    for name, path in found.items():
+        # Loaded through the schema, not just read: a listed recipe is one that `pipeline run NAME` accepts.
+        out.print(f"[bold]{escape(name.ljust(width))}[/]  {escape(load_recipe(path).description)}", soft_wrap=True)
+    folder = next(iter(found.values())).parent
+    out.print(escape(f"in {folder}: run one by name from any folder, `pipeline run NAME` (into runs/NAME); "
+                     f"copy its file to change it"), style="dim", soft_wrap=True)
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--blocks", "pattern", help="Regex over node names; capture groups form the block id.")
@@ -241,16 +281,19 @@ def inspect(model: Path, pattern: str | None, on: str) -> None:
               "(default: node-name scopes such as /enc_p/encoder/attn_layers.3).")
 @click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,
               help="Match --blocks against node names or the `namespace` metadata.")
-@click.option("--samples", default=8, show_default=True, help="How many input samples to compare on.")
+@click.option("--samples", type=int, help="How many input samples to compare on (default: up to 8; more than the "
+              "inputs hold is an error).")
 @click.option("--npz", type=click.Path(path_type=Path), help="Folder of .npz feed dicts to use as inputs.")
 @click.option("--sensitivity", is_flag=True, help="Also measure, per block, the end-output error with only "
               "that block in candidate precision (one extra session per differing block).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--html", "html_path", type=click.Path(path_type=Path), help="Write a self-contained HTML report.")
 @click.option("--md", "md_path", type=click.Path(path_type=Path), help="Write a Markdown report (+ PNG beside it).")
-def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern: str | None, on: str, samples: int,
-            npz: Path | None, sensitivity: bool, json_path: Path | None, html_path: Path | None,
-            md_path: Path | None) -> None:
+@quiet_option
+@all_blocks_option
+def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern: str | None, on: str,
+            samples: int | None, npz: Path | None, sensitivity: bool, json_path: Path | None, html_path: Path | None,
+            md_path: Path | None, quiet: bool, all_blocks: bool) -> None:
     """Attribute CANDIDATE's error vs REFERENCE to blocks: isolated and accumulated, per block.
 
     REFERENCE and CANDIDATE are .onnx files or run folders' final/. The model's
@@ -264,7 +307,7 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
 
     from .compare import eval_feeds, family_of_file, model_file, run_compare
     from .recipe import BlockSpec, load_recipe
-    from .report import html_page, markdown, outputs_lines, plot_png, terminal_table
+    from .report import html_page, markdown, outputs_lines, plot_png, terminal_table, write_audio
 
     recipe = load_recipe(recipe_path) if recipe_path else None
     spec = recipe.blocks if recipe else None
@@ -274,23 +317,30 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
         except ValidationError as e:
             raise PipelineError(f"--blocks: {e.errors()[0]['msg']}") from None
     family = family_of_file(reference)
-    feeds, _ = eval_feeds(model_file(reference), samples, family, recipe, recipe.check if recipe else None, npz)
-    with console.status("comparing ...") as status:
+    feeds, _ = eval_feeds(model_file(reference), samples or 8, family, recipe, recipe.check if recipe else None, npz,
+                          strict=samples is not None)
+    from .progress import status
+
+    with _display(quiet):
         result = run_compare(reference, candidate, feeds, spec, family, sensitivity=sensitivity,
-                             progress=lambda m: status.update(f"comparing: {m}"))
+                             progress=status("comparing"))
     report = result.to_json()
-    out.print(terminal_table(report))
+    if not quiet:
+        out.print(terminal_table(report, limit=None if all_blocks else 8))
     for line in report["notes"] + outputs_lines(report):
         out.print(escape(line))
     out.print(f"peak RSS {report['peak_rss_mb']:.0f} MB, {report['wall_s']:.1f} s")
     if json_path:
         json_path.write_text(json.dumps(report, indent=2) + "\n")
-    if html_path:
-        html_path.write_text(html_page(report))
+    if html_path:  # the audio examples' files beside the page (it embeds them too)
+        audio_dir = html_path.with_name(f"{html_path.stem}-audio")
+        html_path.write_text(html_page(report, audio_dir=audio_dir if write_audio(result, audio_dir) else None))
     if md_path:
         png = md_path.with_suffix(".png")
         png.write_bytes(plot_png(report))
-        md_path.write_text(markdown(report, png_name=png.name))
+        audio_dir = md_path.with_name(f"{md_path.stem}-audio")
+        md_path.write_text(markdown(report, png_name=png.name,
+                                    audio_dir=audio_dir.name if write_audio(result, audio_dir) else None))
 
 
 @main.command()
@@ -303,8 +353,9 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
 @click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
 @click.option("--no-rss", is_flag=True, help="Skip the per-variant peak-RSS child processes.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+@quiet_option
 def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_file: Path | None, repeat: int,
-          threads: int, no_rss: bool, json_path: Path | None) -> None:
+          threads: int, no_rss: bool, json_path: Path | None, quiet: bool) -> None:
     """Compare CANDIDATES with REFERENCE (.onnx files or run folders' final/, one graph each).
 
     Size ratio, latency ratio (interleaved in one process), peak RSS, and
@@ -325,9 +376,11 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_f
             v.label = f"{v.label}#{i}"
     family = family_of_file(reference)
     texts, feeds = family.bench_inputs(variants[0].path, count, sentences_file)
-    with console.status("benchmarking ...") as status:
+    from .progress import status
+
+    with _display(quiet):
         result = run_bench(variants, feeds, texts, repeat=repeat, threads=threads, measure_rss=not no_rss,
-                           progress=lambda m: status.update(f"benchmarking: {m}"),
+                           progress=status("benchmarking"),
                            audio=family.audio(as_modelset(variants[0].path, family)))
     result["family"] = family.name
     out.print(results_table(result))

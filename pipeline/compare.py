@@ -89,11 +89,13 @@ def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: Bl
                 family: Family, sensitivity: bool = False,
                 progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Per-block report of two one-graph models (files or final/ folders), with the family's output metrics."""
-    from .evaluate import compare_graphs
+    from .evaluate import compare_graphs, keep_audio_examples
     from .metrics import metrics_for
 
     reference, candidate = model_file(reference), model_file(candidate)
-    report = compare_graphs(reference, candidate, feeds, blocks, metrics_for(family, as_modelset(reference, family)),
-                            sensitivity, progress)
+    metrics = metrics_for(family, as_modelset(reference, family))
+    report = compare_graphs(reference, candidate, feeds, blocks, metrics, sensitivity, progress)
     report["family"] = family.name
-    return CheckReport.from_json(report, where="compare")
+    result = CheckReport.from_json(report, where="compare")
+    keep_audio_examples(result, metrics, result.outputs[0].name)  # the worst and a typical sample, to hear
+    return result

@@ -12,6 +12,9 @@ a ModelSet takes:
 Output metrics (audio at the family's sample rate, tokens, a family's own)
 come from `metrics.metrics_for`; the thresholds are checked by the metrics
 that own them. The result is a `results.CheckReport`; its JSON is report.json.
+Where the outputs are audio, the report also carries the worst and a typical
+sample's waveforms (`CheckReport.audio_examples`), taken from the output a
+user hears: the graph's first output, or the whole chain's.
 """
 from __future__ import annotations
 
@@ -21,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from calibration import Feeds
 
+from . import progress as progress_display
 from .check import Pooled, compare_models
-from .metrics import Metric, metrics_for
+from .metrics import AudioMetric, Metric, metrics_for
 from .modelset import ModelSet
-from .onnx_io import load_onnx
+from .onnx_io import is_light, load_light, load_onnx
 from .recipe import BlockSpec
 from .results import CheckReport
 
@@ -39,35 +43,60 @@ def evaluate(reference: ModelSet, candidate: ModelSet, samples: list[Feeds], fam
 
     `fp32_twin` is the FP32 ModelSet with the candidate's graph names (what a split made of the
     reference): a chain's downstream graphs are fed from it."""
+    # The metrics of the output a user hears, which the audio examples come from: one graph's first output,
+    # or the whole chain's entry (appended last).
+    heard: list[Metric] = []
+    heard_entry = 0
     if family.autoregressive:
         report = family.check_loop(reference, candidate, samples, decode_steps, progress)
     elif candidate.names() == reference.names() and len(reference.names()) == 1:
+        heard = metrics_for(family, reference)
         report = compare_graphs(reference.path(reference.names()[0]), candidate.path(candidate.names()[0]), samples,
-                                blocks, metrics_for(family, reference), sensitivity=sensitivity, progress=progress)
+                                blocks, heard, sensitivity=sensitivity, progress=progress)
     else:
-        report = _chain(reference, fp32_twin or reference, candidate, samples, blocks, family, progress)
+        heard, heard_entry = [m for m in metrics_for(family, reference) if m.per_sample], -1
+        report = _chain(reference, fp32_twin or reference, candidate, samples, blocks, family, heard, progress)
     report["family"] = family.name
-    return CheckReport.from_json(report, where=f"check of a {family.name!r} model set")
+    typed = CheckReport.from_json(report, where=f"check of a {family.name!r} model set")
+    if heard:
+        keep_audio_examples(typed, heard, report["outputs"][heard_entry]["name"])
+    return typed
+
+
+def keep_audio_examples(report: CheckReport, metrics: list[Metric], output: str) -> None:
+    """Add the worst and a typical sample that the audio metric among `metrics` measured on `output` (a report
+    entry's name) to `report`, waveforms included; nothing when the outputs are not audio."""
+    audio = next((m for m in metrics if isinstance(m, AudioMetric) and m.comparisons), None)
+    for example, reference, candidate in audio.examples(output) if audio is not None else []:
+        report.add_audio_example(example, reference, candidate)
 
 
 def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], blocks: BlockSpec | None,
                    metrics: list[Metric], sensitivity: bool = False,
                    progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
-    """Per-block report of one candidate graph file against one reference graph file."""
-    result = compare_models(load_onnx(reference), load_onnx(candidate), samples, blocks, metrics=metrics,
-                            reference_label=_label(reference), candidate_label=_label(candidate),
-                            sensitivity=sensitivity, progress=progress)
+    """Per-block report of one candidate graph file against one reference graph file.
+
+    A model kept with external data is loaded light (`load_light`): its sessions map the weights from its own
+    folder, so a model over 2 GB works and none is held in memory twice (sensitivity needs them loaded)."""
+    load = load_onnx if sensitivity else load_light
+    ref, cand = load(reference), load(candidate)
+    dirs = (reference.parent if is_light(ref) else None, candidate.parent if is_light(cand) else None)
+    result = compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
+                            candidate_label=_label(candidate), sensitivity=sensitivity, weights_dirs=dirs,
+                            progress=progress)
     return result.to_json()
 
 
 def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry_feeds: list[Feeds],
-           blocks: BlockSpec | None, family: Family, progress: Callable[[str], None]) -> dict[str, Any]:
+           blocks: BlockSpec | None, family: Family, sample_metrics: list[Metric],
+           progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every graph's blocks fed by the FP32 chain, and the whole chain's output measured by `sample_metrics`."""
     from .chain import ChainRunner, sink_graphs
 
     sinks = sink_graphs(candidate)
     merged: dict[str, Any] | None = None
     cache: dict[str, list[Feeds]] = {}
-    for graph in candidate.names():
+    for graph in progress_display.track(candidate.names(), "check: graphs"):
         progress(f"{graph}: capturing inputs")
         feeds = family.capture(reference, entry_feeds, graph, cache, lambda done, total: None)
         # Each graph's own output metrics are diagnostics (fed the FP32 upstream); the whole chain's count.
@@ -92,7 +121,6 @@ def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry
     # The reference is the uncut FP32 model, or, for a ModelSet that was a chain from the start, that chain.
     mono, chain, mono_sink = ChainRunner(monolithic), ChainRunner(candidate), sink_graphs(monolithic)[0]
     whole = Pooled()
-    sample_metrics = [m for m in metrics_for(family, monolithic) if m.per_sample]
     for f in entry_feeds:
         ref = next(iter(mono.run(f)[mono_sink][1].values()))
         cand = next(iter(chain.run(f)[sinks[0]][1].values()))

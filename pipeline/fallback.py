@@ -29,8 +29,7 @@ from .runner import Runner, RunResult, fallback_step_index, plan_recipe
 RESOLVED = "resolved_recipe.yaml"
 
 
-def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print,
-                      progress=None) -> RunResult:
+def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> RunResult:
     spec = recipe.check.fallback
     index = fallback_step_index(recipe)
     current = _without_fallback(recipe, sensitivity=spec.rank_by == "sensitivity")
@@ -40,7 +39,7 @@ def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] 
     step_left = True
     for round_no in range(spec.max_rounds + 1):
         log(f"fallback round {round_no}: {len(moved)} blocks kept in {spec.move_to}")
-        result = Runner(plan_recipe(current), out_dir, log=log, progress=progress).run()
+        result = Runner(plan_recipe(current), out_dir, log=log).run()
         if spec.rank_by == "sensitivity" and order is None:
             order = _sensitivity_order(result.report, spec)
         summary, met = _evaluate(result.report, result, spec)

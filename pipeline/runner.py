@@ -36,11 +36,11 @@ from passes import get_pass
 from passes.base import Params as PassParams
 from passes.base import Pass, PassContext, op_counts
 
-from . import __version__, kv_cache
+from . import __version__, kv_cache, progress
 from .blocks import BlockPartition, adopt_new_nodes
 from .errors import PipelineError
-from .modelset import ModelSet, file_sha256
-from .onnx_io import check_loads, external_files, load_onnx, set_provenance
+from .modelset import ModelSet, graph_sha256
+from .onnx_io import check_loads, external_files, is_light, load_light, load_onnx, set_provenance
 from .recipe import Recipe, Scope, Step, format_validation_error
 from .results import CheckReport
 from .families import detect_family, family_of_exporter, get_family
@@ -132,6 +132,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
         steps.append(PlannedStep(i, step, pass_, params))
     if base is not None:
         _check_scopes(recipe, base, steps, where)
+        if is_light(base):
+            _check_large(recipe, steps, where)
     elif recipe.check is not None and recipe.check.fallback:
         raise PipelineError(f"{where}: check.fallback: not supported yet for exported model sets")
     if recipe.check is not None and recipe.check.fallback is not None:
@@ -186,6 +188,22 @@ def fallback_step_index(recipe: Recipe) -> int:
                         f"step whose pass changes precision ({kinds}); eligible steps: {labels}")
 
 
+def _check_large(recipe: Recipe, steps: list[PlannedStep], where: str) -> None:
+    """A model too large for one proto (its weights stay in external-data files) fails here, before any work,
+    at the first step that cannot take it while it is still that large (a precision step may shrink it)."""
+    limit = "its weights stay in external-data files (over 2 GB with them)"
+    for s in steps:
+        problem = s.pass_.large_model_problem(s.params)
+        if problem:
+            raise PipelineError(f"{where}: steps.{s.index - 1} ({s.pass_.name}): the model is too large for one "
+                                f"ONNX proto ({limit}); {problem}")
+        if s.pass_.changes_precision:
+            break  # it may leave the model under 2 GB: later steps are checked when they run
+    if recipe.check is not None and recipe.check.sensitivity:
+        raise PipelineError(f"{where}: check.sensitivity: not supported for a model too large for one ONNX proto "
+                            f"({limit}); it splices both models' weights into one graph; turn it off")
+
+
 def _check_scopes(recipe: Recipe, base, steps: list[PlannedStep], where: str) -> None:
     """Every step's scope against the graphs it will see (a cut graph's nodes keep their names, so block
     patterns are checked on the base graph)."""
@@ -216,16 +234,19 @@ def selected_graphs(scope: Scope, names: list[str], where: str) -> list[str]:
 
 
 class Runner:
-    def __init__(self, plan: Plan, out_dir: Path, log: Callable[[str], None] = print,
-                 progress: Callable[[str, int, int], None] | None = None):
+    def __init__(self, plan: Plan, out_dir: Path, log: Callable[[str], None] = print):
         self.plan = plan
         self.out_dir = out_dir
         self.log = log
-        self.progress = progress or (lambda what, done, total: None)
 
     def run(self) -> RunResult:
+        from .runfolder import hold
+
+        with hold(self.out_dir, log=self.log):
+            return self._run()
+
+    def _run(self) -> RunResult:
         start = time.perf_counter()
-        prepare_out_dir(self.out_dir)
         steps_dir = self.out_dir / "steps"
         steps_dir.mkdir(exist_ok=True)
         records = [self._base(steps_dir)]
@@ -282,9 +303,10 @@ class Runner:
         if cached is not None:
             return cached
         self.log(f"check: per-block error on {len(feeds)} samples ...")
-        report = evaluate(base, final, feeds, family, blocks=blocks, fp32_twin=self.references[tuple(final.names())],
-                          sensitivity=check.sensitivity, decode_steps=check.decode_steps,
-                          progress=lambda m: self.progress(f"check: {m}", 0, 0))
+        with progress.activity("check"):
+            report = evaluate(base, final, feeds, family, blocks=blocks,
+                              fp32_twin=self.references[tuple(final.names())], sensitivity=check.sensitivity,
+                              decode_steps=check.decode_steps, progress=progress.status("check"))
         report.key = key
         report.notes.append(f"inputs: {inputs}")
         report.failures = failures(report, check_limits(check), metrics_for(family, base))
@@ -301,7 +323,7 @@ class Runner:
             key = _hash({"version": __version__, "exporter": recipe.model.exporter,
                          "source": source_key(params, recipe.resolve_path)})
         else:
-            key = _hash({"version": __version__, "base": file_sha256(self.plan.model_path),
+            key = _hash({"version": __version__, "base": graph_sha256(self.plan.model_path),  # with its weights
                          "family": self.plan.family.name})
         cached = _cached(steps_dir / folder, key)
         if cached is not None:
@@ -311,7 +333,8 @@ class Runner:
         with _building(steps_dir / folder) as tmp:
             if self.plan.exporter is not None:
                 self.log(f"step 00 base: exporting with {recipe.model.exporter} ...")
-                ms = export(params, tmp, recipe.resolve_path)
+                with progress.activity(f"step 00 base: exporting with {recipe.model.exporter}"):
+                    ms = export(params, tmp, recipe.resolve_path)
                 ms.meta["family"] = self.plan.family.name
                 ms.write_manifest()
                 source = f"exporter {recipe.model.exporter}"
@@ -350,7 +373,12 @@ class Runner:
                 if graph not in graphs:
                     out.copy_graph_from(source, graph)
                     continue
-                model = source.load(graph)
+                model = source.load(graph)  # light when large: its weights stay in source's files
+                weights_dir = source.root if is_light(model) else None
+                problem = planned.pass_.large_model_problem(planned.params) if weights_dir else None
+                if problem:
+                    raise PipelineError(f"{label}: graph {graph!r} is too large for one ONNX proto (its weights stay "
+                                        f"in external-data files, over 2 GB with them); {problem}")
                 blocks = BlockPartition(model, self.plan.recipe.blocks)
                 if block_scope.is_everything:
                     selected = None
@@ -360,10 +388,11 @@ class Runner:
                     if not selected:
                         out.copy_graph_from(source, graph)  # nothing of this graph is in scope
                         continue
-                ctx = PassContext(graph, blocks, selected, scratch, log=self.log,
+                ctx = PassContext(graph, blocks, selected, scratch, log=self.log, weights_dir=weights_dir,
                                   calibration=self._calibration(label, graph, source) if uses_calibration else None)
                 before = {n.name for n in model.graph.node}
-                result = planned.pass_.apply(model, planned.params, ctx)
+                with progress.activity(f"{label}: {planned.pass_.name}" + (f" ({graph})" if len(graphs) > 1 else "")):
+                    result = planned.pass_.apply(model, planned.params, ctx)
                 produced = result.graphs if result.graphs is not None else {graph: result.model}
                 if result.graphs is not None:
                     out.replace_graph(graph, list(result.graphs), result.chain)
@@ -371,9 +400,11 @@ class Runner:
                     adopt_new_nodes(made, before | result.placed, self.plan.recipe.blocks)
                     set_provenance(made, {"pipeline.recipe": self.plan.recipe.name,
                                           "pipeline.passes": ",".join(applied), "pipeline.version": __version__})
-                    check_loads(made, f"{label} ({name})")
-                    out.save_graph(name, made)
+                    # Saved first, then checked from the file: a large result never goes through one proto.
+                    out.save_graph(name, made, weights_dir=result.weights_dir or weights_dir)
+                    check_loads(out.path(name), f"{label} ({name})")
                 stats[graph] = result.stats | {"changed": result.changed}
+                del model, result, produced  # what a pass holds of a large model must not outlive its graph
             unmatched = [p for p in (block_scope.include or []) + block_scope.exclude + (block_scope.nodes or [])
                           if not block_scope.is_everything and p not in matched]
             if unmatched:
@@ -396,10 +427,8 @@ class Runner:
             feeds = self._graph_feeds(graph, current, f"{label}: capturing {graph} inputs")
             # Captured from the FP32 reference, whose layers may keep their KV cache the other way.
             adapt = kv_cache.feed_adapter(current.path(graph))
-            for i, f in enumerate(feeds):
-                self.progress(f"{label}: calibrating", i, len(feeds))
+            for f in progress.track(feeds, f"{label}: calibrating"):
                 yield adapt(f)
-            self.progress(f"{label}: calibrating", len(feeds), len(feeds))
 
         return iterate
 
@@ -407,7 +436,7 @@ class Runner:
         reference = self.references.get(tuple(current.names()), current)
         captured = self._captured.setdefault(reference.content_hash(), {})
         return self.plan.family.capture(reference, self.plan.calibration or [], graph, captured,
-                                        lambda done, total: self.progress(what, done, total))
+                                        progress.counter(what))
 
     def _final(self, last: ModelSet) -> ModelSet:
         """Copy the last step's graphs to final/, stamped with the recipe's name and hash."""
@@ -420,13 +449,15 @@ class Runner:
         with _building(target) as tmp:
             out = last.derive(tmp)
             for graph in last.names():
+                weights_dir = None
                 if external_files(last.path(graph)):  # its weights stay where they are: stamp the graph only
                     out.copy_graph_from(last, graph)
                     model = onnx.load(str(out.path(graph)), load_external_data=False)
+                    weights_dir = out.root
                 else:
                     model = last.load(graph)
                 set_provenance(model, {"pipeline.recipe_sha256": recipe_hash})
-                out.save_graph(graph, model)
+                out.save_graph(graph, model, weights_dir=weights_dir)
             out.share_weights()
             out.copy_sidecars_from(last)
             out.write_manifest()
@@ -476,7 +507,7 @@ def _graph_facts(ms: ModelSet) -> dict[str, Any]:
     facts = {}
     for g in ms.graphs:
         path = ms.root / g.file
-        model = load_onnx(path)
+        model = load_light(path)  # the graph alone: its weights, checked when written, stay in their files
         facts[g.name] = {"file": g.file, "bytes": path.stat().st_size, "sha256": g.sha256,
                          "nodes": len(model.graph.node), "op_counts": op_counts(model)}
     return facts

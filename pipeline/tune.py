@@ -42,7 +42,7 @@ import yaml
 
 from calibration import Feeds, SourceContext, checked_feeds, make_source
 
-from . import __version__
+from . import __version__, progress
 from .blocks import BlockPartition
 from .errors import PipelineError
 from .fallback import absolute_paths
@@ -152,14 +152,12 @@ class Verified:
 
 
 class Tuner:
-    def __init__(self, recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print,
-                 progress: Callable[[str, int, int], None] | None = None):
+    def __init__(self, recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print):
         self.recipe = recipe
         self.spec: TuneSpec = recipe.tune
         self.out_dir = out_dir.resolve()  # item and candidate recipes name the base file by absolute path
         self.dir = self.out_dir / TUNE_DIR
         self.log = log
-        self.progress = progress or (lambda what, done, total: None)
         self.trials_run = 0
         self.latency_scale = 1.0  # measured / profiled latency savings, corrected by verification
         self.log_rows: list[dict[str, Any]] = []
@@ -168,11 +166,14 @@ class Tuner:
     # -- the whole search ----------------------------------------------------
 
     def run(self) -> RunResult:
-        where = str(self.recipe.source_path or self.recipe.name)
-        plan_recipe(self._without_tune(self.recipe))  # model, calibration and check, before long work
-        from .runner import prepare_out_dir
+        from .runfolder import hold
 
-        prepare_out_dir(self.out_dir)
+        plan_recipe(self._without_tune(self.recipe))  # model, calibration and check, before long work
+        with hold(self.out_dir, log=self.log):
+            return self._run()
+
+    def _run(self) -> RunResult:
+        where = str(self.recipe.source_path or self.recipe.name)
         base = self._base()
         self.base_path = base.path(base.names()[0])
         from .families import family_of
@@ -203,7 +204,7 @@ class Tuner:
                                 + (f" (closest: {'; '.join(best.misses)})" if best else "")
                                 + f"; trials log in {self.dir / 'trials.jsonl'}")
         self.log(f"tune: chosen {self._describe(chosen)}; resolved recipe {self.out_dir / RESOLVED}")
-        result = Runner(plan_recipe(resolved), self.out_dir, log=self.log, progress=self.progress).run()
+        result = Runner(plan_recipe(resolved), self.out_dir, log=self.log).run()
         if result.report is not None:
             from .report import write_reports
 
@@ -251,7 +252,11 @@ class Tuner:
                              where=f"{where}: tune.source")
         self.family.fit_source(source, base, spec.params)
         feeds = checked_feeds(source, self.base_model, where=f"{where}: tune.source")
-        n = min(self.spec.samples, len(feeds))
+        asked = self.spec.samples
+        if asked != "all" and asked > len(feeds) and "samples" in self.spec.model_fields_set:
+            raise PipelineError(f"{where}: tune.samples: {asked} samples asked, but {source.describe()} holds "
+                                f"{len(feeds)}; use samples: all or at most {len(feeds)}")
+        n = len(feeds) if asked == "all" else min(asked, len(feeds))  # the default 8 takes at most what there is
         picked = sorted(np.random.default_rng(self.spec.seed).choice(len(feeds), n, replace=False).tolist())
         self.log(f"tune: {n} tune samples of {len(feeds)} from {source.describe()} (seed {self.spec.seed})")
         return [feeds[i] for i in picked], f"{n} of {source.describe()}, seed {self.spec.seed}, samples {picked}"
@@ -280,7 +285,7 @@ class Tuner:
 
     def _build(self, assignment: dict[str, str], folder: Path) -> RunResult:
         recipe = self._without_tune(self.recipe, self._steps(assignment), model=self._model_source(), check=False)
-        return Runner(plan_recipe(recipe), folder, log=lambda m: None, progress=self.progress).run()
+        return Runner(plan_recipe(recipe), folder, log=lambda m: None).run()
 
     def _item(self, item) -> dict[str, Any]:
         """The item applied to every searched block: its graph, the blocks it changed, their bytes."""
@@ -343,7 +348,7 @@ class Tuner:
             except (OSError, json.JSONDecodeError):
                 todo.append(s)
         self.trials_run += len(specs) - len(todo)
-        done, t0 = len(specs) - len(todo), time.perf_counter()
+        done = len(specs) - len(todo)
         if todo:
             self.log(f"tune: {what}: {len(todo)} trials to run ({done} cached)")
         for s, r in self.executor.map(todo, sources, self.samples, self.ref_outputs):
@@ -355,11 +360,7 @@ class Tuner:
             self._logged(s, r, cached=False, kind=what)
             done += 1
             self.trials_run += 1
-            self.progress(f"tune: {what}", done, len(specs))
-            if done % max(1, len(specs) // 10) == 0 or done == len(specs):
-                left = (time.perf_counter() - t0) / max(1, done - (len(specs) - len(todo))) * (len(specs) - done)
-                self.log(f"tune: {what} {done}/{len(specs)} trials, {_clock(time.perf_counter() - self.start)} "
-                         f"elapsed, about {_clock(left)} left")
+            progress.update(f"tune: {what} trials", done - (len(specs) - len(todo)), len(todo))
         return results
 
     def _over_budget(self, what: str, left: int) -> None:
@@ -531,11 +532,15 @@ class Tuner:
 
     def _measure_whole(self, assignment: dict[str, str], key: str) -> dict[str, Any]:
         """Quality, size and latency of the built combination; where lengths changed, the blocks upstream of it."""
+        self.log(f"tune: verifying {_counts(assignment)} ...")
+        with progress.activity(f"tune: verifying candidate {key[:8]}"):
+            return self._measure_built(assignment, key)
+
+    def _measure_built(self, assignment: dict[str, str], key: str) -> dict[str, Any]:
         import shutil
 
         from .tune_trials import run_trial
 
-        self.log(f"tune: verifying {_counts(assignment)} ...")
         folder = self.dir / "candidates" / key[:16]
         result = self._build(assignment, folder)
         path = result.final.path(result.final.names()[0])
@@ -781,15 +786,11 @@ def _float_or_none(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-def _clock(seconds: float) -> str:
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
-
-
 def _sha(path: Path) -> str:
     from .modelset import file_sha256
 
     return file_sha256(path)
 
 
-def run_tune(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print, progress=None) -> RunResult:
-    return Tuner(recipe, out_dir, log, progress).run()
+def run_tune(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> RunResult:
+    return Tuner(recipe, out_dir, log).run()

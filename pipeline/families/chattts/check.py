@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ... import progress as progress_display
 from ...blocks import BlockPartition
 from ...check import BlockReport, CheckResult, Pooled, _precision_mix
 from ...errors import PipelineError
@@ -135,6 +136,7 @@ def compare_chattts(reference: Path, candidate: Path, prompts: list[list[int]], 
     text, code = HeadMetrics(), HeadMetrics()
     for i, prompt in enumerate(prompts):
         progress(f"prompt {i + 1}/{len(prompts)}")
+        progress_display.update("check: prompts", i, len(prompts))
         continuation = ref.generate_text(prompt, steps).ids
         frames, _ = ref.generate_codes(prompt, steps)
         runs = [(prompt + continuation, None)] + ([(prompt, frames)] if frames else [])
@@ -151,6 +153,7 @@ def compare_chattts(reference: Path, candidate: Path, prompts: list[list[int]], 
                 metrics.add(ref_out[head][0][0, len(prompt) - 1:-1], acc_out[head][0][0, len(prompt) - 1:-1])
         text.diverged(continuation, cand.generate_text(prompt, steps).ids)
         code.diverged(frames, cand.generate_codes(prompt, steps)[0])
+    progress_display.finish("check: prompts")
     reports = []
     for b in blocks:
         params, bytes_ref, _, _ = _graph_facts(ref, b)

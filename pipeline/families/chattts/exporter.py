@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ... import progress
 from ...errors import PipelineError
 from .layers import DecoderLayer, RMSNorm
 
@@ -409,7 +410,7 @@ def export_modelset(w: ChatTTSWeights, dest: Path, opset: int = 17):
     from .sample_head import export_sample_head
 
     export_sample_head(dest / "sample_head.onnx", c.num_text_tokens, opset)
-    for name, module, args, inputs, outputs, axes in specs:
+    for name, module, args, inputs, outputs, axes in progress.track(specs, "export: graphs"):
         path = dest / f"{name}.onnx"
         with torch.no_grad():
             torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,

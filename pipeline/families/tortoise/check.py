@@ -28,6 +28,7 @@ import numpy as np
 from calibration import Feeds
 from calibration.tortoise_texts import reference_mels
 
+from ... import progress as progress_display
 from ...check import CheckResult, Pooled, compare_models
 from ...errors import PipelineError
 from ...metrics import HeadMetrics
@@ -92,6 +93,7 @@ def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], ste
     runs, prefill_feeds, decode_feeds = [], [], []
     for i, f in enumerate(samples):
         progress(f"sentence {i + 1}/{len(samples)}: FP32")
+        progress_display.update("check: FP32 sentences", i, len(samples))
         text, latent = sample_inputs(f)
         codes = ref.generate(text, latent, steps).codes
         if not codes:
@@ -102,6 +104,7 @@ def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], ste
                               "mel_ids": np.array([[start, *codes[:-1]]], np.int64)})
         if last:
             decode_feeds.append(last)
+    progress_display.finish("check: FP32 sentences")
     if not prefill_feeds:
         raise PipelineError("check: the FP32 model stopped at once on every sentence; nothing to compare")
     ref_in_place = ref.decode_in_place()
@@ -110,9 +113,11 @@ def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], ste
     codes_head, latents = HeadMetrics(), Pooled()
     for i, (text, latent, codes, ref_logits, ref_latents) in enumerate(runs):
         progress(f"sentence {i + 1}/{len(runs)}: candidate")
+        progress_display.update("check: candidate sentences", i, len(runs))
         codes_head.add(ref_logits, teacher_forced(cand, text, latent, codes)[0])
         codes_head.diverged(codes, cand.generate(text, latent, steps).codes)
         latents.update(ref_latents, cand.latents(text, latent, codes))
+    progress_display.finish("check: candidate sentences")
     notes = []
     if cand.decode_in_place() and not ref_in_place:
         notes.append("decode's blocks are not compared one by one: the candidate keeps its KV cache in place, "

@@ -28,6 +28,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ... import progress
 from ...modelset import GraphFile, ModelSet, graph_sha256
 from ...onnx_io import save_sharing_weights
 from .model import UnifiedVoiceGPT
@@ -101,11 +102,14 @@ def export_modelset(w: TortoiseWeights, dest: Path, opset: int = 17) -> ModelSet
     model.load_state_dict(w.state, assign=True)  # the weights' own tensors, not a second copy
     model.eval()
     dest.mkdir(parents=True, exist_ok=True)
+    progress.update("export: graphs", 0, 3)
     _export_stage(model, "conditioning", dest / "conditioning.onnx", opset)
     with tempfile.TemporaryDirectory(prefix="tortoise_export_", dir=dest) as tmp:
         paths = {s: Path(tmp) / f"{s}.onnx" for s in ("prefill", "decode")}
-        for stage, path in paths.items():
+        for done, (stage, path) in enumerate(paths.items(), start=1):
+            progress.update("export: graphs", done, 3)
             _export_stage(model, stage, path, opset)
+        progress.update("export: graphs", 3, 3)
         del model
         models = {dest / p.name: onnx.load(str(p)) for p in paths.values()}
     save_sharing_weights(models, dest / WEIGHTS_FILE)
