@@ -31,6 +31,21 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 900) -> CliRes
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def cli(*args: str):
+    """The real command group in this process (click's CliRunner): exit code, output, and stderr apart."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

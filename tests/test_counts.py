@@ -4,11 +4,10 @@ and for the check's `samples`."""
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
+from conftest import cli, one_line
 
 from calibration import DATA_DIR, SourceContext, make_source
 from calibration.piper_sentences import read_sentences
-from pipeline.cli import main
 from pipeline.errors import PipelineError
 
 PIPER = """name: counts
@@ -27,15 +26,6 @@ steps: []
 {check}
 """
 
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
 
 
 def test_validate_refuses_a_count_beyond_the_sentences_naming_both_numbers(tmp_path):

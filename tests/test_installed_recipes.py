@@ -11,23 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import REPO, run_cli, tree
+from conftest import REPO, cli, one_line, run_cli, tree
 
-from pipeline.cli import main
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
-
-def cli(*args: str):
-    """The real command group in this process (CliRunner): its exit code and its stdout and stderr apart."""
-    return CliRunner().invoke(main, list(args))
-
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
 
 
 def test_pipeline_recipes_lists_every_shipped_recipe_with_its_description(tmp_path, monkeypatch):
