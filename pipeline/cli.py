@@ -85,18 +85,19 @@ def run(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: bool) -> No
 
 
 def _run_recipe(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: bool, need_tune: bool = False) -> None:
+    from .progress import activity
     from .recipe import load_recipe
     from .runfolder import hold
     from .runner import Runner, plan_recipe
 
     r = load_recipe(recipe)
     if need_tune and r.tune is None:
-        raise PipelineError(f"{recipe}: no 'tune' section (menu, target, budget); see the installed recipe piper_tune (pipeline recipes)")
+        raise PipelineError(f"{recipe}: no 'tune' section (menu, target, budget); see the installed recipe "
+                            f"piper_tune (pipeline recipes)")
     target = out_dir or Path(r.output or f"runs/{r.name}")
     with _display(quiet) as display:
-        display.update("checking the recipe", 0, None)
-        plan = plan_recipe(r)
-        display.finish("checking the recipe")
+        with activity("checking the recipe"):
+            plan = plan_recipe(r)
         with hold(target, resume_hint=_resume_hint(target), log=display.log):
             if r.check is not None and r.check.fallback is not None:
                 from .fallback import run_with_fallback
