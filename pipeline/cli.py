@@ -347,7 +347,8 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
 @main.command()
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--sentences", "count", default=5, show_default=True, help="Evaluation sentences to use.")
+@click.option("--sentences", "count", type=int, help="Evaluation inputs to use (default: up to 5; more than the "
+              "evaluation set holds is an error).")
 @click.option("--sentences-file", type=click.Path(path_type=Path), help="Text file, one sentence a line "
               "(default: the shipped evaluation set, disjoint from the calibration set).")
 @click.option("--repeat", default=5, show_default=True, help="Interleaved latency repetitions.")
@@ -355,7 +356,7 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
 @click.option("--no-rss", is_flag=True, help="Skip the per-variant peak-RSS child processes.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @quiet_option
-def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_file: Path | None, repeat: int,
+def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sentences_file: Path | None, repeat: int,
           threads: int, no_rss: bool, json_path: Path | None, quiet: bool) -> None:
     """Compare CANDIDATES with REFERENCE (.onnx files or run folders' final/, one graph each).
 
@@ -376,7 +377,10 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int, sentences_f
         if labels.count(v.label) > 1:
             v.label = f"{v.label}#{i}"
     family = family_of_file(reference)
-    texts, feeds = family.bench_inputs(variants[0].path, count, sentences_file)
+    texts, feeds = family.bench_inputs(variants[0].path, count or 5, sentences_file)
+    if count is not None and len(feeds) < count:  # a number the user gave is held to; the default is "up to"
+        raise PipelineError(f"bench: --sentences: {count} inputs asked, but the evaluation set holds {len(feeds)}; "
+                            f"ask for at most {len(feeds)}")
     from .progress import status
 
     with _display(quiet):

@@ -149,7 +149,7 @@ def test_bench_and_compare_refuse_more_inputs_than_the_evaluation_set_holds(pipe
     held = len(read_sentences(DATA_DIR / "eval_en.txt"))
     bench = cli("bench", str(piper_model), str(piper_model), "--sentences", str(held + 1), "--no-rss")
     assert bench.exit_code == 2
-    assert f"{held + 1} sentences asked, but eval_en.txt holds {held}" in one_line(bench.output)
+    assert f"{held + 1} inputs asked, but the evaluation set holds {held}" in one_line(bench.output)
     compare = cli("compare", str(piper_model), str(piper_model), "--samples", str(held + 5))
     assert compare.exit_code == 2
     assert f"--samples: {held + 5} samples asked" in one_line(compare.output)

@@ -20,7 +20,7 @@ from calibration.piper_sentences import PiperSentences, load_phonemizer, phoneme
 from ...audio import SAMPLE_RATE, MelSettings
 from ...errors import PipelineError
 from ...modelset import ModelSet
-from .. import AudioOutput, Family, require_count
+from .. import AudioOutput, Family
 
 # Piper's VITS rounds its predicted durations up here (w_ceil): frames per phoneme.
 DURATIONS = "/Ceil_output_0"
@@ -63,11 +63,8 @@ class PiperFamily(Family):
         config = voice_config(model_path)
         if not config.is_file():
             raise PipelineError(f"{model_path}: no {config.name} next to it; bench needs a Piper voice config")
-        every = read_sentences(sentences or EVAL_SENTENCES)
-        if not every:
+        texts = read_sentences(sentences or EVAL_SENTENCES)[:count]
+        if not texts:
             raise PipelineError("bench: no evaluation sentences")
-        require_count(count, len(every), f"bench: --sentences: {count} sentences asked, but "
-                                         f"{sentences or EVAL_SENTENCES.name} holds")
-        texts = every[:count]
         voice = load_phonemizer(config)
         return texts, [piper_feeds(phoneme_ids(voice, t)) for t in texts]
