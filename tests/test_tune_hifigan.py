@@ -6,7 +6,9 @@ import pytest
 from conftest import REPO
 from tune_recipe import assert_tuned_recipe_runs
 
-pytestmark = pytest.mark.slow  # a whole search on the real vocoder (about 12 minutes on 2 cores)
+# A whole search (about 12 minutes on 2 cores), whose latency bound a test running beside it
+# on the other core can miss: it runs alone, after the parallel tests.
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 
 def test_hifigan_tune_runs_as_shipped(tmp_path):
