@@ -53,7 +53,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     problem = _checker_problem(path)
     if problem:
         raise PipelineError(f"{path}: ONNX checker rejects the model: {problem}")
-    if not (_external(model) and model_size(path, model) >= LARGE_BYTES):  # a large model stays light
+    if not _stays_light(path, model):
         _load_external_data(model, path)
     return model
 
@@ -70,7 +70,11 @@ def is_light(model: onnx.ModelProto) -> bool:
 
 def is_large(path: Path) -> bool:
     """True when `load_onnx` hands this file's model over light."""
-    model = onnx.load(str(path), load_external_data=False)
+    return _stays_light(path, onnx.load(str(path), load_external_data=False))
+
+
+def _stays_light(path: Path, model: onnx.ModelProto) -> bool:
+    """A model with external data that reaches LARGE_BYTES with it keeps its weights in their files."""
     return bool(_external(model)) and model_size(path, model) >= LARGE_BYTES
 
 

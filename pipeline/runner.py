@@ -191,17 +191,23 @@ def fallback_step_index(recipe: Recipe) -> int:
 def _check_large(recipe: Recipe, steps: list[PlannedStep], where: str) -> None:
     """A model too large for one proto (its weights stay in external-data files) fails here, before any work,
     at the first step that cannot take it while it is still that large (a precision step may shrink it)."""
-    limit = "its weights stay in external-data files (over 2 GB with them)"
     for s in steps:
-        problem = s.pass_.large_model_problem(s.params)
-        if problem:
-            raise PipelineError(f"{where}: steps.{s.index - 1} ({s.pass_.name}): the model is too large for one "
-                                f"ONNX proto ({limit}); {problem}")
+        _refuse_large(s, f"{where}: steps.{s.index - 1} ({s.pass_.name}): the model")
         if s.pass_.changes_precision:
             break  # it may leave the model under 2 GB: later steps are checked when they run
     if recipe.check is not None and recipe.check.sensitivity:
-        raise PipelineError(f"{where}: check.sensitivity: not supported for a model too large for one ONNX proto "
-                            f"({limit}); it splices both models' weights into one graph; turn it off")
+        raise PipelineError(f"{where}: check.sensitivity: not supported for a model {TOO_LARGE}; it splices both "
+                            f"models' weights into one graph; turn it off")
+
+
+TOO_LARGE = "too large for one ONNX proto (its weights stay in external-data files, over 2 GB with them)"
+
+
+def _refuse_large(planned: PlannedStep, what: str) -> None:
+    """One line when `planned`'s pass cannot take a model whose weights stay in external-data files."""
+    problem = planned.pass_.large_model_problem(planned.params)
+    if problem:
+        raise PipelineError(f"{what} is {TOO_LARGE}; {problem}")
 
 
 def _check_scopes(recipe: Recipe, base, steps: list[PlannedStep], where: str) -> None:
@@ -375,10 +381,8 @@ class Runner:
                     continue
                 model = source.load(graph)  # light when large: its weights stay in source's files
                 weights_dir = source.root if is_light(model) else None
-                problem = planned.pass_.large_model_problem(planned.params) if weights_dir else None
-                if problem:
-                    raise PipelineError(f"{label}: graph {graph!r} is too large for one ONNX proto (its weights stay "
-                                        f"in external-data files, over 2 GB with them); {problem}")
+                if weights_dir is not None:
+                    _refuse_large(planned, f"{label}: graph {graph!r}")
                 blocks = BlockPartition(model, self.plan.recipe.blocks)
                 if block_scope.is_everything:
                     selected = None
