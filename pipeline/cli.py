@@ -1,6 +1,7 @@
 """`pipeline`: run, validate, inspect and benchmark ONNX shrinking recipes."""
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -127,6 +128,11 @@ def _print_result(result, quiet: bool, all_blocks: bool) -> None:
         _print_run_summary(result)
     else:
         out.print(escape(f"final model: {result.out_dir / 'final'}"))
+    for target in result.targets:
+        files = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in target["files"].items())
+        out.print(escape(f"{target['format']}: {result.out_dir / 'final' / target['format']}: {files}"))
+        for note in [] if quiet else target["notes"]:
+            out.print(escape(f"    {note}"), style="dim")
     if result.report is None:
         return
     from .report import headline, outputs_lines, terminal_table
@@ -186,7 +192,9 @@ def validate(recipe: Path) -> None:
     r = load_recipe(recipe)
     plan = plan_recipe(r)
     n = len(plan.calibration) if plan.calibration else 0
-    out.print(escape(f"{recipe}: ok ({len(plan.steps)} steps" + (f", {n} calibration samples" if n else "") + ")"))
+    targets = f", targets {', '.join(t.format for t in plan.targets)}" if plan.targets else ""
+    out.print(escape(f"{recipe}: ok ({len(plan.steps)} steps" + (f", {n} calibration samples" if n else "")
+                     + targets + ")"))
 
 
 @main.command()
@@ -220,7 +228,9 @@ def families() -> None:
         out.print(f"[bold]{escape(name)}[/]  {escape(cls.description)}")
         exporters = ", ".join(e.name for e in cls.exporters) or "-"
         sources = ", ".join(s.name for s in cls.sources) or "-"
-        out.print(escape(f"    exporters: {exporters}; calibration sources: {sources}; module {cls.__module__}"))
+        targets = ", ".join(t.format for t in cls.targets) or "-"
+        out.print(escape(f"    exporters: {exporters}; calibration sources: {sources}; targets: {targets}; "
+                         f"module {cls.__module__}"))
     out.print(escape(f"plug-ins register a Family subclass under the entry-point group {ENTRY_POINT_GROUP}"),
               style="dim")
 
@@ -248,13 +258,22 @@ def recipes_list() -> None:
 @click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,
               help="Match the regex against node names or the `namespace` metadata.")
 def inspect(model: Path, pattern: str | None, on: str) -> None:
-    """List the blocks of MODEL with node counts, parameter counts and op types."""
+    """List the blocks of MODEL (an .onnx file) with node counts, parameter counts and op types.
+
+    MODEL may instead be a run folder (or its final/): then each graph with its size and weight precision,
+    and each format the recipe's targets wrote beside ONNX (final/<format>/), with its files and sizes.
+    """
     from pydantic import ValidationError
 
     from .blocks import BlockPartition
     from .onnx_io import load_onnx
     from .recipe import BlockSpec
 
+    if model.is_dir():
+        if pattern:
+            raise PipelineError(f"--blocks takes one .onnx file; {model} is a folder")
+        _inspect_folder(model)
+        return
     m = load_onnx(model)
     spec = None
     if pattern:
@@ -270,6 +289,36 @@ def inspect(model: Path, pattern: str | None, on: str) -> None:
         ops = ", ".join(f"{op} {n}" for op, n in block.op_types.most_common(6))
         more = len(block.op_types) - 6
         table.add_row(block.id, str(len(block.nodes)), f"{block.params:,}", ops + (f", +{more} more" if more > 0 else ""))
+    out.print(table)
+
+
+def _inspect_folder(folder: Path) -> None:
+    from .modelset import ModelSet
+    from .onnx_io import load_light
+    from .targets import TARGET_MANIFEST, weight_precision
+
+    root = folder / "final" if (folder / "final" / "modelset.json").is_file() else folder
+    ms = ModelSet.read(root)
+    table = Table(title=f"{root}: {len(ms.graphs)} graphs, {ms.total_bytes() / 1e6:.1f} MB")
+    for col in ("graph", "file", "MB", "nodes", "weights"):
+        table.add_column(col, justify="right" if col in ("MB", "nodes") else "left")
+    for g in ms.graphs:
+        m = load_light(root / g.file)
+        table.add_row(g.name, g.file, f"{(root / g.file).stat().st_size / 1e6:.1f}", str(len(m.graph.node)),
+                      weight_precision(m))
+    out.print(table)
+    targets = sorted(p for p in root.iterdir() if (p / TARGET_MANIFEST).is_file())
+    if not targets:
+        out.print(escape(f"formats beside ONNX: none (a recipe's targets: section writes them into {root}/<format>/)"))
+        return
+    table = Table(title="formats beside ONNX")
+    for col in ("format", "file", "MB", "notes"):
+        table.add_column(col, justify="right" if col == "MB" else "left")
+    for path in targets:
+        record = json.loads((path / TARGET_MANIFEST).read_text())
+        for i, (name, size) in enumerate(record["files"].items()):
+            table.add_row(record["format"] if i == 0 else "", f"{path.name}/{name}", f"{size / 1e6:.1f}",
+                          "; ".join(record.get("notes", [])) if i == 0 else "")
     out.print(table)
 
 

@@ -206,6 +206,14 @@ class TuneSpec(Strict):
     seed: int = Field(0, description="picks the tune samples out of the source")
 
 
+class TargetSpec(Strict):
+    """A deployment format written beside ONNX into final/<format>/, from the family's PyTorch model."""
+
+    format: str = Field(description="the format's name; the model's family says which it can write "
+                                    "(`pipeline recipes` and the README list them: gguf, torchscript, coreml)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the format's parameters (its own schema)")
+
+
 class Step(Strict):
     # `pass` is a Python keyword, hence the alias.
     pass_name: str = Field(alias="pass")
@@ -227,6 +235,8 @@ class Recipe(Strict):
     steps: list[Step] = Field(default_factory=list)  # may be empty: export (or copy) only, then check
     check: CheckSpec | None = None
     tune: TuneSpec | None = None  # a per-block precision search (pipeline tune) writes the steps instead
+    # Formats beside ONNX, written after the steps from the family's PyTorch model (final/<format>/).
+    targets: list[TargetSpec] = Field(default_factory=list)
     output: str | None = None
 
     # Where the recipe was read from: relative paths in it resolve against it.
@@ -234,8 +244,10 @@ class Recipe(Strict):
 
     def spec_hash(self) -> str:
         """Hash of everything that changes the result (not descriptions or output folders)."""
-        # The check does not change the model: a recipe that only adds a check builds the same files.
-        spec = self.model_dump(mode="json", by_alias=True, exclude={"description", "output", "source_path", "check"})
+        # The check does not change the model: a recipe that only adds a check builds the same files. Targets
+        # are cached by what they are made from, and leave the ONNX files as they are.
+        spec = self.model_dump(mode="json", by_alias=True,
+                               exclude={"description", "output", "source_path", "check", "targets"})
         if spec["model"]["family"] is None:  # recipes that name no family keep the hash they had before the key
             del spec["model"]["family"]
         if spec["tune"] is None:  # nor the key of the search

@@ -5,6 +5,7 @@ Run folder layout (stable; scripts rely on it):
     DIR/steps/00-base/        the base model (a copy; the input is never touched)
     DIR/steps/NN-<step>/      each step's ModelSet + step.json (its manifest)
     DIR/final/                the final ModelSet's files, with sidecars
+    DIR/final/<format>/       each of the recipe's targets (gguf, torchscript, coreml), if any
     DIR/manifest.json         the whole run: recipe, steps, final files
     DIR/tmp/                  scratch (ORT calibration files); emptied after a run
 
@@ -43,6 +44,7 @@ from .modelset import ModelSet, graph_sha256
 from .onnx_io import check_loads, external_files, is_light, load_light, load_onnx, set_provenance
 from .recipe import Recipe, Scope, Step, format_validation_error
 from .results import CheckReport
+from .targets import TARGET_MANIFEST, PlannedTarget, TargetJob, folder_size, plan_targets, write_target
 from .families import detect_family, family_of_exporter, get_family
 from .sources import materialize_base, resolve_model_path
 
@@ -75,6 +77,7 @@ class Plan:
     family: Any = None  # the model's family (pipeline.families.Family)
     # An exported base has no graph to check feeds against until step 00 ran: its source waits here.
     calibration_source: Any = None
+    targets: list[PlannedTarget] = field(default_factory=list)  # formats beside ONNX, after the steps
 
     def calibration_hash(self) -> str:
         return _feeds_hash(self.calibration or [])
@@ -94,6 +97,7 @@ class RunResult:
     steps: list[StepRecord] = field(default_factory=list)
     wall_s: float = 0.0
     report: CheckReport | None = None
+    targets: list[dict[str, Any]] = field(default_factory=list)  # each target folder's record (.target.json)
 
 
 def plan_recipe(recipe: Recipe) -> Plan:
@@ -138,7 +142,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
         raise PipelineError(f"{where}: check.fallback: not supported yet for exported model sets")
     if recipe.check is not None and recipe.check.fallback is not None:
         fallback_step_index(recipe)
-    plan = Plan(recipe, model_path, steps, exporter=exporter, family=family)
+    plan = Plan(recipe, model_path, steps, exporter=exporter, family=family,
+                targets=plan_targets(recipe, family, exporter[0] if exporter else None, where))
     needing = [s for s in steps if s.pass_.needs_calibration_for(s.params)]
     if needing and recipe.calibration is None:
         raise PipelineError(f"{where}: steps.{needing[0].index - 1} ({needing[0].pass_.name}) needs calibration "
@@ -271,6 +276,7 @@ class Runner:
             self.references.setdefault(tuple(current.names()), current)
         final = self._final(current)
         result = RunResult(self.out_dir, final, records, time.perf_counter() - start)
+        result.targets = [self._target(planned, final) for planned in self.plan.targets]
         if self.plan.recipe.check is not None:
             result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final)
         result.wall_s = time.perf_counter() - start
@@ -468,6 +474,33 @@ class Runner:
             _write_json(tmp / ".final.json", {"key": key, "output_hash": out.content_hash()})
         return ModelSet.read(target)
 
+    def _target(self, planned: PlannedTarget, final: ModelSet) -> dict[str, Any]:
+        """final/<format>/, written by the family from its PyTorch model; cached by what it is made from."""
+        params, _, source_key = self.plan.exporter
+        recipe = self.plan.recipe
+        folder = self.out_dir / "final" / planned.format
+        key = _hash({"version": __version__, "format": planned.format, "params": planned.params.model_dump(mode="json"),
+                     "model": source_key(params, recipe.resolve_path), "final": final.content_hash()})
+        label = f"target {planned.format}"
+        cached = _cached_target(folder, key)
+        if cached is not None:
+            self.log(f"{label}: cached")
+            return cached
+        self.log(f"{label}: writing ...")
+        t0 = time.perf_counter()
+        with _building(folder) as tmp, progress.activity(label):
+            job = TargetJob(planned.params, params, recipe.resolve_path, final, tmp)
+            write_target(planned, job)
+            record = {"format": planned.format, "key": key, "notes": job.notes,
+                      "files": {p.name: folder_size(p) for p in sorted(tmp.iterdir())},
+                      "wall_s": round(time.perf_counter() - t0, 3)}
+            _write_json(tmp / TARGET_MANIFEST, record)
+        for note in job.notes:
+            self.log(f"{label}: {note}")
+        self.log(f"{label}: wrote " + ", ".join(f"{planned.format}/{name} ({size / 1e6:.1f} MB)"
+                                                for name, size in record["files"].items()))
+        return record
+
     def _cached_report(self, key: str) -> CheckReport | None:
         """The run folder's report.json if it was made with `key` (checks are cached like steps)."""
         try:
@@ -487,7 +520,8 @@ class Runner:
             "version": __version__,
             "model": str(self.plan.model_path) if self.plan.model_path else f"exporter {recipe.model.exporter}",
             "steps": [r.manifest | {"cached": r.cached} for r in result.steps],
-            "final": {"folder": "final", "graphs": _graph_facts(result.final), "sidecars": list(result.final.sidecars)},
+            "final": {"folder": "final", "graphs": _graph_facts(result.final), "sidecars": list(result.final.sidecars),
+                      "targets": {t["format"]: {k: t[k] for k in ("files", "notes")} for t in result.targets}},
             "check": None if result.report is None else {
                 "report": "report.json", "failures": result.report.failures or [],
                 "outputs": result.report.to_json()["outputs"]},
@@ -515,6 +549,19 @@ def _graph_facts(ms: ModelSet) -> dict[str, Any]:
         facts[g.name] = {"file": g.file, "bytes": path.stat().st_size, "sha256": g.sha256,
                          "nodes": len(model.graph.node), "op_counts": op_counts(model)}
     return facts
+
+
+def _cached_target(folder: Path, key: str) -> dict[str, Any] | None:
+    """A target folder's record if it was made with `key` and its files are all there, at their sizes."""
+    try:
+        data = json.loads((folder / TARGET_MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    try:
+        intact = all(folder_size(folder / name) == size for name, size in data.get("files", {}).items())
+    except OSError:
+        return None
+    return data if data.get("key") == key and intact else None
 
 
 def _cached(folder: Path, key: str, manifest: str = STEP_MANIFEST) -> dict[str, Any] | None:

@@ -168,7 +168,7 @@ class Tuner:
     def run(self) -> RunResult:
         from .runfolder import hold
 
-        plan_recipe(self._without_tune(self.recipe))  # model, calibration and check, before long work
+        plan_recipe(self._without_tune(self.recipe, targets=True))  # model, calibration, check and targets, early
         with hold(self.out_dir, log=self.log):
             return self._run()
 
@@ -213,9 +213,11 @@ class Tuner:
         return result
 
     def _without_tune(self, recipe: Recipe, steps: list[Step] | None = None, model: dict | None = None,
-                      check: bool = True) -> Recipe:
+                      check: bool = True, targets: bool = False) -> Recipe:
         data = recipe.model_dump(mode="python", by_alias=True, exclude={"source_path"})
         data["tune"] = None
+        if not targets:  # formats beside ONNX are for the chosen model only, not for every candidate
+            data["targets"] = []
         data["steps"] = [s.model_dump(mode="python", by_alias=True) for s in steps or []]
         if model is not None:
             data["model"] = model
@@ -601,11 +603,13 @@ class Tuner:
     # -- output ----------------------------------------------------------------
 
     def _resolved(self, assignment: dict[str, str]) -> Recipe:
-        return self._without_tune(self.recipe, self._steps(assignment))
+        return self._without_tune(self.recipe, self._steps(assignment), targets=True)
 
     def _resolved_yaml(self, resolved: Recipe) -> str:
         data = resolved.model_dump(mode="json", by_alias=True, exclude={"source_path"}, exclude_none=True)
         data.pop("tune", None)
+        if not data.get("targets"):
+            data.pop("targets", None)
         name = self.recipe.source_path.name if self.recipe.source_path else self.recipe.name
         return (f"# Resolved by `pipeline tune` from {name}: every block's precision is explicit;\n"
                 f"# running this recipe rebuilds the same model, byte for byte, without the search.\n"

@@ -158,7 +158,8 @@ def test_streaming_recipe_splits_and_the_shrunk_chain_still_speaks(runs, piper_m
     assert chain["audio"]["log_mel_max"] <= 0.10 and report["failures"] == []
 
 
-HIFIGAN_TARGETS = {"hifigan_fp16": {"size": 0.51, "log_mel": 0.02}, "hifigan_int8": {"size": 0.40, "log_mel": 0.10}}
+HIFIGAN_TARGETS = {"hifigan_fp16": {"size": 0.51, "log_mel": 0.02}, "hifigan_int8": {"size": 0.40, "log_mel": 0.10},
+                   "hifigan_deploy": {"size": 0.51, "log_mel": 0.02}}
 
 
 @pytest.mark.parametrize("name", sorted(HIFIGAN_TARGETS))
@@ -185,3 +186,6 @@ def test_hifigan_recipes_run_as_shipped_and_meet_their_targets(tmp_path, name):
         assert all(blocks[f"/resblocks.{i}"]["precision"].get("int8", 0) > 0 for i in range(6))
         assert all("int8" not in blocks[f"/resblocks.{i}"]["precision"] for i in range(6, 12))
         assert 0 < audio["mcd_db_mean"] < 6  # 3.3 dB measured; a wrecked vocoder reads 25-33
+    if name == "hifigan_deploy":  # the formats beside ONNX (tests/test_targets.py checks what is in them)
+        assert (run / "final" / "torchscript" / "hifigan_universal.pt").is_file()
+        assert (run / "final" / "coreml" / "hifigan_universal.mlpackage" / "Manifest.json").is_file()

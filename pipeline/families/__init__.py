@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from ..metrics import Metric
     from ..modelset import ModelSet
+    from ..targets import Target
 
 ENTRY_POINT_GROUP = "tts_onnx_pipeline.families"
 GENERIC = "generic"
@@ -101,6 +102,9 @@ class Family:
     description: ClassVar[str] = ""
     exporters: ClassVar[tuple[Exporter, ...]] = ()
     sources: ClassVar[tuple[type[CalibrationSource], ...]] = ()
+    # Formats beside ONNX (a recipe's `targets:`), written from the PyTorch model its exporter loads.
+    targets: ClassVar[tuple[Target, ...]] = ()
+    no_targets: ClassVar[str] = ""  # why a family writes no format beside ONNX, when it has none
     # A family whose ModelSet is an autoregressive loop implements `check_loop`; the core then
     # calls it instead of walking the graphs as a dataflow chain.
     autoregressive: ClassVar[bool] = False

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from ...audio import MelSettings
 from ...modelset import ModelSet
 from .. import AudioOutput, Exporter, Family, files_key
+from .targets import COREML, TORCHSCRIPT
 
 
 class HifiganParams(BaseModel):
@@ -57,6 +58,7 @@ class HifiganFamily(Family):
     description = "HiFi-GAN vocoders: log-mels in, audio out, at the config's sample rate"
     exporters = (Exporter("hifigan", HifiganParams, _export, _key),)
     sources = (PiperMels,)
+    targets = (TORCHSCRIPT, COREML)
 
     def recognizes(self, model_path: Path, model) -> bool:
         return takes_mels(model)

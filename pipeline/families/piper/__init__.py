@@ -44,6 +44,7 @@ class PiperFamily(Family):
     name = "piper"
     description = "Piper/VITS voices (.onnx + .onnx.json): phonemized sentences in, audio out"
     sources = (PiperSentences,)
+    no_targets = "a Piper voice comes as ONNX; its PyTorch form (piper's training checkpoint) is not available here"
 
     def recognizes(self, model_path: Path, model) -> bool:
         return voice_config(model_path).is_file()
