@@ -151,7 +151,7 @@ def test_an_onnx_vocoder_file_has_no_pytorch_model_to_convert(tmp_path, vocoder_
         in one_line(res.output)
 
 
-@pytest.mark.parametrize("module, fmt", [("coremltools", "coreml")])
+@pytest.mark.parametrize("module, fmt", [("coremltools", "coreml"), ("gguf", "gguf")])
 def test_a_missing_optional_package_is_named(tmp_path, monkeypatch, module, fmt):
     monkeypatch.setitem(sys.modules, module, None)  # as if not installed: find_spec answers None
     model = {"exporter": "chattts_gpt", "params": {"seed": 0}} if fmt == "gguf" else None

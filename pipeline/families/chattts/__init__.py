@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from ...errors import PipelineError
 from ...modelset import ModelSet
 from .. import Exporter, Family, Generated, GenerateRequest, files_key
+from .gguf import GGUF_TARGET
 
 EXPORTER = "chattts_gpt"
 
@@ -36,8 +37,9 @@ class ChatTTSParams(BaseModel):
     config: dict[str, Any] = {}  # GPTConfig overrides for seeded weights (tests use a small model)
 
 
-def _export(params: ChatTTSParams, dest: Path, resolve):
-    from .exporter import GPTConfig, export_modelset, load_weights
+def gpt_weights(params: ChatTTSParams, resolve):
+    """The GPT's PyTorch weights these params name: the export's, and every target's."""
+    from .exporter import GPTConfig, load_weights
 
     names = {f.name for f in fields(GPTConfig)}
     unknown = sorted(set(params.config) - names)
@@ -46,8 +48,13 @@ def _export(params: ChatTTSParams, dest: Path, resolve):
     if params.asset and params.config:
         raise PipelineError("model.params: 'config' overrides apply to seeded weights; an asset folder has its own")
     asset = resolve(params.asset) if params.asset else None
-    weights = load_weights(asset, GPTConfig(**params.config) if params.config else None, seed=params.seed)
-    return export_modelset(weights, dest)
+    return load_weights(asset, GPTConfig(**params.config) if params.config else None, seed=params.seed)
+
+
+def _export(params: ChatTTSParams, dest: Path, resolve):
+    from .exporter import export_modelset
+
+    return export_modelset(gpt_weights(params, resolve), dest)
 
 
 def _key(params: ChatTTSParams, resolve) -> str:
@@ -64,6 +71,7 @@ class ChatTTSFamily(Family):
     description = "ChatTTS's GPT: block-wise LlamaModel, text and audio-code heads, generated in a KV-cache loop"
     exporters = (Exporter(EXPORTER, ChatTTSParams, _export, _key),)
     sources = (ChatTTSPrompts,)
+    targets = (GGUF_TARGET,)
     autoregressive = True
 
     def tokens(self, ms: ModelSet | None) -> bool:

@@ -30,6 +30,7 @@ from ...errors import PipelineError
 from ...metrics import Metric
 from ...modelset import ModelSet
 from .. import Exporter, Family, Generated, GenerateRequest, files_key
+from .gguf import GGUF_TARGET
 
 EXPORTER = "tortoise_gpt"
 
@@ -59,13 +60,18 @@ def _config(params: TortoiseParams):
     return c
 
 
-def _export(params: TortoiseParams, dest: Path, resolve):
-    from .exporter import export_modelset
+def gpt_weights(params: TortoiseParams, resolve):
+    """The UnifiedVoice weights these params name: the export's, and every target's."""
     from .weights import load_checkpoint, seeded_weights
 
     c = _config(params)
-    weights = load_checkpoint(resolve(params.checkpoint), c) if params.checkpoint else seeded_weights(c, params.seed)
-    return export_modelset(weights, dest)
+    return load_checkpoint(resolve(params.checkpoint), c) if params.checkpoint else seeded_weights(c, params.seed)
+
+
+def _export(params: TortoiseParams, dest: Path, resolve):
+    from .exporter import export_modelset
+
+    return export_modelset(gpt_weights(params, resolve), dest)
 
 
 def _key(params: TortoiseParams, resolve) -> str:
@@ -92,6 +98,7 @@ class TortoiseFamily(Family):
     description = "Tortoise-TTS's GPT2: prefill and decode graphs sharing one weights file, codes and latents"
     exporters = (Exporter(EXPORTER, TortoiseParams, _export, _key),)
     sources = (TortoiseTexts,)
+    targets = (GGUF_TARGET,)
     autoregressive = True
 
     def tokens(self, ms: ModelSet | None) -> bool:

@@ -1,0 +1,179 @@
+"""The `gguf` target of Tortoise's GPT2 (UnifiedVoice): the PyTorch weights as `tortoise-gpt2-<type>.gguf`.
+
+`general.architecture` is `tortoise-gpt2`, which is not a llama.cpp architecture (llama.cpp's `gpt2` has one
+token embedding, one position table and one head): llama.cpp will not load these files as they are. They hold
+what a GGML runtime of Tortoise's autoregressive model needs, named the llama.cpp way, without a tokenizer.
+
+Tensors (numpy shapes; matrices [out, in], so GGUF's ne is [in, out] as llama.cpp stores them; the GPT2
+Conv1D weights, stored [in, out] in the checkpoint, are transposed):
+
+    token_embd_text.weight        [number_text_tokens+1, dim]   text_embedding
+    token_embd_mel.weight         [number_mel_codes, dim]       mel_embedding
+    position_embd_text.weight     [max_text_tokens+2, dim]      text_pos_embedding.emb
+    position_embd_mel.weight      [max_mel_tokens+2+max_conditioning_inputs, dim]   mel_pos_embedding.emb
+    blk.N.attn_norm.weight/bias   [dim]                         gpt.h.N.ln_1 (LayerNorm)
+    blk.N.attn_qkv.weight         [3*dim, dim]                  gpt.h.N.attn.c_attn (rows: q, then k, then v)
+    blk.N.attn_qkv.bias           [3*dim]
+    blk.N.attn_output.weight/bias [dim, dim], [dim]             gpt.h.N.attn.c_proj
+    blk.N.ffn_norm.weight/bias    [dim]                         gpt.h.N.ln_2
+    blk.N.ffn_up.weight/bias      [4*dim, dim], [4*dim]         gpt.h.N.mlp.c_fc (gelu_new after it)
+    blk.N.ffn_down.weight/bias    [dim, 4*dim], [dim]           gpt.h.N.mlp.c_proj
+    output_norm.weight/bias       [dim]                         gpt.ln_f
+    final_norm.weight/bias        [dim]                         final_norm (after ln_f: the diffusion latent)
+    output_text.weight/bias       [number_text_tokens+1, dim]   text_head
+    output_mel.weight/bias        [number_mel_codes, dim]       mel_head
+
+No rope: positions are the learned tables, added to the token embeddings outside the GPT2 (text at 0..T+1,
+mel code k at k+1 with the KV cache). The conditioning encoder is left out: the voice's latent is computed
+once per voice, by the ONNX result's `conditioning` graph, and is the prompt's first input row.
+
+Metadata: general.architecture, general.name, general.file_type (the type with most matrix parameters),
+general.quantization_version (when quantized), general.description (seeded weights only: they are untrained);
+tortoise-gpt2.context_length (text + mel positions, GPT2's n_positions), embedding_length, block_count,
+feed_forward_length, attention.head_count, attention.head_count_kv, attention.layer_norm_epsilon,
+start_text_token, stop_text_token, start_mel_token, stop_mel_token, number_text_tokens, number_mel_codes,
+text_positions, mel_positions, max_text_tokens, max_mel_tokens, max_conditioning_inputs.
+
+Types (`pipeline.gguf_file`): 1-D tensors F32; f32/f16/q8_0 put every matrix in that type; `auto` carries over
+the ONNX steps' choice per block of the `prefill` and `decode` graphs (nodes named `/gpt/h.N/...`,
+`/mel_embedding/...`, `/mel_head/...`: `pipeline.blocks.default_block_id`): blk.N from `/gpt/h.N`, each
+embedding, position table and head from its own block. Both graphs hold the same weights; where the steps
+chose differently for them, the wider precision is kept, with a note. text_head is in neither graph (inference
+reads only the mel head), so `auto` keeps it F32.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ...errors import PipelineError
+from ...gguf_file import (GGUFParams, Picker, Written, graph_proto, plan_from_precisions, write_file,
+                          write_target)
+from ...targets import PRECISIONS, Target, TargetJob, require_module, weight_precision
+
+if TYPE_CHECKING:  # the weights' module (and torch) load when a file is written, not when the family is
+    from .weights import TortoiseWeights
+
+__all__ = ["GGUFParams", "GGUF_TARGET", "gguf_tensors", "gguf_metadata", "write_tortoise_gguf", "write_gguf"]
+
+ARCH = "tortoise-gpt2"
+STEM = "tortoise-gpt2"
+GRAPHS = ("prefill", "decode")
+# (Tortoise's module, GGUF name, transposed?: HF Conv1D stores [in, out])
+BLOCK_TENSORS = (("ln_1", "attn_norm", False), ("attn.c_attn", "attn_qkv", True), ("attn.c_proj", "attn_output", True),
+                 ("ln_2", "ffn_norm", False), ("mlp.c_fc", "ffn_up", True), ("mlp.c_proj", "ffn_down", True))
+# (Tortoise's module, GGUF name, ONNX block): outside the GPT2 blocks
+EMBEDDINGS = (("text_embedding", "token_embd_text", "/text_embedding"),
+              ("mel_embedding", "token_embd_mel", "/mel_embedding"),
+              ("text_pos_embedding.emb", "position_embd_text", "/text_pos_embedding"),
+              ("mel_pos_embedding.emb", "position_embd_mel", "/mel_pos_embedding"))
+TAIL = (("gpt.ln_f", "output_norm", "/gpt"), ("final_norm", "final_norm", "/final_norm"),
+        ("text_head", "output_text", "/text_head"), ("mel_head", "output_mel", "/mel_head"))
+
+
+def gguf_tensors(w: TortoiseWeights) -> Iterator[tuple[str, np.ndarray, str]]:
+    """(GGUF name, float32 array, the ONNX block whose precision `auto` carries over), in file order."""
+    s = {k: v.detach().numpy() for k, v in w.state.items()}
+    for src, dst, block in EMBEDDINGS:
+        yield f"{dst}.weight", s[f"{src}.weight"], block
+    for n in range(w.config.layers):
+        for src, dst, transposed in BLOCK_TENSORS:
+            weight = s[f"gpt.h.{n}.{src}.weight"]
+            yield f"blk.{n}.{dst}.weight", weight.T if transposed else weight, f"/gpt/h.{n}"
+            yield f"blk.{n}.{dst}.bias", s[f"gpt.h.{n}.{src}.bias"], f"/gpt/h.{n}"
+    for src, dst, block in TAIL:
+        yield f"{dst}.weight", s[f"{src}.weight"], block
+        yield f"{dst}.bias", s[f"{src}.bias"], block
+
+
+def gguf_metadata(w: TortoiseWeights) -> dict[str, Any]:
+    from .model import LN_EPS
+
+    c, a = w.config, ARCH
+    meta: dict[str, Any] = {
+        "general.name": "Tortoise-TTS autoregressive GPT2",
+        f"{a}.context_length": c.text_positions + c.mel_positions, f"{a}.embedding_length": c.model_dim,
+        f"{a}.block_count": c.layers, f"{a}.feed_forward_length": c.inner,
+        f"{a}.attention.head_count": c.heads, f"{a}.attention.head_count_kv": c.heads,
+        f"{a}.attention.layer_norm_epsilon": float(LN_EPS),
+        f"{a}.start_text_token": c.start_text_token, f"{a}.stop_text_token": c.stop_text_token,
+        f"{a}.start_mel_token": c.start_mel_token, f"{a}.stop_mel_token": c.stop_mel_token,
+        f"{a}.number_text_tokens": c.number_text_tokens, f"{a}.number_mel_codes": c.number_mel_codes,
+        f"{a}.text_positions": c.text_positions, f"{a}.mel_positions": c.mel_positions,
+        f"{a}.max_text_tokens": c.max_text_tokens, f"{a}.max_mel_tokens": c.max_mel_tokens,
+        f"{a}.max_conditioning_inputs": c.max_conditioning_inputs,
+    }
+    if w.seeded:  # a file of random weights must say so wherever it goes
+        meta["general.description"] = f"untrained: {w.source}"
+    return meta
+
+
+def write_tortoise_gguf(weights: TortoiseWeights, path: Path, qtype_for: str | Picker) -> Written:
+    """Write one GGUF file; `qtype_for` is a type (f32, f16, q8_0, q4_0) or a function of the tensor's ONNX block
+    (`/gpt/h.3`, `/mel_head`, ...) giving one. Returns each tensor's (name, shape, stored type) and notes."""
+    gguf = require_module("gguf", "gguf", "format 'gguf'")
+    pick = (lambda group: qtype_for) if isinstance(qtype_for, str) else qtype_for
+    tensors = ((name, array, pick(group) if array.ndim >= 2 else "f32")
+               for name, array, group in gguf_tensors(weights))
+    return write_file(gguf, Path(path), ARCH, gguf_metadata(weights), tensors)
+
+
+def matrix_groups(w: TortoiseWeights) -> list[str]:
+    """The ONNX blocks whose precision `auto` reads: each one holds matrices of the file."""
+    return list(dict.fromkeys(group for _, array, group in gguf_tensors(w) if array.ndim >= 2))
+
+
+def _block_precisions(final: Any, graph: str, groups: list[str]) -> dict[str, str]:
+    from ...blocks import default_block_id  # here: the blocks module imports the recipe schema
+
+    model = graph_proto(final, graph)
+    nodes: dict[str, list] = {}
+    for node in model.graph.node:
+        nodes.setdefault(default_block_id(node.name), []).append(node)
+    return {g: weight_precision(model, nodes[g]) for g in groups if g in nodes}
+
+
+def auto_plan(gguf: Any, w: TortoiseWeights, final: Any) -> tuple[dict[str, str], list[str]]:
+    """Block -> GGUF type from the weight precision of the block's nodes in prefill and decode (the wider of
+    the two where they differ: that choice was made for accuracy, and one file serves both)."""
+    if final.meta.get("config") not in (None, asdict(w.config)):
+        raise PipelineError("gguf: the ONNX result was exported with another Tortoise config than the target's "
+                            "weights; its precision choices do not apply")
+    missing = [g for g in GRAPHS if g not in final.names()]
+    if missing:
+        raise PipelineError(f"gguf: types 'auto' reads the precision of the {' and '.join(GRAPHS)} graphs, but the "
+                            f"ONNX result has no {', '.join(missing)} (graphs: {', '.join(final.names())})")
+    groups = matrix_groups(w)
+    found = [_block_precisions(final, g, groups) for g in GRAPHS]
+    precisions, notes = {}, []
+    for group in groups:
+        seen = {f[group] for f in found if group in f} or {"fp32"}  # in no graph: no choice was made
+        precisions[group] = max(seen, key=PRECISIONS.index)
+        if len(seen) > 1:
+            prefill, decode = (f.get(group, "absent") for f in found)
+            notes.append(f"gguf: {group} is {prefill} in prefill, {decode} in decode; the file keeps the wider, "
+                         f"{precisions[group]}")
+    plan, lost = plan_from_precisions(gguf, precisions)
+    return plan, notes + lost
+
+
+def write_gguf(job: TargetJob) -> None:
+    gguf = require_module("gguf", "gguf", "format 'gguf'")
+    from . import gpt_weights
+
+    weights = gpt_weights(job.model, job.resolve)
+    if weights.seeded:
+        job.notes.append(f"gguf: written from {weights.source}, untrained (general.description says so)")
+    write_target(job, gguf, STEM, lambda path, pick: write_tortoise_gguf(weights, path, pick),
+                 lambda: auto_plan(gguf, weights, job.final))
+
+
+GGUF_TARGET = Target(
+    "gguf", GGUFParams, write_gguf, needs=(("gguf", "gguf"),),
+    description="GGUF files of the GPT2 (arch 'tortoise-gpt2', llama.cpp tensor names, no tokenizer, no "
+                "conditioning encoder): f32, f16, q8_0, or auto (each layer, embedding and head in the precision "
+                "the ONNX steps chose)")
