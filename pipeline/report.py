@@ -132,7 +132,18 @@ def outputs_lines(report: dict[str, Any]) -> list[str]:
                      f"length change max {a['length_diff_max_abs']:.2%} "
                      f"({a['samples_with_length_change']} of {report['samples']} samples)")
         lines.append(line)
-    return lines
+    return lines + [_format_line(f) for f in report.get("formats") or []]
+
+
+def _format_line(f: dict[str, Any]) -> str:
+    """A file written beside ONNX: what it was compared with, and how far off it is (or why it was not)."""
+    head = f"format {f['format']} {f['file']}"
+    if f.get("sqnr_db") is None:
+        return f"{head}: not checked: {f.get('note') or 'no check'}"
+    line = f"{head}: {f['compared']}: SQNR {'min ' if f.get('worst') else ''}{_fmt_db(f['sqnr_db'])} dB"
+    line += f" ({f['worst']})" if f.get("worst") else ""
+    line += f", log-mel max {f['log_mel_max']:.4f}" if f.get("log_mel_max") is not None else ""
+    return line + (f"; {f['note']}" if f.get("note") else "")
 
 
 def _token_line(head: str, t: dict[str, Any], what: str, samples: int) -> str:

@@ -202,6 +202,20 @@ class TuneSummary(_Strict):
     candidates: list[TuneCandidate]
 
 
+class FormatResult(_Strict):
+    """One file of a format written beside ONNX (a recipe's `targets:`), checked on the check's own inputs against
+    the FP32 ONNX model, as the ONNX result is."""
+
+    format: str = Field(description="the target's format (gguf, torchscript, coreml)")
+    file: str = Field(description="the file, in final/<format>/")
+    compared: str = Field(description="what was compared with the FP32 ONNX model, on which inputs")
+    sqnr_db: OptionalDb = Field(None, description="pooled SQNR, dB; for a check per part (decoder layers, "
+                                                  "isolated), the lowest part's; null: not run")
+    worst: str | None = Field(None, description="the part with the lowest SQNR")
+    log_mel_max: float | None = Field(None, description="worst sample's log-mel distance (audio)")
+    note: str | None = Field(None, description="what was not checked, and why")
+
+
 class CheckReport(_Strict):
     """A check's whole result. Blocks are in graph order."""
 
@@ -223,6 +237,7 @@ class CheckReport(_Strict):
     rounds: list[FallbackRound] | None = Field(None, description="automatic fallback rounds")
     tune: TuneSummary | None = Field(None, description="the precision search behind this model (pipeline tune)")
     audio_examples: list[AudioExample] | None = Field(None, description="samples to listen to (audio families)")
+    formats: list[FormatResult] | None = Field(None, description="the formats beside ONNX, checked the same way")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     # The examples' waveforms by WAV file name, while this report is the check's own (not read back from JSON).

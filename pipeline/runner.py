@@ -43,8 +43,9 @@ from .errors import PipelineError
 from .modelset import ModelSet, graph_sha256
 from .onnx_io import check_loads, external_files, is_light, load_light, load_onnx, set_provenance
 from .recipe import Recipe, Scope, Step, format_validation_error
-from .results import CheckReport
-from .targets import TARGET_MANIFEST, PlannedTarget, TargetJob, folder_size, plan_targets, write_target
+from .results import CheckReport, FormatResult
+from .targets import (TARGET_MANIFEST, FormatInputs, PlannedTarget, TargetJob, folder_size, plan_targets,
+                      write_target)
 from .families import detect_family, family_of_exporter, get_family
 from .sources import materialize_base, resolve_model_path
 
@@ -278,7 +279,7 @@ class Runner:
         result = RunResult(self.out_dir, final, records, time.perf_counter() - start)
         result.targets = [self._target(planned, final) for planned in self.plan.targets]
         if self.plan.recipe.check is not None:
-            result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final)
+            result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final, result.targets)
         result.wall_s = time.perf_counter() - start
         self._write_manifest(result)
         if result.report and result.report.failures and self.plan.recipe.check.on_fail == "error":
@@ -297,8 +298,9 @@ class Runner:
         family.fit_source(source, base, self.plan.recipe.calibration.params)
         self.plan.calibration = checked_feeds(source, base.load(entry), where="calibration")
 
-    def _check(self, base: ModelSet, final: ModelSet) -> CheckReport:
-        """Per-block error of final vs base and the family's output metrics; cached by content like a step."""
+    def _check(self, base: ModelSet, final: ModelSet, targets: list[dict[str, Any]]) -> CheckReport:
+        """Per-block error of final vs base and the family's output metrics, then every format beside ONNX
+        against the same base on the same inputs; cached by content like a step."""
         from .compare import eval_feeds
         from .evaluate import evaluate
         from .metrics import check_limits, failures, metrics_for
@@ -310,7 +312,8 @@ class Runner:
         blocks = self.plan.recipe.blocks
         key = _hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
                      "check": check.model_dump(mode="json", exclude={"fallback"}), "family": family.name,
-                     "blocks": blocks.model_dump(mode="json") if blocks else None, "feeds": _feeds_hash(feeds)})
+                     "blocks": blocks.model_dump(mode="json") if blocks else None, "feeds": _feeds_hash(feeds),
+                     "targets": [t["key"] for t in targets]})
         cached = self._cached_report(key)
         if cached is not None:
             return cached
@@ -319,11 +322,32 @@ class Runner:
             report = evaluate(base, final, feeds, family, blocks=blocks,
                               fp32_twin=self.references[tuple(final.names())], sensitivity=check.sensitivity,
                               decode_steps=check.decode_steps, progress=progress.status("check"))
+        report.formats = self._check_formats(base, feeds, targets) or None
         report.key = key
         report.notes.append(f"inputs: {inputs}")
         report.failures = failures(report, check_limits(check), metrics_for(family, base))
         write_reports(report, self.out_dir)
         return report
+
+    def _check_formats(self, base: ModelSet, feeds: list[Feeds], targets: list[dict[str, Any]]) -> list[FormatResult]:
+        """Each target's files against the FP32 base, on the check's inputs (its graphs' captured once)."""
+        params = self.plan.exporter[0] if self.plan.exporter else None
+        captured: dict[str, list[Feeds]] = {}
+
+        def capture(graph: str) -> list[Feeds]:
+            return self.plan.family.capture(base, feeds, graph, captured, progress.counter(f"check: {graph} inputs"))
+
+        results: list[FormatResult] = []
+        for planned, record in zip(self.plan.targets, targets):
+            files = list(record["files"])
+            if planned.target.check is None:
+                results += [FormatResult(format=planned.format, file=f, compared="-",
+                                         note="this format has no check") for f in files]
+                continue
+            with progress.activity(f"check: {planned.format}"):
+                results += planned.target.check(FormatInputs(self.out_dir / "final" / planned.format, files, params,
+                                                             self.plan.recipe.resolve_path, base, feeds, capture))
+        return results
 
     # -- steps -------------------------------------------------------------
 

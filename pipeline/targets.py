@@ -43,6 +43,19 @@ class TargetJob:
     notes: list[str] = field(default_factory=list)  # one line each, printed by the run and kept in the manifest
 
 
+@dataclass
+class FormatInputs:
+    """What a target's check gets: the files it wrote and the check's own inputs, FP32 reference included."""
+
+    folder: Path  # final/<format>/
+    files: list[str]  # the files written there
+    model: BaseModel  # the recipe's exporter params
+    resolve: Callable[[str], Path]
+    reference: Any  # the FP32 base ModelSet (steps/00-base): what the check compares everything with
+    feeds: list[Any]  # the check's evaluation inputs of the reference's entry graph
+    capture: Callable[[str], list[Any]]  # a reference graph's inputs on those feeds (the family's capture, cached)
+
+
 @dataclass(frozen=True)
 class Target:
     """A format a family writes from its PyTorch model."""
@@ -52,6 +65,9 @@ class Target:
     write: Callable[[TargetJob], None]  # writes files into job.dest; adds notes
     needs: tuple[tuple[str, str], ...] = ()  # (module, extra): optional packages, checked before any work
     description: str = ""
+    # Measures the written files against the FP32 ONNX on the check's inputs (a list of
+    # results.FormatResult, one per file); None: the format is not checked, and the report says so.
+    check: Callable[[FormatInputs], list[Any]] | None = None
 
     def missing_package(self) -> str | None:
         """A one-line reason when an optional package this format needs is not installed."""

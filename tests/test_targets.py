@@ -26,9 +26,10 @@ class NoParams(BaseModel):
     pass
 
 
-def write_recipe(folder: Path, targets: list[dict], steps: list | None = None, model: dict | None = None) -> Path:
+def write_recipe(folder: Path, targets: list[dict], steps: list | None = None, model: dict | None = None,
+                 check: dict | None = None) -> Path:
     recipe = {"name": "vocoder_targets", "model": model or {"exporter": "hifigan", "params": {"checkpoint": "universal"}},
-              "steps": steps or [], "targets": targets}
+              "steps": steps or [], "targets": targets, **({"check": check} if check else {})}
     path = folder / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -39,7 +40,8 @@ def vocoder_run(tmp_path_factory) -> Path:
     """The universal vocoder, FP16-stored weights in the ONNX steps, with TorchScript and Core ML beside it."""
     folder = tmp_path_factory.mktemp("targets")
     recipe = write_recipe(folder, [{"format": "torchscript"}, {"format": "coreml"}],
-                          steps=[{"pass": "compress_weights", "params": {"dtype": "fp16"}}])
+                          steps=[{"pass": "compress_weights", "params": {"dtype": "fp16"}}],
+                          check={"samples": 2, "on_fail": "warn"})
     res = cli("run", str(recipe), "--out", str(folder / "run"))
     assert res.exit_code == 0, res.output
     return folder / "run"
@@ -100,6 +102,11 @@ def test_run_reports_the_formats_and_what_did_not_carry_over(vocoder_run):
     assert set(targets) == {"torchscript", "coreml"}
     assert any("fp16 in /conv_pre" in n and "written in FP32" in n for n in targets["torchscript"]["notes"])
     assert any("74 conv" in n for n in targets["coreml"]["notes"])
+    formats = {f["format"]: f for f in json.loads((vocoder_run / "report.json").read_text())["formats"]}
+    # checked the same way as the ONNX result: its audio against the FP32 ONNX vocoder on the check's mels
+    assert formats["torchscript"]["file"] == "hifigan_universal.pt" and formats["torchscript"]["sqnr_db"] >= 60
+    assert formats["torchscript"]["log_mel_max"] < 0.001 and "on 2 samples" in formats["torchscript"]["compared"]
+    assert formats["coreml"].get("sqnr_db") is None and "only on Apple systems" in formats["coreml"]["note"]
     res = cli("inspect", str(vocoder_run))
     assert res.exit_code == 0, res.output
     assert "torchscript/hifigan_universal.pt" in res.output and "coreml/hifigan_universal.mlpackage" in res.output

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ...targets import Target, TargetJob, narrowed_blocks, uncarried_note
+from ...results import FormatResult
+from ...targets import FormatInputs, Target, TargetJob, narrowed_blocks, uncarried_note
 
 if TYPE_CHECKING:
     from .exporter import Generator
@@ -116,7 +117,51 @@ def write_coreml(job: TargetJob) -> None:
     _note_precision(job, "Core ML", f"{p.compute_precision.upper()} compute", ("fp16",) if fp16 else ())
 
 
-TORCHSCRIPT = Target("torchscript", TorchScriptParams, write_torchscript,
+def check_torchscript(inputs: FormatInputs) -> list[FormatResult]:
+    """The saved module, loaded as LibTorch would, on the check's mels: its audio against the FP32 ONNX's."""
+    import numpy as np
+    import torch
+
+    from ...audio import compare_audio, sqnr_db
+    from ...onnx_io import session
+    from .. import family_of
+    from .exporter import GRAPH
+
+    mel_settings = family_of(inputs.reference).audio(inputs.reference).mel
+    reference = session(inputs.reference.load(GRAPH))
+    results = []
+    for name in inputs.files:
+        module = _load_torchscript(inputs.folder / name)
+        pairs = []
+        for feeds in inputs.feeds:
+            with torch.no_grad():
+                got = module(torch.from_numpy(feeds["mel"])).numpy()
+            pairs.append((reference.run(None, feeds)[0], got))
+        log_mel = max(compare_audio(r, c, mel=mel_settings).log_mel_distance for r, c in pairs)
+        pooled = sqnr_db(np.concatenate([r.ravel() for r, _ in pairs]), np.concatenate([c.ravel() for _, c in pairs]))
+        results.append(FormatResult(format="torchscript", file=name, sqnr_db=pooled, log_mel_max=log_mel,
+                                    compared=f"audio of the loaded module vs the FP32 ONNX on {len(pairs)} samples"))
+    return results
+
+
+def _load_torchscript(path: Path):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice (see torch_formats.trace)
+        return torch.jit.load(str(path)).eval()
+
+
+def check_coreml(inputs: FormatInputs) -> list[FormatResult]:
+    return [FormatResult(format="coreml", file=name, compared="-",
+                         note="Core ML runs only on Apple systems; on this machine the conversion, the input and "
+                              "output specs and the op count were checked when it was written")
+            for name in inputs.files]
+
+
+TORCHSCRIPT = Target("torchscript", TorchScriptParams, write_torchscript, check=check_torchscript,
                      description="a traced TorchScript module (.pt) for LibTorch, time axis free")
-COREML = Target("coreml", CoreMLParams, write_coreml, needs=(("coremltools", "coreml"),),
+COREML = Target("coreml", CoreMLParams, write_coreml, needs=(("coremltools", "coreml"),), check=check_coreml,
                 description="a Core ML ML program (.mlpackage), a range of frames, FP16 compute")
