@@ -81,7 +81,9 @@ def run(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: bool) -> No
     """Run RECIPE (a file, or the name of an installed recipe: see `pipeline recipes`): base model, then
     each step; finished steps are reused on a re-run, and an interrupted run resumes.
 
-    A recipe with a `tune:` section runs the precision search first (as `pipeline tune`)."""
+    A recipe with a `tune:` section runs the precision search first (as `pipeline tune`). One with
+    `targets:` also writes those formats (gguf, torchscript, coreml) from the family's PyTorch model into
+    final/<format>/, and its check measures them too."""
     _run_recipe(recipe, out_dir, quiet, all_blocks)
 
 

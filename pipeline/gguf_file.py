@@ -11,19 +11,31 @@ Precision choices of the ONNX steps (`pipeline.targets.weight_precision`) map to
 int4 becomes Q4_0 where gguf-py can quantize it in numpy, else Q8_0 (`int4_type` says which).
 gguf is an optional package: every function here takes the module, imported by the caller with
 `pipeline.targets.require_module`.
+
+The check of a `gguf` target (`check_layers`) runs each decoder layer of a file as a numpy forward pass, in
+float64, from the file's dequantized tensors alone (`FileTensors`: each dequantized once, kept while its layer is
+checked), fed the FP32 ONNX layer's own inputs, and pools the SQNR of the layer's outputs over the check's inputs,
+as the ONNX result's per-block check does (isolated). The family supplies the layer's forward pass (built on
+`attend`, `rms_norm`, `layer_norm` here) and the reference's inputs and outputs of each layer.
 """
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import progress
+from .results import FormatResult
+
+if TYPE_CHECKING:
+    from .targets import FormatInputs
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 BLOCKED = ("q8_0", "q4_0")  # quantized in blocks of 32 along a row
@@ -229,3 +241,112 @@ def write_target(job: Any, gguf: ModuleType, stem: str, write: Callable[[Path, P
         job.notes.append(f"{path.name}: the ONNX steps' precision carried over ({describe_plan(plan)})")
         paths.append(path)
     return paths
+
+
+# -- the check: decoder layers as numpy forward passes from the file -------------------------------------------------
+class Tensors(Protocol):
+    """What a layer's forward pass reads: a tensor's values (numpy order, float64) and a metadata value."""
+
+    def __call__(self, name: str) -> np.ndarray: ...
+
+    def meta(self, key: str) -> Any: ...
+
+
+class FileTensors:
+    """A GGUF file's tensors for numpy forward passes: each dequantized once, as float64, and kept until `forget`
+    (a check drops a layer's tensors once every input has been through it, so one layer is held at a time)."""
+
+    def __init__(self, gguf: ModuleType, path: Path):
+        self.path = Path(path)
+        self.contents = read_file(gguf, self.path)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = self.contents.array(name).astype(np.float64)
+        return self._cache[name]
+
+    def meta(self, key: str) -> Any:
+        return self.contents.metadata[key]
+
+    def forget(self, prefix: str = "") -> None:
+        """Drop the cached tensors whose names start with `prefix` (all by default)."""
+        for name in [n for n in self._cache if n.startswith(prefix)]:
+            del self._cache[name]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, past_k: np.ndarray, past_v: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Causal attention of S new positions after P cached ones; q, k, v [H, S, D], past [H, P, D].
+    Returns the heads' output [S, H*D] and the present key and value [H, P+S, D]."""
+    p, s, d = past_k.shape[1], q.shape[1], q.shape[2]
+    key, value = np.concatenate([past_k, k], 1), np.concatenate([past_v, v], 1)
+    scores = q @ key.transpose(0, 2, 1) / np.sqrt(d)
+    scores[:, np.arange(p + s)[None, :] > np.arange(p, p + s)[:, None]] = -np.inf
+    out = softmax(scores) @ value
+    return out.transpose(1, 0, 2).reshape(s, -1), key, value
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return weight * x / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+# One input of a layer: the forward pass's arguments after (file, layer), and the FP32 ONNX layer's outputs on it,
+# in the order the forward pass returns its own.
+Case = tuple[tuple[Any, ...], Sequence[np.ndarray]]
+Forward = Callable[..., Sequence[np.ndarray]]  # (tensors, layer, *args) -> outputs
+
+
+def check_layers(gguf: ModuleType, inputs: FormatInputs, compared: str, total: int,
+                 layers: Iterable[tuple[int, list[Case]]], forward: Forward,
+                 unfit: Callable[[FileTensors], str | None] = lambda f: None) -> list[FormatResult]:
+    """Every .gguf file of `inputs`, layer by layer: `layers` yields (layer index, its cases) in order, `total` of
+    them; each file runs `forward` on every case, and the SQNR of its outputs against the ONNX layer's is pooled
+    over the cases and outputs (as the ONNX check pools a block's outputs). A file's result is its lowest layer's,
+    named by its GGUF prefix (`blk.N`); a file `unfit` says why (another config) is not checked, with that note."""
+    from .check import Pooled
+
+    names = [n for n in inputs.files if n.endswith(".gguf")]
+    files = {name: FileTensors(gguf, inputs.folder / name) for name in names}
+    skipped = {name: why for name, f in files.items() if (why := unfit(f))}
+    pooled: dict[str, dict[str, Pooled]] = {name: {} for name in names}
+    for n, cases in progress.track(layers, "check: gguf, decoder layers", total=total):
+        prefix = f"blk.{n}"
+        for name, f in files.items():
+            if name in skipped or not cases:
+                continue
+            p = pooled[name][prefix] = Pooled()
+            for args, refs in cases:
+                for ref, got in zip(refs, forward(f, n, *args), strict=True):
+                    p.update(ref, got)
+            f.forget(prefix + ".")
+    results = []
+    for name in names:
+        if name in skipped or not pooled[name]:
+            results.append(FormatResult(format="gguf", file=name, compared=compared,
+                                        note=skipped.get(name, "no decoder layer was fed")))
+            continue
+        worst, p = min(pooled[name].items(), key=lambda kv: kv[1].sqnr_db)
+        mismatched = sum(q.shape_mismatches for q in pooled[name].values())
+        note = f"{mismatched} layer outputs were of another shape than the ONNX layer's, not compared" \
+            if mismatched else None
+        results.append(FormatResult(format="gguf", file=name, compared=compared, sqnr_db=p.sqnr_db, worst=worst,
+                                    note=note))
+    return results
+
+
+def config_mismatch(f: FileTensors, arch: str, wanted: dict[str, int]) -> str | None:
+    """Where the file's `<arch>.<key>` metadata differs from the FP32 reference's config (None: it fits)."""
+    found = {k: f.contents.metadata.get(f"{arch}.{k}") for k in wanted}
+    differ = [f"{k} {found[k]} (the FP32 ONNX: {v})" for k, v in wanted.items() if found[k] != v]
+    return f"the file was written for another config: {', '.join(differ)}" if differ else None

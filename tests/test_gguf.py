@@ -1,9 +1,13 @@
 """The `gguf` target of ChatTTS's GPT and Tortoise's GPT2: tensor names, shapes, types and metadata read back with
-gguf-py's own reader; a numpy forward pass of one decoder layer from the file's dequantized tensors against the
-exported ONNX layer run by ONNX Runtime (F32: the reference itself is right; F16, Q8_0: the file's error); the
-F32 file reproducing the embedding, norm and head graphs; and `auto` carrying the ONNX steps' choices over."""
+gguf-py's own reader; the package's numpy forward pass of one decoder layer from the file's dequantized tensors
+against the exported ONNX layer run by ONNX Runtime (F32: the reference itself is right; F16, Q8_0: the file's
+error); the target's check over every layer of every file, on the family's captured inputs (a file with one layer
+wrong names that layer); the F32 file reproducing the embedding, norm and head graphs; and `auto` carrying the ONNX
+steps' choices over."""
 from __future__ import annotations
 
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,20 +22,22 @@ from passes import get_pass
 from passes.base import PassContext
 from pipeline.audio import sqnr_db
 from pipeline.blocks import BlockPartition
-from pipeline.families.chattts import ChatTTSParams
+from pipeline.families.chattts import ChatTTSFamily, ChatTTSParams
 from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
-from pipeline.families.tortoise import TortoiseParams
+from pipeline.families.tortoise import TortoiseFamily, TortoiseParams
 from pipeline.families.tortoise.exporter import export_modelset as export_tortoise
 from pipeline.families.tortoise.model import TortoiseConfig
 from pipeline.gguf_file import GGUFParams, read_file
 from pipeline.modelset import ModelSet
 from pipeline.onnx_io import session
 from pipeline.recipe import Scope
-from pipeline.targets import TargetJob
+from pipeline.targets import FormatInputs, TargetJob
 
 import gguf  # noqa: E402  (the dev extra installs it: never skipped)
 from pipeline.families.chattts import gguf as chattts_gguf  # noqa: E402
 from pipeline.families.tortoise import gguf as tortoise_gguf  # noqa: E402
+from pipeline.families.chattts.gguf import chattts_layer  # noqa: E402
+from pipeline.families.tortoise.gguf import layer_boundaries, norm, tortoise_layer  # noqa: E402
 
 MIN_SQNR = {"f32": 100.0, "f16": 60.0, "q8_0": 35.0}  # dB, the layer's output against the ONNX FP32 layer's
 LAYER = 1  # a middle layer: its input is a real hidden state, not an embedding
@@ -181,63 +187,6 @@ def test_tortoise_file_lists_every_tensor_and_the_config(tortoise, kind):
     assert not any(k.startswith(("tokenizer.", "tortoise-gpt2.rope")) for k in f.reader.fields)
 
 
-# -- numpy reference layers, from the file alone ---------------------------------------------------------------
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def attend(q, k, v, past_k, past_v):
-    """Causal attention of S new positions after P cached ones; q, k, v [H, S, D], past [H, P, D]."""
-    p, s, d = past_k.shape[1], q.shape[1], q.shape[2]
-    key, value = np.concatenate([past_k, k], 1), np.concatenate([past_v, v], 1)
-    scores = q @ key.transpose(0, 2, 1) / np.sqrt(d)
-    scores[:, np.arange(p + s)[None, :] > np.arange(p, p + s)[:, None]] = -np.inf
-    out = softmax(scores) @ value
-    return out.transpose(1, 0, 2).reshape(s, -1), key, value
-
-
-def chattts_layer(f: File, n: int, x, past_k, past_v):
-    """Llama decoder layer N: x [S, H], past [heads, P, D] -> (x', key, value)."""
-    eps, theta = f.meta("chattts.attention.layer_norm_rms_epsilon"), f.meta("chattts.rope.freq_base")
-    heads = f.meta("chattts.attention.head_count")
-    W = lambda t: f(f"blk.{n}.{t}.weight")  # noqa: E731
-    rms = lambda v, t: W(t) * v / np.sqrt((v * v).mean(-1, keepdims=True) + eps)  # noqa: E731
-    s, h = x.shape
-    d, p = h // heads, past_k.shape[1]
-    split = lambda v: v.reshape(s, heads, d).transpose(1, 0, 2)  # noqa: E731
-    y = rms(x, "attn_norm")
-    q, k, v = (split(y @ W(t).T) for t in ("attn_q", "attn_k", "attn_v"))
-    angles = np.arange(p, p + s)[:, None] * theta ** (-np.arange(0, d, 2) / d)
-    cos, sin = np.cos(np.tile(angles, 2)), np.sin(np.tile(angles, 2))
-    rotate = lambda t: np.concatenate([-t[..., d // 2:], t[..., :d // 2]], -1)  # noqa: E731  NEOX: pairs (i, i+d/2)
-    q, k = q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
-    out, key, value = attend(q, k, v, past_k, past_v)
-    x = x + out @ W("attn_output").T
-    y = rms(x, "ffn_norm")
-    gate = y @ W("ffn_gate").T
-    return x + (gate / (1 + np.exp(-gate)) * (y @ W("ffn_up").T)) @ W("ffn_down").T, key, value
-
-
-def layer_norm(f: File, name: str, x, eps: float):
-    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * f(f"{name}.weight") + f(f"{name}.bias")
-
-
-def tortoise_layer(f: File, n: int, x, past_k, past_v):
-    """GPT2 block N: x [S, dim], past [heads, P, D] -> (x', key, value)."""
-    eps, heads = f.meta("tortoise-gpt2.attention.layer_norm_epsilon"), f.meta("tortoise-gpt2.attention.head_count")
-    linear = lambda v, t: v @ f(f"blk.{n}.{t}.weight").T + f(f"blk.{n}.{t}.bias")  # noqa: E731
-    s, dim = x.shape
-    split = lambda v: v.reshape(s, heads, dim // heads).transpose(1, 0, 2)  # noqa: E731
-    q, k, v = (split(t) for t in np.split(linear(layer_norm(f, f"blk.{n}.attn_norm", x, eps), "attn_qkv"), 3, -1))
-    out, key, value = attend(q, k, v, past_k, past_v)
-    x = x + linear(out, "attn_output")
-    u = linear(layer_norm(f, f"blk.{n}.ffn_norm", x, eps), "ffn_up")
-    gelu = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
-    return x + linear(gelu, "ffn_down"), key, value
-
-
 # -- the ONNX side -------------------------------------------------------------------------------------------------
 def run(ms: ModelSet, graph: str, feeds: dict, expose: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Every output of `graph`, and the intermediate tensors `expose` made outputs too."""
@@ -286,8 +235,7 @@ def check_layer(what: str, kind: str, ref: np.ndarray, out: np.ndarray, x: np.nd
 
 def layer_boundary(ms: ModelSet, graph: str, n: int) -> tuple[str, str]:
     """Block /gpt/h.N's input and output tensors inside a Tortoise graph: ln_1's input and the block's last Add."""
-    nodes = {node.name: node for node in ms.load(graph).graph.node}
-    return nodes[f"/gpt/h.{n}/ln_1/LayerNormalization"].input[0], nodes[f"/gpt/h.{n}/Add_1"].output[0]
+    return layer_boundaries(ms.load(graph), n + 1)[n]
 
 
 def test_tortoise_layer_from_the_file_matches_the_onnx_layer(tortoise):
@@ -360,6 +308,76 @@ def test_the_f32_bar_fails_a_reference_or_file_slightly_wrong(chattts, tortoise)
     assert sqnr_db(pre[pout][0], out) < MIN_SQNR["f32"] - 40
 
 
+# -- the target's check: every layer of every file, fed the FP32 layers' captured inputs ----------------------------
+def check_folder(tmp_path: Path, files: dict[str, Path], wrong: tuple) -> list[str]:
+    """The fixture's files (linked) and one written with a layer wrong, in one folder, as final/gguf/ holds them."""
+    for path in files.values():
+        (tmp_path / path.name).symlink_to(path)
+    name, weights, write = wrong
+    write(weights, tmp_path / name, "f32")
+    return [p.name for p in files.values()] + [name]
+
+
+def assert_check(results, names: list[str], kinds: dict[str, str], wrong: str, wrong_layer: int, compared: str):
+    """Every file has its result; each good file clears its type's bar, the wrong one names its wrong layer."""
+    assert [r.file for r in results] == names
+    for r in results:
+        print(f"{r.file}: SQNR {r.sqnr_db:.1f} dB, worst {r.worst}")
+        assert r.format == "gguf" and r.compared == compared and r.note is None
+        assert re.fullmatch(r"blk\.\d+", r.worst)
+        if r.file == wrong:
+            assert r.worst == f"blk.{wrong_layer}" and r.sqnr_db < MIN_SQNR["q8_0"] - 10  # far below any bar
+        else:
+            assert r.sqnr_db >= MIN_SQNR[kinds[r.file]], r.file
+
+
+def test_chattts_check_measures_every_layer_and_names_a_wrong_one(chattts, tmp_path):
+    w, ms, files, _ = chattts
+    # layer 2's MLP output half again too large: what a writer that mislaid a scale would make
+    key = "layers.2.mlp.down_proj.weight"
+    wrong = ("chattts-wrong.gguf", replace(w, gpt={**w.gpt, key: w.gpt[key] * 1.5}), chattts_gguf.write_chattts_gguf)
+    names = check_folder(tmp_path, files, wrong)
+    rng = np.random.default_rng(7)
+    feeds = [{"input_ids": rng.integers(0, w.config.num_text_tokens, (1, n))} for n in (6, 11)]
+    family, cache = ChatTTSFamily(), {}
+    inputs = FormatInputs(tmp_path, names, ChatTTSParams(config=TINY), Path, ms, feeds,
+                          lambda graph: family.capture(ms, feeds, graph, cache, lambda done, total: None))
+    assert chattts_gguf.GGUF_TARGET.check is chattts_gguf.check_gguf
+    results = chattts_gguf.check_gguf(inputs)
+    compared = "decoder layers from the file, each fed the FP32 ONNX layer's inputs (isolated), on 2 prompts"
+    assert_check(results, names, {p.name: k for k, p in files.items()}, "chattts-wrong.gguf", 2, compared)
+    assert len(cache["layer_02"]) == 4  # a prefill and a decode step (with its cache) per prompt
+
+
+def test_tortoise_check_measures_every_layer_and_names_a_wrong_one(tortoise, tmp_path):
+    w, ms, files, _ = tortoise
+    key = "gpt.h.2.attn.c_proj.weight"  # block 2's attention output half again too large
+    wrong = ("tortoise-wrong.gguf", replace(w, state={**w.state, key: w.state[key] * 1.5}),
+             tortoise_gguf.write_tortoise_gguf)
+    names = check_folder(tmp_path, files, wrong)
+    feeds = [{"text_ids": np.array([t]), "cond_latent": latent_of(w)} for t in (TEXT, TEXT[:5])]
+    family, cache = TortoiseFamily(), {}
+    inputs = FormatInputs(tmp_path, names, TortoiseParams(config=SMALL), Path, ms, feeds,
+                          lambda graph: family.capture(ms, feeds, graph, cache, lambda done, total: None))
+    assert tortoise_gguf.GGUF_TARGET.check is tortoise_gguf.check_gguf
+    results = tortoise_gguf.check_gguf(inputs)
+    compared = ("decoder layers from the file, each fed the FP32 ONNX layer's inputs (isolated, inside prefill), "
+                "on 2 sentences")
+    assert_check(results, names, {p.name: k for k, p in files.items()}, "tortoise-wrong.gguf", 2, compared)
+
+
+def test_check_leaves_a_file_of_another_config_unchecked(chattts, tmp_path):
+    w, ms, _, _ = chattts
+    other = load_weights(None, GPTConfig(**{**TINY, "num_hidden_layers": 2}))
+    chattts_gguf.write_chattts_gguf(other, tmp_path / "other.gguf", "f16")
+    feeds = [{"input_ids": np.array([[1, 2, 3, 4]])}]
+    family, cache = ChatTTSFamily(), {}
+    inputs = FormatInputs(tmp_path, ["other.gguf"], ChatTTSParams(config=TINY), Path, ms, feeds,
+                          lambda graph: family.capture(ms, feeds, graph, cache, lambda done, total: None))
+    (r,) = chattts_gguf.check_gguf(inputs)
+    assert r.sqnr_db is None and r.worst is None and "block_count 2 (the FP32 ONNX: 3)" in r.note
+
+
 # -- the F32 file against the graphs around the layers -------------------------------------------------------------
 def test_chattts_f32_file_reproduces_the_embedding_norm_and_head_graphs(chattts):
     w, ms, files, _ = chattts
@@ -385,7 +403,6 @@ def test_tortoise_f32_file_reproduces_the_prompt_positions_and_heads(tortoise):
     decode position) and the outputs after the last layer (ln_f, final_norm, mel head)."""
     w, ms, files, _ = tortoise
     c, f = w.config, File(files["f32"])
-    eps = f.meta("tortoise-gpt2.attention.layer_norm_epsilon")
     mel, text, latent = [c.start_mel_token, 17, 300, 4], [c.start_text_token, *TEXT, c.stop_text_token], latent_of(w)
     first, _ = layer_boundary(ms, "prefill", 0)
     _, last = layer_boundary(ms, "prefill", c.layers - 1)
@@ -394,7 +411,7 @@ def test_tortoise_f32_file_reproduces_the_prompt_positions_and_heads(tortoise):
     prompt = np.concatenate([latent, f("token_embd_text.weight")[text] + f("position_embd_text.weight")[:len(text)],
                              f("token_embd_mel.weight")[mel] + f("position_embd_mel.weight")[:len(mel)]])
     assert sqnr_db(out[first][0], prompt) > 100
-    hidden = layer_norm(f, "final_norm", layer_norm(f, "output_norm", out[last][0].astype(np.float64), eps), eps)
+    hidden = norm(f, "final_norm", norm(f, "output_norm", out[last][0].astype(np.float64)))
     assert sqnr_db(out["hidden"][0], hidden[-len(mel):]) > 100
     logits = hidden[-len(mel):] @ f("output_mel.weight").T + f("output_mel.bias")
     assert sqnr_db(out["logits"][0], logits) > 100
@@ -565,5 +582,11 @@ def test_shipped_gguf_recipes_write_every_file_through_the_run(tmp_path, name):
     assert set(record["files"]) == files and any("carried over (" in n for n in record["notes"])
     mixed = {e.name: e.type for e in read_file(gguf, folder / f"{stem}-mixed.gguf").entries}
     assert mixed[layer_matrix] == "q8_0" and mixed[embedding] == "f32"  # INT8 layers, FP32 embeddings
+    checked = {f["file"]: f for f in json.loads((tmp_path / "run" / "report.json").read_text())["formats"]}
+    assert set(checked) == files  # each file, its decoder layers against the FP32 ONNX layers (isolated)
+    for kind in ("f16", "q8_0"):
+        result = checked[f"{stem}-{kind}.gguf"]
+        assert result["sqnr_db"] >= MIN_SQNR[kind] and result["worst"].startswith("blk.")
+    assert f"format gguf {stem}-q8_0.gguf: decoder layers" in res.stdout
     listed = run_cli("inspect", str(tmp_path / "run"))
     assert listed.code == 0 and all(f"gguf/{f}" in listed.stdout for f in files), listed.stdout

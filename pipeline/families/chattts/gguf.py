@@ -35,9 +35,15 @@ Types (`pipeline.gguf_file`): 1-D tensors F32; f32/f16/q8_0 put every matrix in 
 the ONNX steps' choice per graph: blk.N from `layer_NN`, token_embd_text from `embed_text`, token_embd_code.K
 from `embed_code`, output_text from `lm_head_text`, output_code.K from `lm_head_code` (int8 -> Q8_0,
 int4 -> Q4_0, fp16 -> F16, fp32 -> F32).
+
+Check (`check_gguf`, the run's check): each decoder layer of each file as a numpy forward pass from the file's
+dequantized tensors alone (`chattts_layer`, float64), fed the FP32 ONNX `layer_NN`'s captured inputs (two a prompt:
+the teacher-forced prefill, and its last position as a decode step with the cache); the layer's hidden output and
+present key and value against the ONNX layer's, pooled over the prompts; a file's SQNR is its lowest layer's.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -46,14 +52,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import PipelineError
-from ...gguf_file import (GGUFParams, Picker, Written, graph_proto, plan_from_precisions, write_file,
-                          write_target)
-from ...targets import Target, TargetJob, require_module, weight_precision
+from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers,
+                          config_mismatch, graph_proto, plan_from_precisions, rms_norm, write_file, write_target)
+from ...results import FormatResult
+from ...targets import FormatInputs, Target, TargetJob, require_module, weight_precision
 
 if TYPE_CHECKING:  # the exporter (and torch) load when a file is written, not when the family is
     from .exporter import ChatTTSWeights
 
-__all__ = ["GGUFParams", "GGUF_TARGET", "gguf_tensors", "gguf_metadata", "write_chattts_gguf", "write_gguf"]
+__all__ = ["GGUFParams", "GGUF_TARGET", "gguf_tensors", "gguf_metadata", "write_chattts_gguf", "write_gguf",
+           "chattts_layer", "check_gguf"]
 
 ARCH = "chattts"
 STEM = "chattts-gpt"
@@ -136,7 +144,64 @@ def write_gguf(job: TargetJob) -> None:
                  lambda: auto_plan(gguf, weights, job.final))
 
 
+def chattts_layer(f: Tensors, n: int, x: np.ndarray, past_k: np.ndarray, past_v: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Llama decoder layer N from the file's tensors: x [S, hidden], past [heads, P, head_dim] -> (x', present key,
+    present value), the keys after RoPE at positions P..P+S-1 (NEOX pairs (i, i + head_dim/2))."""
+    a = ARCH
+    eps, theta = f.meta(f"{a}.attention.layer_norm_rms_epsilon"), f.meta(f"{a}.rope.freq_base")
+    heads = f.meta(f"{a}.attention.head_count")
+    W = lambda t: f(f"blk.{n}.{t}.weight")  # noqa: E731
+    s, h = x.shape
+    d, p = h // heads, past_k.shape[1]
+    split = lambda v: v.reshape(s, heads, d).transpose(1, 0, 2)  # noqa: E731
+    y = rms_norm(x, W("attn_norm"), eps)
+    q, k, v = (split(y @ W(t).T) for t in ("attn_q", "attn_k", "attn_v"))
+    angles = np.arange(p, p + s)[:, None] * theta ** (-np.arange(0, d, 2) / d)
+    cos, sin = np.cos(np.tile(angles, 2)), np.sin(np.tile(angles, 2))
+    rotate = lambda t: np.concatenate([-t[..., d // 2:], t[..., :d // 2]], -1)  # noqa: E731
+    q, k = q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+    out, key, value = attend(q, k, v, past_k, past_v)
+    x = x + out @ W("attn_output").T
+    y = rms_norm(x, W("ffn_norm"), eps)
+    gate = y @ W("ffn_gate").T
+    return x + (gate / (1 + np.exp(-gate)) * (y @ W("ffn_up").T)) @ W("ffn_down").T, key, value
+
+
+LAYER_OUTPUTS = ("hidden_out", "present_key", "present_value")  # what chattts_layer returns, in its order
+
+
+def _layer_cases(inputs: FormatInputs, layers: list[str]) -> Iterator[tuple[int, list[Case]]]:
+    """Each reference layer graph in turn, run in ONNX Runtime on its captured inputs: (n, cases)."""
+    from ...onnx_io import session
+
+    for graph in layers:
+        feeds = inputs.capture(graph)
+        sess = session(inputs.reference.path(graph), arena=False)
+        cases: list[Case] = []
+        for feed in feeds:
+            outs = sess.run(list(LAYER_OUTPUTS), feed)
+            for b in range(feed["hidden"].shape[0]):
+                args = (feed["hidden"][b].astype(np.float64), feed["past_key"][b], feed["past_value"][b])
+                cases.append((args, [o[b] for o in outs]))
+        del sess
+        yield int(graph.rsplit("_", 1)[1]), cases
+
+
+def check_gguf(inputs: FormatInputs) -> list[FormatResult]:
+    """Each file's decoder layers, isolated, against the FP32 ONNX layers on the check's prompts (see the module)."""
+    gguf = require_module("gguf", "gguf", "format 'gguf'")
+    layers = sorted(g for g in inputs.reference.names() if re.fullmatch(r"layer_\d+", g))
+    c = inputs.reference.meta.get("config") or {}
+    wanted = {"block_count": len(layers), "embedding_length": c.get("hidden_size"),
+              "attention.head_count": c.get("num_attention_heads")}
+    compared = (f"decoder layers from the file, each fed the FP32 ONNX layer's inputs (isolated), "
+                f"on {len(inputs.feeds)} prompts")
+    return check_layers(gguf, inputs, compared, len(layers), _layer_cases(inputs, layers), chattts_layer,
+                        lambda f: config_mismatch(f, ARCH, {k: v for k, v in wanted.items() if v is not None}))
+
+
 GGUF_TARGET = Target(
-    "gguf", GGUFParams, write_gguf, needs=(("gguf", "gguf"),),
+    "gguf", GGUFParams, write_gguf, needs=(("gguf", "gguf"),), check=check_gguf,
     description="GGUF files of the GPT (arch 'chattts', llama.cpp tensor names, no tokenizer): f32, f16, q8_0, "
                 "or auto (each layer, embedding and head in the precision the ONNX steps chose)")

@@ -40,6 +40,12 @@ the ONNX steps' choice per block of the `prefill` and `decode` graphs (nodes nam
 embedding, position table and head from its own block. Both graphs hold the same weights; where the steps
 chose differently for them, the wider precision is kept, with a note. text_head is in neither graph (inference
 reads only the mel head), so `auto` keeps it F32.
+
+Check (`check_gguf`, the run's check): each GPT2 block of each file as a numpy forward pass from the file's
+dequantized tensors alone (`tortoise_layer`, float64, causal, no cache), fed the block's input inside the FP32 ONNX
+`prefill` graph (`layer_boundaries`: every block's input and output exposed, one run a sentence); the block's output
+and present key and value against the graph's, pooled over the sentences; a file's SQNR is its lowest block's. The
+decode graph holds the same weights and is not run again.
 """
 from __future__ import annotations
 
@@ -49,16 +55,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 
 from ...errors import PipelineError
-from ...gguf_file import (GGUFParams, Picker, Written, graph_proto, plan_from_precisions, write_file,
-                          write_target)
-from ...targets import PRECISIONS, Target, TargetJob, require_module, weight_precision
+from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers, config_mismatch,
+                          graph_proto, layer_norm, plan_from_precisions, write_file, write_target)
+from ...results import FormatResult
+from ...targets import PRECISIONS, FormatInputs, Target, TargetJob, require_module, weight_precision
 
 if TYPE_CHECKING:  # the weights' module (and torch) load when a file is written, not when the family is
     from .weights import TortoiseWeights
 
-__all__ = ["GGUFParams", "GGUF_TARGET", "gguf_tensors", "gguf_metadata", "write_tortoise_gguf", "write_gguf"]
+__all__ = ["GGUFParams", "GGUF_TARGET", "gguf_tensors", "gguf_metadata", "write_tortoise_gguf", "write_gguf",
+           "tortoise_layer", "norm", "layer_boundaries", "check_gguf"]
 
 ARCH = "tortoise-gpt2"
 STEM = "tortoise-gpt2"
@@ -172,8 +181,89 @@ def write_gguf(job: TargetJob) -> None:
                  lambda: auto_plan(gguf, weights, job.final))
 
 
+def norm(f: Tensors, name: str, x: np.ndarray) -> np.ndarray:
+    """The file's LayerNorm `name` (blk.N.attn_norm, output_norm, final_norm, ...) applied to x."""
+    return layer_norm(x, f(f"{name}.weight"), f(f"{name}.bias"), f.meta(f"{ARCH}.attention.layer_norm_epsilon"))
+
+
+def tortoise_layer(f: Tensors, n: int, x: np.ndarray, past_k: np.ndarray, past_v: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPT2 block N from the file's tensors: x [S, dim], past [heads, P, head_dim] -> (x', present key, value)."""
+    heads = f.meta(f"{ARCH}.attention.head_count")
+    linear = lambda v, t: v @ f(f"blk.{n}.{t}.weight").T + f(f"blk.{n}.{t}.bias")  # noqa: E731
+    s, dim = x.shape
+    split = lambda v: v.reshape(s, heads, dim // heads).transpose(1, 0, 2)  # noqa: E731
+    q, k, v = (split(t) for t in np.split(linear(norm(f, f"blk.{n}.attn_norm", x), "attn_qkv"), 3, -1))
+    out, key, value = attend(q, k, v, past_k, past_v)
+    x = x + linear(out, "attn_output")
+    u = linear(norm(f, f"blk.{n}.ffn_norm", x), "ffn_up")
+    gelu = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))  # gelu_new
+    return x + linear(gelu, "ffn_down"), key, value
+
+
+def layer_boundaries(model: onnx.ModelProto, layers: int) -> list[tuple[str, str]]:
+    """Each block /gpt/h.N's input and output tensors inside a Tortoise graph (prefill or decode, as exported):
+    ln_1's input and the block's last Add."""
+    nodes = {node.name: node for node in model.graph.node}
+    found = []
+    for n in range(layers):
+        ln, add = f"/gpt/h.{n}/ln_1/LayerNormalization", f"/gpt/h.{n}/Add_1"
+        missing = [name for name in (ln, add) if name not in nodes]
+        if missing:
+            raise PipelineError(f"gguf check: the FP32 graph {model.graph.name!r} has no node {missing[0]} (a graph "
+                                f"this exporter did not write?)")
+        found.append((nodes[ln].input[0], nodes[add].output[0]))
+    return found
+
+
+def _layer_cases(inputs: FormatInputs, layers: int) -> Iterator[tuple[int, list[Case]]]:
+    """The FP32 prefill run once a sentence with every block's input and output exposed; then (n, cases) block by
+    block, each block's tensors dropped once it has been checked."""
+    from ...graph import with_outputs
+    from ...onnx_io import session
+    from .exporter import kv_names
+
+    feeds = inputs.capture("prefill")
+    path = inputs.reference.path("prefill")
+    model = onnx.load(str(path), load_external_data=False)  # the weights stay in their file: ORT maps them
+    bounds = layer_boundaries(model, layers)
+    presents = kv_names(layers, "present")
+    names = list(dict.fromkeys([t for pair in bounds for t in pair] + presents))
+    sess = session(with_outputs(model, names), arena=False, weights_dir=path.parent)
+    del model
+    runs = [dict(zip(names, sess.run(names, feed))) for feed in feeds]
+    del sess
+    for n, (x, y) in enumerate(bounds):
+        key, value = f"present_key_{n}", f"present_value_{n}"
+        cases: list[Case] = []
+        for r in runs:
+            past = np.zeros((r[key].shape[1], 0, r[key].shape[3]))  # presents are [batch, heads, S, head_dim]
+            for b in range(r[x].shape[0]):
+                cases.append(((r[x][b].astype(np.float64), past, past), [r[y][b], r[key][b], r[value][b]]))
+        yield n, cases
+        for r in runs:  # block n's input (block n-1's output) and cache are done with
+            for name in (x, key, value):
+                r.pop(name, None)
+
+
+def check_gguf(inputs: FormatInputs) -> list[FormatResult]:
+    """Each file's GPT2 blocks, isolated inside the FP32 prefill, on the check's sentences (see the module)."""
+    gguf = require_module("gguf", "gguf", "format 'gguf'")
+    c = inputs.reference.meta.get("config") or {}
+    compared = (f"decoder layers from the file, each fed the FP32 ONNX layer's inputs (isolated, inside prefill), "
+                f"on {len(inputs.feeds)} sentences")
+    wanted = {"block_count": c.get("layers"), "embedding_length": c.get("model_dim"),
+              "attention.head_count": c.get("heads")}
+    if None in wanted.values():
+        return [FormatResult(format="gguf", file=name, compared=compared,
+                             note="the FP32 reference has no Tortoise config in its manifest")
+                for name in inputs.files if name.endswith(".gguf")]
+    return check_layers(gguf, inputs, compared, wanted["block_count"], _layer_cases(inputs, wanted["block_count"]),
+                        tortoise_layer, lambda f: config_mismatch(f, ARCH, wanted))
+
+
 GGUF_TARGET = Target(
-    "gguf", GGUFParams, write_gguf, needs=(("gguf", "gguf"),),
+    "gguf", GGUFParams, write_gguf, needs=(("gguf", "gguf"),), check=check_gguf,
     description="GGUF files of the GPT2 (arch 'tortoise-gpt2', llama.cpp tensor names, no tokenizer, no "
                 "conditioning encoder): f32, f16, q8_0, or auto (each layer, embedding and head in the precision "
                 "the ONNX steps chose)")
