@@ -141,6 +141,26 @@ def write_file(gguf: ModuleType, path: Path, arch: str, metadata: dict[str, Any]
     return Written(entries, notes)
 
 
+Grouped = Iterable[tuple[str, np.ndarray, str]]  # (GGUF name, array, the ONNX graph or block its type follows)
+
+
+def write_grouped(path: Path, arch: str, metadata: dict[str, Any], tensors: Grouped,
+                  qtype_for: str | Picker) -> Written:
+    """Write a family's tensors; `qtype_for` is a type (f32, f16, q8_0, q4_0) or a function of a tensor's group
+    giving one (1-D tensors are F32 whatever it says)."""
+    from .targets import require_module
+
+    gguf = require_module("gguf", "gguf", "format 'gguf'")
+    pick = (lambda group: qtype_for) if isinstance(qtype_for, str) else qtype_for
+    typed = ((name, array, pick(group) if array.ndim >= 2 else "f32") for name, array, group in tensors)
+    return write_file(gguf, Path(path), arch, metadata, typed)
+
+
+def matrix_groups(tensors: Grouped) -> list[str]:
+    """The groups whose precision `auto` reads: each one holds matrices of the file."""
+    return list(dict.fromkeys(group for _, array, group in tensors if array.ndim >= 2))
+
+
 @dataclass
 class Contents:
     """A GGUF file read back: its metadata values, its tensors (in file order) and their dequantized values."""

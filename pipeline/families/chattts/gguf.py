@@ -53,7 +53,7 @@ import numpy as np
 
 from ...errors import PipelineError
 from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers,
-                          config_mismatch, graph_proto, plan_from_precisions, rms_norm, write_file, write_target)
+                          config_mismatch, graph_proto, matrix_groups, plan_from_precisions, rms_norm, write_grouped, write_target)
 from ...results import FormatResult
 from ...targets import FormatInputs, Target, TargetJob, require_module, weight_precision
 
@@ -106,18 +106,8 @@ def gguf_metadata(w: ChatTTSWeights) -> dict[str, Any]:
 
 
 def write_chattts_gguf(weights: ChatTTSWeights, path: Path, qtype_for: str | Picker) -> Written:
-    """Write one GGUF file; `qtype_for` is a type (f32, f16, q8_0, q4_0) or a function of the tensor's ONNX graph
-    name (`layer_03`, `embed_text`, ...) giving one. Returns each tensor's (name, shape, stored type) and notes."""
-    gguf = require_module("gguf", "gguf", "format 'gguf'")
-    pick = (lambda group: qtype_for) if isinstance(qtype_for, str) else qtype_for
-    tensors = ((name, array, pick(group) if array.ndim >= 2 else "f32")
-               for name, array, group in gguf_tensors(weights))
-    return write_file(gguf, Path(path), ARCH, gguf_metadata(weights), tensors)
-
-
-def matrix_groups(w: ChatTTSWeights) -> list[str]:
-    """The ONNX graphs whose precision `auto` reads: each one holds matrices of the file."""
-    return list(dict.fromkeys(group for _, array, group in gguf_tensors(w) if array.ndim >= 2))
+    """Write one GGUF file; `qtype_for` is a type or a function of the tensor's ONNX graph giving one."""
+    return write_grouped(path, ARCH, gguf_metadata(weights), gguf_tensors(weights), qtype_for)
 
 
 def auto_plan(gguf: Any, w: ChatTTSWeights, final: Any) -> tuple[dict[str, str], list[str]]:
@@ -125,7 +115,7 @@ def auto_plan(gguf: Any, w: ChatTTSWeights, final: Any) -> tuple[dict[str, str],
     if final.meta.get("config") not in (None, asdict(w.config)):
         raise PipelineError("gguf: the ONNX result was exported with another ChatTTS config than the target's "
                             "weights; its precision choices do not apply")
-    groups = matrix_groups(w)
+    groups = matrix_groups(gguf_tensors(w))
     missing = [g for g in groups if g not in final.names()]
     if missing:
         raise PipelineError(f"gguf: types 'auto' reads each graph's precision, but the ONNX result has no "

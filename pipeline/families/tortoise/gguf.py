@@ -59,7 +59,7 @@ import onnx
 
 from ...errors import PipelineError
 from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers, config_mismatch,
-                          graph_proto, layer_norm, plan_from_precisions, write_file, write_target)
+                          graph_proto, layer_norm, matrix_groups, plan_from_precisions, write_grouped, write_target)
 from ...results import FormatResult
 from ...targets import PRECISIONS, FormatInputs, Target, TargetJob, require_module, weight_precision
 
@@ -122,18 +122,8 @@ def gguf_metadata(w: TortoiseWeights) -> dict[str, Any]:
 
 
 def write_tortoise_gguf(weights: TortoiseWeights, path: Path, qtype_for: str | Picker) -> Written:
-    """Write one GGUF file; `qtype_for` is a type (f32, f16, q8_0, q4_0) or a function of the tensor's ONNX block
-    (`/gpt/h.3`, `/mel_head`, ...) giving one. Returns each tensor's (name, shape, stored type) and notes."""
-    gguf = require_module("gguf", "gguf", "format 'gguf'")
-    pick = (lambda group: qtype_for) if isinstance(qtype_for, str) else qtype_for
-    tensors = ((name, array, pick(group) if array.ndim >= 2 else "f32")
-               for name, array, group in gguf_tensors(weights))
-    return write_file(gguf, Path(path), ARCH, gguf_metadata(weights), tensors)
-
-
-def matrix_groups(w: TortoiseWeights) -> list[str]:
-    """The ONNX blocks whose precision `auto` reads: each one holds matrices of the file."""
-    return list(dict.fromkeys(group for _, array, group in gguf_tensors(w) if array.ndim >= 2))
+    """Write one GGUF file; `qtype_for` is a type or a function of the tensor's ONNX block giving one."""
+    return write_grouped(path, ARCH, gguf_metadata(weights), gguf_tensors(weights), qtype_for)
 
 
 def _block_precisions(final: Any, graph: str, groups: list[str]) -> dict[str, str]:
@@ -156,7 +146,7 @@ def auto_plan(gguf: Any, w: TortoiseWeights, final: Any) -> tuple[dict[str, str]
     if missing:
         raise PipelineError(f"gguf: types 'auto' reads the precision of the {' and '.join(GRAPHS)} graphs, but the "
                             f"ONNX result has no {', '.join(missing)} (graphs: {', '.join(final.names())})")
-    groups = matrix_groups(w)
+    groups = matrix_groups(gguf_tensors(w))
     found = [_block_precisions(final, g, groups) for g in GRAPHS]
     precisions, notes = {}, []
     for group in groups:
