@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -200,14 +201,24 @@ def test_weight_only_and_dynamic_quantize_a_light_model(tmp_path, small_limit):
 # -- slow: a real model over 2 GB, through the CLI ---------------------------------------------------------------
 
 def _cli(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
-    """The CLI in a child process; returns it and its peak RSS in bytes (ru_maxrss of the children waited for:
-    this test waits for one at a time, and ru_maxrss is a maximum, so a child that peaks higher shows)."""
+    """The CLI in a child process; returns it (output as text) and that child's own peak RSS in bytes.
+
+    `os.wait4` gives the rusage of that one child: RUSAGE_CHILDREN would be the largest of every child this
+    pytest worker ever waited for, so a bigger child of an earlier test would hide this one's."""
     env = dict(os.environ, COLUMNS="200", PYTHONUNBUFFERED="1")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=3600)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return proc, peak * 1024 if peak > before else float("nan")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        child = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=out, stderr=err, cwd=cwd,
+                                 env=env)
+        timer = threading.Timer(3600, child.kill)  # a hung run fails the test instead of holding CI
+        timer.start()
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        finally:
+            timer.cancel()
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        proc = subprocess.CompletedProcess(child.args, child.returncode, out.read().decode(), err.read().decode())
+    return proc, usage.ru_maxrss * 1024
 
 
 @pytest.fixture
