@@ -36,7 +36,7 @@ from onnx import TensorProto
 from onnxconverter_common import float16
 from pydantic import Field
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.graph import cleanup, consumers, producers, with_outputs
 from pipeline.onnx_io import external_bytes, session, tensor_types
 
@@ -108,7 +108,7 @@ class Fp16(Pass):
                     keep_io_types=params.keep_io_types, op_block_list=op_block, node_block_list=node_block)
             except Exception as e:
                 raise PipelineError(f"fp16 conversion failed on {ctx.graph_name!r}: "
-                                    f"{' '.join(str(e).split())[:400]}") from None
+                                    f"{one_line(e, 400)}") from None
         from_files = _convert_external_weights(converted, ctx.weights_dir, params) if ctx.weights_dir else 0
         cast_fixed = _fix_cast_targets(converted)
         roundtrips = _remove_fp16_round_trips(converted)

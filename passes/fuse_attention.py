@@ -75,7 +75,7 @@ from pydantic import Field
 
 from pipeline import kv_cache
 from pipeline.blocks import block_of
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.graph import cleanup, consumers, producers, toposort
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
@@ -221,7 +221,7 @@ def _ort_fusions(model: onnx.ModelProto, params: FuseParams, ctx: PassContext) -
                                          hidden_size=params.hidden_size,
                                          optimization_options=FusionOptions(params.model_type), opt_level=0)
     except Exception as e:  # ORT's fusion code raises assorted errors on graphs it does not know
-        raise PipelineError(f"fuse_attention on {ctx.graph_name!r} failed: {' '.join(str(e).split())[:300]}") from None
+        raise PipelineError(f"fuse_attention on {ctx.graph_name!r} failed: {one_line(e)}") from None
     out = fused.model
     taken = {n.name for n in out.graph.node}
     for n in out.graph.node:

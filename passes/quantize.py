@@ -71,7 +71,7 @@ from onnxruntime.quantization import (
 from pydantic import Field
 
 from pipeline.blocks import replaced_name
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 from .base import Feeds, Params, Pass, PassContext, PassResult, copy_model
 
@@ -212,7 +212,7 @@ class Quantize(Pass):
                 hint = (f" (calibration_method {params.calibration_method!r} needs calibration samples of one "
                         f"shape; use 'minmax' for variable-length inputs such as sentences)")
             raise PipelineError(f"quantize ({params.mode}) failed on {ctx.graph_name!r}: "
-                                f"{' '.join(str(e).split())[:400]}{hint}") from None
+                                f"{one_line(e, 400)}{hint}") from None
         finally:
             root.setLevel(level)
             if out_path.exists():

@@ -12,7 +12,7 @@ from typing import Literal
 import onnx
 from pydantic import Field
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 
 from .base import Params, Pass, PassContext, PassResult
 
@@ -62,8 +62,8 @@ class Simplify(Pass):
         except Exception as e:  # onnxsim raises plain RuntimeErrors from C++
             if params.on_error == "skip":
                 ctx.log(f"simplify skipped on {ctx.graph_name}: {e}")
-                return PassResult(model, changed=False, stats={"skipped": " ".join(str(e).split())[:300]})
-            raise PipelineError(f"simplify failed on graph {ctx.graph_name!r}: {' '.join(str(e).split())[:400]} "
+                return PassResult(model, changed=False, stats={"skipped": one_line(e)})
+            raise PipelineError(f"simplify failed on graph {ctx.graph_name!r}: {one_line(e, 400)} "
                                 f"(set on_error: skip to go on without it)") from None
         after = len(simplified.graph.node)
         stats = {"nodes_before": before, "nodes_after": after, **({"via": "files (model over 2 GB)"} if out else {})}

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import PipelineError
+from .errors import PipelineError, one_line
 
 console = Console(stderr=True, highlight=False)
 # Rich falls back to 80 columns when piped, which truncates the wide tables.
@@ -39,7 +39,7 @@ class _Group(click.Group):
         except Exception as e:  # a bug: still one line unless asked for the traceback
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(' '.join(str(e).split())[:500])} "
+            console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(one_line(e, 500))} "
                           f"(re-run with --debug for the traceback)", soft_wrap=True)
             sys.exit(1)
 

@@ -7,3 +7,9 @@ is a bug and keeps its traceback (under --debug) so it can be reported.
 
 class PipelineError(Exception):
     """A user-facing error: bad recipe, bad model, bad calibration data."""
+
+
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """An exception's text (a library's, often several lines) as one line of at most `limit` characters."""
+    text = " ".join(str(error).split())
+    return text[:limit] + ("..." if len(text) > limit else "")

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from .errors import PipelineError
+from .errors import PipelineError, one_line
 
 MAX_PROTO_BYTES = 2 * 1024**3
 # Protobuf cannot serialize or parse a message of 2 GiB or more. A model whose weights (graph file plus its
@@ -44,7 +44,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError, or others on garbage
-        raise PipelineError(f"{path}: not a valid ONNX model (truncated or corrupt?): {_one_line(e)}") from None
+        raise PipelineError(f"{path}: not a valid ONNX model (truncated or corrupt?): {one_line(e, 600)}") from None
     if model.ir_version == 0 or len(model.graph.node) == 0:
         raise PipelineError(f"{path}: not a valid ONNX model (no IR version or no nodes)")
     _require_external_files(model, path)
@@ -126,7 +126,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as e:
-        raise PipelineError(f"{path}: cannot read its external data: {_one_line(e)}") from None
+        raise PipelineError(f"{path}: cannot read its external data: {one_line(e, 600)}") from None
 
 
 def save_sharing_weights(models: dict[Path, onnx.ModelProto], data_file: Path, min_bytes: int = 1024) -> None:
@@ -175,7 +175,7 @@ def _checker_problem(model: onnx.ModelProto | Path) -> str | None:
     try:
         onnx.checker.check_model(str(model) if isinstance(model, Path) else model)
     except onnx.checker.ValidationError as e:
-        text = _one_line(e)
+        text = one_line(e, 600)
         if text.startswith("No Op registered for"):
             return None
         return text
@@ -304,7 +304,7 @@ def check_loads(model: onnx.ModelProto | Path, what: str, weights_dir: Path | No
     try:
         session(model, threads=1, optimization=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, weights_dir=weights_dir)
     except Exception as e:
-        raise PipelineError(f"{what}: ONNX Runtime cannot load the result: {_one_line(e)}") from None
+        raise PipelineError(f"{what}: ONNX Runtime cannot load the result: {one_line(e, 600)}") from None
 
 
 def set_provenance(model: onnx.ModelProto, entries: dict[str, str]) -> None:
@@ -357,11 +357,6 @@ def as_ort_type(value: np.ndarray, ort_type: str) -> np.ndarray:
     """`value` cast to the dtype an ORT input declares (`sess.get_inputs()[i].type`), when it differs."""
     want = _ORT_DTYPES.get(ort_type)
     return value if want is None or value.dtype == want else value.astype(want)
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:600] + ("..." if len(text) > 600 else "")
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, weights_dir: Path | None = None) -> None:

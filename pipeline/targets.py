@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 from pydantic import BaseModel
 
-from .errors import PipelineError
+from .errors import PipelineError, one_line
 
 INSTALL = "pip install 'tts-onnx-pipeline[{extra}]'"
 TARGET_MANIFEST = ".target.json"  # in each final/<format>/: its files, sizes, notes and cache key
@@ -167,7 +167,7 @@ def write_target(planned: PlannedTarget, job: TargetJob) -> None:
     except PipelineError:
         raise
     except Exception as e:  # a converter library's error: the user's model, not our bug, is what it is about
-        message = " ".join(str(e).split())[:300] or type(e).__name__
+        message = one_line(e) or type(e).__name__
         raise PipelineError(f"format {planned.format!r}: the converter failed: {message}") from None
     if not any(job.dest.iterdir()):
         raise PipelineError(f"format {planned.format!r}: the writer wrote no file")

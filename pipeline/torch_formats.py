@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import PipelineError
+from .errors import PipelineError, one_line
 from .audio import sqnr_db
 from .targets import require_module
 
@@ -65,7 +65,7 @@ def coreml_convert(traced: torch.jit.ScriptModule, input_name: str, fixed_shape:
                               compute_precision=ct.precision.FLOAT16 if fp16 else ct.precision.FLOAT32,
                               minimum_deployment_target=getattr(ct.target, deployment_target))
     except Exception as e:  # coremltools' own errors carry the op: "convert function for op 'erfinv' ..."
-        message = " ".join(str(e).split())[:300]
+        message = one_line(e)
         op = re.search(r"op '([^']+)'", message)
         at = f"op {op.group(1)!r} failed to convert" if op else "conversion failed"
         raise PipelineError(f"format 'coreml': {at}: {message}") from None

@@ -30,7 +30,7 @@ import onnx
 
 from calibration import Feeds
 
-from .errors import PipelineError
+from .errors import PipelineError, one_line
 
 RAY_EXTRA = "pip install -e '.[ray]' (or pip install 'tts-onnx-pipeline[ray]')"
 RAY_CONNECT_TIMEOUT_S = 10.0
@@ -157,7 +157,7 @@ class RayExecutor(Executor):
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, TimeoutError) as e:
             where = address or "a local instance"
-            raise PipelineError(f"tune: cannot start Ray on {where}: {' '.join(str(e).split())[:300]}") from None
+            raise PipelineError(f"tune: cannot start Ray on {where}: {one_line(e)}") from None
         self.ray = ray
         self.threads = threads
         self._remote = ray.remote(num_cpus=threads, max_retries=1)(run_trial)

