@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .errors import PipelineError
+from .errors import PipelineError, few
 from .graph import consumers, producers
 from .recipe import BlockSpec, Scope
 
@@ -119,7 +119,7 @@ class BlockPartition:
             for pattern in patterns:
                 if pattern not in hits:
                     raise PipelineError(f"{where}: {kind} pattern {pattern!r} matches no block "
-                                        f"(blocks: {_preview(self.ids())})")
+                                        f"(blocks: {few(self.ids(), 12)})")
         for pattern in scope.nodes or []:
             if pattern not in hits:
                 raise PipelineError(f"{where}: nodes pattern {pattern!r} matches no node in the chosen blocks")
@@ -136,11 +136,6 @@ def _compile(pattern: str) -> re.Pattern:
 def _full_matches(pattern: str, ids: list[str]) -> list[str]:
     rx = _compile(pattern)
     return [i for i in ids if rx.fullmatch(i)]
-
-
-def _preview(ids: list[str], limit: int = 12) -> str:
-    shown = ", ".join(ids[:limit])
-    return shown + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
 

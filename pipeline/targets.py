@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 from pydantic import BaseModel
 
-from .errors import PipelineError, one_line
+from .errors import PipelineError, few, one_line
 
 INSTALL = "pip install 'tts-onnx-pipeline[{extra}]'"
 TARGET_MANIFEST = ".target.json"  # in each final/<format>/: its files, sizes, notes and cache key
@@ -72,9 +72,9 @@ class Target:
     def missing_package(self) -> str | None:
         """A one-line reason when an optional package this format needs is not installed."""
         for module, extra in self.needs:
-            if importlib.util.find_spec(module) is None:
-                return (f"format {self.format!r} needs the optional package {module!r}, which is not installed: "
-                        f"{INSTALL.format(extra=extra)}")
+            why = _not_installed(module, extra, f"format {self.format!r}")
+            if why:
+                return why
         return None
 
 
@@ -103,10 +103,16 @@ def weight_precision(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto] | N
 
 def require_module(module: str, extra: str, what: str) -> Any:
     """Import an optional package, or stop with the line that says how to install it."""
-    if importlib.util.find_spec(module) is None:
-        raise PipelineError(f"{what} needs the optional package {module!r}, which is not installed: "
-                            f"{INSTALL.format(extra=extra)}")
+    why = _not_installed(module, extra, what)
+    if why:
+        raise PipelineError(why)
     return importlib.import_module(module)
+
+
+def _not_installed(module: str, extra: str, what: str) -> str | None:
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"{what} needs the optional package {module!r}, which is not installed: {INSTALL.format(extra=extra)}"
 
 
 def folder_size(path: Path) -> int:
@@ -195,9 +201,5 @@ def uncarried_note(fmt: str, narrowed: dict[str, str], written: str, carries: It
             by_precision.setdefault(precision, []).append(block)
     if not by_precision:
         return None
-    chosen = "; ".join(f"{p} in {_few(blocks)}" for p, blocks in sorted(by_precision.items()))
+    chosen = "; ".join(f"{p} in {few(blocks, 4)}" for p, blocks in sorted(by_precision.items()))
     return f"the steps' precision ({chosen}) does not carry over to {fmt}: written in {written}; final/*.onnx has it"
-
-
-def _few(items: list[str], limit: int = 4) -> str:
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ... import progress
-from ...errors import PipelineError
+from ...errors import PipelineError, few
 from .layers import DecoderLayer, RMSNorm
 
 
@@ -88,11 +88,10 @@ def expected_embed_keys(c: GPTConfig) -> dict[str, tuple[int, ...]]:
 def _check_keys(found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: Path) -> None:
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise PipelineError(f"{where}: missing keys {', '.join(missing[:6])}" + (" ..." if len(missing) > 6 else ""))
+        raise PipelineError(f"{where}: missing keys {few(missing)}")
     unexpected = sorted(set(found) - set(expected))
     if unexpected:  # a bias, a different layer layout: weights the exporter would otherwise drop silently
-        raise PipelineError(f"{where}: unexpected keys (not modelled by the exporter) {', '.join(unexpected[:6])}"
-                            + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 6 else ""))
+        raise PipelineError(f"{where}: unexpected keys (not modelled by the exporter) {few(unexpected)}")
     misshaped = [f"{k} {list(found[k].shape)} (expected {list(v)})" for k, v in expected.items()
                  if tuple(found[k].shape) != v]
     if misshaped:

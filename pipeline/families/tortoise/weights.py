@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import PipelineError
+from ...errors import PipelineError, few
 from .model import TortoiseConfig, UnifiedVoiceGPT
 
 LEGACY_BUFFER = re.compile(r"^gpt\.h\.\d+\.attn\.(bias|masked_bias)$")
@@ -79,16 +79,13 @@ def load_checkpoint(path: Path, c: TortoiseConfig | None = None) -> TortoiseWeig
 
 
 def check_keys(found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], where: Path) -> None:
-    def listed(keys: list[str]) -> str:
-        return ", ".join(keys[:6]) + (f" ... ({len(keys)} in all)" if len(keys) > 6 else "")
-
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing keys {listed(missing)}")
+        problems.append(f"missing keys {few(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys (not in Tortoise's UnifiedVoice with this config) {listed(unexpected)}")
+        problems.append(f"unexpected keys (not in Tortoise's UnifiedVoice with this config) {few(unexpected)}")
     if not problems:
         misshaped = [f"{k} {list(found[k].shape)} (expected {list(v)})" for k, v in expected.items()
                      if tuple(found[k].shape) != v]
