@@ -179,17 +179,18 @@ def write_target(planned: PlannedTarget, job: TargetJob) -> None:
         raise PipelineError(f"format {planned.format!r}: the writer wrote no file")
 
 
-def narrowed_blocks(model: onnx.ModelProto) -> dict[str, str]:
-    """Blocks (default partition) whose weights the steps narrowed below FP32, with their precision."""
+def block_precisions(model: onnx.ModelProto) -> dict[str, str]:
+    """Every block's (default partition) weight precision."""
     from .blocks import BlockPartition
 
     by_name = {n.name: n for n in model.graph.node}
-    found = {}
-    for block in BlockPartition(model, None).blocks.values():
-        precision = weight_precision(model, [by_name[n] for n in block.nodes])
-        if precision != "fp32":
-            found[block.id] = precision
-    return found
+    return {block.id: weight_precision(model, [by_name[n] for n in block.nodes])
+            for block in BlockPartition(model, None).blocks.values()}
+
+
+def narrowed_blocks(model: onnx.ModelProto) -> dict[str, str]:
+    """Blocks (default partition) whose weights the steps narrowed below FP32, with their precision."""
+    return {block: p for block, p in block_precisions(model).items() if p != "fp32"}
 
 
 def uncarried_note(fmt: str, narrowed: dict[str, str], written: str, carries: Iterable[str] = ()) -> str | None:

@@ -61,7 +61,7 @@ from ...errors import PipelineError
 from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers, config_mismatch,
                           graph_proto, layer_norm, matrix_groups, plan_from_precisions, write_grouped, write_target)
 from ...results import FormatResult
-from ...targets import PRECISIONS, FormatInputs, Target, TargetJob, require_module, weight_precision
+from ...targets import PRECISIONS, FormatInputs, Target, TargetJob, block_precisions, require_module
 
 if TYPE_CHECKING:  # the weights' module (and torch) load when a file is written, not when the family is
     from .weights import TortoiseWeights
@@ -126,16 +126,6 @@ def write_tortoise_gguf(weights: TortoiseWeights, path: Path, qtype_for: str | P
     return write_grouped(path, ARCH, gguf_metadata(weights), gguf_tensors(weights), qtype_for)
 
 
-def _block_precisions(final: Any, graph: str, groups: list[str]) -> dict[str, str]:
-    from ...blocks import default_block_id  # here: the blocks module imports the recipe schema
-
-    model = graph_proto(final, graph)
-    nodes: dict[str, list] = {}
-    for node in model.graph.node:
-        nodes.setdefault(default_block_id(node.name), []).append(node)
-    return {g: weight_precision(model, nodes[g]) for g in groups if g in nodes}
-
-
 def auto_plan(gguf: Any, w: TortoiseWeights, final: Any) -> tuple[dict[str, str], list[str]]:
     """Block -> GGUF type from the weight precision of the block's nodes in prefill and decode (the wider of
     the two where they differ: that choice was made for accuracy, and one file serves both)."""
@@ -147,7 +137,7 @@ def auto_plan(gguf: Any, w: TortoiseWeights, final: Any) -> tuple[dict[str, str]
         raise PipelineError(f"gguf: types 'auto' reads the precision of the {' and '.join(GRAPHS)} graphs, but the "
                             f"ONNX result has no {', '.join(missing)} (graphs: {', '.join(final.names())})")
     groups = matrix_groups(gguf_tensors(w))
-    found = [_block_precisions(final, g, groups) for g in GRAPHS]
+    found = [block_precisions(graph_proto(final, g)) for g in GRAPHS]
     precisions, notes = {}, []
     for group in groups:
         seen = {f[group] for f in found if group in f} or {"fp32"}  # in no graph: no choice was made
