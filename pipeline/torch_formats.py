@@ -29,12 +29,20 @@ from .targets import require_module
 TRACE_MIN_SQNR_DB = 100.0
 
 
+@contextlib.contextmanager
+def _jit():
+    """torch.jit warns that it is deprecated (use torch.export): TorchScript is still what LibTorch loads.
+    (A trace's own warnings go too: `trace` checks the result itself.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def trace(module: torch.nn.Module, example: torch.Tensor, what: str) -> torch.jit.ScriptModule:
     """`torch.jit.trace` of `module` on `example`, proven on a longer input that the time axis stays free."""
     module = module.eval()
     longer = torch.randn(*example.shape[:-1], example.shape[-1] + 37, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice: TorchScript is what LibTorch loads
+    with torch.no_grad(), _jit():
         traced = torch.jit.trace(module, example, check_trace=False)
         got, want = traced(longer), module(longer)
     if got.shape != want.shape or sqnr_db(want.numpy(), got.numpy()) < TRACE_MIN_SQNR_DB:
@@ -45,9 +53,14 @@ def trace(module: torch.nn.Module, example: torch.Tensor, what: str) -> torch.ji
 
 def save_torchscript(traced: torch.jit.ScriptModule, path: Path, meta: dict[str, Any]) -> None:
     """Save with `meta` as the extra file `pipeline.json` (LibTorch reads it with `_extra_files`)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice (see trace)
+    with _jit():
         torch.jit.save(traced, str(path), _extra_files={"pipeline.json": json.dumps(meta, sort_keys=True)})
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """A saved module, as LibTorch would load it."""
+    with _jit():
+        return torch.jit.load(str(path)).eval()
 
 
 def coreml_convert(traced: torch.jit.ScriptModule, input_name: str, fixed_shape: tuple[int, ...],

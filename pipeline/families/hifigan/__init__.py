@@ -30,17 +30,27 @@ class HifiganParams(BaseModel):
     opset: int = 17
 
 
+def _config_path(params: HifiganParams, resolve) -> Path | None:
+    return resolve(params.config) if params.config else None  # None: the shipped config.json
+
+
 def _export(params: HifiganParams, dest: Path, resolve):
     from .exporter import export_modelset
 
-    return export_modelset(params.checkpoint, dest, resolve(params.config) if params.config else None,
-                           params.opset, resolve)
+    return export_modelset(params.checkpoint, dest, _config_path(params, resolve), params.opset, resolve)
+
+
+def generator(params: HifiganParams, resolve):
+    """The generator these params name, and its facts (`exporter.load_model`): the export's, and every target's."""
+    from .exporter import load_model
+
+    return load_model(params.checkpoint, _config_path(params, resolve), resolve)
 
 
 def _key(params: HifiganParams, resolve) -> str:
     from .exporter import checkpoint_path, shipped_file
 
-    config = resolve(params.config) if params.config else shipped_file("config.json")
+    config = _config_path(params, resolve) or shipped_file("config.json")
     return files_key(params, [checkpoint_path(params.checkpoint, resolve), config])
 
 

@@ -293,24 +293,31 @@ def export_onnx(model: Generator, path: Path, num_mels: int, opset: int = 17) ->
                           opset_version=opset, dynamo=False)
 
 
+def load_model(checkpoint: str, config_path: Path | None = None, resolve=Path) -> tuple[Generator, dict]:
+    """The generator of `checkpoint` (config: the shipped one by default), and the facts a runtime needs about it:
+    the ModelSet's metadata, and what the formats beside ONNX carry."""
+    config = read_config(config_path or shipped_file("config.json"))
+    ckpt = checkpoint_path(checkpoint, resolve)
+    model = load_generator(ckpt, config)
+    facts = {"checkpoint": checkpoint, "source": str(ckpt), "config": asdict(config),
+             "sample_rate": config.sampling_rate, "hop_size": config.hop_size, "n_fft": config.n_fft,
+             "win_size": config.win_size, "num_mels": config.num_mels, "fmin": config.fmin, "fmax": config.fmax,
+             "input": "mel: log(clamp(magnitude mel, 1e-5)) [batch, num_mels, frames]",
+             "output": "audio: [batch, 1, frames * hop_size] in [-1, 1]",
+             "parameters": sum(p.numel() for p in model.parameters())}
+    return model, facts
+
+
 def export_modelset(checkpoint: str, dest: Path, config_path: Path | None = None, opset: int = 17,
                     resolve=Path):
     """Write the vocoder as a one-graph ModelSet into `dest`."""
     from ...modelset import GraphFile, ModelSet, file_sha256
 
-    config_path = config_path or shipped_file("config.json")
-    config = read_config(config_path)
-    ckpt = checkpoint_path(checkpoint, resolve)
-    model = load_generator(ckpt, config)
+    model, facts = load_model(checkpoint, config_path, resolve)
     dest.mkdir(parents=True, exist_ok=True)
     name = f"hifigan_{checkpoint}.onnx" if checkpoint in SHIPPED else "hifigan.onnx"
-    export_onnx(model, dest / name, config.num_mels, opset)
-    meta = {"exporter": "hifigan", "checkpoint": checkpoint, "source": str(ckpt), "config": asdict(config),
-            "sample_rate": config.sampling_rate, "hop_size": config.hop_size, "n_fft": config.n_fft,
-            "win_size": config.win_size, "num_mels": config.num_mels, "fmin": config.fmin, "fmax": config.fmax,
-            "input": "mel: log(clamp(magnitude mel, 1e-5)) [batch, num_mels, frames]",
-            "output": "audio: [batch, 1, frames * hop_size] in [-1, 1]",
-            "parameters": sum(p.numel() for p in model.parameters()), "seeded": False}
-    ms = ModelSet(dest, [GraphFile(GRAPH, name, file_sha256(dest / name))], meta=meta)
+    export_onnx(model, dest / name, facts["num_mels"], opset)
+    ms = ModelSet(dest, [GraphFile(GRAPH, name, file_sha256(dest / name))],
+                  meta={"exporter": "hifigan", **facts, "seeded": False})
     ms.write_manifest()
     return ms

@@ -8,19 +8,13 @@ which is what the Neural Engine runs.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
-
-from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...results import FormatResult
 from ...targets import FormatInputs, Target, TargetJob, narrowed_blocks, uncarried_note
-
-if TYPE_CHECKING:
-    from .exporter import Generator
 
 
 class TorchScriptParams(BaseModel):
@@ -50,19 +44,11 @@ class CoreMLParams(BaseModel):
         return self
 
 
-def generator_of(job: TargetJob) -> tuple[Generator, dict]:
+def generator_of(job: TargetJob):
     """The exporter's PyTorch module for this recipe's checkpoint, and the facts a runtime needs."""
-    from .exporter import checkpoint_path, load_generator, read_config, shipped_file
+    from . import generator
 
-    model = job.model
-    config_path = job.resolve(model.config) if model.config else shipped_file("config.json")
-    config = read_config(config_path)
-    generator = load_generator(checkpoint_path(model.checkpoint, job.resolve), config)
-    meta = {"checkpoint": model.checkpoint, "sample_rate": config.sampling_rate, "hop_size": config.hop_size,
-            "num_mels": config.num_mels, "config": asdict(config),
-            "input": "mel: log(clamp(magnitude mel, 1e-5)) [batch, num_mels, frames]",
-            "output": "audio: [batch, 1, frames * hop_size] in [-1, 1]"}
-    return generator, meta
+    return generator(job.model, job.resolve)
 
 
 def file_stem(job: TargetJob) -> str:
@@ -103,8 +89,9 @@ def write_coreml(job: TargetJob) -> None:
     generator, meta = generator_of(job)
     example = _example(p.default_frames, meta["num_mels"])
     traced = trace(generator, example, "format 'coreml'")
+    fp16 = p.compute_precision == "fp16"
     mlmodel = coreml_convert(traced, "mel", (1, meta["num_mels"]), (p.min_frames, p.max_frames, p.default_frames),
-                             "audio", p.compute_precision == "fp16", p.deployment_target)
+                             "audio", fp16, p.deployment_target)
     mlmodel.short_description = f"HiFi-GAN V1 vocoder ({meta['checkpoint']}): log-mel in, audio out"
     mlmodel.user_defined_metadata.update({k: str(meta[k]) for k in ("sample_rate", "hop_size", "num_mels")})
     mlmodel.save(str(job.dest / f"{file_stem(job)}.mlpackage"))
@@ -113,7 +100,6 @@ def write_coreml(job: TargetJob) -> None:
     job.notes.append(f"ML program: {compute} ops ({', '.join(f'{n} {op}' for op, n in ops.most_common(4) if op != 'const')}"
                      f"), frames {p.min_frames}-{p.max_frames}, {p.compute_precision.upper()} compute; "
                      f"Core ML runs it only on Apple systems")
-    fp16 = p.compute_precision == "fp16"
     _note_precision(job, "Core ML", f"{p.compute_precision.upper()} compute", ("fp16",) if fp16 else ())
 
 
@@ -124,34 +110,23 @@ def check_torchscript(inputs: FormatInputs) -> list[FormatResult]:
 
     from ...audio import compare_audio, sqnr_db
     from ...onnx_io import session
+    from ...torch_formats import load_torchscript
     from .. import family_of
     from .exporter import GRAPH
 
     mel_settings = family_of(inputs.reference).audio(inputs.reference).mel
     reference = session(inputs.reference.load(GRAPH))
+    wanted = [reference.run(None, feeds)[0] for feeds in inputs.feeds]
     results = []
     for name in inputs.files:
-        module = _load_torchscript(inputs.folder / name)
-        pairs = []
-        for feeds in inputs.feeds:
-            with torch.no_grad():
-                got = module(torch.from_numpy(feeds["mel"])).numpy()
-            pairs.append((reference.run(None, feeds)[0], got))
-        log_mel = max(compare_audio(r, c, mel=mel_settings).log_mel_distance for r, c in pairs)
-        pooled = sqnr_db(np.concatenate([r.ravel() for r, _ in pairs]), np.concatenate([c.ravel() for _, c in pairs]))
+        module = load_torchscript(inputs.folder / name)
+        with torch.no_grad():
+            got = [module(torch.from_numpy(feeds["mel"])).numpy() for feeds in inputs.feeds]
+        log_mel = max(compare_audio(r, c, mel=mel_settings).log_mel_distance for r, c in zip(wanted, got))
+        pooled = sqnr_db(np.concatenate([r.ravel() for r in wanted]), np.concatenate([c.ravel() for c in got]))
         results.append(FormatResult(format="torchscript", file=name, sqnr_db=pooled, log_mel_max=log_mel,
-                                    compared=f"audio of the loaded module vs the FP32 ONNX on {len(pairs)} samples"))
+                                    compared=f"audio of the loaded module vs the FP32 ONNX on {len(got)} samples"))
     return results
-
-
-def _load_torchscript(path: Path):
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice (see torch_formats.trace)
-        return torch.jit.load(str(path)).eval()
 
 
 def check_coreml(inputs: FormatInputs) -> list[FormatResult]:
