@@ -238,19 +238,29 @@ class GGUFParams(BaseModel):
         return types
 
 
-def write_target(job: Any, gguf: ModuleType, stem: str, write: Callable[[Path, Picker], Written],
-                 auto_plan: Callable[[], tuple[dict[str, str], list[str]]]) -> list[Path]:
-    """The files of a `gguf` target job: `<stem>-<type>.gguf` per fixed type, then the `auto` file, named by its
-    one type or `mixed`; an auto file that equals a fixed one already written is not written twice."""
+def write_files(job: Any, stem: str, weights: Any, write_one: Callable[[Any, Path, str | Picker], Written],
+                auto_plan: Callable[[ModuleType, Any, Any], tuple[dict[str, str], list[str]]]) -> list[Path]:
+    """The files of a family's `gguf` target job, from its PyTorch `weights`: `<stem>-<type>.gguf` per fixed type,
+    then the `auto` file (`auto_plan(gguf, weights, final)`), named by its one type or `mixed`; an auto file that
+    equals a fixed one already written is not written twice."""
+    from .targets import require_module
+
+    gguf = require_module("gguf", "gguf", "format 'gguf'")
+    if weights.seeded:
+        job.notes.append(f"gguf: written from {weights.source}, untrained (general.description says so)")
+
+    def write(path: Path, pick: str | Picker) -> Written:
+        return write_one(weights, path, pick)
+
     paths: list[Path] = []
     job.dest.mkdir(parents=True, exist_ok=True)
     fixed = [t for t in job.params.types if t != "auto"]
     for kind in fixed:
         path = job.dest / f"{stem}-{kind}.gguf"
-        job.notes.extend(write(path, lambda group, kind=kind: kind).notes)
+        job.notes.extend(write(path, kind).notes)
         paths.append(path)
     if "auto" in job.params.types:
-        plan, notes = auto_plan()
+        plan, notes = auto_plan(gguf, weights, job.final)
         job.notes.extend(notes)
         path = job.dest / f"{stem}-{file_label(plan.values())}.gguf"
         if path in paths:

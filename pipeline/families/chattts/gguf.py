@@ -53,7 +53,7 @@ import numpy as np
 
 from ...errors import PipelineError
 from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers,
-                          config_mismatch, graph_proto, matrix_groups, plan_from_precisions, rms_norm, write_grouped, write_target)
+                          config_mismatch, graph_proto, matrix_groups, plan_from_precisions, rms_norm, write_files, write_grouped)
 from ...results import FormatResult
 from ...targets import FormatInputs, Target, TargetJob, require_module, weight_precision
 
@@ -124,14 +124,9 @@ def auto_plan(gguf: Any, w: ChatTTSWeights, final: Any) -> tuple[dict[str, str],
 
 
 def write_gguf(job: TargetJob) -> None:
-    gguf = require_module("gguf", "gguf", "format 'gguf'")
     from . import gpt_weights
 
-    weights = gpt_weights(job.model, job.resolve)
-    if weights.seeded:
-        job.notes.append(f"gguf: written from {weights.source}, untrained (general.description says so)")
-    write_target(job, gguf, STEM, lambda path, pick: write_chattts_gguf(weights, path, pick),
-                 lambda: auto_plan(gguf, weights, job.final))
+    write_files(job, STEM, gpt_weights(job.model, job.resolve), write_chattts_gguf, auto_plan)
 
 
 def chattts_layer(f: Tensors, n: int, x: np.ndarray, past_k: np.ndarray, past_v: np.ndarray

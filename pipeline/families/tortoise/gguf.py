@@ -59,7 +59,7 @@ import onnx
 
 from ...errors import PipelineError
 from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers, config_mismatch,
-                          graph_proto, layer_norm, matrix_groups, plan_from_precisions, write_grouped, write_target)
+                          graph_proto, layer_norm, matrix_groups, plan_from_precisions, write_files, write_grouped)
 from ...results import FormatResult
 from ...targets import PRECISIONS, FormatInputs, Target, TargetJob, block_precisions, require_module
 
@@ -151,14 +151,9 @@ def auto_plan(gguf: Any, w: TortoiseWeights, final: Any) -> tuple[dict[str, str]
 
 
 def write_gguf(job: TargetJob) -> None:
-    gguf = require_module("gguf", "gguf", "format 'gguf'")
     from . import gpt_weights
 
-    weights = gpt_weights(job.model, job.resolve)
-    if weights.seeded:
-        job.notes.append(f"gguf: written from {weights.source}, untrained (general.description says so)")
-    write_target(job, gguf, STEM, lambda path, pick: write_tortoise_gguf(weights, path, pick),
-                 lambda: auto_plan(gguf, weights, job.final))
+    write_files(job, STEM, gpt_weights(job.model, job.resolve), write_tortoise_gguf, auto_plan)
 
 
 def norm(f: Tensors, name: str, x: np.ndarray) -> np.ndarray:
