@@ -126,13 +126,15 @@ def _resume_hint(target: Path) -> str:
 
 
 def _print_result(result, quiet: bool, all_blocks: bool) -> None:
+    from .targets import files_line
+
     if not quiet:
         _print_run_summary(result)
     else:
         out.print(escape(f"final model: {result.out_dir / 'final'}"))
     for target in result.targets:
-        files = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in target["files"].items())
-        out.print(escape(f"{target['format']}: {result.out_dir / 'final' / target['format']}: {files}"))
+        out.print(escape(f"{target['format']}: {result.out_dir / 'final' / target['format']}: "
+                         f"{files_line(target['files'])}"))
         for note in [] if quiet else target["notes"]:
             out.print(escape(f"    {note}"), style="dim")
     if result.report is None:

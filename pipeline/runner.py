@@ -44,8 +44,8 @@ from .modelset import ModelSet, graph_sha256
 from .onnx_io import check_loads, external_files, is_light, load_light, load_onnx, set_provenance
 from .recipe import Recipe, Scope, Step, format_validation_error
 from .results import CheckReport, FormatResult
-from .targets import (TARGET_MANIFEST, FormatInputs, PlannedTarget, TargetJob, folder_size, plan_targets,
-                      write_target)
+from .targets import (TARGET_MANIFEST, FormatInputs, PlannedTarget, TargetJob, files_line, folder_size,
+                      plan_targets, write_target)
 from .families import detect_family, family_of_exporter, get_family
 from .sources import materialize_base, resolve_model_path
 
@@ -521,8 +521,7 @@ class Runner:
             _write_json(tmp / TARGET_MANIFEST, record)
         for note in job.notes:
             self.log(f"{label}: {note}")
-        self.log(f"{label}: wrote " + ", ".join(f"{planned.format}/{name} ({size / 1e6:.1f} MB)"
-                                                for name, size in record["files"].items()))
+        self.log(f"{label}: wrote {files_line(record['files'], f'{planned.format}/')}")
         return record
 
     def _cached_report(self, key: str) -> CheckReport | None:
@@ -577,24 +576,29 @@ def _graph_facts(ms: ModelSet) -> dict[str, Any]:
 
 def _cached_target(folder: Path, key: str) -> dict[str, Any] | None:
     """A target folder's record if it was made with `key` and its files are all there, at their sizes."""
-    try:
-        data = json.loads((folder / TARGET_MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+    data = _record(folder, TARGET_MANIFEST, key)
+    if data is None:
         return None
     try:
         intact = all(folder_size(folder / name) == size for name, size in data.get("files", {}).items())
     except OSError:
         return None
-    return data if data.get("key") == key and intact else None
+    return data if intact else None
 
 
-def _cached(folder: Path, key: str, manifest: str = STEP_MANIFEST) -> dict[str, Any] | None:
-    """The folder's manifest if it was built with `key` and its files are intact."""
+def _record(folder: Path, manifest: str, key: str) -> dict[str, Any] | None:
+    """A folder's manifest when it says it was built with `key`."""
     try:
         data = json.loads((folder / manifest).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if data.get("key") != key:
+    return data if data.get("key") == key else None
+
+
+def _cached(folder: Path, key: str, manifest: str = STEP_MANIFEST) -> dict[str, Any] | None:
+    """The folder's manifest if it was built with `key` and its files are intact."""
+    data = _record(folder, manifest, key)
+    if data is None:
         return None
     try:
         ms = ModelSet.read(folder)

@@ -115,6 +115,11 @@ def _not_installed(module: str, extra: str, what: str) -> str | None:
     return f"{what} needs the optional package {module!r}, which is not installed: {INSTALL.format(extra=extra)}"
 
 
+def files_line(files: dict[str, int], prefix: str = "") -> str:
+    """`a.gguf (450.4 MB), b.gguf (239.3 MB)`: a target's files with their sizes (its record's `files`)."""
+    return ", ".join(f"{prefix}{name} ({size / 1e6:.1f} MB)" for name, size in files.items())
+
+
 def folder_size(path: Path) -> int:
     """Bytes under `path` (a file, or a folder such as an .mlpackage)."""
     if path.is_file():
