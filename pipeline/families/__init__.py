@@ -12,11 +12,24 @@ Families are found through the entry-point group `tts_onnx_pipeline.families`
 (each entry point names a `Family` subclass); the built-in ones are registered
 the same way in pyproject.toml, so a separate package adds a family without
 editing this repository. `register()` adds one at run time (tests do).
+
+A plug-in is held to a contract when it loads: a `Family` subclass with a `name`
+of its own (a plain name no other family has), a str `description`, and tuples of
+`Exporter`s, `CalibrationSource` subclasses and `Target`s. One that breaks it, or
+does not import, is set aside and the others keep working: `plugin_problems()`
+lists one line per plug-in set aside, `pipeline families` prints them, and
+`get_family` names the problem when asked for a family set aside. A built-in
+family that is missing or broken is a broken install: a hard PipelineError.
+A plug-in whose `recognizes()` raises is skipped by `detect_family`; that line is
+added to `plugin_problems()` and logged once (logger "pipeline", warning), since
+detection without it may pick the wrong family. `reload()` forgets the cache.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -26,7 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ValidationError
 
 from ..audio import MelSettings
-from ..errors import PipelineError
+from ..errors import PipelineError, one_line
 
 if TYPE_CHECKING:
     import onnx
@@ -63,6 +76,9 @@ class Exporter:
     Params: type[BaseModel]
     export: Callable[[Any, Path, Callable[[str], Path]], ModelSet]  # (params, dest, resolve)
     key: Callable[[Any, Callable[[str], Path]], str]  # what the export depends on
+    # (params, resolve, where): builds the model from its config alone (no weights, e.g. on torch's meta device),
+    # raising a PipelineError that names the key at fault, so a config that cannot be built fails in validate
+    check: Callable[[Any, Callable[[str], Path], str], None] | None = None
 
     def parse(self, params: dict[str, Any], where: str) -> BaseModel:
         try:
@@ -70,7 +86,20 @@ class Exporter:
         except ValidationError as e:
             from ..recipe import format_validation_error
 
-            raise PipelineError(format_validation_error(f"{where}.params", e, self.Params)) from None
+            raise PipelineError(format_validation_error(f"{where}.params", e, self.Params, nested=True)) from None
+
+    def validate(self, params: dict[str, Any], where: str, resolve: Callable[[str], Path]) -> BaseModel:
+        """`parse`, then `check`: everything about the model that can be known before any work."""
+        parsed = self.parse(params, where)
+        if self.check is not None:
+            try:
+                self.check(parsed, resolve, f"{where}.params")
+            except PipelineError:
+                raise
+            except Exception as e:  # a plug-in's check that does not wrap its own failure
+                raise PipelineError(f"{where}.params: the model cannot be built: "
+                                    f"{one_line(f'{type(e).__name__}: {e}')}") from None
+        return parsed
 
 
 @dataclass
@@ -199,11 +228,16 @@ class GenericFamily(Family):
 
 _REGISTERED: dict[str, type[Family]] = {}
 _LOADED: dict[str, type[Family]] | None = None
+_SET_ASIDE: dict[str, str] = {}  # entry-point name -> why that plug-in was set aside (one line)
+_RECOGNIZE_FAILED: dict[str, str] = {}  # family name -> why its recognizes() was skipped (one line)
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+log = logging.getLogger("pipeline")
 
 
 def register(cls: type[Family]) -> type[Family]:
     """Add a family at run time (as an entry point would); returns the class, so it works as a decorator."""
     _REGISTERED[cls.name] = cls
+    _RECOGNIZE_FAILED.pop(cls.name, None)  # a fixed class starts with a clean slate
     global _LOADED
     _LOADED = None
     return cls
@@ -211,38 +245,122 @@ def register(cls: type[Family]) -> type[Family]:
 
 def unregister(name: str) -> None:
     _REGISTERED.pop(name, None)
+    _RECOGNIZE_FAILED.pop(name, None)
     global _LOADED
     _LOADED = None
 
 
+def reload() -> None:
+    """Forget the families found and the problems met, so the next call looks at the entry points again."""
+    global _LOADED
+    _LOADED = None
+    _SET_ASIDE.clear()
+    _RECOGNIZE_FAILED.clear()
+
+
+def plugin_problems() -> list[str]:
+    """One line per family plug-in set aside (loading or recognising), in the order they were met."""
+    families()
+    return [*_SET_ASIDE.values(), *_RECOGNIZE_FAILED.values()]
+
+
+def _is_tuple_of(value: object, check: Callable[[object], bool]) -> bool:
+    return isinstance(value, tuple) and all(check(v) for v in value)
+
+
+def _contract_problem(cls: object) -> str | None:
+    """What a loaded entry point lacks to be a family, or None when it keeps the contract."""
+    from calibration import CalibrationSource
+
+    from ..targets import Target
+
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        return f"is not a Family subclass (it is {type(cls).__name__} {one_line(repr(cls), 80)})"
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        return f"has no usable `name` (a plain name such as 'myvoice'; it has {name!r})"
+    checks = {
+        "description": (isinstance(cls.description, str), "a str"),
+        "exporters": (_is_tuple_of(cls.exporters, lambda e: isinstance(e, Exporter)), "a tuple of Exporter"),
+        "sources": (_is_tuple_of(cls.sources, lambda s: isinstance(s, type) and issubclass(s, CalibrationSource)),
+                    "a tuple of CalibrationSource subclasses"),
+        "targets": (_is_tuple_of(cls.targets, lambda t: isinstance(t, Target)), "a tuple of Target"),
+    }
+    for attr, (ok, want) in checks.items():
+        if not ok:
+            return f"`{attr}` must be {want} (it is {one_line(repr(getattr(cls, attr)), 80)})"
+    return None
+
+
+def _load(ep: Any) -> tuple[type[Family] | None, str | None]:
+    """(class, None) for an entry point that keeps the contract, else (None, what is wrong)."""
+    try:
+        cls = ep.load()
+    except Exception as e:  # a plug-in's import error is its own, not a bug of this tool
+        return None, f"does not load: {type(e).__name__}: {one_line(e, 200)}"
+    problem = _contract_problem(cls)
+    return (None, problem) if problem else (cls, None)
+
+
+def _is_built_in(ep: Any) -> bool:
+    return ep.name in BUILT_IN and ep.value.startswith(f"{__name__}.")
+
+
 def families() -> dict[str, type[Family]]:
-    """Every known family: entry points, then run-time registrations (which win on a name clash)."""
+    """Every known family: built-ins, then plug-ins, then run-time registrations (which win on a name clash)."""
     global _LOADED
     if _LOADED is None:
         found: dict[str, type[Family]] = {GENERIC: GenericFamily}
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                cls = ep.load()
-            except Exception as e:  # a broken plug-in must not take the tool down with a traceback
-                raise PipelineError(f"family plug-in {ep.name!r} ({ep.value}) does not load: "
-                                    f"{type(e).__name__}: {e}") from None
-            if not (isinstance(cls, type) and issubclass(cls, Family)):
-                raise PipelineError(f"family plug-in {ep.name!r} ({ep.value}) is not a Family subclass")
-            found[cls.name] = cls
-        missing = [name for name in BUILT_IN if name not in found]
-        if missing:
-            raise PipelineError(f"the built-in families {', '.join(missing)} are not registered (entry-point group "
-                                f"{ENTRY_POINT_GROUP}): this package's install is missing or older than its code; "
-                                f"reinstall it (pip install -e .)")
+        eps = list(entry_points(group=ENTRY_POINT_GROUP))
+        _load_built_ins([ep for ep in eps if _is_built_in(ep)], found)
+        _SET_ASIDE.clear()
+        # Built-ins first, so that a plug-in taking a built-in's name is the one set aside, whatever the order.
+        for ep in eps:
+            if not _is_built_in(ep):
+                _load_plugin(ep, found)
         found.update(_REGISTERED)
         _LOADED = found
     return _LOADED
 
 
+def _load_built_ins(eps: list[Any], found: dict[str, type[Family]]) -> None:
+    """The built-in families into `found`; any missing or broken is a broken install, not a plug-in to skip."""
+    for ep in eps:
+        cls, problem = _load(ep)
+        if problem:
+            raise PipelineError(f"built-in family {ep.name!r} ({ep.value}) {problem}: this package's install is "
+                                f"broken; reinstall it (pip install -e .)")
+        found[cls.name] = cls
+    missing = [name for name in BUILT_IN if name not in found]
+    if missing:
+        raise PipelineError(f"the built-in families {', '.join(missing)} are not registered (entry-point group "
+                            f"{ENTRY_POINT_GROUP}): this package's install is missing or older than its code; "
+                            f"reinstall it (pip install -e .)")
+
+
+def _load_plugin(ep: Any, found: dict[str, type[Family]]) -> None:
+    """One plug-in into `found`, or set aside with one line naming its entry point and what is wrong."""
+    cls, problem = _load(ep)
+    if cls is not None and found.get(cls.name, cls) is not cls:  # the same class found twice is no clash
+        taken = found[cls.name]
+        problem = f"takes the name {cls.name!r}, already that of {taken.__module__}.{taken.__qualname__}"
+    if problem:
+        _SET_ASIDE[ep.name] = f"family plug-in {ep.name!r} ({ep.value}) set aside: {problem}"
+    else:
+        found[cls.name] = cls
+
+
+def _set_aside_hint() -> str:
+    return f"; {len(_SET_ASIDE)} family plug-in(s) set aside, see `pipeline families`" if _SET_ASIDE else ""
+
+
 def get_family(name: str, where: str = "model.family") -> Family:
     known = families()
+    if name not in known and name in _SET_ASIDE:
+        raise PipelineError(f"{where}: {_SET_ASIDE[name]}")
     if name not in known:
-        raise PipelineError(f"{where}: unknown model family {name!r} (known: {', '.join(sorted(known))})")
+        raise PipelineError(f"{where}: unknown model family {name!r} (known: {', '.join(sorted(known))})"
+                            f"{_set_aside_hint()}")
     return known[name]()
 
 
@@ -252,7 +370,8 @@ def family_of_exporter(exporter: str, where: str = "model") -> tuple[Family, Exp
             if e.name == exporter:
                 return cls(), e
     names = sorted(e.name for cls in families().values() for e in cls.exporters)
-    raise PipelineError(f"{where}.exporter: unknown exporter {exporter!r} (known: {', '.join(names)})")
+    raise PipelineError(f"{where}.exporter: unknown exporter {exporter!r} (known: {', '.join(names)})"
+                        f"{_set_aside_hint()}")
 
 
 def detect_family(model_path: Path, model: onnx.ModelProto | None = None) -> Family:
@@ -263,9 +382,22 @@ def detect_family(model_path: Path, model: onnx.ModelProto | None = None) -> Fam
 
         model = load_onnx(model_path)
     for cls in families().values():
-        if cls is not GenericFamily and cls().recognizes(model_path, model):
+        if cls is not GenericFamily and _recognizes(cls, model_path, model):
             return cls()
     return GenericFamily()
+
+
+def _recognizes(cls: type[Family], model_path: Path, model: onnx.ModelProto) -> bool:
+    """A family's verdict on a file; one that raises is skipped (and said once), so the others still decide."""
+    try:
+        return bool(cls().recognizes(model_path, model))
+    except Exception as e:  # a plug-in's bug must not stop detection for every family
+        if cls.name not in _RECOGNIZE_FAILED:
+            line = (f"family {cls.name!r} ({cls.__module__}) skipped in detection: recognizes() raised "
+                    f"{type(e).__name__}: {one_line(e, 200)}")
+            _RECOGNIZE_FAILED[cls.name] = line
+            log.warning("warning: %s", line)
+        return False
 
 
 def family_of(ms: ModelSet) -> Family:
