@@ -62,11 +62,30 @@ class PassResult:
     weights_dir: Path | None = None
 
 
+# ONNX Runtime has no kernel for many ops before opset 7 (Add-6, Relu-1: measured with ORT 1.32), and every step's
+# result is loaded in it (`pipeline.onnx_io.check_loads`): no pass's output is usable below it.
+ORT_MIN_OPSET = 7
+# IR 4 (ONNX 1.4) is the first IR where an initializer need not also be a graph input.
+IR_INITIALIZERS_APART = 4
+
+
 class Pass:
     """Subclasses set `name`, `Params`, and implement `apply`; the docstring is the help text."""
 
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
+    # The lowest default-domain opset at which this pass's output is a valid graph (onnx.checker and an ONNX Runtime
+    # session), measured for each pass on models of opsets 7 to 21 (tests/test_old_models.py). A pass that writes an
+    # op in a form only newer opsets define sets it higher; the runner refuses older models with one line.
+    min_opset: ClassVar[int] = ORT_MIN_OPSET
+    # Whether the pass takes a model whose weights are graph inputs: IR 3's layout (below IR 4 every initializer
+    # must also be an input) and old exporters' keep_initializers_as_inputs. Measured: a pass that adds initializers
+    # then writes an invalid graph at IR 3, and one that replaces or cuts weights leaves them inputs without a
+    # value, a graph that loads but wants its weights fed (which neither onnx.checker nor ONNX Runtime flags).
+    takes_weights_as_inputs: ClassVar[bool] = False
+    # Passes whose output may be newer than their input (onnxsim writes IR 4's layout; ONNX Runtime's quantizers
+    # convert a model below opset 10 to 11): the steps after one are checked when they run, not at plan time.
+    upgrades_model: ClassVar[bool] = False
     # Passes that rewrite the whole graph (simplify) cannot honour a block scope.
     scoped: ClassVar[bool] = True
     # Passes that change the precision of what the graph computes (fp16, quantize, compress_weights). Their
@@ -89,6 +108,26 @@ class Pass:
         return (f"pass {self.name!r} holds the whole model in memory, and protobuf caps a model at 2 GB: run it "
                 f"after a step that brings the model under 2 GB (quantize, fp16, compress_weights)")
 
+    def min_opset_for(self, params: Params) -> int:
+        """`min_opset` for these parameters (a pass whose output's ops depend on them overrides it)."""
+        return self.min_opset
+
+    def opset_problem(self, model: onnx.ModelProto, params: Params, path: str = "model.onnx") -> str | None:
+        """Why `model` (the file `path`) is too old for this pass to write a valid graph from, in one line with
+        the command that upgrades it, or None when it is not. Reads only the proto's header and names: a light
+        (large) model is fine."""
+        need = self.min_opset_for(params)
+        opset = default_opset(model) or need  # (a graph of contrib ops only has no default opset to be short of)
+        layout = not self.takes_weights_as_inputs and weights_are_inputs(model)
+        if opset >= need and not layout:
+            return None
+        short = [f"opset {opset}, needs >= {need}"] if opset < need else []
+        if layout:
+            short.append(f"IR {model.ir_version} with its weights among the graph inputs, needs IR >= "
+                         f"{IR_INITIALIZERS_APART} with them apart")
+        return (f"{path} is too old for pass {self.name!r}: {'; '.join(short)} (upgrade it with "
+                f"onnx.version_converter: {upgrade_command(path, max(opset, need), layout)})")
+
     def graphs_after(self, params: Params, graph: str) -> list[str]:
         """Names of the graphs this pass makes of `graph` (itself, unless it cuts graphs), known before it
         runs, so a recipe's later scopes can be checked before any long work starts."""
@@ -96,6 +135,29 @@ class Pass:
 
     def apply(self, model: onnx.ModelProto, params: Params, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The model's opset of the default (ai.onnx) domain, None when it imports none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def weights_are_inputs(model: onnx.ModelProto) -> bool:
+    """True for IR 3's layout: below IR 4 every initializer is also a graph input, and old exporters kept it so."""
+    inits = {t.name for t in model.graph.initializer}
+    return model.ir_version < IR_INITIALIZERS_APART or any(i.name in inits for i in model.graph.input)
+
+
+def upgrade_command(path: str, opset: int, drop_weight_inputs: bool) -> str:
+    """A shell command that writes `path` converted to `opset`, at an IR that opset needs (at least 4), its weights
+    out of the graph inputs when `drop_weight_inputs`, beside it (the version converter leaves the IR as it was)."""
+    ir = max(IR_INITIALIZERS_APART, onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)]))
+    out = str(Path(path).with_suffix(f".opset{opset}.onnx"))
+    drop = ("w = {t.name for t in m.graph.initializer}; x = [i for i in m.graph.input if i.name not in w]; "
+            "del m.graph.input[:]; m.graph.input.extend(x); ") if drop_weight_inputs else ""
+    return (f'python -c "import onnx; from onnx import version_converter as vc; '
+            f"m = vc.convert_version(onnx.load({str(path)!r}), {opset}); m.ir_version = max(m.ir_version, {ir}); "
+            f'{drop}onnx.save(m, {out!r})"')
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -41,6 +41,8 @@ class FuseMatmulsParams(Params):
 class FuseMatmuls(Pass):
     name = "fuse_matmuls"
     Params = FuseMatmulsParams
+    # The Split it writes takes the output sizes as an input, which opset 13 brought (an attribute before).
+    min_opset = 13
 
     def apply(self, model: onnx.ModelProto, params: FuseMatmulsParams, ctx: PassContext) -> PassResult:
         out = copy_model(model)

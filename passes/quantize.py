@@ -156,6 +156,16 @@ class Quantize(Pass):
     name = "quantize"
     Params = QuantizeParams
     changes_precision = True
+    # ONNX Runtime's quantizers convert a model below opset 10 to opset 11 (onnx.version_converter) before they
+    # write QuantizeLinear/DequantizeLinear or integer ops, and MatMulNBits is a contrib op: every mode works from
+    # opset 7 (measured), but for `min_opset_for`'s one exception.
+    upgrades_model = True
+
+    def min_opset_for(self, params: QuantizeParams) -> int:
+        # Per-channel QDQ writes DequantizeLinear with an `axis`, which opset 13 brought (measured: invalid at 12).
+        if params.mode == "static" and params.format == "qdq" and params.per_channel:
+            return 13
+        return self.min_opset
 
     def needs_calibration_for(self, params: QuantizeParams) -> bool:
         return params.mode == "static" or (params.mode == "weight_only" and params.method == "gptq")

@@ -32,6 +32,9 @@ class Simplify(Pass):
     name = "simplify"
     Params = SimplifyParams
     scoped = False
+    # Measured: onnxsim takes IR 3 models at opsets 7 to 21 and writes IR 4, weights no longer graph inputs.
+    takes_weights_as_inputs = True
+    upgrades_model = True
 
     def large_model_problem(self, params: SimplifyParams) -> str | None:
         if params.check_n:
