@@ -20,9 +20,11 @@ from . import PATH, Feeds, SentenceSource, SentencesParams
 
 class PiperParams(SentencesParams):
     config: str | None = Field(default=None, json_schema_extra=PATH)  # voice .onnx.json; default: its sidecar
-    noise_scale: float = 0.0
-    length_scale: float = 1.0
-    noise_w: float = 0.0
+    # Piper's `scales` input: noise_scale and noise_w scale standard normal noise (a negative scale is no voice's
+    # setting); length_scale stretches the durations, and at 0 or below there are no frames to speak.
+    noise_scale: float = Field(default=0.0, ge=0, description="noise of the flow's prior (0: deterministic)")
+    length_scale: float = Field(default=1.0, gt=0, description="speaking slowness: durations times this")
+    noise_w: float = Field(default=0.0, ge=0, description="noise of the duration predictor (0: deterministic)")
 
 
 def read_sentences(path: Path) -> list[str]:

@@ -14,14 +14,15 @@ KV cache in a loop (`runtime.py`), not plain dataflow. So this family:
 from __future__ import annotations
 
 import statistics
-from dataclasses import fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from calibration.chattts_prompts import ChatTTSPrompts, load_tokenizer
-from pydantic import BaseModel, ConfigDict
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
+                      model_validator)
 
-from ...errors import PipelineError
+from ...errors import PipelineError, one_line
 from ...modelset import ModelSet
 from .. import Exporter, Family, Generated, GenerateRequest, files_key
 from .gguf import GGUF_TARGET
@@ -29,26 +30,100 @@ from .gguf import GGUF_TARGET
 EXPORTER = "chattts_gpt"
 
 
+class GPTConfigParams(BaseModel):
+    """GPTConfig (exporter.py) as the recipe's `config` overrides: its fields, defaults and the ranges the
+    modules can be built with (layers.py). Sizes are strict whole numbers: `true` or "8" is refused, not read
+    as 1 or 8; the floats take YAML's `1e-6`, which yaml.safe_load reads as a string. Defaults are validated
+    too: the heads check holds for a default against an override (hidden_size 64 with the default 12 heads)."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    hidden_size: int = Field(768, gt=0, strict=True, description="width of the hidden states")
+    intermediate_size: int = Field(3072, gt=0, strict=True, description="width of each layer's MLP")
+    num_attention_heads: int = Field(12, gt=0, strict=True, description="attention heads; hidden_size / heads "
+                                                                        "must be a whole, even number (RoPE)")
+    num_hidden_layers: int = Field(20, gt=0, strict=True, description="decoder layers (graphs layer_00..)")
+    max_position_embeddings: int = Field(4096, gt=0, strict=True, description="longest sequence generated, "
+                                                                             "prompt included")
+    # At least 2: the sample head is traced on id 1, and the code head's last id is its end-of-sequence.
+    num_audio_tokens: int = Field(626, ge=2, strict=True, description="audio-code vocabulary per codebook, "
+                                                                      "end-of-sequence included")
+    num_text_tokens: int = Field(21178, ge=2, strict=True, description="text vocabulary")
+    num_vq: int = Field(4, gt=0, strict=True, description="codebooks per audio frame")
+    rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm's epsilon")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE's base")
+
+    @field_validator("num_attention_heads")
+    @classmethod
+    def _heads(cls, n: int, info: ValidationInfo) -> int:
+        h = info.data.get("hidden_size")  # absent when it failed its own check: that error is enough
+        if h is None:
+            return n
+        if h % n:
+            raise ValueError(f"hidden_size {h} is not a multiple of num_attention_heads {n}")
+        if (h // n) % 2:  # RoPE rotates the two halves of each head (layers._rotate_half)
+            raise ValueError(f"hidden_size {h} / num_attention_heads {n} = {h // n}, odd: RoPE needs an even "
+                             f"head size")
+        return n
+
+
 class ChatTTSParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    asset: str | None = None  # ChatTTS's asset folder (gpt/ + Embed.safetensors); none: seeded random weights
-    seed: int = 0
-    config: dict[str, Any] = {}  # GPTConfig overrides for seeded weights (tests use a small model)
+    asset: str | None = Field(None, description="ChatTTS's asset folder (gpt/ + Embed.safetensors); none: seeded "
+                                                "random weights with ChatTTS's config")
+    seed: int = Field(0, ge=0, lt=2**64, strict=True, description="seed of the random weights when there is no "
+                                                                   "asset (torch.Generator.manual_seed's range)")
+    config: GPTConfigParams = Field(default_factory=GPTConfigParams, description="GPTConfig overrides for seeded "
+                                    "weights (tests use a small model); an asset has its own gpt/config.json")
+
+    @model_validator(mode="after")
+    def _overrides_or_asset(self) -> ChatTTSParams:
+        if self.asset and self.config.model_fields_set:
+            raise ValueError("'config' overrides apply to seeded weights; an asset folder has its own")
+        return self
+
+    @field_serializer("config")
+    def _only_overrides(self, config: GPTConfigParams) -> dict[str, Any]:
+        # the cache key (files_key) and the run's record hold what the recipe set, as before the schema
+        return config.model_dump(exclude_unset=True)
+
+
+def gpt_config(params: ChatTTSParams, resolve):
+    """The GPTConfig these params name: the asset's gpt/config.json, or ChatTTS's with the overrides."""
+    from .exporter import GPTConfig, config_from_hf
+
+    if params.asset:
+        return config_from_hf(resolve(params.asset) / "gpt" / "config.json")
+    return GPTConfig(**params.config.model_dump())
 
 
 def gpt_weights(params: ChatTTSParams, resolve):
     """The GPT's PyTorch weights these params name: the export's, and every target's."""
     from .exporter import GPTConfig, load_weights
 
-    names = {f.name for f in fields(GPTConfig)}
-    unknown = sorted(set(params.config) - names)
-    if unknown:
-        raise PipelineError(f"model.params.config: unknown keys {unknown} (valid: {', '.join(sorted(names))})")
-    if params.asset and params.config:
-        raise PipelineError("model.params: 'config' overrides apply to seeded weights; an asset folder has its own")
     asset = resolve(params.asset) if params.asset else None
-    return load_weights(asset, GPTConfig(**params.config) if params.config else None, seed=params.seed)
+    config = GPTConfig(**params.config.model_dump()) if params.config.model_fields_set else None
+    return load_weights(asset, config, seed=params.seed)
+
+
+def _check(params: ChatTTSParams, resolve, where: str) -> None:
+    """The GPT built and run on torch's meta device from its config alone: the config's own numbers (an asset's
+    config.json is held to the recipe's ranges too), then anything only building shows."""
+    from .exporter import build_on_meta
+
+    c = gpt_config(params, resolve)
+    key = f"{where}.asset ({resolve(params.asset) / 'gpt' / 'config.json'})" if params.asset else f"{where}.config"
+    try:
+        GPTConfigParams.model_validate(asdict(c))
+    except ValidationError as e:
+        from ...recipe import format_validation_error
+
+        raise PipelineError(format_validation_error(key, e)) from None
+    try:
+        build_on_meta(c)
+    except Exception as e:  # a config the ranges let through but the modules refuse
+        raise PipelineError(f"{key}: the model cannot be built: {one_line(f'{type(e).__name__}: {e}')}") from None
 
 
 def _export(params: ChatTTSParams, dest: Path, resolve):
@@ -69,7 +144,7 @@ def _vocab(ms: ModelSet) -> int:
 class ChatTTSFamily(Family):
     name = "chattts"
     description = "ChatTTS's GPT: block-wise LlamaModel, text and audio-code heads, generated in a KV-cache loop"
-    exporters = (Exporter(EXPORTER, ChatTTSParams, _export, _key),)
+    exporters = (Exporter(EXPORTER, ChatTTSParams, _export, _key, check=_check),)
     sources = (ChatTTSPrompts,)
     targets = (GGUF_TARGET,)
     autoregressive = True

@@ -19,6 +19,7 @@ processors and a draw from a uniform-noise input, or greedy).
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -368,6 +369,21 @@ class ChatTTSGPT(nn.Module):
             hidden, k, v = layer(hidden, k, v)
             new.append((k, v))
         return self.norm(hidden), new
+
+
+def build_on_meta(c: GPTConfig) -> None:
+    """Build the whole stack from `c` and run a prefill and a decode step, all on torch's meta device: shapes
+    only, no memory and no weights, so `pipeline validate` finds a config the modules cannot be built from."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a probe: what torch warns about shows up in the real export
+        gpt = {k: torch.empty(s) for k, s in expected_gpt_keys(c).items()}
+        raw = {k: torch.empty(s) for k, s in expected_embed_keys(c).items()}
+        model = ChatTTSGPT(ChatTTSWeights(c, gpt, _fold_embed(raw, c), True, "meta"))
+        hidden = model.embed_text(torch.zeros(1, 3, dtype=torch.long))
+        hidden, cache = model.step(hidden, model.empty_cache())
+        model.lm_head_text(hidden)
+        hidden, _ = model.step(model.embed_code(torch.zeros(1, 1, c.num_vq, dtype=torch.long)), cache)
+        model.lm_head_code(hidden)
 
 
 GRAPH_NAMES = ("embed_text", "embed_code", "norm", "lm_head_text", "lm_head_code")

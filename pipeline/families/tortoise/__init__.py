@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator
 
 from calibration.tortoise_texts import TortoiseTexts
 
-from ...errors import PipelineError
+from ...errors import PipelineError, one_line
 from ...metrics import Metric
 from ...modelset import ModelSet
 from .. import Exporter, Family, Generated, GenerateRequest, files_key
@@ -35,29 +35,82 @@ from .gguf import GGUF_TARGET
 EXPORTER = "tortoise_gpt"
 
 
+class TortoiseConfigParams(BaseModel):
+    """TortoiseConfig (model.py) as the recipe's `config` overrides: its fields, defaults and the ranges the
+    modules can be built and exported with. Every field is a strict whole number: `true` or "8" is refused,
+    not read as 1 or 8."""
+
+    # defaults validated too: the cross-field checks hold for a default against an override
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    layers: int = Field(30, gt=0, description="GPT2 blocks")
+    model_dim: int = Field(1024, gt=0, description="width of the hidden states; a multiple of heads")
+    heads: int = Field(16, gt=0, description="attention heads, of the GPT2 blocks and the conditioning encoder")
+    # at least 5: the export traces the prefill on 5 text tokens (exporter._export_stage)
+    max_text_tokens: int = Field(402, ge=5, description="longest text, in tokens (start and stop not counted)")
+    # at least 2: generation stops after max_mel_tokens - 1 codes (TortoiseRuntime.max_steps)
+    max_mel_tokens: int = Field(604, ge=2, description="longest code sequence, start_mel included")
+    max_conditioning_inputs: int = Field(2, gt=0, description="conditioning positions reserved in the mel "
+                                                              "position table (its size is max_mel_tokens + 2 + this)")
+    number_text_tokens: int = Field(255, gt=0, description="text vocabulary, without start_text "
+                                                           "(the embedding holds number_text_tokens + 1)")
+    start_text_token: int = Field(255, ge=0, description="id put before the text; at most number_text_tokens")
+    # at least 2: the sample head is traced, and generation starts, with id 1 seen (runtime.PLACEHOLDER_ID)
+    number_mel_codes: int = Field(8194, ge=2, description="code vocabulary, start_mel and stop_mel included")
+    start_mel_token: int = Field(8192, ge=0, description="id that starts the codes; below number_mel_codes")
+    stop_mel_token: int = Field(8193, ge=0, description="id that ends the codes; below number_mel_codes")
+    conditioning_blocks: int = Field(6, gt=0, description="attention blocks of the conditioning encoder")
+    mel_channels: int = Field(80, gt=0, description="mel bands of the reference clips")
+
+    # Each check sits on the later field, so the error names it; a field that failed its own range is absent
+    # from `info.data`, and its error is enough.
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, heads: int, info: ValidationInfo) -> int:
+        dim = info.data.get("model_dim")
+        if dim is not None and dim % heads:
+            raise ValueError(f"model_dim {dim} is not a multiple of heads {heads}")
+        return heads
+
+    @field_validator("start_text_token")
+    @classmethod
+    def _text_id(cls, token: int, info: ValidationInfo) -> int:
+        vocab = info.data.get("number_text_tokens")
+        if vocab is not None and token > vocab:  # the text embedding holds number_text_tokens + 1 ids
+            raise ValueError(f"{info.field_name} {token} is past the text vocabulary (number_text_tokens {vocab} "
+                             f"+ 1 ids)")
+        return token
+
+    @field_validator("start_mel_token", "stop_mel_token")
+    @classmethod
+    def _mel_id(cls, token: int, info: ValidationInfo) -> int:
+        codes = info.data.get("number_mel_codes")
+        if codes is not None and token >= codes:  # past the code embedding and the mel head
+            raise ValueError(f"{info.field_name} {token} is not below number_mel_codes {codes}")
+        return token
+
+
 class TortoiseParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str | None = Field(None, description="Tortoise's autoregressive.pth (a plain state_dict); none: "
                                                      "seeded random weights with the released config")
-    seed: int = Field(0, description="seed of the random weights when there is no checkpoint")
-    config: dict[str, Any] = Field(default_factory=dict, description="UnifiedVoice arguments that differ from the "
-                                   "released model (layers, model_dim, heads, ...); tests use a small model")
+    seed: int = Field(0, ge=0, lt=2**64, strict=True, description="seed of the random weights when there is no "
+                                                                   "checkpoint (torch.Generator.manual_seed's range)")
+    config: TortoiseConfigParams = Field(default_factory=TortoiseConfigParams, description="UnifiedVoice "
+                                         "arguments that differ from the released model (layers, model_dim, heads, "
+                                         "...); tests use a small model")
+
+    @field_serializer("config")
+    def _only_overrides(self, config: TortoiseConfigParams) -> dict[str, Any]:
+        # the cache key (files_key) and the run's record hold what the recipe set, as before the schema
+        return config.model_dump(exclude_unset=True)
 
 
 def _config(params: TortoiseParams):
-    from dataclasses import fields
-
     from .model import TortoiseConfig
 
-    names = {f.name for f in fields(TortoiseConfig)}
-    unknown = sorted(set(params.config) - names)
-    if unknown:
-        raise PipelineError(f"model.params.config: unknown keys {unknown} (valid: {', '.join(sorted(names))})")
-    c = TortoiseConfig(**params.config)
-    if c.model_dim % c.heads:
-        raise PipelineError(f"model.params.config: model_dim {c.model_dim} is not a multiple of heads {c.heads}")
-    return c
+    return TortoiseConfig(**params.config.model_dump())
 
 
 def gpt_weights(params: TortoiseParams, resolve):
@@ -66,6 +119,18 @@ def gpt_weights(params: TortoiseParams, resolve):
 
     c = _config(params)
     return load_checkpoint(resolve(params.checkpoint), c) if params.checkpoint else seeded_weights(c, params.seed)
+
+
+def _check(params: TortoiseParams, resolve, where: str) -> None:
+    """UnifiedVoice built and run on torch's meta device from the config alone (a checkpoint must fit it):
+    anything the ranges let through but the modules refuse fails here, before any work."""
+    from .model import build_on_meta
+
+    try:
+        build_on_meta(_config(params))
+    except Exception as e:
+        raise PipelineError(f"{where}.config: the model cannot be built: {one_line(f'{type(e).__name__}: {e}')}") \
+            from None
 
 
 def _export(params: TortoiseParams, dest: Path, resolve):
@@ -96,7 +161,7 @@ class LatentSQNR(Metric):
 class TortoiseFamily(Family):
     name = "tortoise"
     description = "Tortoise-TTS's GPT2: prefill and decode graphs sharing one weights file, codes and latents"
-    exporters = (Exporter(EXPORTER, TortoiseParams, _export, _key),)
+    exporters = (Exporter(EXPORTER, TortoiseParams, _export, _key, check=_check),)
     sources = (TortoiseTexts,)
     targets = (GGUF_TARGET,)
     autoregressive = True

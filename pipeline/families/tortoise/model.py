@@ -19,6 +19,7 @@ tests prove `GPT2Stack` equal to transformers' GPT2Model with the same weights.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -294,3 +295,17 @@ class UnifiedVoiceGPT(nn.Module):
         """forward(return_latent=True): the hidden states at `[start_mel, c1, ..., c_{N-1}]`, positions 0..N-1."""
         mel = torch.tensor([[self.config.start_mel_token, *codes[:-1]]])
         return self.prefill(text_ids, cond_latent, mel)[1]
+
+
+def build_on_meta(c: TortoiseConfig) -> None:
+    """Build UnifiedVoice from `c` and run the conditioning, a prefill and a decode step on the shapes the export
+    traces, all on torch's meta device: no memory and no weights, so `pipeline validate` finds a config the
+    modules cannot be built from. (Meta tensors carry no values: an id past a table passes here; the config's
+    ranges catch those.)"""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a probe: what torch warns about shows up in the real export
+        model = UnifiedVoiceGPT(c)
+        latent = model.conditioning(torch.zeros(1, 2, c.mel_channels, 40))
+        text = torch.ones(1, 5, dtype=torch.long)
+        _, _, cache = model.prefill(text, latent, torch.full((1, 2), c.start_mel_token, dtype=torch.long))
+        model.decode(torch.ones(1, 1, dtype=torch.long), 3, cache)
