@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .errors import PipelineError
 from .modelset import ModelSet
-from .onnx_io import session
+from .onnx_io import parse_graph, session
 
 Feeds = dict[str, np.ndarray]
 
@@ -140,7 +140,7 @@ def graph_feeds(ms: ModelSet, entry_feeds: list[Feeds], graph: str,
     if graph in entry_graphs(ms):  # the user's feeds fit it as they are: no session to build
         from calibration import graph_inputs
 
-        names = graph_inputs(onnx.load(str(ms.path(graph)), load_external_data=False))
+        names = graph_inputs(parse_graph(ms.path(graph)))
         missing = sorted(set(names) - set(entry_feeds[0])) if entry_feeds else []
         if missing:
             raise PipelineError(f"{ms.root}: graph {graph!r} inputs {', '.join(missing)} are not in the inputs "

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import PipelineError, one_line
+from .errors import PipelineError, during, one_line, user_message
 
 console = Console(stderr=True, highlight=False)
 # Rich falls back to 80 columns when piped, which truncates the wide tables.
@@ -24,21 +24,26 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except PipelineError as e:
-            if ctx.obj and ctx.obj.get("debug"):
-                raise
-            console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
-            sys.exit(2)
         except KeyboardInterrupt as e:
             from .runfolder import RunInterrupted
 
             console.print(escape(e.hint) if isinstance(e, RunInterrupted) else "interrupted", soft_wrap=True)
             sys.exit(130)
+        except click.UsageError as e:  # a bad option or argument: one line, as for any other bad input
+            command = e.ctx.command_path if e.ctx else "pipeline"
+            console.print(f"[bold red]error:[/] {escape(one_line(e.format_message(), 2000))} (see {command} --help)",
+                          soft_wrap=True)
+            sys.exit(2)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
-        except Exception as e:  # a bug: still one line unless asked for the traceback
+        except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            message = user_message(e)  # the user's input or the machine (a full disk): one line, exit 2
+            if message is not None:
+                console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+                sys.exit(2)
+            # a bug: still one line unless asked for the traceback
             console.print(f"[bold red]internal error:[/] {type(e).__name__}: {escape(one_line(e, 500))} "
                           f"(re-run with --debug for the traceback)", soft_wrap=True)
             sys.exit(1)
@@ -68,8 +73,24 @@ quiet_option = click.option("--quiet", "-q", is_flag=True,
 all_blocks_option = click.option("--all-blocks", is_flag=True,
                                  help="Show every block in the terminal table (default: the worst few; "
                                       "report.html always has all).")
-out_option = click.option("--out", "out_dir", type=click.Path(path_type=Path),
-                          help="Run folder (default: the recipe's `output`, else runs/<recipe name>).")
+class RunFolderType(click.ParamType):
+    """A run folder: a path that is not empty (an unset shell variable would make the current folder one)."""
+
+    name = "folder"
+
+    def convert(self, value, param, ctx) -> Path:
+        if isinstance(value, Path):
+            return value
+        if not str(value).strip():
+            self.fail("empty: give a folder for the run (an unset shell variable?); a run replaces what it made "
+                      "there", param, ctx)
+        return Path(value)
+
+
+out_option = click.option("--out", "out_dir", type=RunFolderType(),
+                          help="Run folder: a new or empty folder, or one a run made (default: the recipe's "
+                               "`output`, else runs/<recipe name>).")
+THREADS = click.IntRange(1, 1024)
 
 
 @main.command()
@@ -101,7 +122,8 @@ def _run_recipe(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: boo
     with _display(quiet) as display:
         with activity("checking the recipe"):
             plan = plan_recipe(r)
-        with hold(target, resume_hint=_resume_hint(target), log=display.log):
+        with hold(target, resume_hint=_resume_hint(target), log=display.log, inputs=plan.inputs,
+                  recipe=r.source_path, writes_resolved=r.writes_resolved):
             if r.check is not None and r.check.fallback is not None:
                 from .fallback import run_with_fallback
 
@@ -225,7 +247,7 @@ def passes(markdown: bool) -> None:
 @main.command()
 def families() -> None:
     """List the model families this install knows (built-in and plug-ins), with their exporters and sources."""
-    from .families import ENTRY_POINT_GROUP
+    from .families import ENTRY_POINT_GROUP, plugin_problems
     from .families import families as known
 
     for name, cls in sorted(known().items()):
@@ -237,6 +259,9 @@ def families() -> None:
                          f"module {cls.__module__}"))
     out.print(escape(f"plug-ins register a Family subclass under the entry-point group {ENTRY_POINT_GROUP}"),
               style="dim")
+    # A plug-in set aside is not fatal: the listing above still works, and this is where its author learns why.
+    for problem in plugin_problems():
+        console.print(f"[yellow]warning:[/] {escape(problem)}", soft_wrap=True)
 
 
 @main.command("recipes")
@@ -335,7 +360,7 @@ def _inspect_folder(folder: Path) -> None:
               "(default: node-name scopes such as /enc_p/encoder/attn_layers.3).")
 @click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,
               help="Match --blocks against node names or the `namespace` metadata.")
-@click.option("--samples", type=int, help="How many input samples to compare on (default: up to 8; more than the "
+@click.option("--samples", type=click.IntRange(min=1), help="How many input samples to compare on (default: up to 8; more than the "
               "inputs hold is an error).")
 @click.option("--npz", type=click.Path(path_type=Path), help="Folder of .npz feed dicts to use as inputs.")
 @click.option("--sensitivity", is_flag=True, help="Also measure, per block, the end-output error with only "
@@ -355,23 +380,28 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
     mels) gives the default inputs (its evaluation sentences, noise at 0) and the
     output metrics, unless --recipe or --npz says otherwise.
     """
-    import json
-
     from pydantic import ValidationError
 
-    from .compare import eval_feeds, family_of_file, model_file, run_compare
+    from .compare import eval_feeds, family_of_file, input_files, model_file, run_compare
     from .recipe import BlockSpec, load_recipe
-    from .report import html_page, markdown, outputs_lines, plot_png, terminal_table, write_audio
+    from .report import outputs_lines, terminal_table
+    from .runfolder import check_report_paths
 
     recipe = load_recipe(recipe_path) if recipe_path else None
+    family = family_of_file(reference)
+    inputs = [*input_files(reference, family), *input_files(candidate, family),
+              *[p for p in (recipe_path, npz) if p is not None], *(recipe.input_paths() if recipe else [])]
+    check_report_paths({"--json": [json_path] if json_path else [],
+                        "--html": [html_path, html_path.with_name(f"{html_path.stem}-audio")] if html_path else [],
+                        "--md": [md_path, md_path.with_suffix(".png"), md_path.with_name(f"{md_path.stem}-audio")]
+                        if md_path else []}, inputs)
     spec = recipe.blocks if recipe else None
     if pattern:
         try:
             spec = BlockSpec(patterns=[pattern], on=on)
         except ValidationError as e:
             raise PipelineError(f"--blocks: {e.errors()[0]['msg']}") from None
-    family = family_of_file(reference)
-    feeds, _ = eval_feeds(model_file(reference), samples or 8, family, recipe, recipe.check if recipe else None, npz,
+    feeds, _ = eval_feeds(model_file(reference), 8 if samples is None else samples, family, recipe, recipe.check if recipe else None, npz,
                           strict=samples is not None)
     from .progress import status
 
@@ -385,7 +415,14 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
         out.print(escape(line))
     out.print(f"peak RSS {report['peak_rss_mb']:.0f} MB, {report['wall_s']:.1f} s")
     if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        _write_json(json_path, report)
+    with during("writing the report pages"):
+        _write_compare_pages(result, report, html_path, md_path)
+
+
+def _write_compare_pages(result, report: dict, html_path: Path | None, md_path: Path | None) -> None:
+    from .report import html_page, markdown, plot_png, write_audio
+
     if html_path:  # the audio examples' files beside the page (it embeds them too)
         audio_dir = html_path.with_name(f"{html_path.stem}-audio")
         html_path.write_text(html_page(report, audio_dir=audio_dir if write_audio(result, audio_dir) else None))
@@ -400,12 +437,13 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
 @main.command()
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--sentences", "count", type=int, help="Evaluation inputs to use (default: up to 5; more than the "
+@click.option("--sentences", "count", type=click.IntRange(min=1), help="Evaluation inputs to use (default: up to 5; more than the "
               "evaluation set holds is an error).")
 @click.option("--sentences-file", type=click.Path(path_type=Path), help="Text file, one sentence a line "
               "(default: the shipped evaluation set, disjoint from the calibration set).")
-@click.option("--repeat", default=5, show_default=True, help="Interleaved latency repetitions.")
-@click.option("--threads", default=2, show_default=True, help="ONNX Runtime intra-op threads.")
+@click.option("--repeat", default=5, show_default=True, type=click.IntRange(1, 10_000),
+              help="Interleaved latency repetitions.")
+@click.option("--threads", default=2, show_default=True, type=THREADS, help="ONNX Runtime intra-op threads.")
 @click.option("--no-rss", is_flag=True, help="Skip the per-variant peak-RSS child processes.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @quiet_option
@@ -419,17 +457,20 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sent
     length difference and log-mel distance over the common length at the
     family's sample rate.
     """
-    import json
 
     from .bench import BENCH_NOTE, resolve_variant, results_table, run_bench
-    from .compare import as_modelset, family_of_file
+    from .compare import as_modelset, family_of_file, input_files
+    from .runfolder import check_report_paths
 
+    family = family_of_file(reference)
+    check_report_paths({"--json": [json_path] if json_path else []},
+                       [p for path in (reference, *candidates, sentences_file) if path is not None
+                        for p in input_files(path, family)])
     variants = [resolve_variant(reference)] + [resolve_variant(c) for c in candidates]
     labels = [v.label for v in variants]
     for i, v in enumerate(variants):  # two final/ folders of different runs must stay apart
         if labels.count(v.label) > 1:
             v.label = f"{v.label}#{i}"
-    family = family_of_file(reference)
     texts, feeds = family.bench_inputs(variants[0].path, count or 5, sentences_file)
     if count is not None and len(feeds) < count:  # a number the user gave is held to; the default is "up to"
         raise PipelineError(f"bench: --sentences: {count} inputs asked, but the evaluation set holds {len(feeds)}; "
@@ -444,7 +485,13 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sent
     out.print(results_table(result))
     out.print(BENCH_NOTE)
     if json_path:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(json_path, result)
+
+
+def _write_json(path: Path, data) -> None:
+    """A command's --json file (checked before the work by runfolder.check_report_paths)."""
+    with during(f"writing --json {path}"):
+        path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _ids(ids: str | None) -> list[int] | None:
@@ -458,15 +505,16 @@ def _ids(ids: str | None) -> list[int] | None:
 
 @main.command()
 @click.argument("modelset", type=click.Path(path_type=Path))
-@click.option("--steps", default=32, show_default=True, help="Tokens (or frames) to generate.")
+@click.option("--steps", default=32, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Tokens (or frames) to generate.")
 @click.option("--mode", help="What to generate, as the family names it (ChatTTS: text, the default, or code).")
 @click.option("--greedy/--sample", default=True, show_default=True,
               help="Greedy decoding, or the family's sampling through its sample head.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the uniform noise that sampling draws from.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of the uniform noise that sampling draws from.")
 @click.option("--ids", "--text-ids", "ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
 @click.option("--prompt", help="Prompt text, tokenized with --tokenizer.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="The model's tokenizer folder, for --prompt.")
-@click.option("--threads", default=2, show_default=True,
+@click.option("--threads", default=2, show_default=True, type=THREADS,
               help="ONNX Runtime threads: one pool that every graph's session shares.")
 @click.option("--conditioning", type=click.Path(path_type=Path),
               help="A .npy the family conditions on (a voice's conditioning latent).")
@@ -479,12 +527,17 @@ def generate(modelset: Path, steps: int, mode: str | None, greedy: bool, seed: i
 
     Prints the generated ids and the per-step decode latency.
     """
-    import json
 
     from .families import GenerateRequest, family_of
     from .modelset import ModelSet
     from .onnx_io import share_one_thread_pool
 
+    from .compare import input_files
+    from .runfolder import check_report_paths
+
+    inputs = [modelset, *[p for p in (tokenizer, conditioning) if p is not None]]
+    check_report_paths({"--json": [json_path, json_path.with_suffix(".npz")] if json_path else []},
+                       [p for path in inputs for p in input_files(path, None)])
     share_one_thread_pool(threads)  # this process only generates: its sessions run one after another
     request = GenerateRequest(_ids(ids), prompt, tokenizer, steps, greedy, seed, mode, threads, conditioning,
                               json_path)
@@ -493,7 +546,7 @@ def generate(modelset: Path, steps: int, mode: str | None, greedy: bool, seed: i
     for line in result.lines:
         out.print(escape(line))
     if json_path:
-        json_path.write_text(json.dumps(result.data, indent=2) + "\n")
+        _write_json(json_path, result.data)
 
 
 if __name__ == "__main__":

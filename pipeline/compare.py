@@ -9,7 +9,7 @@ from calibration import Feeds, SourceContext, checked_feeds, make_source
 
 from .errors import PipelineError
 from .modelset import ModelSet
-from .onnx_io import load_onnx
+from .onnx_io import external_files, load_onnx
 from .recipe import BlockSpec, CheckSpec, Recipe
 from .results import CheckReport
 
@@ -25,6 +25,20 @@ def model_file(path: Path) -> Path:
             raise PipelineError(f"{path}: compare takes one-graph models; this model set has {len(ms.graphs)}")
         return ms.path(ms.graphs[0].name)
     return path
+
+
+def input_files(path: Path, family: Family | None) -> list[Path]:
+    """What a command reads for one model argument, so no report it writes lands on any of it: a folder as a
+    whole, or a file with its external-data files and its family's sidecars (a voice's .onnx.json)."""
+    if not path.is_file():
+        return [path]
+    found = [path, *(family.sidecars(path) if family is not None else [])]
+    if path.suffix == ".onnx":
+        try:
+            found += external_files(path)
+        except PipelineError:
+            pass  # not a readable model: the command says so when it loads it
+    return found
 
 
 def family_of_file(path: Path) -> Family:

@@ -32,6 +32,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import progress
+from .onnx_io import parse_graph
 from .results import FormatResult
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ def file_label(types: Iterable[str]) -> str:
 
 def graph_proto(final: Any, name: str) -> onnx.ModelProto:
     """A graph of the ONNX result without its weights' bytes: a precision is read off the initializers' types."""
-    return onnx.load(str(final.path(name)), load_external_data=False)
+    return parse_graph(final.path(name))
 
 
 def plan_from_precisions(gguf: ModuleType, precisions: dict[str, str]) -> tuple[dict[str, str], list[str]]:

@@ -37,6 +37,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import PipelineError
+from .onnx_io import parse_graph
 
 LAYOUT_KEY = "kv_cache.layout"
 INV_FREQ_KEY = "kv_cache.rotary_inv_freq"
@@ -57,7 +58,7 @@ def is_in_place(input_names) -> bool:
 def inv_freq_of(model: onnx.ModelProto | Path) -> np.ndarray | None:
     """The rotary inverse frequencies an in-place graph's tables are built from; None without rotary."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
+        model = parse_graph(model)
     value = metadata(model).get(INV_FREQ_KEY)
     return None if value is None else np.array(json.loads(value), np.float32)
 
@@ -102,7 +103,7 @@ def contract_feeds(feeds: dict[str, np.ndarray], inv_freq: np.ndarray | None,
 
 def feed_adapter(graph: Path):
     """feeds -> feeds for `graph`: `contract_feeds` when it is an in-place graph, else unchanged."""
-    model = onnx.load(str(graph), load_external_data=False)
+    model = parse_graph(graph)
     if not is_in_place(i.name for i in model.graph.input):
         return lambda feeds: feeds
     inv_freq = inv_freq_of(model)

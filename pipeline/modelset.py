@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from .errors import PipelineError
-from .onnx_io import external_files, is_large, load_onnx, save_onnx, save_sharing_weights
+from .onnx_io import external_files, is_large, load_onnx, parse_graph, save_onnx, save_sharing_weights
 
 MANIFEST = "modelset.json"
 
@@ -166,7 +166,7 @@ class ModelSet:
             path = self.root / g.file
             if is_large(path):  # its weights would not fit a proto: left out of sharing
                 continue
-            model = onnx.load(str(path), load_external_data=False)
+            model = parse_graph(path)
             inline |= _digests(model, min_bytes)
             external = external_files(path, model)
             if external:

@@ -41,10 +41,7 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise PipelineError(f"{path}: a single ONNX file of 2 GB or more cannot be parsed (protobuf's limit); save "
                             f"the model with its weights as external data (onnx.save_model(model, path, "
                             f"save_as_external_data=True)) and give that")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError, or others on garbage
-        raise PipelineError(f"{path}: not a valid ONNX model (truncated or corrupt?): {one_line(e, 600)}") from None
+    model = parse_graph(path)
     if model.ir_version == 0 or len(model.graph.node) == 0:
         raise PipelineError(f"{path}: not a valid ONNX model (no IR version or no nodes)")
     _require_external_files(model, path)
@@ -56,6 +53,17 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     if not _stays_light(path, model):
         _load_external_data(model, path)
     return model
+
+
+def parse_graph(path: str | Path) -> onnx.ModelProto:
+    """A model file's proto without its external weights; a file that does not parse is one line naming it
+    (protobuf's own message names neither the file nor what it is)."""
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except OSError:
+        raise  # the CLI names the file and the reason
+    except Exception as e:  # protobuf raises DecodeError, or others on garbage
+        raise PipelineError(f"{path}: not a valid ONNX model (truncated or corrupt?): {one_line(e, 600)}") from None
 
 
 def model_size(path: Path, model: onnx.ModelProto | None = None) -> int:
@@ -70,7 +78,7 @@ def is_light(model: onnx.ModelProto) -> bool:
 
 def is_large(path: Path) -> bool:
     """True when `load_onnx` hands this file's model over light."""
-    return _stays_light(path, onnx.load(str(path), load_external_data=False))
+    return _stays_light(path, parse_graph(path))
 
 
 def _stays_light(path: Path, model: onnx.ModelProto) -> bool:
@@ -90,7 +98,7 @@ def load_light(path: Path) -> onnx.ModelProto:
     (sessions read them through `session(..., weights_dir=path.parent)`)."""
     if not path.is_file():
         return load_onnx(path)
-    model = onnx.load(str(path), load_external_data=False)
+    model = parse_graph(path)
     data = external_files(path, model)
     if not data:
         return load_onnx(path)
@@ -106,7 +114,7 @@ def _external(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def external_files(path: Path, model: onnx.ModelProto | None = None) -> list[Path]:
     """The external-data files a model file's initializers live in (none for a self-contained file)."""
-    model = model if model is not None else onnx.load(str(path), load_external_data=False)
+    model = model if model is not None else parse_graph(path)
     names = dict.fromkeys(e.value for t in _external(model) for e in t.external_data if e.key == "location")
     return [path.parent / n for n in names]
 

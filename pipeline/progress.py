@@ -10,7 +10,7 @@ A `Display` draws in one of three ways:
 - `rich`: live bars with elapsed time and an estimate of the time left, for a
   terminal;
 - `plain`: for logs (CI, a pipe): a line for each task still running every
-  `PLAIN_EVERY_S` seconds (a heartbeat thread, so a step that reports nothing
+  `plain_every_s()` seconds (a heartbeat thread, so a step that reports nothing
   for a minute still shows it is alive), and a last line when a counted task
   ends;
 - `quiet`: nothing; only what the command prints as its result.
@@ -25,9 +25,26 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+from .errors import PipelineError, during
+
 T = TypeVar("T")
-# A log's heartbeat period; PIPELINE_PROGRESS_EVERY_S sets another (a busier CI log, or a quieter one).
-PLAIN_EVERY_S = float(os.environ.get("PIPELINE_PROGRESS_EVERY_S", "10"))
+PLAIN_EVERY_ENV = "PIPELINE_PROGRESS_EVERY_S"
+
+
+def plain_every_s() -> float:
+    """A log's heartbeat period in seconds: 10, or what PIPELINE_PROGRESS_EVERY_S says (a busier CI log, or a
+    quieter one): a number from 0.1 to 86400, else a one-line error."""
+    text = os.environ.get(PLAIN_EVERY_ENV, "10")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 86400:  # also NaN
+        raise PipelineError(f"environment variable {PLAIN_EVERY_ENV}={text!r}: give seconds between a log's "
+                            f"progress lines, a number from 0.1 to 86400")
+    return value
+
+
 MODES = ("rich", "plain", "quiet")
 
 _display: contextvars.ContextVar[Display | None] = contextvars.ContextVar("pipeline_progress", default=None)
@@ -75,6 +92,7 @@ class Display:
         if mode not in MODES:
             raise ValueError(f"progress mode {mode!r} is not one of {MODES}")
         self.console, self.mode = console, mode
+        self.every_s = plain_every_s() if mode == "plain" else 10.0
         self.tasks: dict[str, _Task] = {}
         self._progress = None
         self._lock = threading.Lock()  # the heartbeat thread reads the tasks the work updates
@@ -104,7 +122,7 @@ class Display:
         while not self._stop.wait(1.0):
             now = time.perf_counter()
             with self._lock:
-                due = [t for t in self.tasks.values() if now - t.shown_at >= PLAIN_EVERY_S]
+                due = [t for t in self.tasks.values() if now - t.shown_at >= self.every_s]
                 for t in due:
                     t.shown_at = now
                     self._plain(t.line())
@@ -149,7 +167,7 @@ class Display:
     def _start(self, what: str, total: int | None) -> _Task:
         self._drop(what)
         task = self.tasks[what] = _Task(what, total)
-        task.shown_at = task.start  # plain: the first line comes after PLAIN_EVERY_S
+        task.shown_at = task.start  # plain: the first line comes after every_s
         if self._progress is not None:
             task.rich_id = self._progress.add_task(what, total=total, count="")
         return task
@@ -197,10 +215,13 @@ def finish(what: str) -> None:
 
 @contextlib.contextmanager
 def activity(what: str) -> Iterator[None]:
-    """A piece of work of unknown size (a quantize step): a spinner with its elapsed time while it runs."""
+    """A piece of work of unknown size (a quantize step): a spinner with its elapsed time while it runs.
+
+    A disk or memory error inside it names this work in its one-line message (`errors.during`)."""
     update(what, 0, None)
     try:
-        yield
+        with during(what):
+            yield
     finally:
         finish(what)
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator
 
 from .errors import PipelineError
 
@@ -29,8 +30,34 @@ def _whole_or_all(value: Any) -> int | str:
 CountOrAll = Annotated[int | Literal["all"], PlainValidator(_whole_or_all)]
 
 
+# A string that becomes part of a file or folder name (a recipe's name, a step's, a menu item's): one rule for
+# all of them, checked when the recipe is read, so no name can climb out of the run folder (`../`), hide as a
+# dot-file (the runner's `.partial` folders are dot-names), or fail in the OS (NUL bytes, 300 characters).
+NAME_MAX = 64
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def plain_name(value: str) -> str:
+    if len(value) > NAME_MAX or not _PLAIN_NAME.fullmatch(value):
+        shown = repr(value if len(value) <= 40 else value[:40] + "...")
+        raise ValueError(f"{shown} is not a plain name: it becomes part of a file name, so give 1 to {NAME_MAX} "
+                         f"letters, digits, '_', '.' or '-', not starting with '.' or '-'")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(plain_name)]
+
+
+def _not_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("an empty folder name would make the current folder the run folder; give a folder, or "
+                         "leave the key out (runs/<name>)")
+    return value
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity pass every `ge`/`le` bound unnoticed: no recipe number may be one.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ModelSource(Strict):
@@ -148,7 +175,7 @@ class CheckSpec(Strict):
 class MenuItem(Strict):
     """One treatment the search may give a block: a precision pass and its params."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="the item's name: its step's name in the resolved recipe")
+    name: PlainName = Field(description="the item's name: its step's name in the resolved recipe")
     pass_name: str = Field(alias="pass", description="a pass that changes precision (quantize, compress_weights, fp16)")
     params: dict[str, Any] = Field(default_factory=dict, description="the pass's parameters, as in a step")
 
@@ -203,21 +230,21 @@ class TuneSpec(Strict):
                                                "more is an error; the default 8 takes at most 8)")
     source: CalibrationSpec | None = Field(None, description="where tune samples come from; default the recipe's "
                                                              "calibration source")
-    seed: int = Field(0, description="picks the tune samples out of the source")
+    seed: int = Field(0, ge=0, description="picks the tune samples out of the source")
 
 
 class TargetSpec(Strict):
     """A deployment format written beside ONNX into final/<format>/, from the family's PyTorch model."""
 
-    format: str = Field(description="the format's name; the model's family says which it can write "
+    format: PlainName = Field(description="the format's name; the model's family says which it can write "
                                     "(`pipeline recipes` and the README list them: gguf, torchscript, coreml)")
     params: dict[str, Any] = Field(default_factory=dict, description="the format's parameters (its own schema)")
 
 
 class Step(Strict):
     # `pass` is a Python keyword, hence the alias.
-    pass_name: str = Field(alias="pass")
-    name: str | None = None
+    pass_name: PlainName = Field(alias="pass")
+    name: PlainName | None = None  # the step's folder is steps/NN-<name>
     params: dict[str, Any] = Field(default_factory=dict)
     scope: Scope = Field(default_factory=Scope)
 
@@ -227,7 +254,7 @@ class Step(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: PlainName  # the default run folder is runs/<name>
     description: str = ""
     model: ModelSource
     blocks: BlockSpec | None = None
@@ -237,7 +264,7 @@ class Recipe(Strict):
     tune: TuneSpec | None = None  # a per-block precision search (pipeline tune) writes the steps instead
     # Formats beside ONNX, written after the steps from the family's PyTorch model (final/<format>/).
     targets: list[TargetSpec] = Field(default_factory=list)
-    output: str | None = None
+    output: Annotated[str | None, AfterValidator(_not_blank)] = None  # the run folder (default runs/<name>)
 
     # Where the recipe was read from: relative paths in it resolve against it.
     source_path: Path | None = Field(default=None, exclude=True)
@@ -254,6 +281,29 @@ class Recipe(Strict):
             del spec["tune"]
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
+    @property
+    def writes_resolved(self) -> bool:
+        """True when the run writes resolved_recipe.yaml (the automatic fallback, or a search)."""
+        return self.tune is not None or (self.check is not None and self.check.fallback is not None)
+
+    def input_paths(self) -> list[Path]:
+        """Files and folders the recipe's parameters name (model, calibration, check and tune sources, exporter,
+        targets): every string value that resolves to something on disk. The run reads them, so the run-folder
+        contract keeps them out of the run folder whatever the plug-in that reads them calls its keys."""
+        sections = [self.model.params, {"path": self.model.path}, self.calibration and self.calibration.params,
+                    self.check and self.check.source and self.check.source.params,
+                    self.tune and self.tune.source and self.tune.source.params, *(t.params for t in self.targets)]
+        found: list[Path] = []
+        for text in _strings(sections):
+            try:
+                path = self.resolve_path(text)
+                exists = path.exists()
+            except (OSError, ValueError, RuntimeError):  # not a path at all (NUL, an unknown ~user)
+                continue
+            if exists and path not in found:
+                found.append(path)
+        return found
+
     def resolve_path(self, value: str) -> Path:
         p = Path(value).expanduser()
         if not p.is_absolute() and self.source_path is not None:
@@ -261,8 +311,21 @@ class Recipe(Strict):
         return p
 
 
-def format_validation_error(where: str, err: ValidationError, model: type[BaseModel] | None = None) -> str:
-    """One line per problem: `file: key.path: message (valid keys: ...)`."""
+def _strings(data: Any) -> list[str]:
+    """Every string inside nested dicts and lists."""
+    if isinstance(data, str):
+        return [data]
+    if isinstance(data, dict):
+        data = list(data.values())
+    return [s for item in data for s in _strings(item)] if isinstance(data, list) else []
+
+
+def format_validation_error(where: str, err: ValidationError, model: type[BaseModel] | None = None,
+                            nested: bool = False) -> str:
+    """One line per problem: `file: key.path: message (valid keys: ...)`.
+
+    `nested`: `where` ends in the key path of the section validated (`file: model.params`), and each problem's
+    path continues it (`file: model.params.config.heads: ...`), so a deep key is named as the recipe spells it."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "<top>"
@@ -273,7 +336,10 @@ def format_validation_error(where: str, err: ValidationError, model: type[BaseMo
             valid = _valid_keys_at(model, e["loc"][:-1])
             if valid:
                 msg = f"unknown key '{e['loc'][-1]}' (valid keys: {', '.join(valid)})"
-        lines.append(f"{where}: {loc}: {msg}")
+        if nested:
+            lines.append(f"{where}.{loc}: {msg}" if e["loc"] else f"{where}: {msg}")
+        else:
+            lines.append(f"{where}: {loc}: {msg}")
     return "; ".join(lines)
 
 
@@ -348,6 +414,26 @@ def find_recipe(recipe: str | Path) -> Path:
                         f"{', '.join(installed) or 'none'}; `pipeline recipes` describes them)")
 
 
+MAX_DEPTH = 32  # far deeper than any recipe; a bound that keeps every walk over the data from recursing forever
+
+
+def _shape_problem(data: Any) -> str | None:
+    """What no schema can say of loaded YAML: an anchor that contains itself (`&a [*a]`) or absurd nesting."""
+    stack: list[tuple[Any, tuple[str, ...], frozenset[int]]] = [(data, (), frozenset())]
+    while stack:
+        item, where, above = stack.pop()
+        if not isinstance(item, (dict, list)):
+            continue
+        key = ".".join(where) or "<top>"
+        if id(item) in above:
+            return f"{key}: a YAML anchor refers to itself (an alias inside its own anchor)"
+        if len(where) > MAX_DEPTH:
+            return f"{key}: nested deeper than {MAX_DEPTH} levels"
+        pairs = item.items() if isinstance(item, dict) else enumerate(item)
+        stack += [(value, (*where, str(k)), above | {id(item)}) for k, value in pairs]
+    return None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     path = find_recipe(path)
     try:
@@ -359,8 +445,15 @@ def load_recipe(path: str | Path) -> Recipe:
         raise PipelineError(f"{path}: invalid YAML{at}: {problem}") from None
     except UnicodeDecodeError:
         raise PipelineError(f"{path}: not a text file") from None
+    except RecursionError:
+        raise PipelineError(f"{path}: invalid YAML: nested more than Python can read") from None
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read the recipe: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise PipelineError(f"{path}: a recipe must be a YAML mapping with keys name, model, steps")
+    problem = _shape_problem(data)
+    if problem:
+        raise PipelineError(f"{path}: {problem}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as e:

@@ -39,9 +39,9 @@ from passes.base import Pass, PassContext, op_counts
 
 from . import __version__, kv_cache, progress
 from .blocks import BlockPartition, adopt_new_nodes
-from .errors import PipelineError
+from .errors import PipelineError, during
 from .modelset import ModelSet, graph_sha256
-from .onnx_io import check_loads, external_files, is_light, load_light, load_onnx, set_provenance
+from .onnx_io import check_loads, external_files, is_light, load_light, load_onnx, parse_graph, set_provenance
 from .recipe import Recipe, Scope, Step, format_validation_error
 from .results import CheckReport, FormatResult
 from .targets import (TARGET_MANIFEST, FormatInputs, PlannedTarget, TargetJob, files_line, folder_size,
@@ -79,6 +79,7 @@ class Plan:
     # An exported base has no graph to check feeds against until step 00 ran: its source waits here.
     calibration_source: Any = None
     targets: list[PlannedTarget] = field(default_factory=list)  # formats beside ONNX, after the steps
+    inputs: list[Path] = field(default_factory=list)  # files and folders the run reads (never inside its folder)
 
     def calibration_hash(self) -> str:
         return _feeds_hash(self.calibration or [])
@@ -110,7 +111,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
         if recipe.model.family not in (None, family.name):
             raise PipelineError(f"{where}: model.family: exporter {made_by.name!r} makes {family.name!r} models, "
                                 f"not {recipe.model.family!r}")
-        exporter = (made_by.parse(recipe.model.params, f"{where}: model"), made_by.export, made_by.key)
+        exporter = (made_by.validate(recipe.model.params, f"{where}: model", recipe.resolve_path), made_by.export,
+                    made_by.key)
         model_path, base = None, None  # graphs exist only after the export (step 00)
     else:
         model_path = resolve_model_path(recipe.model, recipe)
@@ -136,6 +138,7 @@ def plan_recipe(recipe: Recipe) -> Plan:
             raise PipelineError(f"{at}: pass {pass_.name!r} rewrites whole graphs: its scope takes only 'graphs'")
         steps.append(PlannedStep(i, step, pass_, params))
     if base is not None:
+        _check_versions(base, steps, where, model_path)
         _check_scopes(recipe, base, steps, where)
         if is_light(base):
             _check_large(recipe, steps, where)
@@ -144,7 +147,8 @@ def plan_recipe(recipe: Recipe) -> Plan:
     if recipe.check is not None and recipe.check.fallback is not None:
         fallback_step_index(recipe)
     plan = Plan(recipe, model_path, steps, exporter=exporter, family=family,
-                targets=plan_targets(recipe, family, exporter[0] if exporter else None, where))
+                targets=plan_targets(recipe, family, exporter[0] if exporter else None, where),
+                inputs=recipe.input_paths() + ([model_path, *family.sidecars(model_path)] if model_path else []))
     needing = [s for s in steps if s.pass_.needs_calibration_for(s.params)]
     if needing and recipe.calibration is None:
         raise PipelineError(f"{where}: steps.{needing[0].index - 1} ({needing[0].pass_.name}) needs calibration "
@@ -216,6 +220,22 @@ def _refuse_large(planned: PlannedStep, what: str) -> None:
         raise PipelineError(f"{what} is {TOO_LARGE}; {problem}")
 
 
+def _check_versions(base: onnx.ModelProto, steps: list[PlannedStep], where: str, path: Path) -> None:
+    """A model older than a step's pass can write a valid graph from fails here, before any work, up to the first
+    step that may upgrade it (later steps are checked when they run)."""
+    for s in steps:
+        _refuse_old(s, base, path, where)
+        if s.pass_.upgrades_model:
+            break
+
+
+def _refuse_old(planned: PlannedStep, model: onnx.ModelProto, path: Path, where: str) -> None:
+    """One line naming the recipe's step and the file when `model` is too old for the step's pass."""
+    problem = planned.pass_.opset_problem(model, planned.params, str(path))
+    if problem:
+        raise PipelineError(f"{where}: steps.{planned.index - 1} ({planned.pass_.name}): {problem}")
+
+
 def _check_scopes(recipe: Recipe, base, steps: list[PlannedStep], where: str) -> None:
     """Every step's scope against the graphs it will see (a cut graph's nodes keep their names, so block
     patterns are checked on the base graph)."""
@@ -254,14 +274,17 @@ class Runner:
     def run(self) -> RunResult:
         from .runfolder import hold
 
-        with hold(self.out_dir, log=self.log):
+        recipe = self.plan.recipe
+        with hold(self.out_dir, log=self.log, inputs=self.plan.inputs, recipe=recipe.source_path,
+                  writes_resolved=recipe.writes_resolved):
             return self._run()
 
     def _run(self) -> RunResult:
         start = time.perf_counter()
         steps_dir = self.out_dir / "steps"
         steps_dir.mkdir(exist_ok=True)
-        records = [self._base(steps_dir)]
+        with during("step 00 base"):  # a disk error names the work it stopped (errors.user_message)
+            records = [self._base(steps_dir)]
         current = ModelSet.read(steps_dir / records[0].folder)
         # The FP32 model set for each set of graph names (the base, then what a split made): the
         # upstream that calibration and check inputs of a downstream graph are captured from.
@@ -271,17 +294,23 @@ class Runner:
         applied: list[str] = []
         for planned in self.plan.steps:
             applied.append(planned.step.label)
-            record = self._step(planned, current, steps_dir, applied)
+            with during(f"step {planned.index:02d} {planned.step.label}"):
+                record = self._step(planned, current, steps_dir, applied)
             records.append(record)
             current = ModelSet.read(steps_dir / record.folder)
             self.references.setdefault(tuple(current.names()), current)
-        final = self._final(current)
+        with during(f"writing {self.out_dir / 'final'}"):
+            final = self._final(current)
         result = RunResult(self.out_dir, final, records, time.perf_counter() - start)
-        result.targets = [self._target(planned, final) for planned in self.plan.targets]
+        for planned in self.plan.targets:
+            with during(f"target {planned.format}"):
+                result.targets.append(self._target(planned, final))
         if self.plan.recipe.check is not None:
-            result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final, result.targets)
+            with during("check"):
+                result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final, result.targets)
         result.wall_s = time.perf_counter() - start
-        self._write_manifest(result)
+        with during("writing the manifest"):
+            self._write_manifest(result)
         if result.report and result.report.failures and self.plan.recipe.check.on_fail == "error":
             fails = result.report.failures
             raise PipelineError(f"check failed ({len(fails)} thresholds missed; report in "
@@ -410,6 +439,8 @@ class Runner:
                     out.copy_graph_from(source, graph)
                     continue
                 model = source.load(graph)  # light when large: its weights stay in source's files
+                recipe = self.plan.recipe  # (what an exporter or an upgrading step made is checked only now)
+                _refuse_old(planned, model, source.path(graph), str(recipe.source_path or recipe.name))
                 weights_dir = source.root if is_light(model) else None
                 if weights_dir is not None:
                     _refuse_large(planned, f"{label}: graph {graph!r}")
@@ -480,13 +511,13 @@ class Runner:
         cached = _cached(target, key, manifest=".final.json")
         if cached is not None:
             return ModelSet.read(target)
-        with _building(target) as tmp:
+        with _building(target, ".final.json") as tmp:
             out = last.derive(tmp)
             for graph in last.names():
                 weights_dir = None
                 if external_files(last.path(graph)):  # its weights stay where they are: stamp the graph only
                     out.copy_graph_from(last, graph)
-                    model = onnx.load(str(out.path(graph)), load_external_data=False)
+                    model = parse_graph(out.path(graph))
                     weights_dir = out.root
                 else:
                     model = last.load(graph)
@@ -512,7 +543,7 @@ class Runner:
             return cached
         self.log(f"{label}: writing ...")
         t0 = time.perf_counter()
-        with _building(folder) as tmp, progress.activity(label):
+        with _building(folder, TARGET_MANIFEST) as tmp, progress.activity(label):
             job = TargetJob(planned.params, params, recipe.resolve_path, final, tmp)
             write_target(planned, job)
             record = {"format": planned.format, "key": key, "notes": job.notes,
@@ -551,17 +582,6 @@ class Runner:
             "wall_s": round(result.wall_s, 3),
         }
         _write_json(self.out_dir / "manifest.json", manifest)
-
-
-def prepare_out_dir(out_dir: Path) -> None:
-    """Create the run folder and prove it is writable, before any work."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{id(out_dir)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise PipelineError(f"cannot write to output folder {out_dir}: {e.strerror or e}") from None
 
 
 def _graph_facts(ms: ModelSet) -> dict[str, Any]:
@@ -608,8 +628,14 @@ def _cached(folder: Path, key: str, manifest: str = STEP_MANIFEST) -> dict[str, 
 
 
 @contextlib.contextmanager
-def _building(target: Path) -> Iterator[Path]:
-    """Build a folder under a temporary name; rename it into place only when complete."""
+def _building(target: Path, manifest: str = STEP_MANIFEST) -> Iterator[Path]:
+    """Build a folder under a temporary name; rename it into place only when complete.
+
+    An existing `target` is replaced only when its `manifest` proves a run built it: what a run did not make
+    is never moved or deleted."""
+    if target.exists() and not (target / manifest).is_file():
+        raise PipelineError(f"{target} was not written by a run (no {manifest} in it), so it is not replaced: "
+                            f"move it away, or choose another --out")
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -42,7 +42,7 @@ def _plain() -> tuple[Display, io.StringIO]:
 
 
 def test_plain_display_shows_a_heartbeat_for_silent_work_and_the_end_of_a_counted_task(monkeypatch):
-    monkeypatch.setattr(progress, "PLAIN_EVERY_S", 0.5)
+    monkeypatch.setenv(progress.PLAIN_EVERY_ENV, "0.5")  # the real variable, read as a user sets it
     display, buf = _plain()
     with display:
         with activity("step 01 quantize"):

@@ -195,12 +195,12 @@ def _layer_cases(inputs: FormatInputs, layers: int) -> Iterator[tuple[int, list[
     """The FP32 prefill run once a sentence with every block's input and output exposed; then (n, cases) block by
     block, each block's tensors dropped once it has been checked."""
     from ...graph import with_outputs
-    from ...onnx_io import session
+    from ...onnx_io import parse_graph, session
     from .exporter import kv_names
 
     feeds = inputs.capture("prefill")
     path = inputs.reference.path("prefill")
-    model = onnx.load(str(path), load_external_data=False)  # the weights stay in their file: ORT maps them
+    model = parse_graph(path)  # the weights stay in their file: ORT maps them
     bounds = layer_boundaries(model, layers)
     presents = kv_names(layers, "present")
     names = list(dict.fromkeys([t for pair in bounds for t in pair] + presents))
