@@ -360,14 +360,18 @@ def _inspect_folder(folder: Path) -> None:
               "(default: node-name scopes such as /enc_p/encoder/attn_layers.3).")
 @click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,
               help="Match --blocks against node names or the `namespace` metadata.")
-@click.option("--samples", type=click.IntRange(min=1), help="How many input samples to compare on (default: up to 8; more than the "
+@click.option("--samples", type=click.IntRange(min=1),
+              help="How many input samples to compare on (default: up to 8; more than the "
               "inputs hold is an error).")
 @click.option("--npz", type=click.Path(path_type=Path), help="Folder of .npz feed dicts to use as inputs.")
 @click.option("--sensitivity", is_flag=True, help="Also measure, per block, the end-output error with only "
               "that block in candidate precision (one extra session per differing block).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
-@click.option("--html", "html_path", type=click.Path(path_type=Path), help="Write a self-contained HTML report.")
-@click.option("--md", "md_path", type=click.Path(path_type=Path), help="Write a Markdown report (+ PNG beside it).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write the report as JSON (into a folder that exists; never onto an input).")
+@click.option("--html", "html_path", type=click.Path(path_type=Path),
+              help="Write a self-contained HTML report (+ <stem>-audio/ beside it).")
+@click.option("--md", "md_path", type=click.Path(path_type=Path),
+              help="Write a Markdown report (+ PNG and <stem>-audio/ beside it).")
 @quiet_option
 @all_blocks_option
 def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern: str | None, on: str,
@@ -401,7 +405,8 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
             spec = BlockSpec(patterns=[pattern], on=on)
         except ValidationError as e:
             raise PipelineError(f"--blocks: {e.errors()[0]['msg']}") from None
-    feeds, _ = eval_feeds(model_file(reference), 8 if samples is None else samples, family, recipe, recipe.check if recipe else None, npz,
+    feeds, _ = eval_feeds(model_file(reference), 8 if samples is None else samples, family, recipe,
+                          recipe.check if recipe else None, npz,
                           strict=samples is not None)
     from .progress import status
 
@@ -437,7 +442,8 @@ def _write_compare_pages(result, report: dict, html_path: Path | None, md_path: 
 @main.command()
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidates", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--sentences", "count", type=click.IntRange(min=1), help="Evaluation inputs to use (default: up to 5; more than the "
+@click.option("--sentences", "count", type=click.IntRange(min=1),
+              help="Evaluation inputs to use (default: up to 5; more than the "
               "evaluation set holds is an error).")
 @click.option("--sentences-file", type=click.Path(path_type=Path), help="Text file, one sentence a line "
               "(default: the shipped evaluation set, disjoint from the calibration set).")
@@ -510,7 +516,8 @@ def _ids(ids: str | None) -> list[int] | None:
 @click.option("--mode", help="What to generate, as the family names it (ChatTTS: text, the default, or code).")
 @click.option("--greedy/--sample", default=True, show_default=True,
               help="Greedy decoding, or the family's sampling through its sample head.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of the uniform noise that sampling draws from.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1),
+              help="Seed of the uniform noise that sampling draws from.")
 @click.option("--ids", "--text-ids", "ids", help="Prompt as comma-separated text token ids, e.g. 3,14,15.")
 @click.option("--prompt", help="Prompt text, tokenized with --tokenizer.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="The model's tokenizer folder, for --prompt.")

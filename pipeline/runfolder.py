@@ -180,7 +180,7 @@ def check_report_paths(reports: dict[str, list[Path]], inputs: Sequence[Path]) -
             if not path.parent.is_dir():
                 raise PipelineError(f"{option} {paths[0]}: the folder {path.parent} does not exist; make it first")
             where = path.resolve()
-            if path is paths[0]:  # what an option writes beside its file (md's and html's -audio/) may be shared
+            if path is paths[0] or not path.name.endswith("-audio"):  # only md's and html's -audio/ may be shared
                 if where in owner:
                     raise PipelineError(f"{option} and {owner[where]} both name {path}: give each its own file")
                 owner[where] = option
