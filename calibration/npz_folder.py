@@ -5,7 +5,7 @@ import zipfile
 from collections.abc import Iterator
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.errors import PipelineError
 
@@ -14,7 +14,15 @@ from . import PATH, CalibrationSource, Feeds, SourceParams
 
 class NpzParams(SourceParams):
     folder: str = Field(json_schema_extra=PATH)
-    pattern: str = "*.npz"
+    pattern: str = Field("*.npz", description="glob of the feed files inside the folder (relative: never above it)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _relative(cls, pattern: str) -> str:
+        # pathlib's glob refuses an empty or absolute pattern with errors that name neither the key nor the file
+        if not pattern.strip() or pattern.startswith(("/", "~")) or ".." in pattern.split("/"):
+            raise ValueError(f"{pattern!r}: give a glob relative to the folder, such as '*.npz'")
+        return pattern
 
 
 class NpzFolder(CalibrationSource):

@@ -77,6 +77,7 @@ from pipeline import kv_cache
 from pipeline.blocks import block_of
 from pipeline.errors import PipelineError, one_line
 from pipeline.graph import cleanup, consumers, producers, toposort
+from pipeline.recipe import user_pattern
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 
@@ -182,7 +183,7 @@ def _shortfall(op: str, want: int, got: int, misses: list[Miss], ctx: PassContex
 
 
 def _block_patterns(ctx: PassContext) -> list[re.Pattern]:
-    return [re.compile(p) for p in ctx.blocks.spec.patterns] if ctx.blocks.spec else []
+    return [user_pattern(p) for p in ctx.blocks.spec.patterns] if ctx.blocks.spec else []
 
 
 def _unfused_norms(model: onnx.ModelProto) -> list[Miss]:

@@ -16,7 +16,7 @@ import onnx
 
 from .errors import PipelineError, few
 from .graph import consumers, producers
-from .recipe import BlockSpec, Scope
+from .recipe import BlockSpec, Scope, user_pattern
 
 GRAPH_LEVEL = "/"  # nodes at the root scope (`/Exp`) or with no scope at all
 _INDEXED = re.compile(r"^[^/]*\.\d+$")
@@ -69,7 +69,7 @@ class BlockPartition:
         self.spec = spec
         self.node_block: dict[str, str] = {}
         self.blocks: dict[str, Block] = {}
-        patterns = [re.compile(p) for p in spec.patterns] if spec else []
+        patterns = [user_pattern(p) for p in spec.patterns] if spec else []
         initializers = {t.name: t for t in model.graph.initializer}
         counted: set[str] = set()
         for node in model.graph.node:
@@ -128,7 +128,7 @@ class BlockPartition:
 
 def _compile(pattern: str) -> re.Pattern:
     try:
-        return re.compile(pattern)
+        return user_pattern(pattern)
     except re.error as e:
         raise PipelineError(f"scope pattern {pattern!r} is not a valid regex: {e}") from None
 
@@ -157,7 +157,7 @@ def adopt_new_nodes(model: onnx.ModelProto, old_names: set[str], spec: BlockSpec
     neighbour's block differs from the one its own name gives. Returns how many
     nodes were renamed.
     """
-    patterns = [re.compile(p) for p in spec.patterns] if spec else []
+    patterns = [user_pattern(p) for p in spec.patterns] if spec else []
     nodes = list(model.graph.node)
     producer, readers = producers(nodes), consumers(nodes)
     taken = {n.name for n in nodes}

@@ -407,6 +407,7 @@ def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_par
         for k, t in enumerate(node.input):
             node.input[k] = renamed.get(t, t)
         added.append(node)
+    added += _casts_at_boundary(added, tensor_types(reference), tensor_types(candidate))
     # A quantizer's bias DequantizeLinear outputs under the float bias's own name: the node wins.
     produced = {o for n in added for o in n.output}
     inits = [t for t in spliced.graph.initializer if t.name not in produced]
@@ -419,6 +420,28 @@ def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_par
     del spliced.graph.value_info[:]  # types inside the block changed; ORT infers them again
     cleanup(spliced)  # what only the reference's version of the block read
     return spliced
+
+
+def _casts_at_boundary(block: list[onnx.NodeProto], ref_types: dict[str, int],
+                       cand_types: dict[str, int]) -> list[onnx.NodeProto]:
+    """Casts where the candidate's block meets the reference around it in another type (an FP16 block inside an
+    FP32 graph): each tensor the block reads arrives in the candidate's type, each it makes leaves in the
+    reference's. Edits `block` in place; returns the Casts to add."""
+    made = {o for n in block for o in n.output}
+    differs = {t for t in set(ref_types) & set(cand_types) if ref_types[t] != cand_types[t]}
+    casts: list[onnx.NodeProto] = []
+    for t in sorted(made & differs):  # produced inside in the candidate's type: renamed, cast back out
+        inner = f"{t}::candidate"
+        for n in block:
+            n.output[:] = [inner if o == t else o for o in n.output]
+            n.input[:] = [inner if i == t else i for i in n.input]
+        casts.append(onnx.helper.make_node("Cast", [inner], [t], name=f"{t}::to_reference", to=ref_types[t]))
+    for t in sorted({i for n in block for i in n.input} & differs - made):  # read from the reference's side
+        inner = f"{t}::as_candidate"
+        for n in block:
+            n.input[:] = [inner if i == t else i for i in n.input]
+        casts.append(onnx.helper.make_node("Cast", [t], [inner], name=f"{t}::to_candidate", to=cand_types[t]))
+    return casts
 
 
 def _with_missing_producers(incoming: list[onnx.NodeProto], keep: list[onnx.NodeProto],
@@ -457,7 +480,7 @@ def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, outp
         stats = Pooled()
         mels = []
         for f, ref_out in zip(feeds, ref_outs):
-            out = sess.run([output], f)[0]
+            out = _run(sess, f)[output]
             stats.update(ref_out, out)
             if audio is not None:
                 mels.append(compare_audio(ref_out, out, mel=audio.mel).log_mel_distance)
@@ -476,6 +499,10 @@ def _sessions(reference, candidate, cand_part, captured, present, cand_types, th
 
 
 def _run(sess, feeds: Feeds) -> dict[str, np.ndarray]:
+    """Every output; the feeds cast to the session's input types (a candidate whose inputs FP16 conversion
+    changed, keep_io_types: false, takes the reference's FP32 inputs as the deployed model would be fed)."""
+    types = {i.name: i.type for i in sess.get_inputs()}
+    feeds = {k: as_ort_type(v, types[k]) if k in types else v for k, v in feeds.items()}
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 

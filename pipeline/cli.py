@@ -73,21 +73,27 @@ quiet_option = click.option("--quiet", "-q", is_flag=True,
 all_blocks_option = click.option("--all-blocks", is_flag=True,
                                  help="Show every block in the terminal table (default: the worst few; "
                                       "report.html always has all).")
-class RunFolderType(click.ParamType):
-    """A run folder: a path that is not empty (an unset shell variable would make the current folder one)."""
+class OutputPath(click.ParamType):
+    """A path the command writes: never blank (an unset shell variable would make it the current folder, or a
+    file named ' ')."""
 
-    name = "folder"
+    name = "path"
+
+    def __init__(self, what: str, file: bool = True):
+        self.what, self.file = what, file
 
     def convert(self, value, param, ctx) -> Path:
         if isinstance(value, Path):
             return value
         if not str(value).strip():
-            self.fail("empty: give a folder for the run (an unset shell variable?); a run replaces what it made "
-                      "there", param, ctx)
+            self.fail(f"empty: give {self.what} (an unset shell variable?)", param, ctx)
+        if self.file and Path(value).name in ("", ".", ".."):  # `.`, `/`, `dir/..`: no file name to write
+            self.fail(f"{value!r} names no file: give {self.what}", param, ctx)
         return Path(value)
 
 
-out_option = click.option("--out", "out_dir", type=RunFolderType(),
+out_option = click.option("--out", "out_dir",
+                          type=OutputPath("a folder for the run; a run replaces what it made there", file=False),
                           help="Run folder: a new or empty folder, or one a run made (default: the recipe's "
                                "`output`, else runs/<recipe name>).")
 THREADS = click.IntRange(1, 1024)
@@ -309,7 +315,7 @@ def inspect(model: Path, pattern: str | None, on: str) -> None:
         try:
             spec = BlockSpec(patterns=[pattern], on=on)
         except ValidationError as e:
-            raise PipelineError(f"--blocks: {e.errors()[0]['msg']}") from None
+            raise PipelineError(f"--blocks: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     partition = BlockPartition(m, spec)
     table = Table(title=f"{model.name}: {len(m.graph.node)} nodes, {len(partition.blocks)} blocks")
     for col in ("block", "nodes", "params", "op types"):
@@ -366,11 +372,11 @@ def _inspect_folder(folder: Path) -> None:
 @click.option("--npz", type=click.Path(path_type=Path), help="Folder of .npz feed dicts to use as inputs.")
 @click.option("--sensitivity", is_flag=True, help="Also measure, per block, the end-output error with only "
               "that block in candidate precision (one extra session per differing block).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path),
+@click.option("--json", "json_path", type=OutputPath("a file name"),
               help="Write the report as JSON (into a folder that exists; never onto an input).")
-@click.option("--html", "html_path", type=click.Path(path_type=Path),
+@click.option("--html", "html_path", type=OutputPath("a file name"),
               help="Write a self-contained HTML report (+ <stem>-audio/ beside it).")
-@click.option("--md", "md_path", type=click.Path(path_type=Path),
+@click.option("--md", "md_path", type=OutputPath("a file name"),
               help="Write a Markdown report (+ PNG and <stem>-audio/ beside it).")
 @quiet_option
 @all_blocks_option
@@ -404,7 +410,7 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
         try:
             spec = BlockSpec(patterns=[pattern], on=on)
         except ValidationError as e:
-            raise PipelineError(f"--blocks: {e.errors()[0]['msg']}") from None
+            raise PipelineError(f"--blocks: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     feeds, _ = eval_feeds(model_file(reference), 8 if samples is None else samples, family, recipe,
                           recipe.check if recipe else None, npz,
                           strict=samples is not None)
@@ -451,7 +457,7 @@ def _write_compare_pages(result, report: dict, html_path: Path | None, md_path: 
               help="Interleaved latency repetitions.")
 @click.option("--threads", default=2, show_default=True, type=THREADS, help="ONNX Runtime intra-op threads.")
 @click.option("--no-rss", is_flag=True, help="Skip the per-variant peak-RSS child processes.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+@click.option("--json", "json_path", type=OutputPath("a file name"), help="Write the results as JSON here.")
 @quiet_option
 def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sentences_file: Path | None, repeat: int,
           threads: int, no_rss: bool, json_path: Path | None, quiet: bool) -> None:
@@ -525,7 +531,7 @@ def _ids(ids: str | None) -> list[int] | None:
               help="ONNX Runtime threads: one pool that every graph's session shares.")
 @click.option("--conditioning", type=click.Path(path_type=Path),
               help="A .npy the family conditions on (a voice's conditioning latent).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path),
+@click.option("--json", "json_path", type=OutputPath("a file name"),
               help="Write ids and timings as JSON (a family with arrays to keep writes them beside it).")
 def generate(modelset: Path, steps: int, mode: str | None, greedy: bool, seed: int, ids: str | None,
              prompt: str | None, tokenizer: Path | None, threads: int, conditioning: Path | None,

@@ -48,6 +48,16 @@ def plain_name(value: str) -> str:
 PlainName = Annotated[str, AfterValidator(plain_name)]
 
 
+def user_pattern(pattern: str) -> re.Pattern:
+    """A regex a user wrote (blocks, scopes, tune's blocks), compiled; raises re.error. Python's FutureWarnings
+    about it (a possible nested set in `[[a`) would print lines of our source beside the one-line error."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return re.compile(pattern)
+
+
 def _not_blank(value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise ValueError("an empty folder name would make the current folder the run folder; give a folder, or "
@@ -98,11 +108,9 @@ class BlockSpec(Strict):
     @field_validator("patterns")
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
-        import re
-
         for p in patterns:
             try:
-                re.compile(p)
+                user_pattern(p)
             except re.error as e:
                 raise ValueError(f"pattern {p!r} is not a valid regex: {e}") from None
         return patterns
@@ -298,14 +306,17 @@ class Recipe(Strict):
             try:
                 path = self.resolve_path(text)
                 exists = path.exists()
-            except (OSError, ValueError, RuntimeError):  # not a path at all (NUL, an unknown ~user)
+            except (OSError, ValueError, PipelineError):  # not a path at all (NUL, an unknown ~user)
                 continue
             if exists and path not in found:
                 found.append(path)
         return found
 
     def resolve_path(self, value: str) -> Path:
-        p = Path(value).expanduser()
+        try:
+            p = Path(value).expanduser()
+        except RuntimeError:  # `~name/...` for a user this machine does not know
+            raise PipelineError(f"{value!r}: no home folder is known for {value.split('/')[0]!r}") from None
         if not p.is_absolute() and self.source_path is not None:
             p = self.source_path.parent / p
         return p
@@ -415,12 +426,19 @@ def find_recipe(recipe: str | Path) -> Path:
 
 
 MAX_DEPTH = 32  # far deeper than any recipe; a bound that keeps every walk over the data from recursing forever
+# Values in the recipe once YAML's aliases are expanded: a shipped recipe has a few hundred; a few hundred bytes of
+# nested aliases ("billion laughs") expand to billions, which validation would walk for hours.
+MAX_VALUES = 100_000
 
 
 def _shape_problem(data: Any) -> str | None:
     """What no schema can say of loaded YAML: an anchor that contains itself (`&a [*a]`) or absurd nesting."""
     stack: list[tuple[Any, tuple[str, ...], frozenset[int]]] = [(data, (), frozenset())]
+    seen = 0
     while stack:
+        seen += 1
+        if seen > MAX_VALUES:
+            return f"more than {MAX_VALUES:,} values once its aliases are expanded (nested YAML aliases?)"
         item, where, above = stack.pop()
         if not isinstance(item, (dict, list)):
             continue

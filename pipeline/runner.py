@@ -42,7 +42,7 @@ from .blocks import BlockPartition, adopt_new_nodes
 from .errors import PipelineError, during
 from .modelset import ModelSet, graph_sha256
 from .onnx_io import check_loads, external_files, is_light, load_light, load_onnx, parse_graph, set_provenance
-from .recipe import Recipe, Scope, Step, format_validation_error
+from .recipe import Recipe, Scope, Step, format_validation_error, user_pattern
 from .results import CheckReport, FormatResult
 from .targets import (TARGET_MANIFEST, FormatInputs, PlannedTarget, TargetJob, files_line, folder_size,
                       plan_targets, write_target)
@@ -255,7 +255,7 @@ def selected_graphs(scope: Scope, names: list[str], where: str) -> list[str]:
     chosen = []
     for pattern in scope.graphs:
         try:
-            rx = re.compile(pattern)
+            rx = user_pattern(pattern)
         except re.error as e:
             raise PipelineError(f"{where}: {pattern!r} is not a valid regex: {e}") from None
         hits = [n for n in names if rx.fullmatch(n)]

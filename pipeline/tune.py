@@ -48,7 +48,7 @@ from .errors import PipelineError
 from .fallback import absolute_paths
 from .modelset import ModelSet
 from .onnx_io import load_onnx
-from .recipe import CalibrationSpec, Recipe, Scope, Step, TuneSpec
+from .recipe import CalibrationSpec, Recipe, Scope, Step, TuneSpec, user_pattern
 from .results import TuneCandidate, TuneSummary
 from .runner import Runner, RunResult, plan_recipe
 from .runner import _feeds_hash, _hash  # the cache keys of steps, for trials alike
@@ -100,7 +100,7 @@ def validate_tune(recipe: Recipe, family, where: str) -> None:
     _check_target(spec, family, where)
     for pattern in (spec.blocks.include or []) + spec.blocks.exclude:
         try:
-            re.compile(pattern)
+            user_pattern(pattern)
         except re.error as e:
             raise PipelineError(f"{where}: tune.blocks: {pattern!r} is not a valid regex: {e}") from None
     if spec.source is None and recipe.calibration is None:
@@ -242,11 +242,11 @@ class Tuner:
         ids = self.partition.ids()
         include, exclude = self.spec.blocks.include, self.spec.blocks.exclude
         for pattern in (include or []) + exclude:
-            if not any(re.fullmatch(pattern, b) for b in ids):
+            if not any(user_pattern(pattern).fullmatch(b) for b in ids):
                 raise PipelineError(f"{where}: tune.blocks: {pattern!r} matches no block (blocks: "
                                     f"{', '.join(ids[:12])}{' ...' if len(ids) > 12 else ''})")
-        return [b for b in ids if (include is None or any(re.fullmatch(p, b) for p in include))
-                and not any(re.fullmatch(p, b) for p in exclude)]
+        return [b for b in ids if (include is None or any(user_pattern(p).fullmatch(b) for p in include))
+                and not any(user_pattern(p).fullmatch(b) for p in exclude)]
 
     def _samples(self, base: ModelSet, where: str) -> tuple[list[Feeds], str]:
         spec: CalibrationSpec = self.spec.source or self.recipe.calibration

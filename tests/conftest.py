@@ -8,21 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
 
-try:  # Hypothesis profiles (tests/test_properties.py): `fast` by default, `HYPOTHESIS_PROFILE=ci` for the long run
-    from hypothesis import settings as _hypothesis_settings
-except ImportError:  # the dev extra is not installed: test_properties.py skips itself
-    pass
-else:
-    # No example database (nothing written into the checkout); print_blob: a failure prints the @reproduce_failure
-    # line that replays it. deadline=None: an example is a whole CLI command, its time varies with the machine.
-    _hypothesis_settings.register_profile("fast", max_examples=30, deadline=None, database=None, print_blob=True)
-    _hypothesis_settings.register_profile("ci", max_examples=600, deadline=None, database=None, print_blob=True)
-    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+# Hypothesis profiles (tests/test_properties.py): `fast` by default, `HYPOTHESIS_PROFILE=ci` for the long run. No
+# example database (nothing written into the checkout); print_blob: a failure prints the @reproduce_failure line
+# that replays it. deadline=None: an example is a whole CLI command, its time varies with the machine.
+settings.register_profile("fast", max_examples=30, deadline=None, database=None, print_blob=True)
+settings.register_profile("ci", max_examples=600, deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -139,6 +139,21 @@ def test_splice_keeps_the_rest_of_the_reference():
     np.testing.assert_allclose(session(spliced).run(None, x)[0], session(cand).run(None, x)[0], rtol=1e-6)
 
 
+def test_an_fp16_candidate_with_fp16_inputs_is_checked_and_spliced():
+    """FP16 conversion without keep_io_types changes the inputs' type: the check feeds the candidate the same
+    samples cast, and sensitivity splices an FP16 block into the FP32 reference through Casts (both crashed)."""
+    from onnxconverter_common import float16
+
+    ref = tiny.conv_net(layers=3)
+    cand = float16.convert_float_to_float16(ref, keep_io_types=False)
+    assert cand.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    report = compare_models(ref, cand, feeds(3), sensitivity=True).to_json()
+    for b in report["blocks"]:
+        assert 40 < b["isolated"]["sqnr_db"] < 120, b  # FP16 rounding: finite, and small
+        assert 40 < b["sensitivity"]["sqnr_db"] < 120, b
+    assert 40 < report["outputs"][0]["sqnr_db"] < 120
+
+
 def test_reports_render(tmp_path):
     ref = tiny.conv_net()
     report = compare_models(ref, perturb(ref, "enc.layers.1.conv.weight", 0.1), feeds(2)).to_json()

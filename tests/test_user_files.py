@@ -193,6 +193,15 @@ def test_report_paths_never_name_an_input(user):
     refused(["bench", str(model), str(model), "--json", str(model)], "which is the input", root)
 
 
+@pytest.mark.parametrize("option,value,expect", [("--md", "", "empty"), ("--html", "  ", "empty"),
+                                                  ("--json", ".", "names no file"), ("--md", "/", "names no file")])
+def test_a_blank_report_path_is_one_line(user, option, value, expect):
+    """`--md ''` crashed on `.with_suffix`, and `--md ' '` wrote files named ' ' and ' .png'."""
+    model = str(user["model"])
+    refused(["compare", model, model, "--npz", str(user["feeds"]), option, value], f"'{option}': {expect}"
+            if expect == "empty" else expect, user["root"])
+
+
 def test_a_report_path_in_a_missing_folder_fails_before_the_work(user):
     root, model = user["root"], user["model"]
     line = refused(["compare", str(model), str(model), "--npz", str(user["feeds"]), "--json",
@@ -235,8 +244,18 @@ def test_a_bad_environment_variable_is_one_line_naming_it(user, monkeypatch, val
     ("name: x\nmodel: {path: m.onnx}\ncheck: {min_sqnr_db: .nan}\n", "check.min_sqnr_db"),
     ("name: x\nmodel: {path: m.onnx}\ntune: {menu: [{name: a, pass: fp16}], target: {max_log_mel: 1}, seed: -1}\n",
      "tune.seed"),
+    ("name: x\nmodel: {path: ~no_such_user_here/m.onnx}\n", "no home folder is known for '~no_such_user_here'"),
+    ("name: x\nmodel: {path: m.onnx}\ncalibration: {source: npz, params: {folder: f, pattern: ''}}\n"
+     "steps: [{pass: fp16}]\n",
+     "calibration.params: pattern: '': give a glob relative to the folder"),
+    ("name: x\nmodel: {path: m.onnx}\nblocks: {patterns: ['[[a']}\n", "blocks.patterns: pattern '[[a' is not"),
+    ("name: x\nmodel: {path: m.onnx}\nx: &a [1,2,3,4,5,6,7,8,9,10]\ny: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\n"
+     "z: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\nw: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\nv: [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n",
+     "values once its aliases are expanded"),
 ])
 def test_recipes_nobody_can_mean_are_one_line(tmp_path, text, expect):
+    tiny.save(tiny.conv_net(), tmp_path / "m.onnx")
+    tiny.write_npz_feeds(tmp_path / "f")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
     refused(["validate", str(recipe)], expect, tmp_path)
