@@ -367,6 +367,20 @@ def as_ort_type(value: np.ndarray, ort_type: str) -> np.ndarray:
     return value if want is None or value.dtype == want else value.astype(want)
 
 
+def input_caster(path: Path):
+    """feeds -> feeds with each float input cast to the float type the graph at `path` declares: feeds captured
+    from the FP32 reference, given to a graph whose inputs an earlier step made FP16 (keep_io_types: false)."""
+    floats = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+              onnx.TensorProto.DOUBLE: np.float64}
+    declared = {i.name: floats.get(i.type.tensor_type.elem_type) for i in parse_graph(path).graph.input}
+
+    def cast(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v.astype(declared[k]) if declared.get(k) is not None and v.dtype != declared[k]
+                and np.issubdtype(v.dtype, np.floating) else v for k, v in feeds.items()}
+
+    return cast
+
+
 def save_onnx(model: onnx.ModelProto, path: Path, weights_dir: Path | None = None) -> None:
     """Write via a temporary name in the same folder, then rename: never half a file.
 

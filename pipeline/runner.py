@@ -41,7 +41,8 @@ from . import __version__, kv_cache, progress
 from .blocks import BlockPartition, adopt_new_nodes
 from .errors import PipelineError, during
 from .modelset import ModelSet, graph_sha256
-from .onnx_io import check_loads, external_files, is_light, load_light, load_onnx, parse_graph, set_provenance
+from .onnx_io import (check_loads, external_files, input_caster, is_light, load_light, load_onnx, parse_graph,
+                      set_provenance)
 from .recipe import Recipe, Scope, Step, format_validation_error, user_pattern
 from .results import CheckReport, FormatResult
 from .targets import (TARGET_MANIFEST, FormatInputs, PlannedTarget, TargetJob, files_line, folder_size,
@@ -492,8 +493,9 @@ class Runner:
             feeds = self._graph_feeds(graph, current, f"{label}: capturing {graph} inputs")
             # Captured from the FP32 reference, whose layers may keep their KV cache the other way.
             adapt = kv_cache.feed_adapter(current.path(graph))
+            cast = input_caster(current.path(graph))  # (an earlier fp16 step may have made its inputs FP16)
             for f in progress.track(feeds, f"{label}: calibrating"):
-                yield adapt(f)
+                yield cast(adapt(f))
 
         return iterate
 

@@ -14,11 +14,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import tiny  # noqa: E402
 
-# Hypothesis profiles (tests/test_properties.py): `fast` by default, `HYPOTHESIS_PROFILE=ci` for the long run. No
-# example database (nothing written into the checkout); print_blob: a failure prints the @reproduce_failure line
-# that replays it. deadline=None: an example is a whole CLI command, its time varies with the machine.
-settings.register_profile("fast", max_examples=30, deadline=None, database=None, print_blob=True)
-settings.register_profile("ci", max_examples=600, deadline=None, database=None, print_blob=True)
+# Hypothesis profiles (tests/test_properties.py): `fast` by default, `HYPOTHESIS_PROFILE=ci` for the long run, both
+# derandomized so a test run is a verdict on the code, not on the draw (a gate that fails one run in ten on an old
+# bug blocks unrelated work); `explore` draws anew each time, to look for what the fixed draws miss. No example
+# database (nothing written into the checkout); print_blob: a failure prints the @reproduce_failure line that
+# replays it. deadline=None: an example is a whole CLI command, its time varies with the machine.
+common = dict(deadline=None, database=None, print_blob=True)
+settings.register_profile("fast", max_examples=30, derandomize=True, **common)
+settings.register_profile("ci", max_examples=600, derandomize=True, **common)
+settings.register_profile("explore", max_examples=600, **common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import tiny
-from conftest import run_cli
+from conftest import cli, one_line, run_cli
 from onnx import numpy_helper
 from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
@@ -152,6 +152,18 @@ def test_an_fp16_candidate_with_fp16_inputs_is_checked_and_spliced():
         assert 40 < b["isolated"]["sqnr_db"] < 120, b  # FP16 rounding: finite, and small
         assert 40 < b["sensitivity"]["sqnr_db"] < 120, b
     assert 40 < report["outputs"][0]["sqnr_db"] < 120
+
+
+def test_calibration_feeds_reach_a_graph_with_fp16_inputs_cast(tmp_path, tiny_model, tiny_feeds):
+    """A step after `fp16 keep_io_types: false` is calibrated on the FP32 captures, cast to its inputs' type: its
+    own verdict (here fp16's refusal to convert twice) is the one line, not ORT's `expected tensor(float16)`."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: twice\nmodel: {{path: {tiny_model}}}\ncalibration: {{source: npz, params: "
+                      f"{{folder: {tiny_feeds}}}}}\nsteps: [{{pass: fp16, params: {{keep_io_types: false}}}}, "
+                      f"{{pass: fp16}}]\n")
+    res = cli("run", str(recipe), "--out", str(tmp_path / "run"), "-q")
+    assert res.exit_code == 2, res.output
+    assert "already converted to float16" in one_line(res.stderr)
 
 
 def test_reports_render(tmp_path):
