@@ -1,6 +1,6 @@
 """Per-block error attribution: how much error each block adds, and how much has piled up.
 
-For reference x (FP32) and candidate y, pooled over all samples (DESIGN.md):
+For reference x (FP32) and candidate y, pooled over all samples:
 SQNR dB = 10*log10(sum x^2 / sum (x-y)^2) (= 20*log10(||x|| / ||x-y||) over the
 concatenation, ONNX Runtime's qdq_loss_debug formula), cosine, max abs, relative L2.
 

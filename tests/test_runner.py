@@ -121,7 +121,7 @@ def test_cli_run_prints_summary(tmp_path, tiny_model, tiny_feeds):
 
 
 def test_a_result_that_cannot_load_fails_naming_the_node(piper_model):
-    """onnxconverter-common alone breaks the Piper voice (DESIGN.md): the load check must say where."""
+    """onnxconverter-common alone breaks the Piper voice: the load check must say where."""
     import warnings
 
     from onnxconverter_common import float16
