@@ -86,7 +86,7 @@ def main() -> int:
     asset = args.out / "asset"
     if not (asset / "Embed.safetensors").is_file():
         write_asset(asset)
-    from pipeline.procinfo import machine_line
+    from pipeline.core.procinfo import machine_line
 
     print(machine_line())
     print(f"transformers LlamaModel, {CONFIG['num_hidden_layers']} layers, hidden {CONFIG['hidden_size']}, decisive "

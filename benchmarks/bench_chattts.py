@@ -263,7 +263,7 @@ def versions() -> dict[str, str | None]:
 
 
 def header(args: argparse.Namespace, bw: dict[int, float | None], load: list[float]) -> list[str]:
-    from pipeline.procinfo import machine_line
+    from pipeline.core.procinfo import machine_line
 
     v = versions()
     return [f"{machine_line()} (figures from different CPUs are not comparable)",
@@ -356,7 +356,7 @@ def sources(variants: dict[str, Variant]) -> list[str]:
 # --- main -------------------------------------------------------------------------------------------------
 
 def write_json(path: Path, data: dict) -> None:
-    from pipeline.procinfo import cpu_description
+    from pipeline.core.procinfo import cpu_description
 
     data["variants"] = {n: {**asdict(v), "path": str(v.path) if v.path else None, "step_ms": v.ms}
                         for n, v in data["variants"].items()}

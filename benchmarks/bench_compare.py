@@ -23,11 +23,11 @@ from pathlib import Path
 import onnx
 
 from pipeline.families.piper import PiperFamily
-from pipeline.metrics import AudioMetric
-from pipeline.check import compare_models
-from pipeline.onnx_io import session
-from pipeline.procinfo import machine_line
-from pipeline.sources import package_file
+from pipeline.evaluation.metrics import AudioMetric
+from pipeline.evaluation.blockwise import compare_models
+from pipeline.core.onnx_io import session
+from pipeline.core.procinfo import machine_line
+from pipeline.engine.sources import package_file
 
 REPO = Path(__file__).resolve().parent.parent
 

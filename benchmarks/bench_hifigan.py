@@ -44,13 +44,13 @@ from calibration import SourceContext, make_source
 from calibration.piper_mels import eval_sentences, speech_mels
 from passes import get_pass
 from passes.base import PassContext, copy_model
-from pipeline.audio import compare_audio
-from pipeline.blocks import BlockPartition, adopt_new_nodes
+from pipeline.core.audio import compare_audio
+from pipeline.core.blocks import BlockPartition, adopt_new_nodes
 from pipeline.families.hifigan.exporter import GRAPH, export_modelset
-from pipeline.modelset import ModelSet
-from pipeline.onnx_io import session
-from pipeline.procinfo import cpu_description, machine_line
-from pipeline.recipe import Scope
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import session
+from pipeline.core.procinfo import cpu_description, machine_line
+from pipeline.core.recipe import Scope
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS = {"fp16": {"size": 0.51, "log_mel": 0.02, "latency": None},

@@ -4,7 +4,7 @@
 
 1. Runs each recipe from scratch through the CLI, then again (the re-run must
    hit the step cache), and prints both wall times and their ratio.
-2. Benchmarks FP32, FP16 and INT8 interleaved in one process (pipeline.bench):
+2. Benchmarks FP32, FP16 and INT8 interleaved in one process (pipeline.engine.bench):
    size ratio, latency ratio (2 threads), peak RSS (fresh child per variant),
    output length and log-mel distance on real evaluation sentences, noise at 0.
 3. Prints each issue target with PASS or FAIL, and writes everything to
@@ -22,11 +22,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.bench import BENCH_NOTE, resolve_variant, results_table, run_bench
+from pipeline.engine.bench import BENCH_NOTE, resolve_variant, results_table, run_bench
 from pipeline.families.piper import PiperFamily
-from pipeline.procinfo import machine_line
-from pipeline.progress import Display, status
-from pipeline.sources import package_file
+from pipeline.core.procinfo import machine_line
+from pipeline.core.progress import Display, status
+from pipeline.engine.sources import package_file
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = {"piper_fp16": {"size": 0.52, "log_mel": 0.02, "latency": None},

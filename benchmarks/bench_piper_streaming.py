@@ -28,10 +28,10 @@ from calibration import DATA_DIR  # noqa: E402
 from calibration.piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences  # noqa: E402
 from passes import get_pass  # noqa: E402
 from passes.base import PassContext  # noqa: E402
-from pipeline.audio import SAMPLE_RATE, log_mel_distance  # noqa: E402
-from pipeline.blocks import BlockPartition  # noqa: E402
-from pipeline.onnx_io import session  # noqa: E402
-from pipeline.procinfo import cpu_description, machine_line  # noqa: E402
+from pipeline.core.audio import SAMPLE_RATE, log_mel_distance  # noqa: E402
+from pipeline.core.blocks import BlockPartition  # noqa: E402
+from pipeline.core.onnx_io import session  # noqa: E402
+from pipeline.core.procinfo import cpu_description, machine_line  # noqa: E402
 from pipeline.families.piper.streaming import PiperStreaming  # noqa: E402
 
 TTFA_TARGET = 0.3

@@ -93,7 +93,7 @@ def ours_worker(folder: Path, threads: int, cache: int, steps: int, prefill: int
     import numpy as np
 
     from pipeline.families.tortoise.runtime import TortoiseRuntime, _Loop, prefill_positions
-    from pipeline.onnx_io import share_one_thread_pool
+    from pipeline.core.onnx_io import share_one_thread_pool
 
     share_one_thread_pool(threads)  # as pipeline generate runs
     rt = TortoiseRuntime(folder, threads)
@@ -111,7 +111,7 @@ def ours_worker(folder: Path, threads: int, cache: int, steps: int, prefill: int
 
 
 def _time(run_prefill, pick, step, cache: int, steps: int, prefill: int) -> dict:
-    from pipeline.procinfo import peak_rss_mb
+    from pipeline.core.procinfo import peak_rss_mb
 
     prefill_s = []
     for _ in range(4):
@@ -173,7 +173,7 @@ def step_bytes(folder: Path) -> int:
     of which it reads one row."""
     import onnx
 
-    from pipeline.onnx_io import load_onnx
+    from pipeline.core.onnx_io import load_onnx
 
     model = load_onnx(folder / "decode.onnx")
     total = 0
@@ -184,7 +184,7 @@ def step_bytes(folder: Path) -> int:
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
-    from pipeline.modelset import ModelSet
+    from pipeline.core.modelset import ModelSet
 
     ms = ModelSet.read(folder)
     return {f.name: f.stat().st_size for f in ms.files() if not f.name.startswith(("conditioning", "sample_head"))}
@@ -202,7 +202,7 @@ def fp32_weight_bytes() -> int:
 
 
 def report(args, results: dict[str, list[dict]], paths, bw: dict[int, float], load: list[float]) -> dict:
-    from pipeline.procinfo import machine_line
+    from pipeline.core.procinfo import machine_line
 
     lines = [f"{machine_line()} (figures from different CPUs are not comparable)",
              f"load average (1 min) at start {load[0]:.2f}, at the end {load[1]:.2f}",

@@ -8,7 +8,7 @@ For each family (the Piper joe voice, the universal HiFi-GAN):
    again into the same folder and times the re-run (every trial cached);
 2. runs the hand-found recipe (piper_int8, hifigan_int8) through the CLI;
 3. measures FP32, the hand-found model and the tuned one interleaved in one
-   process, 2 ONNX Runtime threads (`pipeline.bench.run_bench`): size ratio,
+   process, 2 ONNX Runtime threads (`pipeline.engine.bench.run_bench`): size ratio,
    latency ratio (median of the summed per-sentence time), peak RSS, length
    change and log-mel distance against FP32, on the family's evaluation
    inputs (calibration/data/eval_en.txt: not the tune samples, which come from
@@ -36,11 +36,11 @@ from rich.console import Console
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from pipeline.bench import resolve_variant, results_table, run_bench  # noqa: E402
-from pipeline.progress import Display  # noqa: E402
+from pipeline.engine.bench import resolve_variant, results_table, run_bench  # noqa: E402
+from pipeline.core.progress import Display  # noqa: E402
 from pipeline.families import get_family  # noqa: E402
-from pipeline.modelset import ModelSet  # noqa: E402
-from pipeline.procinfo import machine_line  # noqa: E402
+from pipeline.core.modelset import ModelSet  # noqa: E402
+from pipeline.core.procinfo import machine_line  # noqa: E402
 
 CASES = {
     "piper": {"tune": "piper_tune", "hand": "piper_int8", "family": "piper",

@@ -33,7 +33,7 @@ def vocab_of(kind: str, path: Path | None) -> int:
     if kind == "genai":
         return int(json.loads((path / "genai_config.json").read_text())["model"]["vocab_size"])
     if kind == "ours":
-        from pipeline.modelset import ModelSet
+        from pipeline.core.modelset import ModelSet
 
         return int(ModelSet.read(path).meta["config"]["num_text_tokens"])
     from pipeline.families.chattts.exporter import GPTConfig
@@ -79,7 +79,7 @@ def eager_step(model, prompt: np.ndarray, tokens: list[int]):
 def ours_step(folder: Path, threads: int, prompt: np.ndarray, steps: int, tokens: list[int]):
     """As `eager_step`, through ChatTTSRuntime's decoder (io_binding), for up to `steps` steps."""
     from pipeline.families.chattts.runtime import ChatTTSRuntime
-    from pipeline.onnx_io import share_one_thread_pool
+    from pipeline.core.onnx_io import share_one_thread_pool
 
     share_one_thread_pool(threads)  # as `pipeline generate` runs it: this worker process only generates
     dec = ChatTTSRuntime(folder, threads=threads).decoder(prompt.shape[1], steps)
@@ -93,7 +93,7 @@ def ours_step(folder: Path, threads: int, prompt: np.ndarray, steps: int, tokens
 
 def time_decode(kind: str, path: Path | None, threads: int, cache: int, steps: int) -> dict:
     """Median and min of `steps` timed decode steps after a prefill of `cache` tokens and 1 warm-up step."""
-    from pipeline.procinfo import peak_rss_mb
+    from pipeline.core.procinfo import peak_rss_mb
 
     t0 = time.perf_counter()
     prompt = prompt_ids(cache, vocab_of(kind, path))
@@ -191,7 +191,7 @@ def eager_prefill(model, ids: np.ndarray):
 def accuracy(kind: str, path: Path, ref: Path, threads: int) -> dict:
     """Against the FP32 eager reference: SQNR of the final norm's output (and of the last layer's output,
     ours only) over all positions; top-1 agreement of the text head at the continuation's positions."""
-    from pipeline.audio import sqnr_db
+    from pipeline.core.audio import sqnr_db
 
     r = np.load(ref)
     ids, p = r["ids"], int(r["prompt_len"])
@@ -239,7 +239,7 @@ def ours_step_bytes(folder: Path) -> int:
     """Initializers of embed_text (one row), every layer, norm and lm_head_text."""
     import onnx
 
-    from pipeline.modelset import ModelSet
+    from pipeline.core.modelset import ModelSet
 
     ms = ModelSet.read(folder)
     sizes, tables = {}, {}

@@ -28,8 +28,8 @@ import onnxruntime as ort
 
 from pipeline.families.chattts import runtime as chattts_runtime
 from pipeline.families.chattts.runtime import ChatTTSRuntime
-from pipeline.onnx_io import share_one_thread_pool
-from pipeline.procinfo import machine_line
+from pipeline.core.onnx_io import share_one_thread_pool
+from pipeline.core.procinfo import machine_line
 
 
 def kind(graph: str) -> str:

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import PipelineError
-from pipeline.recipe import CountOrAll
+from pipeline.core.errors import PipelineError
+from pipeline.core.recipe import CountOrAll
 
 Feeds = dict[str, np.ndarray]
 DATA_DIR = Path(__file__).parent / "data"
@@ -138,7 +138,7 @@ def make_source(name: str, params: dict[str, Any], ctx: SourceContext, where: st
     try:
         parsed = cls.Params.model_validate(params)
     except ValidationError as e:
-        from pipeline.recipe import format_validation_error
+        from pipeline.core.recipe import format_validation_error
 
         raise PipelineError(format_validation_error(f"{where}.params", e, cls.Params)) from None
     source = cls(parsed, ctx)

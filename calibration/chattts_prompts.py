@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 from . import PATH, Feeds, SentenceSource, SentencesParams
 

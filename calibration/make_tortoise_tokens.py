@@ -34,7 +34,7 @@ import re
 import sys
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 from . import DATA_DIR
 from .piper_sentences import read_sentences

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 from pydantic import Field, field_validator
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 from . import PATH, CalibrationSource, Feeds, SourceParams
 

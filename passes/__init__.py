@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 import typing
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 from .base import Pass
 from .compress_weights import CompressWeights

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.blocks import BlockPartition
+from pipeline.core.blocks import BlockPartition
 
 
 class Params(BaseModel):
@@ -37,7 +37,7 @@ class PassContext:
     # Yields real feed dicts for this graph (calibration); None when the recipe has none.
     calibration: Callable[[], Iterator[Feeds]] | None = None
     log: Callable[[str], None] = lambda msg: None
-    # Set when the model is handed over light (a large model, `pipeline.onnx_io.LARGE_BYTES`): the folder of the
+    # Set when the model is handed over light (a large model, `pipeline.core.onnx_io.LARGE_BYTES`): the folder of the
     # external-data files its weights stay in (read them with `onnx_io.tensor_array(t, ctx.weights_dir)`).
     weights_dir: Path | None = None
 
@@ -63,7 +63,7 @@ class PassResult:
 
 
 # ONNX Runtime has no kernel for many ops before opset 7 (Add-6, Relu-1: measured with ORT 1.32), and every step's
-# result is loaded in it (`pipeline.onnx_io.check_loads`): no pass's output is usable below it.
+# result is loaded in it (`pipeline.core.onnx_io.check_loads`): no pass's output is usable below it.
 ORT_MIN_OPSET = 7
 # IR 4 (ONNX 1.4) is the first IR where an initializer need not also be a graph input.
 IR_INITIALIZERS_APART = 4
@@ -90,7 +90,7 @@ class Pass:
     scoped: ClassVar[bool] = True
     # Passes that change the precision of what the graph computes (fp16, quantize, compress_weights). Their
     # stats carry `blocks_changed` ({block id: nodes or tensors changed}), so the automatic fallback
-    # (pipeline.fallback) can shrink any of them block by block.
+    # (pipeline.search.fallback) can shrink any of them block by block.
     changes_precision: ClassVar[bool] = False
 
     def needs_calibration_for(self, params: Params) -> bool:

@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field
 
-from pipeline.onnx_io import tensor_array
+from pipeline.core.onnx_io import tensor_array
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 
@@ -55,7 +55,7 @@ class CompressWeights(Pass):
         return None  # reads each weight from its file; only the compressed ones are held
 
     def apply(self, model: onnx.ModelProto, params: CompressWeightsParams, ctx: PassContext) -> PassResult:
-        from pipeline.errors import PipelineError
+        from pipeline.core.errors import PipelineError
 
         model = copy_model(model)
         graph = model.graph

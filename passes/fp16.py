@@ -36,9 +36,9 @@ from onnx import TensorProto
 from onnxconverter_common import float16
 from pydantic import Field
 
-from pipeline.errors import PipelineError, one_line
-from pipeline.graph import cleanup, consumers, producers, with_outputs
-from pipeline.onnx_io import external_bytes, session, tensor_types
+from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.graph import cleanup, consumers, producers, with_outputs
+from pipeline.core.onnx_io import external_bytes, session, tensor_types
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 

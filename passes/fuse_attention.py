@@ -37,7 +37,7 @@ unfused layer, prefill and decode). Two fusers run in turn:
 
 `kv_cache: in_place` makes the attention com.microsoft.GroupQueryAttention
 instead, over one preallocated buffer that is both past and present (the
-convention is pipeline/kv_cache.py's): a decode step writes its new positions
+convention is pipeline/core/kv_cache.py's): a decode step writes its new positions
 into the cache instead of copying all of it into a new present (at full
 ChatTTS size, 128 cached tokens, about 34 MB of traffic a step). The rotary
 moves inside the op (do_rotary), from cos/sin tables that become graph inputs:
@@ -73,11 +73,11 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import Field
 
-from pipeline import kv_cache
-from pipeline.blocks import block_of
-from pipeline.errors import PipelineError, one_line
-from pipeline.graph import cleanup, consumers, producers, toposort
-from pipeline.recipe import user_pattern
+from pipeline.core import kv_cache
+from pipeline.core.blocks import block_of
+from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.graph import cleanup, consumers, producers, toposort
+from pipeline.core.recipe import user_pattern
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 
@@ -111,7 +111,7 @@ class FuseParams(Params):
     kv_cache: Literal["concat", "in_place"] = Field(
         "concat", description="`concat`: MultiHeadAttention, present = past ++ new (a new cache each call); "
                               "`in_place`: GroupQueryAttention over one preallocated past/present buffer, rotary "
-                              "inside it from cos/sin tables given once per generation (pipeline/kv_cache.py). "
+                              "inside it from cos/sin tables given once per generation (pipeline/core/kv_cache.py). "
                               "Every attention of the graph must match.")
 
 
@@ -538,7 +538,7 @@ def _fuse_attention(g: Graph, num_heads: int, in_place: bool = False) -> list[Mi
 
 
 def _group_query_attention(g: Graph, m: AttentionMatch, softmax: onnx.NodeProto) -> None:
-    """The matched attention as GroupQueryAttention over a shared past/present buffer (pipeline/kv_cache.py).
+    """The matched attention as GroupQueryAttention over a shared past/present buffer (pipeline/core/kv_cache.py).
 
     Its rotary moves inside the op (do_rotary, from cos/sin tables that are graph inputs), so the per-layer
     position and angle arithmetic goes dead; the graph's inputs change to the in-place convention."""

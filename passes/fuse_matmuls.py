@@ -25,8 +25,8 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import Field
 
-from pipeline.errors import PipelineError
-from pipeline.graph import cleanup, consumers, drop_unused_initializers, producers
+from pipeline.core.errors import PipelineError
+from pipeline.core.graph import cleanup, consumers, drop_unused_initializers, producers
 
 from .base import Params, Pass, PassContext, PassResult, copy_model
 

@@ -23,7 +23,7 @@ import onnx
 import onnx_ir
 import onnxruntime as ort
 
-from pipeline.onnx_io import session
+from pipeline.core.onnx_io import session
 
 _MODULES = ("quant_utils", "quantize", "base_quantizer", "onnx_quantizer", "calibrate")
 

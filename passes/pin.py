@@ -4,14 +4,14 @@ Quantizing a Piper voice's duration predictor changes how many frames each
 phoneme gets, so the candidate's audio is longer or shorter than the FP32 one
 and cannot be compared sample by sample. Pinning the durations (the tensor
 after `/Ceil`) makes the candidate take them as an input: fed the FP32 values
-(`pipeline.pinning.run_pinned`), it speaks with the FP32 timing.
+(`pipeline.evaluation.pinning.run_pinned`), it speaks with the FP32 timing.
 """
 from __future__ import annotations
 
 import onnx
 from pydantic import Field
 
-from pipeline.graph import pin
+from pipeline.core.graph import pin
 
 from .base import Params, Pass, PassContext, PassResult
 

@@ -70,8 +70,8 @@ from onnxruntime.quantization import (
 )
 from pydantic import Field
 
-from pipeline.blocks import replaced_name
-from pipeline.errors import PipelineError, one_line
+from pipeline.core.blocks import replaced_name
+from pipeline.core.errors import PipelineError, one_line
 
 from .base import Feeds, Params, Pass, PassContext, PassResult, copy_model
 

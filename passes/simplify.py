@@ -12,7 +12,7 @@ from typing import Literal
 import onnx
 from pydantic import Field
 
-from pipeline.errors import PipelineError, one_line
+from pipeline.core.errors import PipelineError, one_line
 
 from .base import Params, Pass, PassContext, PassResult
 
@@ -51,7 +51,7 @@ class Simplify(Pass):
         if ctx.weights_dir is not None:
             # A light model (over 2 GB with its weights) cannot cross into onnxsim as one proto: onnxsim reads
             # it from a file and writes its result to one, weights in external data (its C++ path route).
-            from pipeline.onnx_io import stage_model
+            from pipeline.core.onnx_io import stage_model
 
             source = str(stage_model(model, ctx.weights_dir, ctx.workdir, f"{ctx.graph_name}.input.onnx"))
             out = ctx.workdir / f"{ctx.graph_name}.simplified.onnx"

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import onnx
 from pydantic import Field
 
-from pipeline.errors import PipelineError
-from pipeline.graph import consumer_indices, cut, node_inputs, producer_indices, value_infos
+from pipeline.core.errors import PipelineError
+from pipeline.core.graph import consumer_indices, cut, node_inputs, producer_indices, value_infos
 
 from .base import Params, Pass, PassContext, PassResult
 

@@ -47,7 +47,7 @@ def cli(*args: str):
     """The real command group in this process (click's CliRunner): exit code, output, and stderr apart."""
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     return CliRunner().invoke(main, list(args))
 

@@ -5,7 +5,7 @@ from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantizati
 
 import pytest
 
-from pipeline.audio import (
+from pipeline.core.audio import (
     MEL_CLAMP,
     N_MELS,
     SAMPLE_RATE,
@@ -23,7 +23,7 @@ from pipeline.audio import (
     mel_spectrogram,
     sqnr_db,
 )
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def tone(hz: float, seconds: float = 1.0) -> np.ndarray:

@@ -4,9 +4,9 @@ import onnx
 import pytest
 import tiny
 
-from pipeline.blocks import BlockPartition, adopt_new_nodes, default_block_id
-from pipeline.errors import PipelineError
-from pipeline.recipe import BlockSpec, Scope
+from pipeline.core.blocks import BlockPartition, adopt_new_nodes, default_block_id
+from pipeline.core.errors import PipelineError
+from pipeline.core.recipe import BlockSpec, Scope
 
 
 @pytest.mark.parametrize("name, block", [

@@ -9,7 +9,7 @@ import pytest
 
 from calibration import DATA_DIR, SourceContext, checked_feeds, make_source
 from calibration.piper_sentences import read_sentences
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 
 def test_shipped_sentences_are_many_and_distinct():

@@ -7,12 +7,12 @@ import pytest
 import tiny
 from onnx.utils import Extractor
 
-from pipeline.chain import ChainRunner, dataflow_edges, entry_graphs, graph_feeds, sink_graphs
-from pipeline.evaluate import evaluate
+from pipeline.evaluation.chain import ChainRunner, dataflow_edges, entry_graphs, graph_feeds, sink_graphs
+from pipeline.evaluation.evaluate import evaluate
 from pipeline.families import GenericFamily
-from pipeline.errors import PipelineError
-from pipeline.modelset import GraphFile, ModelSet, file_sha256
-from pipeline.onnx_io import session
+from pipeline.core.errors import PipelineError
+from pipeline.core.modelset import GraphFile, ModelSet, file_sha256
+from pipeline.core.onnx_io import session
 
 CUT = "/enc/layers.1/Relu_output_0"
 

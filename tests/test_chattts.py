@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.families.chattts.exporter import ChatTTSGPT, GPTConfig, export_modelset, load_weights
 from pipeline.families.chattts.runtime import ChatTTSRuntime
 
@@ -118,7 +118,7 @@ def test_onnx_greedy_generation_matches_pytorch_for_64_steps(assets, tmp_path):
 
 
 def test_code_embedding_and_heads_match_pytorch(assets, tmp_path):
-    from pipeline.onnx_io import session
+    from pipeline.core.onnx_io import session
 
     root, _, embed, c = assets
     export_modelset(load_weights(root), tmp_path / "gpt")
@@ -188,7 +188,7 @@ steps:
 def test_recipe_with_exporter_quantizes_the_layer_graphs(tmp_path):
     from conftest import run_cli
 
-    from pipeline.modelset import ModelSet
+    from pipeline.core.modelset import ModelSet
 
     (tmp_path / "r.yaml").write_text(RECIPE)
     res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
@@ -237,7 +237,7 @@ def test_sample_head_matches_chattts_processing_and_transformers_warpers(tmp_pat
     from transformers import TopKLogitsWarper, TopPLogitsWarper
 
     from pipeline.families.chattts.sample_head import export_sample_head
-    from pipeline.onnx_io import session
+    from pipeline.core.onnx_io import session
 
     vocab, rows = 50, 6
     export_sample_head(tmp_path / "s.onnx", vocab)
@@ -302,8 +302,8 @@ def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
     if name in ("chattts_int8", "chattts_fp16"):
         assert 20 < layer["isolated"]["sqnr_db"] < 90 and layer["accumulated"]["sqnr_db"] > 15
     if name in ("chattts_int8", "chattts_fp32", "chattts_int4"):
-        from pipeline.blocks import BlockPartition
-        from pipeline.onnx_io import load_onnx
+        from pipeline.core.blocks import BlockPartition
+        from pipeline.core.onnx_io import load_onnx
 
         fused = load_onnx(tmp_path / "run" / "final" / "layer_02.onnx")
         where = BlockPartition(fused).node_block  # the runner keeps fused ops in the blocks the pass chose
@@ -417,7 +417,7 @@ def test_sampled_codes_use_infer_code_defaults_reproducibly(assets, tmp_path):
 def test_calibration_is_teacher_forced_on_the_models_own_codes(assets, tmp_path):
     """Layer inputs come from prompt + the FP32 model's own sampled codes; the decode feed is a real decode step."""
     from pipeline.families.chattts.check import chattts_graph_feeds
-    from pipeline.onnx_io import session
+    from pipeline.core.onnx_io import session
     from pipeline.families.chattts.runtime import infer_code_sampling
 
     root, *_ = assets

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
 from pipeline.families.chattts.runtime import ChatTTSRuntime, SamplingParams, infer_code_sampling
 
@@ -132,8 +132,8 @@ def test_one_shared_thread_pool_generates_the_same_tokens(rt):
 
     want = rt.generate_text([3, 14, 15, 92], 16).ids
     script = (
-        "import sys; from pipeline.onnx_io import share_one_thread_pool\n"
-        "from pipeline.errors import PipelineError\n"
+        "import sys; from pipeline.core.onnx_io import share_one_thread_pool\n"
+        "from pipeline.core.errors import PipelineError\n"
         "from pipeline.families.chattts.runtime import ChatTTSRuntime\n"
         "share_one_thread_pool(2)\n"
         "print(ChatTTSRuntime(sys.argv[1]).generate_text([3, 14, 15, 92], 16).ids)\n"

@@ -12,12 +12,12 @@ from conftest import cli, one_line, run_cli
 from onnx import numpy_helper
 from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
-from pipeline.check import compare_models, splice_block
-from pipeline.metrics import AudioMetric
-from pipeline.errors import PipelineError
-from pipeline.onnx_io import session
-from pipeline.recipe import BlockSpec
-from pipeline.report import as_float, html_page, markdown, worst_blocks
+from pipeline.evaluation.blockwise import compare_models, splice_block
+from pipeline.evaluation.metrics import AudioMetric
+from pipeline.core.errors import PipelineError
+from pipeline.core.onnx_io import session
+from pipeline.core.recipe import BlockSpec
+from pipeline.report.render import as_float, html_page, markdown, worst_blocks
 
 
 def feeds(n=6, seed=5):
@@ -41,8 +41,8 @@ def perturb(model: onnx.ModelProto, weight: str, scale: float, seed: int = 0) ->
 def downstream_blocks(model: onnx.ModelProto, report: dict, block: str) -> set[str]:
     """Blocks with an output that depends on `block`'s nodes (reachability over tensors)."""
     by_id = {b["block"]: b for b in report["blocks"]}
-    from pipeline.blocks import BlockPartition
-    from pipeline.sources import name_all_nodes
+    from pipeline.core.blocks import BlockPartition
+    from pipeline.engine.sources import name_all_nodes
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -130,7 +130,7 @@ def test_sensitivity_splices_one_block():
 
 
 def test_splice_keeps_the_rest_of_the_reference():
-    from pipeline.blocks import BlockPartition
+    from pipeline.core.blocks import BlockPartition
 
     ref = tiny.conv_net(layers=3)
     cand = perturb(ref, "enc.layers.1.conv.weight", 0.3)

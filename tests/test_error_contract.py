@@ -1,6 +1,6 @@
 """`internal error:` is reachable only through a real bug.
 
-Two halves: the CLI maps every user-facing exception type (`pipeline.errors.USER_FACING`) to one line and exit 2,
+Two halves: the CLI maps every user-facing exception type (`pipeline.core.errors.USER_FACING`) to one line and exit 2,
 shown by a command that raises each; and the source raises nothing else on purpose, shown by reading every
 `raise` in the tool: a PipelineError, or an exception that never reaches the CLI (a pydantic validator's
 ValueError, which the recipe loader turns into its one line; a signal caught in its own module), or one of the
@@ -16,20 +16,20 @@ import click
 import pytest
 from conftest import REPO, cli, one_line
 
-from pipeline.cli import main
-from pipeline.errors import USER_FACING, PipelineError, during, user_message
+from pipeline.cli.main import main
+from pipeline.core.errors import USER_FACING, PipelineError, during, user_message
 
 SOURCES = [p for folder in ("pipeline", "passes", "calibration") for p in sorted((REPO / folder).rglob("*.py"))]
 
 # Raised on purpose, yet meaning a bug of ours if it ever reaches the CLI (so it keeps its traceback).
 BUGS = {
-    ("pipeline/metrics.py", "NotImplementedError"): "an abstract Metric method",
-    ("pipeline/tune_trials.py", "NotImplementedError"): "an abstract executor method",
-    ("pipeline/progress.py", "ValueError"): "a Display made with a mode no caller passes",
-    ("pipeline/gguf_file.py", "ValueError"): "a GGUF type or plan the family's own code built wrongly",
-    ("pipeline/gguf_file.py", "TypeError"): "metadata of a type the family's own writer should not produce",
-    ("pipeline/kv_cache.py", "ValueError"): "an in-place cache driven at a shape the runtimes never use",
-    ("pipeline/results.py", "KeyError"): "a block id looked up that the report does not hold",
+    ("pipeline/evaluation/metrics.py", "NotImplementedError"): "an abstract Metric method",
+    ("pipeline/search/trials.py", "NotImplementedError"): "an abstract executor method",
+    ("pipeline/core/progress.py", "ValueError"): "a Display made with a mode no caller passes",
+    ("pipeline/formats/gguf.py", "ValueError"): "a GGUF type or plan the family's own code built wrongly",
+    ("pipeline/formats/gguf.py", "TypeError"): "metadata of a type the family's own writer should not produce",
+    ("pipeline/core/kv_cache.py", "ValueError"): "an in-place cache driven at a shape the runtimes never use",
+    ("pipeline/evaluation/results.py", "KeyError"): "a block id looked up that the report does not hold",
     ("passes/base.py", "NotImplementedError"): "Pass.apply, abstract",
     ("calibration/__init__.py", "NotImplementedError"): "CalibrationSource.feeds, abstract",
     ("passes/quantize.py", "NotImplementedError"): "GPTQ options the pass never passes",

@@ -6,9 +6,9 @@ import onnx
 import pytest
 from tiny import conv_net
 
-from pipeline.errors import PipelineError
-from pipeline.modelset import GraphFile, ModelSet, graph_sha256
-from pipeline.onnx_io import external_files, load_onnx, save_sharing_weights, session
+from pipeline.core.errors import PipelineError
+from pipeline.core.modelset import GraphFile, ModelSet, graph_sha256
+from pipeline.core.onnx_io import external_files, load_onnx, save_sharing_weights, session
 
 
 def _pair(tmp_path):
@@ -64,7 +64,7 @@ def test_a_copied_graph_brings_its_weights_file(tmp_path):
 
 def test_a_model_set_shares_weights_its_graphs_hold_alike(tmp_path):
     """A pass that left two graphs with the same weights (inline): the set is rewritten with one weights file."""
-    from pipeline.onnx_io import save_onnx
+    from pipeline.core.onnx_io import save_onnx
 
     x = np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)
     big = conv_net(seed=1, channels=512)  # a 1 MB+ weight

@@ -19,9 +19,9 @@ from conftest import REPO, run_cli
 
 from pipeline.families import families
 
-CORE = ["pipeline/runner.py", "pipeline/check.py", "pipeline/compare.py", "pipeline/bench.py", "pipeline/report.py",
-        "pipeline/fallback.py", "pipeline/recipe.py", "pipeline/cli.py", "pipeline/evaluate.py", "pipeline/metrics.py",
-        "pipeline/results.py", "pipeline/tune.py", "pipeline/tune_trials.py"]
+CORE = ["pipeline/engine/runner.py", "pipeline/evaluation/blockwise.py", "pipeline/engine/comparison.py", "pipeline/engine/bench.py", "pipeline/report/render.py",
+        "pipeline/search/fallback.py", "pipeline/core/recipe.py", "pipeline/cli/main.py", "pipeline/evaluation/evaluate.py", "pipeline/evaluation/metrics.py",
+        "pipeline/evaluation/results.py", "pipeline/search/tune.py", "pipeline/search/trials.py"]
 
 
 def _family_names() -> set[str]:
@@ -151,7 +151,7 @@ def _vocoder(seed: int = 0, smooth: bool = False) -> onnx.ModelProto:
 
 
 def _vocoder_set(folder: Path, model: onnx.ModelProto, sample_rate: int):
-    from pipeline.modelset import GraphFile, ModelSet
+    from pipeline.core.modelset import GraphFile, ModelSet
 
     folder.mkdir(parents=True)
     tiny.save(model, folder / "voc.onnx")
@@ -170,7 +170,7 @@ def test_pipeline_families_lists_the_built_in_ones():
 
 
 def test_a_family_registered_at_run_time_is_found_and_can_be_removed(tmp_path):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
     from pipeline.families import Family, detect_family, get_family, register, unregister
 
     class Everything(Family):
@@ -208,7 +208,7 @@ def test_chattts_fits_only_its_own_prompt_source(tmp_path):
     from calibration import SourceContext, make_source
 
     from pipeline.families import get_family
-    from pipeline.modelset import ModelSet
+    from pipeline.core.modelset import ModelSet
 
     tiny.write_npz_feeds(tmp_path / "feeds")
     ms = ModelSet(tmp_path, [], meta={"config": {"num_text_tokens": 99}})
@@ -224,10 +224,10 @@ def test_chattts_fits_only_its_own_prompt_source(tmp_path):
 
 
 def test_a_24khz_vocoder_is_measured_at_24khz(tmp_path):
-    from pipeline.audio import MelSettings, compare_audio
-    from pipeline.evaluate import evaluate
+    from pipeline.core.audio import MelSettings, compare_audio
+    from pipeline.evaluation.evaluate import evaluate
     from pipeline.families import family_of
-    from pipeline.onnx_io import session
+    from pipeline.core.onnx_io import session
 
     ref = _vocoder_set(tmp_path / "ref", _vocoder(), 24000)
     cand = _vocoder_set(tmp_path / "cand", _vocoder(smooth=True), 24000)
@@ -254,8 +254,8 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.families import Exporter, Family
-from pipeline.metrics import Metric
-from pipeline.modelset import GraphFile, ModelSet
+from pipeline.evaluation.metrics import Metric
+from pipeline.core.modelset import GraphFile, ModelSet
 
 
 class ToyParams(BaseModel):

@@ -9,12 +9,12 @@ import pytest
 
 from passes import get_pass
 from passes.base import PassContext
-from pipeline import kv_cache
-from pipeline.blocks import BlockPartition
-from pipeline.errors import PipelineError
+from pipeline.core import kv_cache
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.errors import PipelineError
 from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
-from pipeline.modelset import ModelSet
-from pipeline.onnx_io import check_loads, session
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import check_loads, session
 from pipeline.families.chattts.runtime import ChatTTSRuntime
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,

@@ -10,9 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from passes import get_pass
 from passes.base import PassContext
-from pipeline.blocks import BlockPartition
-from pipeline.errors import PipelineError
-from pipeline.onnx_io import session
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.errors import PipelineError
+from pipeline.core.onnx_io import session
 
 
 def siblings(dtypes=(np.float32, np.float32, np.float32)) -> onnx.ModelProto:

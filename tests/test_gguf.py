@@ -20,18 +20,18 @@ from test_tortoise import SMALL, TEXT, decisive, latent_of
 
 from passes import get_pass
 from passes.base import PassContext
-from pipeline.audio import sqnr_db
-from pipeline.blocks import BlockPartition
+from pipeline.core.audio import sqnr_db
+from pipeline.core.blocks import BlockPartition
 from pipeline.families.chattts import ChatTTSFamily, ChatTTSParams
 from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
 from pipeline.families.tortoise import TortoiseFamily, TortoiseParams
 from pipeline.families.tortoise.exporter import export_modelset as export_tortoise
 from pipeline.families.tortoise.model import TortoiseConfig
-from pipeline.gguf_file import GGUFParams, read_file
-from pipeline.modelset import ModelSet
-from pipeline.onnx_io import session
-from pipeline.recipe import Scope
-from pipeline.targets import FormatInputs, TargetJob
+from pipeline.formats.gguf import GGUFParams, read_file
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import session
+from pipeline.core.recipe import Scope
+from pipeline.formats.targets import FormatInputs, TargetJob
 
 import gguf  # noqa: E402  (the dev extra installs it: never skipped)
 from pipeline.families.chattts import gguf as chattts_gguf  # noqa: E402
@@ -507,7 +507,7 @@ def test_auto_over_an_unquantized_result_is_the_f32_file_written_once(chattts, t
 
 
 def test_auto_refuses_a_result_of_another_config(chattts, tmp_path):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     _, ms, _, _ = chattts
     job = job_for(ChatTTSParams(config={**TINY, "num_text_tokens": 98}), ms, tmp_path / "gguf")

@@ -1,4 +1,4 @@
-"""The graph toolkit (pipeline.graph) on tiny models built here: maps, order, cleanup, cut, pin, outputs, placement."""
+"""The graph toolkit (pipeline.core.graph) on tiny models built here: maps, order, cleanup, cut, pin, outputs, placement."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +7,9 @@ import pytest
 import tiny
 from onnx import TensorProto, helper
 
-from pipeline.blocks import BlockPartition, adopt_new_nodes
-from pipeline.errors import PipelineError
-from pipeline.graph import (
+from pipeline.core.blocks import BlockPartition, adopt_new_nodes
+from pipeline.core.errors import PipelineError
+from pipeline.core.graph import (
     cleanup,
     consumer_indices,
     consumers,
@@ -22,7 +22,7 @@ from pipeline.graph import (
     toposort,
     with_outputs,
 )
-from pipeline.onnx_io import session
+from pipeline.core.onnx_io import session
 
 RELU0 = "/enc/layers.0/Relu_output_0"
 RELU1 = "/enc/layers.1/Relu_output_0"
@@ -199,8 +199,8 @@ def test_a_new_node_goes_into_its_neighbours_block():
 
 def test_join_runs_a_chain_of_graphs_as_one_with_shared_inputs(tmp_path):
     """a: y = x + s; b: y = x * s, joined as b(a(x)): one input x, one shared s, prefixed outputs."""
-    from pipeline.graph import join
-    from pipeline.onnx_io import session
+    from pipeline.core.graph import join
+    from pipeline.core.onnx_io import session
 
     def part(op: str) -> onnx.ModelProto:
         io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2]) for n in ("x", "s", "y")]

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from calibration import DATA_DIR, SourceContext, check_feeds, make_source
-from pipeline.audio import check_mel_bands, sqnr_db
-from pipeline.blocks import BlockPartition
-from pipeline.errors import PipelineError
+from pipeline.core.audio import check_mel_bands, sqnr_db
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.errors import PipelineError
 from pipeline.families import family_of_exporter
 from pipeline.families.hifigan.exporter import (
     GRAPH,
@@ -32,8 +32,8 @@ from pipeline.families.hifigan.exporter import (
     read_config,
     shipped_file,
 )
-from pipeline.modelset import ModelSet
-from pipeline.onnx_io import session
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import session
 
 TINY = {"resblock": "1", "upsample_rates": [4, 2], "upsample_kernel_sizes": [8, 4], "upsample_initial_channel": 16,
         "resblock_kernel_sizes": [3, 5], "resblock_dilation_sizes": [[1, 3, 5], [1, 3, 5]], "num_mels": 80,

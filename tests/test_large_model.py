@@ -21,11 +21,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from pipeline import onnx_io
-from pipeline.errors import PipelineError
-from pipeline.onnx_io import external_files, is_light, load_onnx, save_onnx, session, stage_model
-from pipeline.recipe import load_recipe
-from pipeline.runner import Runner, plan_recipe
+from pipeline.core import onnx_io
+from pipeline.core.errors import PipelineError
+from pipeline.core.onnx_io import external_files, is_light, load_onnx, save_onnx, session, stage_model
+from pipeline.core.recipe import load_recipe
+from pipeline.engine.runner import Runner, plan_recipe
 
 def matmul_chain(folder: Path, n: int, layers: int, name: str = "big.onnx", seed: int = 0) -> Path:
     """x [batch, n] -> `layers` x (MatMul by an n x n weight, Add bias, Relu) under /layers.i, its weights written

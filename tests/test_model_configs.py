@@ -146,7 +146,7 @@ def test_hifigan_config_json_is_read_in_validate(tmp_path):
 def test_piper_scales_have_ranges(params, key):
     from calibration import SourceContext, make_source
 
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match=rf"^calibration.params: {key}: Input should be greater than"):
         make_source("piper", params, SourceContext(None))

@@ -19,9 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from passes import PASSES, get_pass
 from passes.base import PassContext
-from pipeline.blocks import BlockPartition
-from pipeline.errors import PipelineError
-from pipeline.onnx_io import check_loads
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.errors import PipelineError
+from pipeline.core.onnx_io import check_loads
 
 RECIPE = """name: old
 model: {{path: {model}}}

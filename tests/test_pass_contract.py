@@ -33,8 +33,8 @@ from pydantic import Field, ValidationError
 
 from passes import PASSES, markdown_table
 from passes.base import Feeds, Params, Pass, PassContext, PassResult, copy_model
-from pipeline.blocks import BlockPartition
-from pipeline.recipe import Scope
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.recipe import Scope
 
 # --- tiny models --------------------------------------------------------------------------------------------
 
@@ -331,7 +331,7 @@ def test_readme_pass_table_is_generated_from_the_registry():
 def test_cli_prints_the_table_and_the_descriptions():
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     res = CliRunner().invoke(main, ["passes", "--markdown"])
     assert res.exit_code == 0 and res.output == markdown_table()

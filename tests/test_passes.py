@@ -8,10 +8,10 @@ import tiny
 
 from passes import PASSES, get_pass
 from passes.base import PassContext
-from pipeline.blocks import BlockPartition
-from pipeline.errors import PipelineError
-from pipeline.onnx_io import session
-from pipeline.recipe import Scope
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.errors import PipelineError
+from pipeline.core.onnx_io import session
+from pipeline.core.recipe import Scope
 
 
 def ctx_for(model, tmp_path, scope: Scope | None = None, feeds=None) -> PassContext:
@@ -130,7 +130,7 @@ def test_fp16_unknown_node_in_block_list_is_an_error(tmp_path):
 def test_fp16_on_the_piper_voice_loads_and_keeps_lengths(tmp_path, piper_model):
     """The converter alone breaks this voice at /enc_p/Cast_1; the pass must not."""
     from calibration import SourceContext, checked_feeds, make_source
-    from pipeline.sources import name_all_nodes
+    from pipeline.engine.sources import name_all_nodes
 
     model = onnx.load(str(piper_model))
     name_all_nodes(model)

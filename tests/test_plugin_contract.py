@@ -13,7 +13,7 @@ import pytest
 import tiny
 from conftest import cli
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 from pipeline.families import detect_family, families, get_family, plugin_problems, reload
 
 MODULE = "fake_family_plugin"

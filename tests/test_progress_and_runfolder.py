@@ -17,8 +17,8 @@ import tiny
 from conftest import REPO, run_cli
 from rich.console import Console
 
-from pipeline import progress
-from pipeline.progress import Display, activity, track
+from pipeline.core import progress
+from pipeline.core.progress import Display, activity, track
 
 RECIPE = """name: tiny_progress
 model: {{path: {model}}}
@@ -89,7 +89,7 @@ def test_terminal_table_shows_the_worst_blocks_unless_asked_for_all(tmp_path, ti
 
 def _holder(folder: Path) -> subprocess.Popen:
     """Another process holding the run folder, as a live run does."""
-    code = ("import sys, time; from pathlib import Path; from pipeline.runfolder import hold\n"
+    code = ("import sys, time; from pathlib import Path; from pipeline.engine.runfolder import hold\n"
             "with hold(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout.readline().strip() == "held"

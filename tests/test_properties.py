@@ -704,7 +704,7 @@ def test_compare_options(world, data):
 def no_process_pool():
     """`generate` makes every later ONNX Runtime session of the process share one thread pool (for a process
     that only generates): in this test process that would outlive the example, so it is recorded instead."""
-    from pipeline import onnx_io
+    from pipeline.core import onnx_io
 
     asked = []
     real = onnx_io.share_one_thread_pool

@@ -18,10 +18,10 @@ from test_pass_contract import Applied, check_input_unchanged, check_scope, chec
 from passes import get_pass
 from passes.base import Feeds, PassContext
 from passes.quantize import _gptq, _ListReader
-from pipeline.blocks import BlockPartition
-from pipeline.errors import PipelineError
-from pipeline.onnx_io import session
-from pipeline.recipe import Scope
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.errors import PipelineError
+from pipeline.core.onnx_io import session
+from pipeline.core.recipe import Scope
 
 METHODS = ["rtn", "hqq", "gptq"]
 
@@ -255,8 +255,8 @@ def test_block_check_looks_only_inside_the_scope(tmp_path):
 def test_gptq_needs_calibration_and_the_runner_says_so(tmp_path):
     import tiny
 
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import plan_recipe
+    from pipeline.core.recipe import load_recipe
+    from pipeline.engine.runner import plan_recipe
 
     p = get_pass("quantize")
     assert p.needs_calibration_for(p.Params(mode="weight_only", method="gptq", bits=4))

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli
 
-from pipeline.audio import compare_audio
-from pipeline.modelset import ModelSet
-from pipeline.recipe import load_recipe
-from pipeline.runner import Runner, plan_recipe
+from pipeline.core.audio import compare_audio
+from pipeline.core.modelset import ModelSet
+from pipeline.core.recipe import load_recipe
+from pipeline.engine.runner import Runner, plan_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 # piper_int8_auto runs, fallback rounds and all, in test_fallback.py.
@@ -59,7 +59,7 @@ TARGETS = {"piper_fp16": {"size": 0.52, "log_mel": 0.02}, "piper_int8": {"size":
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_quality_and_size_targets_on_eval_sentences(runs, piper_model, name):
     """Issue targets on 5 real evaluation sentences, noise at 0 (latency is the benchmark's job)."""
-    from pipeline.bench import resolve_variant, run_bench
+    from pipeline.engine.bench import resolve_variant, run_bench
     from pipeline.families.piper import PiperFamily
 
     texts, feeds = PiperFamily().bench_inputs(piper_model, 5, None)
@@ -101,7 +101,7 @@ def test_piper_recipes_leave_the_installed_voice_untouched(runs, piper_model):
 def test_int8_recipe_report_attributes_error_to_blocks(runs):
     import json
 
-    from pipeline.report import as_float, worst_blocks
+    from pipeline.report.render import as_float, worst_blocks
 
     report = json.loads((runs["piper_int8"] / "report.json").read_text())
     assert report["samples"] == 8 and report["failures"] == []
@@ -128,7 +128,7 @@ def test_streaming_recipe_splits_and_the_shrunk_chain_still_speaks(runs, piper_m
     import json
 
     from pipeline.families.piper import PiperFamily
-    from pipeline.onnx_io import session
+    from pipeline.core.onnx_io import session
     from pipeline.families.piper.streaming import PiperStreaming
 
     run = runs["piper_streaming_int8"]
@@ -167,7 +167,7 @@ def test_hifigan_recipes_run_as_shipped_and_meet_their_targets(tmp_path, name):
     """The trained universal vocoder, exported, shrunk and checked on mels of real Piper speech."""
     import json
 
-    from pipeline.onnx_io import load_onnx
+    from pipeline.core.onnx_io import load_onnx
 
     res = run_cli("run", str(REPO / "recipes" / f"{name}.yaml"), "--out", str(tmp_path / name))
     assert res.code == 0, res.stderr[-2000:]

@@ -15,15 +15,15 @@ import tiny_audio
 from conftest import run_cli
 from onnx.utils import Extractor
 
-from pipeline.audio import divergence_frame, read_wav, wav_bytes
-from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate
+from pipeline.core.audio import divergence_frame, read_wav, wav_bytes
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.evaluate import evaluate
 from pipeline.families import family_of
-from pipeline.metrics import HeadMetrics, choose_examples
-from pipeline.modelset import GraphFile, ModelSet, file_sha256
-from pipeline.onnx_io import session
-from pipeline.report import html_page, markdown, terminal_table, write_reports
-from pipeline.results import CheckReport
+from pipeline.evaluation.metrics import HeadMetrics, choose_examples
+from pipeline.core.modelset import GraphFile, ModelSet, file_sha256
+from pipeline.core.onnx_io import session
+from pipeline.report.render import html_page, markdown, terminal_table, write_reports
+from pipeline.evaluation.results import CheckReport
 
 RATE = 16000
 INSERT_FRAME = 40  # the candidate's output has silence spliced in here: its durations diverge at 0.64 s

@@ -17,10 +17,10 @@ import pytest
 import tiny_audio
 from test_chattts import assets  # noqa: F401  (a fixture: the small ChatTTS asset folder)
 
-from pipeline.evaluate import evaluate
+from pipeline.evaluation.evaluate import evaluate
 from pipeline.families import family_of
-from pipeline.onnx_io import session
-from pipeline.report import html_page, write_reports
+from pipeline.core.onnx_io import session
+from pipeline.report.render import html_page, write_reports
 
 CHROMIUM = Path("/usr/bin/chromium")
 RATE = 16000
@@ -145,7 +145,7 @@ def test_a_token_family_report_plots_agreement_and_kl_per_step(tmp_path, browser
     from test_chattts import export_modelset, load_weights
 
     from pipeline.families.chattts.check import compare_chattts
-    from pipeline.results import CheckReport
+    from pipeline.evaluation.results import CheckReport
 
     w = load_weights(assets[0])
     export_modelset(w, tmp_path / "ref")
@@ -173,7 +173,7 @@ def test_a_real_voice_whose_durations_changed_marks_where(tmp_path, browser, pip
     a frame gained or lost per sentence, as INT8 in /dp does; the page plays both and marks the divergence."""
     from onnx import numpy_helper
 
-    from pipeline.compare import as_modelset
+    from pipeline.engine.comparison import as_modelset
     from pipeline.families import detect_family
 
     family = detect_family(piper_model)

@@ -9,8 +9,8 @@ import pytest
 import tiny
 from conftest import run_cli
 
-from pipeline.errors import PipelineError
-from pipeline.results import CheckReport
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.results import CheckReport
 
 # A report as the tool wrote it before families and typed results (trimmed to one block and one output):
 # no "family", no audio "sample_rate". It must still load, and write back unchanged.

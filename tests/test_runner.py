@@ -9,9 +9,9 @@ import onnx
 import pytest
 from conftest import run_cli, sha256
 
-from pipeline.errors import PipelineError
-from pipeline.recipe import load_recipe
-from pipeline.runner import Runner, plan_recipe
+from pipeline.core.errors import PipelineError
+from pipeline.core.recipe import load_recipe
+from pipeline.engine.runner import Runner, plan_recipe
 
 RECIPE = """
 name: tiny_int8
@@ -126,7 +126,7 @@ def test_a_result_that_cannot_load_fails_naming_the_node(piper_model):
 
     from onnxconverter_common import float16
 
-    from pipeline.onnx_io import check_loads
+    from pipeline.core.onnx_io import check_loads
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

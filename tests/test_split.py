@@ -12,12 +12,12 @@ from calibration import DATA_DIR
 from calibration.piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
 from passes import get_pass
 from passes.base import PassContext
-from pipeline.audio import log_mel_distance, sqnr_db
-from pipeline.blocks import BlockPartition
-from pipeline.errors import PipelineError
-from pipeline.modelset import GraphFile, ModelSet
-from pipeline.onnx_io import check_loads, session
-from pipeline.pinning import PinnedPair, capture, run_pinned
+from pipeline.core.audio import log_mel_distance, sqnr_db
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.errors import PipelineError
+from pipeline.core.modelset import GraphFile, ModelSet
+from pipeline.core.onnx_io import check_loads, session
+from pipeline.evaluation.pinning import PinnedPair, capture, run_pinned
 from pipeline.families.piper.streaming import PiperStreaming, plan_chunks
 
 DURATIONS = "/Ceil_output_0"  # w_ceil in Piper's VITS: frames per phoneme, after the duration predictor
@@ -265,7 +265,7 @@ def test_pin_output_of_multi_output_node(tmp_path):
 def test_bench_explains_a_changed_length_with_pinned_durations(voice, piper_model, tmp_path):
     """Where FP16 flips a duration, the bench also reports log-mel on the FP32 durations: small, so the
     audio itself is fine and only the timing moved."""
-    from pipeline.bench import resolve_variant, run_bench
+    from pipeline.engine.bench import resolve_variant, run_bench
     from pipeline.families.piper import PiperFamily
 
     onnx.save(apply("fp16", voice, tmp=tmp_path).model, str(tmp_path / "fp16.onnx"))

@@ -15,9 +15,9 @@ import yaml
 from conftest import cli, one_line
 from pydantic import BaseModel
 
-from pipeline.audio import sqnr_db
-from pipeline.errors import PipelineError
-from pipeline.targets import PlannedTarget, Target, TargetJob, weight_precision, write_target
+from pipeline.core.audio import sqnr_db
+from pipeline.core.errors import PipelineError
+from pipeline.formats.targets import PlannedTarget, Target, TargetJob, weight_precision, write_target
 
 FRAMES = (8, 2048, 64)
 
@@ -170,7 +170,7 @@ def test_a_missing_optional_package_is_named(tmp_path, monkeypatch, module, fmt)
 
 def test_a_converter_failure_names_the_op(tmp_path):
     """An op coremltools has no conversion for: the one line names it (not a traceback)."""
-    from pipeline.torch_formats import coreml_convert, trace
+    from pipeline.formats.torch import coreml_convert, trace
 
     class Unconvertible(torch.nn.Module):
         def forward(self, x):

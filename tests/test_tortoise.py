@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from pipeline.audio import sqnr_db
-from pipeline.errors import PipelineError
+from pipeline.core.audio import sqnr_db
+from pipeline.core.errors import PipelineError
 from pipeline.families.tortoise.exporter import WEIGHTS_FILE, export_modelset
 from pipeline.families.tortoise.model import TortoiseConfig
 from pipeline.families.tortoise.runtime import TortoiseRuntime
@@ -95,7 +95,7 @@ def test_prefill_and_decode_share_one_weights_file(small):
     _, folder = small
     import onnx
 
-    from pipeline.modelset import ModelSet
+    from pipeline.core.modelset import ModelSet
 
     weights = (folder / WEIGHTS_FILE).stat().st_size
     gpt_bytes = 4 * sum(v.numel() for k, v in decisive(TortoiseConfig(**SMALL)).state.items()

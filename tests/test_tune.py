@@ -133,10 +133,10 @@ def test_target_the_family_cannot_measure_is_an_error(workdir):
 
 
 def test_ray_executor_without_ray_names_the_extra(workdir, monkeypatch):
-    from pipeline import tune_trials
-    from pipeline.errors import PipelineError
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import plan_recipe
+    from pipeline.search import trials as tune_trials
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.recipe import load_recipe
+    from pipeline.engine.runner import plan_recipe
 
     real = importlib.util.find_spec
     monkeypatch.setattr(tune_trials.importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
@@ -156,7 +156,7 @@ def test_tune_recipe_with_steps_or_without_tune_is_refused(workdir):
 
 
 def test_solver_prefers_cheap_quality_and_respects_bans():
-    from pipeline.tune import Option, solve
+    from pipeline.search.tune import Option, solve
 
     options = {
         "a": [Option("int8", bytes=-80, quality={"noise": 0.5})],  # big saving, costly in quality

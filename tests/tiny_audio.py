@@ -43,7 +43,7 @@ def vocoder(seed: int = 0, noise: float = 0.0, insert_at: int | None = None, gap
 
 def vocoder_set(folder: Path, model: onnx.ModelProto, sample_rate: int):
     """A one-graph ModelSet of the `hifigan` family at `sample_rate` (its audio metrics run at that rate)."""
-    from pipeline.modelset import GraphFile, ModelSet
+    from pipeline.core.modelset import GraphFile, ModelSet
 
     folder.mkdir(parents=True, exist_ok=True)
     ms = ModelSet(folder, [GraphFile("model", "vocoder.onnx")], meta={"family": "hifigan", "sample_rate": sample_rate})

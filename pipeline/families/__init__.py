@@ -38,16 +38,16 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
-from ..audio import MelSettings
-from ..errors import PipelineError, one_line
+from pipeline.core.audio import MelSettings
+from pipeline.core.errors import PipelineError, one_line
 
 if TYPE_CHECKING:
     import onnx
     from calibration import CalibrationSource, Feeds
 
-    from ..metrics import Metric
-    from ..modelset import ModelSet
-    from ..targets import Target
+    from pipeline.evaluation.metrics import Metric
+    from pipeline.core.modelset import ModelSet
+    from pipeline.formats.targets import Target
 
 ENTRY_POINT_GROUP = "tts_onnx_pipeline.families"
 GENERIC = "generic"
@@ -84,7 +84,7 @@ class Exporter:
         try:
             return self.Params.model_validate(params)
         except ValidationError as e:
-            from ..recipe import format_validation_error
+            from pipeline.core.recipe import format_validation_error
 
             raise PipelineError(format_validation_error(f"{where}.params", e, self.Params, nested=True)) from None
 
@@ -168,7 +168,7 @@ class Family:
 
     def entry_graph(self, ms: ModelSet) -> str:
         """The graph the recipe's calibration feeds are checked against."""
-        from ..chain import entry_graphs
+        from pipeline.evaluation.chain import entry_graphs
 
         return entry_graphs(ms)[0]
 
@@ -178,7 +178,7 @@ class Family:
 
         `cache` is per reference ModelSet: a family that captures every graph in one sweep fills it once."""
         if graph not in cache:
-            from ..chain import graph_feeds
+            from pipeline.evaluation.chain import graph_feeds
 
             cache[graph] = graph_feeds(reference, entry_feeds, graph, progress=progress)
         return cache[graph]
@@ -195,8 +195,8 @@ class Family:
         `model_path` is the reference's .onnx file, or the folder of a chained ModelSet."""
         from calibration import SourceContext, checked_feeds, make_source
 
-        from ..modelset import ModelSet
-        from ..onnx_io import load_onnx
+        from pipeline.core.modelset import ModelSet
+        from pipeline.core.onnx_io import load_onnx
 
         ms = ModelSet.read(model_path) if model_path.is_dir() else None
         entry = ms.path(self.entry_graph(ms)) if ms is not None else model_path
@@ -272,7 +272,7 @@ def _contract_problem(cls: object) -> str | None:
     """What a loaded entry point lacks to be a family, or None when it keeps the contract."""
     from calibration import CalibrationSource
 
-    from ..targets import Target
+    from pipeline.formats.targets import Target
 
     if not (isinstance(cls, type) and issubclass(cls, Family)):
         return f"is not a Family subclass (it is {type(cls).__name__} {one_line(repr(cls), 80)})"
@@ -378,7 +378,7 @@ def detect_family(model_path: Path, model: onnx.ModelProto | None = None) -> Fam
     """The family of a plain ONNX file (`model`: the file, if already loaded): the first family that
     recognises it, else the generic one."""
     if model is None:
-        from ..onnx_io import load_onnx
+        from pipeline.core.onnx_io import load_onnx
 
         model = load_onnx(model_path)
     for cls in families().values():

@@ -22,8 +22,8 @@ from calibration.chattts_prompts import ChatTTSPrompts, load_tokenizer
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
                       model_validator)
 
-from ...errors import PipelineError, one_line
-from ...modelset import ModelSet
+from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.modelset import ModelSet
 from .. import Exporter, Family, Generated, GenerateRequest, files_key
 from .gguf import GGUF_TARGET
 
@@ -117,7 +117,7 @@ def _check(params: ChatTTSParams, resolve, where: str) -> None:
     try:
         GPTConfigParams.model_validate(asdict(c))
     except ValidationError as e:
-        from ...recipe import format_validation_error
+        from pipeline.core.recipe import format_validation_error
 
         raise PipelineError(format_validation_error(key, e)) from None
     try:

@@ -6,7 +6,7 @@ teacher-forced prefill through both model sets:
 - **isolated**: each candidate graph fed the reference's input to that graph;
 - **accumulated**: the candidate's own chain;
 for every graph's outputs (a layer's hidden state and its present key/value),
-pooled over prompts like `pipeline.check`. Token metrics, for the text head and
+pooled over prompts like `pipeline.evaluation.blockwise`. Token metrics, for the text head and
 for the code head (one distribution per codebook): teacher-forced top-1
 agreement and KL(reference || candidate) at every generated position, and,
 decoding freely and greedily with the candidate, the first step whose token
@@ -26,14 +26,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ... import progress as progress_display
-from ...blocks import BlockPartition
-from ...check import BlockReport, CheckResult, Pooled, _precision_mix
-from ...errors import PipelineError
-from ...metrics import HeadMetrics
-from ...onnx_io import tensor_types
-from ...procinfo import peak_rss_mb
-from ...recipe import BlockSpec
+from pipeline.core import progress as progress_display
+from pipeline.core.blocks import BlockPartition
+from pipeline.evaluation.blockwise import BlockReport, CheckResult, Pooled, _precision_mix
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.metrics import HeadMetrics
+from pipeline.core.onnx_io import tensor_types
+from pipeline.core.procinfo import peak_rss_mb
+from pipeline.core.recipe import BlockSpec
 
 Feeds = dict[str, np.ndarray]
 from .runtime import ChatTTSRuntime

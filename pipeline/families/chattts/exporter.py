@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ... import progress
-from ...errors import PipelineError, few
+from pipeline.core import progress
+from pipeline.core.errors import PipelineError, few
 from .layers import DecoderLayer, RMSNorm
 
 
@@ -395,7 +395,7 @@ def layer_name(n: int) -> str:
 
 def export_modelset(w: ChatTTSWeights, dest: Path, opset: int = 17):
     """Write every block as its own ONNX graph into `dest`, with modelset.json saying how they chain."""
-    from ...modelset import GraphFile, ModelSet, file_sha256
+    from pipeline.core.modelset import GraphFile, ModelSet, file_sha256
 
     c = w.config
     model = ChatTTSGPT(w)

@@ -31,7 +31,7 @@ chattts.context_length, embedding_length, block_count, feed_forward_length, atte
 attention.head_count_kv, attention.layer_norm_rms_epsilon, rope.freq_base, rope.dimension_count, rope.layout,
 num_vq, num_audio_tokens, num_text_tokens.
 
-Types (`pipeline.gguf_file`): 1-D tensors F32; f32/f16/q8_0 put every matrix in that type; `auto` carries over
+Types (`pipeline.formats.gguf`): 1-D tensors F32; f32/f16/q8_0 put every matrix in that type; `auto` carries over
 the ONNX steps' choice per graph: blk.N from `layer_NN`, token_embd_text from `embed_text`, token_embd_code.K
 from `embed_code`, output_text from `lm_head_text`, output_code.K from `lm_head_code` (int8 -> Q8_0,
 int4 -> Q4_0, fp16 -> F16, fp32 -> F32).
@@ -51,11 +51,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...errors import PipelineError
-from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers,
+from pipeline.core.errors import PipelineError
+from pipeline.formats.gguf import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers,
                           config_mismatch, graph_proto, matrix_groups, plan_from_precisions, rms_norm, write_files, write_grouped)
-from ...results import FormatResult
-from ...targets import FormatInputs, Target, TargetJob, require_module, weight_precision
+from pipeline.evaluation.results import FormatResult
+from pipeline.formats.targets import FormatInputs, Target, TargetJob, require_module, weight_precision
 
 if TYPE_CHECKING:  # the exporter (and torch) load when a file is written, not when the family is
     from .exporter import ChatTTSWeights
@@ -158,7 +158,7 @@ LAYER_OUTPUTS = ("hidden_out", "present_key", "present_value")  # what chattts_l
 
 def _layer_cases(inputs: FormatInputs, layers: list[str]) -> Iterator[tuple[int, list[Case]]]:
     """Each reference layer graph in turn, run in ONNX Runtime on its captured inputs: (n, cases)."""
-    from ...onnx_io import session
+    from pipeline.core.onnx_io import session
 
     for graph in layers:
         feeds = inputs.capture(graph)

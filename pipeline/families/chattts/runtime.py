@@ -9,7 +9,7 @@ per generation; no cache or hidden state is allocated in the loop (ORT's
 intermediates come from its own arena, reused):
 
 - **KV buffers**, allocated once per generation for prompt + steps positions,
-  in one of two ways, after the layers' convention (pipeline/kv_cache.py):
+  in one of two ways, after the layers' convention (pipeline/core/kv_cache.py):
   - exported layers (present = past ++ new): per layer and per K/V two flat
     buffers, used in turn. A step binds `past_*` to an OrtValue over the
     contiguous prefix of one buffer viewed as [B, H, P, D] and `present_*` to
@@ -50,13 +50,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ... import kv_cache
-from ...kv_cache import InPlaceKV, KVBuffers
-from ...errors import PipelineError
-from ...graph import join
-from ...modelset import ModelSet
-from ...onnx_io import parse_graph, session
-from ...procinfo import release_free_memory
+from pipeline.core import kv_cache
+from pipeline.core.kv_cache import InPlaceKV, KVBuffers
+from pipeline.core.errors import PipelineError
+from pipeline.core.graph import join
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import parse_graph, session
+from pipeline.core.procinfo import release_free_memory
 
 
 @dataclass
@@ -106,7 +106,7 @@ class ChatTTSRuntime:
         self._stack: ort.InferenceSession | None = None
 
     def _kv_layout(self) -> tuple[bool, np.ndarray | None]:
-        """Whether the layers keep their cache in place (pipeline/kv_cache.py), and their rotary frequencies."""
+        """Whether the layers keep their cache in place (pipeline/core/kv_cache.py), and their rotary frequencies."""
         models = {n: parse_graph(self.ms.path(n)) for n in self.layers}
         kinds = {n: kv_cache.is_in_place(i.name for i in m.graph.input) for n, m in models.items()}
         if len(set(kinds.values())) > 1:

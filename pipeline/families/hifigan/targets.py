@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ...results import FormatResult
-from ...targets import FormatInputs, Target, TargetJob, narrowed_blocks, uncarried_note
+from pipeline.evaluation.results import FormatResult
+from pipeline.formats.targets import FormatInputs, Target, TargetJob, narrowed_blocks, uncarried_note
 
 
 class TorchScriptParams(BaseModel):
@@ -73,7 +73,7 @@ def _example(frames: int, mels: int):
 
 
 def write_torchscript(job: TargetJob) -> None:
-    from ...torch_formats import save_torchscript, trace
+    from pipeline.formats.torch import save_torchscript, trace
 
     generator, meta = generator_of(job)
     example = _example(job.params.example_frames, meta["num_mels"])
@@ -83,7 +83,7 @@ def write_torchscript(job: TargetJob) -> None:
 
 
 def write_coreml(job: TargetJob) -> None:
-    from ...torch_formats import coreml_convert, coreml_ops, trace
+    from pipeline.formats.torch import coreml_convert, coreml_ops, trace
 
     p: CoreMLParams = job.params
     generator, meta = generator_of(job)
@@ -108,9 +108,9 @@ def check_torchscript(inputs: FormatInputs) -> list[FormatResult]:
     import numpy as np
     import torch
 
-    from ...audio import compare_audio, sqnr_db
-    from ...onnx_io import session
-    from ...torch_formats import load_torchscript
+    from pipeline.core.audio import compare_audio, sqnr_db
+    from pipeline.core.onnx_io import session
+    from pipeline.formats.torch import load_torchscript
     from .. import family_of
     from .exporter import GRAPH
 

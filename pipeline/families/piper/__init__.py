@@ -17,9 +17,9 @@ from pathlib import Path
 from calibration import DATA_DIR, Feeds
 from calibration.piper_sentences import PiperSentences, load_phonemizer, phoneme_ids, piper_feeds, read_sentences
 
-from ...audio import SAMPLE_RATE, MelSettings
-from ...errors import PipelineError
-from ...modelset import ModelSet
+from pipeline.core.audio import SAMPLE_RATE, MelSettings
+from pipeline.core.errors import PipelineError
+from pipeline.core.modelset import ModelSet
 from .. import AudioOutput, Family
 
 # Piper's VITS rounds its predicted durations up here (w_ceil): frames per phoneme.

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ...errors import PipelineError
-from ...chain import parse_edges
-from ...modelset import ModelSet
-from ...onnx_io import session
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.chain import parse_edges
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import session
 
 Feeds = dict[str, np.ndarray]
 

@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_seriali
 
 from calibration.tortoise_texts import TortoiseTexts
 
-from ...errors import PipelineError, one_line
-from ...metrics import Metric
-from ...modelset import ModelSet
+from pipeline.core.errors import PipelineError, one_line
+from pipeline.evaluation.metrics import Metric
+from pipeline.core.modelset import ModelSet
 from .. import Exporter, Family, Generated, GenerateRequest, files_key
 from .gguf import GGUF_TARGET
 

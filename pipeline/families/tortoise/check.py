@@ -28,11 +28,11 @@ import numpy as np
 from calibration import Feeds
 from calibration.tortoise_texts import reference_mels
 
-from ... import progress as progress_display
-from ...check import CheckResult, Pooled, compare_models
-from ...errors import PipelineError
-from ...metrics import HeadMetrics
-from ...procinfo import peak_rss_mb
+from pipeline.core import progress as progress_display
+from pipeline.evaluation.blockwise import CheckResult, Pooled, compare_models
+from pipeline.core.errors import PipelineError
+from pipeline.evaluation.metrics import HeadMetrics
+from pipeline.core.procinfo import peak_rss_mb
 from .exporter import kv_names
 from .runtime import TortoiseRuntime
 
@@ -136,7 +136,7 @@ def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], ste
             b.id = f"{graph}{b.id}" if b.id.startswith("/") else f"{graph}/{b.id}"
         blocks += result.blocks
         outputs += [{**o, "name": f"{graph}.{o['name']}"} for o in result.outputs if "present_" not in o["name"]]
-    from ...modelset import ModelSet
+    from pipeline.core.modelset import ModelSet
 
     meta = ModelSet.read(reference).meta
     if meta.get("seeded"):
@@ -152,9 +152,9 @@ def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], ste
 
 
 def _compare_graph(reference: Path, candidate: Path, graph: str, feeds: list[Feeds], threads: int) -> CheckResult:
-    from ...modelset import ModelSet
+    from pipeline.core.modelset import ModelSet
 
-    from ...onnx_io import external_files, load_light
+    from pipeline.core.onnx_io import external_files, load_light
 
     # At full size a graph is 1.6 GB: its weights stay in their file, which the sessions map.
     paths = [ModelSet.read(root).path(graph) for root in (reference, candidate)]

@@ -28,9 +28,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from ... import progress
-from ...modelset import GraphFile, ModelSet, graph_sha256
-from ...onnx_io import save_sharing_weights
+from pipeline.core import progress
+from pipeline.core.modelset import GraphFile, ModelSet, graph_sha256
+from pipeline.core.onnx_io import save_sharing_weights
 from .model import UnifiedVoiceGPT
 from .sample_head import export_sample_head
 from .weights import TortoiseWeights

@@ -34,9 +34,9 @@ feed_forward_length, attention.head_count, attention.head_count_kv, attention.la
 start_text_token, stop_text_token, start_mel_token, stop_mel_token, number_text_tokens, number_mel_codes,
 text_positions, mel_positions, max_text_tokens, max_mel_tokens, max_conditioning_inputs.
 
-Types (`pipeline.gguf_file`): 1-D tensors F32; f32/f16/q8_0 put every matrix in that type; `auto` carries over
+Types (`pipeline.formats.gguf`): 1-D tensors F32; f32/f16/q8_0 put every matrix in that type; `auto` carries over
 the ONNX steps' choice per block of the `prefill` and `decode` graphs (nodes named `/gpt/h.N/...`,
-`/mel_embedding/...`, `/mel_head/...`: `pipeline.blocks.default_block_id`): blk.N from `/gpt/h.N`, each
+`/mel_embedding/...`, `/mel_head/...`: `pipeline.core.blocks.default_block_id`): blk.N from `/gpt/h.N`, each
 embedding, position table and head from its own block. Both graphs hold the same weights; where the steps
 chose differently for them, the wider precision is kept, with a note. text_head is in neither graph (inference
 reads only the mel head), so `auto` keeps it F32.
@@ -57,11 +57,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from ...errors import PipelineError
-from ...gguf_file import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers, config_mismatch,
+from pipeline.core.errors import PipelineError
+from pipeline.formats.gguf import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers, config_mismatch,
                           graph_proto, layer_norm, matrix_groups, plan_from_precisions, write_files, write_grouped)
-from ...results import FormatResult
-from ...targets import PRECISIONS, FormatInputs, Target, TargetJob, block_precisions, require_module
+from pipeline.evaluation.results import FormatResult
+from pipeline.formats.targets import PRECISIONS, FormatInputs, Target, TargetJob, block_precisions, require_module
 
 if TYPE_CHECKING:  # the weights' module (and torch) load when a file is written, not when the family is
     from .weights import TortoiseWeights
@@ -194,8 +194,8 @@ def layer_boundaries(model: onnx.ModelProto, layers: int) -> list[tuple[str, str
 def _layer_cases(inputs: FormatInputs, layers: int) -> Iterator[tuple[int, list[Case]]]:
     """The FP32 prefill run once a sentence with every block's input and output exposed; then (n, cases) block by
     block, each block's tensors dropped once it has been checked."""
-    from ...graph import with_outputs
-    from ...onnx_io import parse_graph, session
+    from pipeline.core.graph import with_outputs
+    from pipeline.core.onnx_io import parse_graph, session
     from .exporter import kv_names
 
     feeds = inputs.capture("prefill")

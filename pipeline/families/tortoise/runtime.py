@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ... import kv_cache
-from ...errors import PipelineError
-from ...modelset import ModelSet
-from ...onnx_io import session
+from pipeline.core import kv_cache
+from pipeline.core.errors import PipelineError
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import session
 from .exporter import EXPORTER, kv_names
 from .sample_head import TortoiseSampling
 
@@ -165,7 +165,7 @@ class TortoiseRuntime:
 
 class _Loop:
     """One generation's prefill and decode sessions over io_binding. The decode graph keeps its cache either
-    way of pipeline/kv_cache.py: present = past ++ new (`KVBuffers`), or in place (`fuse_attention` with
+    way of pipeline/core/kv_cache.py: present = past ++ new (`KVBuffers`), or in place (`fuse_attention` with
     `kv_cache: in_place`: one buffer per layer and K/V bound once as past and present, `InPlaceKV`; the
     prefill's presents are copied into it once)."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ...errors import PipelineError, few
+from pipeline.core.errors import PipelineError, few
 from .model import TortoiseConfig, UnifiedVoiceGPT
 
 LEGACY_BUFFER = re.compile(r"^gpt\.h\.\d+\.attn\.(bias|masked_bias)$")

@@ -1,0 +1,115 @@
+"""Glue between models on disk, input sources and the evaluation engine (`pipeline compare`, the check)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from calibration import Feeds, SourceContext, checked_feeds, make_source
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import external_files, load_onnx
+from pipeline.core.recipe import BlockSpec, CheckSpec, Recipe
+from pipeline.evaluation.results import CheckReport
+
+if TYPE_CHECKING:
+    from pipeline.families import Family
+
+
+def model_file(path: Path) -> Path:
+    """A .onnx file, or the single graph of a ModelSet folder (a run's final/)."""
+    if path.is_dir():
+        ms = ModelSet.read(path)
+        if len(ms.graphs) != 1:
+            raise PipelineError(f"{path}: compare takes one-graph models; this model set has {len(ms.graphs)}")
+        return ms.path(ms.graphs[0].name)
+    return path
+
+
+def input_files(path: Path, family: Family | None) -> list[Path]:
+    """What a command reads for one model argument, so no report it writes lands on any of it: a folder as a
+    whole, or a file with its external-data files and its family's sidecars (a voice's .onnx.json)."""
+    if not path.is_file():
+        return [path]
+    found = [path, *(family.sidecars(path) if family is not None else [])]
+    if path.suffix == ".onnx":
+        try:
+            found += external_files(path)
+        except PipelineError:
+            pass  # not a readable model: the command says so when it loads it
+    return found
+
+
+def family_of_file(path: Path) -> Family:
+    """The family of a .onnx file or of a ModelSet folder (its metadata, else detected from the file)."""
+    from pipeline.families import detect_family, family_of
+
+    return family_of(ModelSet.read(path)) if path.is_dir() else detect_family(path)
+
+
+def as_modelset(path: Path, family: Family) -> ModelSet:
+    """The ModelSet a graph file belongs to: its folder's, or a one-graph set around a plain file."""
+    from pipeline.core.modelset import GraphFile
+
+    if path.is_dir():
+        return ModelSet.read(path)
+    if (path.parent / "modelset.json").is_file():
+        return ModelSet.read(path.parent)
+    return ModelSet(path.parent, [GraphFile("model", path.name)], {p.name: "model" for p in family.sidecars(path)})
+
+
+def eval_feeds(reference: Path, samples: int | Literal["all"], family: Family, recipe: Recipe | None = None,
+               check: CheckSpec | None = None, npz: Path | None = None,
+               ms: ModelSet | None = None, strict: bool = False) -> tuple[list[Feeds], str]:
+    """Inputs for a comparison, checked against `reference` (the entry graph), and what they are: --npz,
+    the check's source, the family's evaluation inputs, or the recipe's calibration source.
+
+    `samples`: the first that many, or `all`. A count the user gave (`strict`, or a recipe's `check.samples`)
+    larger than the inputs hold is an error naming both numbers; the default (8, not written in the recipe)
+    takes at most that many, as always."""
+    model = load_onnx(reference)
+    resolve = recipe.resolve_path if recipe else Path
+    spec = family.eval_source(reference, ms)
+    if npz is not None:
+        name, params, where = "npz", {"folder": str(npz)}, "--npz"
+    elif check is not None and check.source is not None:
+        name, params, where = check.source.source, check.source.params, "check.source"
+    elif spec is not None:
+        (name, params), where = spec, "evaluation inputs"
+    elif recipe is not None and recipe.calibration is not None:
+        name, params, where = recipe.calibration.source, recipe.calibration.params, "calibration"
+    else:
+        raise PipelineError(f"{reference}: no inputs to compare on; give --npz DIR, or --recipe with a "
+                            f"calibration or check source (a {family.name!r} model has no default inputs)")
+    source = make_source(name, params, SourceContext(reference, resolve), where=where)
+    if ms is not None:
+        family.fit_source(source, ms, params)
+    feeds = checked_feeds(source, model, where="compare inputs")
+    if samples == "all":
+        return feeds, source.describe()
+    # Only a count the user wrote is held to: the default 8 has always meant "up to 8" (a folder of 6 .npz
+    # files checks on 6).
+    asked = strict or (check is not None and "samples" in check.model_fields_set and samples == check.samples)
+    if asked and samples > len(feeds):
+        what = "--samples" if strict else f"{recipe.source_path or recipe.name}: check.samples"
+        fix = "ask for" if strict else "use samples: all or"
+        raise PipelineError(f"{what}: {samples} samples asked, but the evaluation inputs ({source.describe()}) "
+                            f"hold {len(feeds)}; {fix} at most {len(feeds)}")
+    return feeds[:samples], source.describe()
+
+
+def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: BlockSpec | None,
+                family: Family, sensitivity: bool = False,
+                progress: Callable[[str], None] = lambda m: None) -> CheckReport:
+    """Per-block report of two one-graph models (files or final/ folders), with the family's output metrics."""
+    from pipeline.evaluation.evaluate import compare_graphs, keep_audio_examples
+    from pipeline.evaluation.metrics import metrics_for
+
+    reference, candidate = model_file(reference), model_file(candidate)
+    metrics = metrics_for(family, as_modelset(reference, family))
+    report = compare_graphs(reference, candidate, feeds, blocks, metrics, sensitivity, progress)
+    report["family"] = family.name
+    result = CheckReport.from_json(report, where="compare")
+    keep_audio_examples(result, metrics, result.outputs[0].name)  # the worst and a typical sample, to hear
+    return result

@@ -1,0 +1,69 @@
+"""Model sources: where a recipe's base model comes from (step 00)."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import onnx
+
+from pipeline.core.blocks import adopt_new_nodes
+from pipeline.core.errors import PipelineError
+from pipeline.core.modelset import GraphFile, ModelSet, graph_sha256
+from pipeline.core.onnx_io import external_files, is_light, load_onnx
+from pipeline.core.recipe import ModelSource, Recipe
+
+def package_file(package: str, file: str) -> Path:
+    """A file inside an installed package, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    if not path.is_file():
+        raise PipelineError(f"package {package!r} has no file {file!r}")
+    return path
+
+
+def resolve_model_path(source: ModelSource, recipe: Recipe | None = None) -> Path:
+    if source.package:
+        return package_file(source.package, source.file)
+    return recipe.resolve_path(source.path) if recipe else Path(source.path)
+
+
+def name_all_nodes(model: onnx.ModelProto) -> int:
+    """Give unnamed nodes a name and scope-less nodes the scope of their neighbours.
+
+    TorchScript loses the names of ops inlined from scripted functions (the
+    tanh/sigmoid gates of VITS's WaveNet layers come out as `Tanh_6089` or
+    nameless); without a scope they would fall outside their flow's block.
+    """
+    scoped = {n.name for n in model.graph.node if n.name.startswith("/")}
+    if len(scoped) == len(model.graph.node):
+        return 0
+    return adopt_new_nodes(model, scoped, None) or 1
+
+
+def materialize_base(model_path: Path, dest: Path, family) -> ModelSet:
+    """Copy an existing ONNX (and the sidecar files its family's runtime reads) into `dest` as a one-graph
+    ModelSet of that family.
+
+    The copy is what later steps read; the user's file is only ever read.
+    """
+    model = load_onnx(model_path)  # every bad-model error surfaces here, before any work
+    dest.mkdir(parents=True, exist_ok=True)
+    ms = ModelSet(dest, [GraphFile("model", model_path.name)])
+    if name_all_nodes(model):  # (a large model's weights are copied from the user's files, only read)
+        ms.save_graph("model", model, weights_dir=model_path.parent if is_light(model) else None)
+    else:
+        for f in [model_path, *external_files(model_path)]:  # its external-data files too
+            shutil.copyfile(f, dest / f.name)
+        ms.graphs[0].sha256 = graph_sha256(dest / model_path.name)
+    ms.meta["family"] = family.name
+    for sidecar in family.sidecars(model_path):
+        shutil.copyfile(sidecar, dest / sidecar.name)
+        ms.sidecars[sidecar.name] = "model"
+    ms.write_manifest()
+    return ms

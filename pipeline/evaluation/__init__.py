@@ -1,0 +1,1 @@
+"""The evaluation: per-block error (isolated and accumulated), chains, output metrics and their typed results."""

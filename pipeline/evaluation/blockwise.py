@@ -1,0 +1,513 @@
+"""Per-block error attribution: how much error each block adds, and how much has piled up.
+
+For reference x (FP32) and candidate y, pooled over all samples:
+SQNR dB = 10*log10(sum x^2 / sum (x-y)^2) (= 20*log10(||x|| / ||x-y||) over the
+concatenation, ONNX Runtime's qdq_loss_debug formula), cosine, max abs, relative L2.
+
+Three sessions answer everything, one run each per sample:
+- reference, with every block-boundary tensor exposed as an output;
+- candidate, the same outputs exposed: the **accumulated** error at each block;
+- candidate with every edge between blocks cut and fed from the reference's
+  values of that tensor: each block's **isolated** error, all blocks at once.
+
+Only boundary tensors (produced in a block, consumed outside it, or graph
+outputs) are captured, one sample at a time, folded into running sums.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from calibration import Feeds, check_feeds
+from passes.base import copy_model
+from passes.quantize import INTEGER_OPS
+
+from pipeline.core import progress as progress_display
+from pipeline.core.audio import compare_audio
+from pipeline.core.blocks import BlockPartition
+from pipeline.core.errors import PipelineError
+from pipeline.core.graph import cleanup, producers, toposort, with_outputs
+from pipeline.core.onnx_io import as_ort_type, is_light, session, stored_bytes, tensor_types
+from pipeline.core.procinfo import peak_rss_mb
+from pipeline.core.recipe import BlockSpec
+from pipeline.evaluation.results import SCHEMA, json_float
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.metrics import Metric
+
+REF_SUFFIX = "::ref"
+_HELPER_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "DynamicQuantizeLinear"}
+
+
+@dataclass
+class Pooled:
+    """Running sums for pooled metrics: memory stays constant whatever the sample count."""
+
+    sxx: float = 0.0
+    syy: float = 0.0
+    sxy: float = 0.0
+    see: float = 0.0
+    max_abs: float = 0.0
+    elements: int = 0
+    samples: int = 0
+    shape_mismatches: int = 0
+
+    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+        if x.shape != y.shape:
+            self.shape_mismatches += 1
+            return
+        x = np.asarray(x, dtype=np.float64).ravel()
+        y = np.asarray(y, dtype=np.float64).ravel()
+        e = x - y
+        self.sxx += float(x @ x)
+        self.syy += float(y @ y)
+        self.sxy += float(x @ y)
+        self.see += float(e @ e)
+        if e.size:
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(e))))
+        self.elements += x.size
+        self.samples += 1
+
+    def merge(self, other: Pooled) -> None:
+        for name in ("sxx", "syy", "sxy", "see", "elements", "samples", "shape_mismatches"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.max_abs = max(self.max_abs, other.max_abs)
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.samples == 0:
+            return float("nan")
+        if self.see == 0:
+            return float("inf")
+        if self.sxx == 0:
+            return float("-inf")
+        return 10 * math.log10(self.sxx / self.see)
+
+    @property
+    def rel_l2(self) -> float:
+        return math.sqrt(self.see / self.sxx) if self.sxx > 0 else (0.0 if self.see == 0 else float("inf"))
+
+    @property
+    def cosine(self) -> float:
+        denom = math.sqrt(self.sxx * self.syy)
+        return self.sxy / denom if denom > 0 else (1.0 if self.see == 0 else 0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sqnr_db": json_float(self.sqnr_db), "cosine": self.cosine, "max_abs": self.max_abs,
+                "rel_l2": json_float(self.rel_l2), "samples": self.samples, "shape_mismatches": self.shape_mismatches}
+
+
+@dataclass
+class BlockIO:
+    id: str
+    inputs: list[str] = field(default_factory=list)  # consumed here, produced in another block
+    outputs: list[str] = field(default_factory=list)  # produced here, consumed elsewhere or graph outputs
+
+
+def block_boundaries(model: onnx.ModelProto, partition: BlockPartition) -> dict[str, BlockIO]:
+    """The tensors that cross each block's edge, in graph order."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    made_by = producers(graph.node)
+    constants = {t for t, n in made_by.items() if n.op_type == "Constant"}
+    producer_block = {t: partition.node_block[n.name] for t, n in made_by.items()}
+    graph_outputs = [o.name for o in graph.output]
+    io = {b: BlockIO(b) for b in partition.ids()}
+    for n in graph.node:
+        here = partition.node_block[n.name]
+        for t in n.input:
+            if not t or t in initializers or t in constants:
+                continue
+            src = producer_block.get(t)
+            if src is not None and src != here:
+                _add(io[here].inputs, t)
+                _add(io[src].outputs, t)
+    for t in graph_outputs:
+        if t in producer_block:
+            _add(io[producer_block[t]].outputs, t)
+    return io
+
+
+def _add(items: list[str], value: str) -> None:
+    if value not in items:
+        items.append(value)
+
+
+def isolate_blocks(model: onnx.ModelProto, partition: BlockPartition, fed: set[str],
+                   types: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Cut every edge between blocks whose tensor is in `fed`: the consumer reads a new graph
+    input `<tensor>::ref` instead. Returns the model and {new input: tensor}."""
+    iso = copy_model(model)
+    producer_block = {t: partition.node_block[n.name] for t, n in producers(model.graph.node).items()}
+    new_inputs: dict[str, str] = {}
+    for node in iso.graph.node:
+        here = partition.node_block.get(node.name)
+        for k, t in enumerate(node.input):
+            if t in fed and producer_block.get(t) not in (None, here):
+                node.input[k] = t + REF_SUFFIX
+                new_inputs[t + REF_SUFFIX] = t
+    for name, tensor in new_inputs.items():
+        elem = types.get(tensor) or TensorProto.FLOAT
+        iso.graph.input.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return iso, new_inputs
+
+
+@dataclass
+class BlockReport:
+    id: str
+    params: int
+    bytes_reference: int
+    bytes_candidate: int
+    precision: dict[str, int]
+    weights: dict[str, int]
+    outputs: list[str]
+    matched: bool
+    unmatched_tensors: list[str]
+    isolated: Pooled = field(default_factory=Pooled)
+    accumulated: Pooled = field(default_factory=Pooled)
+    sensitivity: dict[str, Any] | None = None
+
+    @property
+    def amplification(self) -> float | None:
+        iso, acc = self.isolated.rel_l2, self.accumulated.rel_l2
+        if not self.matched or self.isolated.samples == 0 or self.accumulated.samples == 0:
+            return None
+        if iso == 0:
+            return None if acc == 0 else float("inf")
+        return acc / iso
+
+
+@dataclass
+class CheckResult:
+    samples: int
+    reference: str
+    candidate: str
+    blocks: list[BlockReport]
+    outputs: list[dict[str, Any]]
+    peak_rss_mb: float
+    wall_s: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "samples": self.samples,
+            "reference": self.reference,
+            "candidate": self.candidate,
+            "notes": self.notes,
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "wall_s": round(self.wall_s, 3),
+            "blocks": [{
+                "block": b.id, "params": b.params, "bytes_reference": b.bytes_reference,
+                "bytes_candidate": b.bytes_candidate, "precision": b.precision, "weights": b.weights,
+                "matched": b.matched, "unmatched_tensors": b.unmatched_tensors, "outputs": b.outputs,
+                "isolated": b.isolated.to_json(), "accumulated": b.accumulated.to_json(),
+                "amplification": json_float(b.amplification) if b.amplification is not None else None,
+                **({"sensitivity": b.sensitivity} if b.sensitivity is not None else {}),
+            } for b in self.blocks],
+            "outputs": self.outputs,
+        }
+
+
+def _block_bytes(model: onnx.ModelProto, partition: BlockPartition) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Initializer bytes each block reads, and by element type."""
+    inits = {t.name: t for t in model.graph.initializer}
+    seen: set[str] = set()
+    total: dict[str, int] = {}
+    by_type: dict[str, dict[str, int]] = {}
+    for n in model.graph.node:
+        b = partition.node_block[n.name]
+        for t in n.input:
+            if t in inits and t not in seen:
+                seen.add(t)
+                size = stored_bytes(inits[t])
+                total[b] = total.get(b, 0) + size
+                kind = TensorProto.DataType.Name(inits[t].data_type).lower()
+                by_type.setdefault(b, {})[kind] = by_type.setdefault(b, {}).get(kind, 0) + size
+    return total, by_type
+
+
+def _precision_mix(model: onnx.ModelProto, partition: BlockPartition, types: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Compute nodes per block by the precision they run in (Q/DQ/Cast helpers not counted)."""
+    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    mix: dict[str, dict[str, int]] = {}
+    for n in model.graph.node:
+        if n.op_type in _HELPER_OPS:
+            continue
+        if n.op_type in INTEGER_OPS or any(i in dq_out for i in n.input):
+            kind = "int8"
+        elif any(types.get(o) == TensorProto.FLOAT16 for o in n.output):
+            kind = "fp16"
+        elif any(types.get(o) == TensorProto.FLOAT for o in n.output):
+            kind = "fp32"
+        else:
+            kind = "other"
+        b = partition.node_block[n.name]
+        mix.setdefault(b, {})[kind] = mix.setdefault(b, {}).get(kind, 0) + 1
+    return mix
+
+
+def _interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
+
+
+def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterator[Feeds] | list[Feeds],
+                   spec: BlockSpec | None = None, *, metrics: Sequence[Metric] = (), reference_label: str = "reference",
+                   candidate_label: str = "candidate", threads: int = 2, sensitivity: bool = False,
+                   weights_dirs: tuple[Path | None, Path | None] = (None, None),
+                   progress: Callable[[str], None] = lambda m: None) -> CheckResult:
+    """Run both models on the same inputs and attribute the candidate's error to blocks.
+
+    `metrics` that measure per sample (audio, a family's own) get the first output of every sample.
+    `weights_dirs`: where the reference's and the candidate's external weights lie, for models loaded with
+    them left there (`onnx_io.load_light`)."""
+    sample_metrics = [m for m in metrics if m.per_sample]
+    from pipeline.engine.sources import name_all_nodes
+
+    if sensitivity and any(weights_dirs):  # splicing mixes both models' weights into one graph
+        raise PipelineError("compare: sensitivity is not supported for models whose weights stay in external-data "
+                            "files (those over 2 GB): it splices both models' weights into one graph; leave "
+                            "--sensitivity / check.sensitivity off")
+    for proto, folder, label in ((reference, weights_dirs[0], reference_label),
+                                 (candidate, weights_dirs[1], candidate_label)):
+        if folder is None and is_light(proto):  # (its sessions would look for the weights in the working folder)
+            raise PipelineError(f"compare: {label} keeps its weights in external-data files, and no folder for "
+                                f"them was given")
+
+    t0 = time.perf_counter()
+    ref_in, ref_out = _interface(reference)
+    cand_in, cand_out = _interface(candidate)
+    if sorted(ref_in) != sorted(cand_in) or ref_out != cand_out:
+        raise PipelineError(f"reference and candidate do not have the same interface: reference inputs "
+                            f"{sorted(ref_in)} outputs {ref_out}, candidate inputs {sorted(cand_in)} outputs {cand_out}")
+    reference, candidate = copy_model(reference), copy_model(candidate)
+    name_all_nodes(reference)  # the same naming the runner's base step gives, so blocks line up
+    name_all_nodes(candidate)
+    ref_part, cand_part = BlockPartition(reference, spec), BlockPartition(candidate, spec)
+    if spec is not None and set(ref_part.ids()) <= {spec.rest}:
+        raise PipelineError(f"block patterns {spec.patterns} match no node of the reference")
+    io = block_boundaries(reference, ref_part)
+    cand_tensors = {o for n in candidate.graph.node for o in n.output} | set(cand_in)
+    captured = [t for b in io.values() for t in b.outputs]
+    captured = list(dict.fromkeys(captured))
+    present = [t for t in captured if t in cand_tensors]
+    cand_types = tensor_types(candidate)
+    ref_bytes, _ = _block_bytes(reference, ref_part)
+    cand_bytes, cand_weights = _block_bytes(candidate, cand_part)
+    mix = _precision_mix(candidate, cand_part, cand_types)
+    reports = []
+    for b in ref_part.blocks.values():
+        missing = [t for t in io[b.id].outputs if t not in cand_tensors]
+        reports.append(BlockReport(b.id, b.params, ref_bytes.get(b.id, 0), cand_bytes.get(b.id, 0),
+                                   mix.get(b.id, {}), cand_weights.get(b.id, {}), io[b.id].outputs,
+                                   matched=not missing and b.id in cand_part.blocks, unmatched_tensors=missing))
+    progress("building sessions")
+    ref_sess, acc_sess, iso_sess, fed = _sessions(reference, candidate, cand_part, captured, present, cand_types,
+                                                  threads, weights_dirs)
+    interface = onnx.ModelProto()  # enough of the reference to check feeds against
+    interface.graph.input.extend(i for i in reference.graph.input if i.name in ref_in)
+    if sensitivity:
+        feeds = list(feeds)  # iterated again, once per block
+    else:
+        del reference, candidate  # the sessions hold what they need; the protos are large
+    iso_input_types = {i.name: i.type for i in iso_sess.get_inputs()}
+    per_tensor_iso = {t: Pooled() for t in present}
+    per_tensor_acc = {t: Pooled() for t in present}
+    out_stats = {o: Pooled() for o in ref_out}
+    n = 0
+    for i, f in enumerate(feeds):
+        check_feeds(f, interface, f"sample {i}")
+        progress(f"sample {i + 1}")
+        # Counted where the total is known (a list of feeds), for the live display's estimate of the time left.
+        progress_display.update("per-block error: samples", i, len(feeds) if isinstance(feeds, list) else None)
+        # One candidate run at a time, folded into sums and dropped: memory is the
+        # reference's boundary tensors plus one candidate's, for the current sample.
+        ref_vals = _run(ref_sess, f)
+        acc_vals = _run(acc_sess, f)
+        for t in present:
+            per_tensor_acc[t].update(ref_vals[t], acc_vals[t])
+        for o in ref_out:
+            out_stats[o].update(ref_vals[o], acc_vals[o])
+        for m in sample_metrics:
+            m.update(ref_vals[ref_out[0]], acc_vals[ref_out[0]])
+        del acc_vals
+        iso_feed = dict(f)
+        for name, tensor in fed.items():
+            iso_feed[name] = as_ort_type(ref_vals[tensor], iso_input_types[name])
+        iso_vals = _run(iso_sess, iso_feed)
+        for t in present:
+            per_tensor_iso[t].update(ref_vals[t], iso_vals[t])
+        del ref_vals, iso_vals, iso_feed
+        n += 1
+    progress_display.finish("per-block error: samples")
+    if n == 0:
+        raise PipelineError("compare: the input source yields no samples")
+    for r in reports:
+        for t in r.outputs:
+            if t in per_tensor_iso and _is_float(cand_types.get(t, TensorProto.FLOAT)):
+                r.isolated.merge(per_tensor_iso[t])
+                r.accumulated.merge(per_tensor_acc[t])
+    outputs = []
+    for o in ref_out:
+        entry = {"name": o, **out_stats[o].to_json()}
+        if o == ref_out[0]:
+            entry.update({m.key: m.to_json() for m in sample_metrics})
+        outputs.append(entry)
+    if sensitivity:
+        del ref_sess, acc_sess, iso_sess
+        from pipeline.evaluation.metrics import AudioMetric
+
+        audio = next((m.spec for m in sample_metrics if isinstance(m, AudioMetric)), None)
+        _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, ref_out[0], audio, threads, progress)
+    notes = []
+    unmatched = [r.id for r in reports if not r.matched]
+    if unmatched:
+        notes.append(f"{len(unmatched)} blocks could not be matched in the candidate (boundary tensors missing "
+                     f"or renamed): {', '.join(unmatched[:10])}" + (" ..." if len(unmatched) > 10 else ""))
+    return CheckResult(n, reference_label, candidate_label, reports, outputs, peak_rss_mb(),
+                       time.perf_counter() - t0, notes)
+
+
+def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_part: BlockPartition,
+                 cand_part: BlockPartition, block: str) -> onnx.ModelProto:
+    """The reference graph with one block replaced by the candidate's version of it."""
+    spliced = copy_model(reference)
+    drop = set(ref_part.blocks[block].nodes)
+    keep = [n for n in spliced.graph.node if n.name not in drop]
+    incoming = [n for n in candidate.graph.node if cand_part.node_block.get(n.name) == block]
+    incoming = _with_missing_producers(incoming, keep, spliced, candidate)
+    ref_inits = {t.name: t for t in spliced.graph.initializer}
+    cand_inits = {t.name: t for t in candidate.graph.initializer}
+    renamed: dict[str, str] = {}
+    for n in incoming:
+        for t in n.input:
+            if t in cand_inits and t not in renamed:
+                if t in ref_inits and ref_inits[t] != cand_inits[t]:
+                    renamed[t] = f"{t}::candidate"  # same name, other precision (FP16 keeps names)
+                elif t not in ref_inits:
+                    renamed[t] = t
+    for old, new in renamed.items():
+        init = TensorProto()
+        init.CopyFrom(cand_inits[old])
+        init.name = new
+        spliced.graph.initializer.append(init)
+    added = []
+    for n in incoming:
+        node = onnx.NodeProto()
+        node.CopyFrom(n)
+        for k, t in enumerate(node.input):
+            node.input[k] = renamed.get(t, t)
+        added.append(node)
+    added += _casts_at_boundary(added, tensor_types(reference), tensor_types(candidate))
+    # A quantizer's bias DequantizeLinear outputs under the float bias's own name: the node wins.
+    produced = {o for n in added for o in n.output}
+    inits = [t for t in spliced.graph.initializer if t.name not in produced]
+    del spliced.graph.initializer[:]
+    spliced.graph.initializer.extend(inits)
+    known = {i.name for i in spliced.graph.input} | {t.name for t in spliced.graph.initializer}
+    ordered = toposort(keep + added, known, what="splice")
+    del spliced.graph.node[:]
+    spliced.graph.node.extend(ordered)
+    del spliced.graph.value_info[:]  # types inside the block changed; ORT infers them again
+    cleanup(spliced)  # what only the reference's version of the block read
+    return spliced
+
+
+def _casts_at_boundary(block: list[onnx.NodeProto], ref_types: dict[str, int],
+                       cand_types: dict[str, int]) -> list[onnx.NodeProto]:
+    """Casts where the candidate's block meets the reference around it in another type (an FP16 block inside an
+    FP32 graph): each tensor the block reads arrives in the candidate's type, each it makes leaves in the
+    reference's. Edits `block` in place; returns the Casts to add."""
+    made = {o for n in block for o in n.output}
+    differs = {t for t in set(ref_types) & set(cand_types) if ref_types[t] != cand_types[t]}
+    casts: list[onnx.NodeProto] = []
+    for t in sorted(made & differs):  # produced inside in the candidate's type: renamed, cast back out
+        inner = f"{t}::candidate"
+        for n in block:
+            n.output[:] = [inner if o == t else o for o in n.output]
+            n.input[:] = [inner if i == t else i for i in n.input]
+        casts.append(onnx.helper.make_node("Cast", [inner], [t], name=f"{t}::to_reference", to=ref_types[t]))
+    for t in sorted({i for n in block for i in n.input} & differs - made):  # read from the reference's side
+        inner = f"{t}::as_candidate"
+        for n in block:
+            n.input[:] = [inner if i == t else i for i in n.input]
+        casts.append(onnx.helper.make_node("Cast", [t], [inner], name=f"{t}::to_candidate", to=cand_types[t]))
+    return casts
+
+
+def _with_missing_producers(incoming: list[onnx.NodeProto], keep: list[onnx.NodeProto],
+                            reference: onnx.ModelProto, candidate: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Add the candidate nodes that make tensors the block reads but the reference lacks.
+
+    A quantizer puts the QuantizeLinear of a boundary tensor in the producer's block and
+    the DequantizeLinear in the consumer's: splicing the consumer needs the Q too.
+    """
+    available = ({o for n in keep for o in n.output} | {i.name for i in reference.graph.input}
+                 | {t.name for t in reference.graph.initializer} | {t.name for t in candidate.graph.initializer}
+                 | {o for n in incoming for o in n.output} | {""})
+    producer = producers(candidate.graph.node)
+    nodes, queue = list(incoming), [t for n in incoming for t in n.input]
+    while queue:
+        t = queue.pop()
+        if t in available or t not in producer:
+            continue
+        n = producer[t]
+        nodes.append(n)
+        available.update(n.output)
+        queue.extend(n.input)
+    return nodes
+
+
+def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, output, audio, threads, progress) -> None:
+    """For each block that differs: end-output error with only that block in candidate precision."""
+    ref_sess = session(reference, threads=threads, arena=False)
+    ref_outs = [ref_sess.run([output], f)[0] for f in feeds]
+    del ref_sess
+    for r in reports:
+        if not r.matched or r.isolated.sqnr_db == float("inf") or r.isolated.samples == 0:
+            continue
+        progress(f"sensitivity of {r.id}")
+        sess = session(splice_block(reference, candidate, ref_part, cand_part, r.id), threads=threads, arena=False)
+        stats = Pooled()
+        mels = []
+        for f, ref_out in zip(feeds, ref_outs):
+            out = _run(sess, f)[output]
+            stats.update(ref_out, out)
+            if audio is not None:
+                mels.append(compare_audio(ref_out, out, mel=audio.mel).log_mel_distance)
+        r.sensitivity = {"output": output, **stats.to_json()}
+        if audio is not None:
+            r.sensitivity["log_mel_max"] = float(max(mels))
+
+
+def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads, weights_dirs=(None, None)):
+    ref_dir, cand_dir = weights_dirs
+    ref_sess = session(with_outputs(reference, captured), threads=threads, arena=False, weights_dir=ref_dir)
+    acc_sess = session(with_outputs(candidate, present), threads=threads, arena=False, weights_dir=cand_dir)
+    iso_model, fed = isolate_blocks(candidate, cand_part, set(present), cand_types)
+    iso_sess = session(with_outputs(iso_model, present), threads=threads, arena=False, weights_dir=cand_dir)
+    return ref_sess, acc_sess, iso_sess, fed
+
+
+def _run(sess, feeds: Feeds) -> dict[str, np.ndarray]:
+    """Every output; the feeds cast to the session's input types (a candidate whose inputs FP16 conversion
+    changed, keep_io_types: false, takes the reference's FP32 inputs as the deployed model would be fed)."""
+    types = {i.name: i.type for i in sess.get_inputs()}
+    feeds = {k: as_ort_type(v, types[k]) if k in types else v for k, v in feeds.items()}
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def _is_float(elem_type: int) -> bool:
+    return elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+

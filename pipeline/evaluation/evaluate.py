@@ -1,0 +1,141 @@
+"""The evaluation engine: one entry point for the per-block error and the output metrics of any ModelSet.
+
+`evaluate(reference, candidate, samples, family, ...)` covers the three shapes
+a ModelSet takes:
+- **one graph**: blocks inside it, isolated and accumulated (`check.compare_models`);
+- **a dataflow chain** (a graph cut into encoder -> decoder): every graph's
+  blocks, each graph fed what the FP32 chain feeds it (captured through the
+  family), named `graph:block`; plus the whole chain's output against the
+  uncut FP32 model (`chain:<graph>`), where the output metrics apply;
+- **an autoregressive loop** (the family says so): each graph is a block, the
+  family's loop runs the teacher-forced chain (`Family.check_loop`).
+Output metrics (audio at the family's sample rate, tokens, a family's own)
+come from `metrics.metrics_for`; the thresholds are checked by the metrics
+that own them. The result is a `results.CheckReport`; its JSON is report.json.
+Where the outputs are audio, the report also carries the worst and a typical
+sample's waveforms (`CheckReport.audio_examples`), taken from the output a
+user hears: the graph's first output, or the whole chain's.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from calibration import Feeds
+
+from pipeline.core import progress as progress_display
+from pipeline.evaluation.blockwise import Pooled, compare_models
+from pipeline.evaluation.metrics import AudioMetric, Metric, metrics_for
+from pipeline.core.modelset import ModelSet
+from pipeline.core.onnx_io import is_light, load_light, load_onnx
+from pipeline.core.recipe import BlockSpec
+from pipeline.evaluation.results import CheckReport
+
+if TYPE_CHECKING:
+    from pipeline.families import Family
+
+
+def evaluate(reference: ModelSet, candidate: ModelSet, samples: list[Feeds], family: Family, *,
+             blocks: BlockSpec | None = None, fp32_twin: ModelSet | None = None, sensitivity: bool = False,
+             decode_steps: int = 16, progress: Callable[[str], None] = lambda m: None) -> CheckReport:
+    """Candidate vs reference on `samples` (the entry graph's feeds), as a typed report.
+
+    `fp32_twin` is the FP32 ModelSet with the candidate's graph names (what a split made of the
+    reference): a chain's downstream graphs are fed from it."""
+    # The metrics of the output a user hears, which the audio examples come from: one graph's first output,
+    # or the whole chain's entry (appended last).
+    heard: list[Metric] = []
+    heard_entry = 0
+    if family.autoregressive:
+        report = family.check_loop(reference, candidate, samples, decode_steps, progress)
+    elif candidate.names() == reference.names() and len(reference.names()) == 1:
+        heard = metrics_for(family, reference)
+        report = compare_graphs(reference.path(reference.names()[0]), candidate.path(candidate.names()[0]), samples,
+                                blocks, heard, sensitivity=sensitivity, progress=progress)
+    else:
+        heard, heard_entry = [m for m in metrics_for(family, reference) if m.per_sample], -1
+        report = _chain(reference, fp32_twin or reference, candidate, samples, blocks, family, heard, progress)
+    report["family"] = family.name
+    typed = CheckReport.from_json(report, where=f"check of a {family.name!r} model set")
+    if heard:
+        keep_audio_examples(typed, heard, report["outputs"][heard_entry]["name"])
+    return typed
+
+
+def keep_audio_examples(report: CheckReport, metrics: list[Metric], output: str) -> None:
+    """Add the worst and a typical sample that the audio metric among `metrics` measured on `output` (a report
+    entry's name) to `report`, waveforms included; nothing when the outputs are not audio."""
+    audio = next((m for m in metrics if isinstance(m, AudioMetric) and m.comparisons), None)
+    for example, reference, candidate in audio.examples(output) if audio is not None else []:
+        report.add_audio_example(example, reference, candidate)
+
+
+def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], blocks: BlockSpec | None,
+                   metrics: list[Metric], sensitivity: bool = False,
+                   progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+    """Per-block report of one candidate graph file against one reference graph file.
+
+    A model kept with external data is loaded light (`load_light`): its sessions map the weights from its own
+    folder, so a model over 2 GB works and none is held in memory twice (sensitivity needs them loaded)."""
+    load = load_onnx if sensitivity else load_light
+    ref, cand = load(reference), load(candidate)
+    dirs = (reference.parent if is_light(ref) else None, candidate.parent if is_light(cand) else None)
+    result = compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
+                            candidate_label=_label(candidate), sensitivity=sensitivity, weights_dirs=dirs,
+                            progress=progress)
+    return result.to_json()
+
+
+def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry_feeds: list[Feeds],
+           blocks: BlockSpec | None, family: Family, sample_metrics: list[Metric],
+           progress: Callable[[str], None]) -> dict[str, Any]:
+    """Every graph's blocks fed by the FP32 chain, and the whole chain's output measured by `sample_metrics`."""
+    from pipeline.evaluation.chain import ChainRunner, sink_graphs
+
+    sinks = sink_graphs(candidate)
+    merged: dict[str, Any] | None = None
+    cache: dict[str, list[Feeds]] = {}
+    for graph in progress_display.track(candidate.names(), "check: graphs"):
+        progress(f"{graph}: capturing inputs")
+        feeds = family.capture(reference, entry_feeds, graph, cache, lambda done, total: None)
+        # Each graph's own output metrics are diagnostics (fed the FP32 upstream); the whole chain's count.
+        metrics = metrics_for(family, monolithic) if graph in sinks else []
+        part = compare_graphs(reference.path(graph), candidate.path(graph), feeds, blocks, metrics,
+                              progress=lambda m, g=graph: progress(f"{g}: {m}"))
+        for b in part["blocks"]:
+            b["block"] = f"{graph}:{b['block']}"
+        for o in part["outputs"]:
+            o["name"] = f"{graph}:{o['name']}"
+        part["notes"] = [f"{graph}: {n}" for n in part["notes"]]
+        if merged is None:
+            merged = part
+        else:
+            merged["blocks"] += part["blocks"]
+            merged["outputs"] += part["outputs"]
+            merged["notes"] += part["notes"]
+            merged["peak_rss_mb"] = max(merged["peak_rss_mb"], part["peak_rss_mb"])
+            merged["wall_s"] += part["wall_s"]
+    assert merged is not None
+    progress("whole chain vs the reference")
+    # The reference is the uncut FP32 model, or, for a ModelSet that was a chain from the start, that chain.
+    mono, chain, mono_sink = ChainRunner(monolithic), ChainRunner(candidate), sink_graphs(monolithic)[0]
+    whole = Pooled()
+    for f in entry_feeds:
+        ref = next(iter(mono.run(f)[mono_sink][1].values()))
+        cand = next(iter(chain.run(f)[sinks[0]][1].values()))
+        if ref.shape == cand.shape:
+            whole.update(ref, cand)
+        for m in sample_metrics:
+            m.update(ref, cand)
+    entry: dict[str, Any] = {"name": f"chain:{sinks[0]}", **whole.to_json()}
+    entry.update({m.key: m.to_json() for m in sample_metrics})
+    merged["outputs"].append(entry)
+    names = monolithic.names()
+    merged["reference"] = f"{monolithic.path(names[0]).name if len(names) == 1 else monolithic.root.name} (FP32)"
+    merged["candidate"] = f"{candidate.root.name}/ ({' -> '.join(candidate.names())})"
+    return merged
+
+
+def _label(path: Path) -> str:
+    return f"{path.parent.parent.name}/{path.parent.name}/{path.name}" if path.parent.name == "final" else path.name

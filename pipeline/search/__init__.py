@@ -1,0 +1,1 @@
+"""Searches over recipes: the check's fallback rounds and `pipeline tune`, sharing one recipe derivation."""
