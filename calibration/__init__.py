@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.recipe import CountOrAll
+from pipeline.core.feeds import Feeds
 
-Feeds = dict[str, np.ndarray]
 DATA_DIR = Path(__file__).parent / "data"
 
 

@@ -17,7 +17,9 @@ from pydantic import Field
 
 from pipeline.core.errors import PipelineError
 
-from . import PATH, Feeds, SentenceSource, SentencesParams
+from . import PATH, SentenceSource, SentencesParams
+
+from pipeline.core.feeds import Feeds
 
 
 class ChatTTSParams(SentencesParams):  # default sentences: the shipped 51 Chinese and English prompts

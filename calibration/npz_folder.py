@@ -9,7 +9,9 @@ from pydantic import Field, field_validator
 
 from pipeline.core.errors import PipelineError
 
-from . import PATH, CalibrationSource, Feeds, SourceParams
+from . import PATH, CalibrationSource, SourceParams
+
+from pipeline.core.feeds import Feeds
 
 
 class NpzParams(SourceParams):

@@ -30,7 +30,9 @@ from pipeline.core.audio import SAMPLE_RATE, hifigan_mel
 from pipeline.core.errors import PipelineError
 from pipeline.core.recipe import CountOrAll
 
-from . import DATA_DIR, PATH, Feeds, SentenceSource, SentencesParams
+from . import DATA_DIR, PATH, SentenceSource, SentencesParams
+
+from pipeline.core.feeds import Feeds
 from .piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
 
 PEAK = 0.95  # HiFi-GAN's training audio: librosa.util.normalize(audio) * 0.95

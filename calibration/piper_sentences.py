@@ -15,7 +15,9 @@ from pydantic import Field
 
 from pipeline.core.errors import PipelineError
 
-from . import PATH, Feeds, SentenceSource, SentencesParams
+from . import PATH, SentenceSource, SentencesParams
+
+from pipeline.core.feeds import Feeds
 
 
 class PiperParams(SentencesParams):

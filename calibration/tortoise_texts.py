@@ -29,7 +29,9 @@ from pydantic import Field
 
 from pipeline.core.errors import PipelineError
 
-from . import DATA_DIR, PATH, Feeds, SentencesParams, SentenceSource
+from . import DATA_DIR, PATH, SentencesParams, SentenceSource
+
+from pipeline.core.feeds import Feeds
 
 TOKENS = DATA_DIR / "tortoise_tokens.json"
 # What the default voice says for its two reference clips (as a user records two clips of a voice).

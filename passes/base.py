@@ -16,6 +16,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.core.blocks import BlockPartition
+from pipeline.core.feeds import Feeds
 
 
 class Params(BaseModel):
@@ -24,7 +25,6 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass

@@ -73,7 +73,9 @@ from pydantic import Field
 from pipeline.core.blocks import replaced_name
 from pipeline.core.errors import PipelineError, one_line
 
-from .base import Feeds, Params, Pass, PassContext, PassResult, copy_model
+from .base import Params, Pass, PassContext, PassResult, copy_model
+
+from pipeline.core.feeds import Feeds
 
 _CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}

@@ -32,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field, ValidationError
 
 from passes import PASSES, markdown_table
-from passes.base import Feeds, Params, Pass, PassContext, PassResult, copy_model
+from passes.base import Params, Pass, PassContext, PassResult, copy_model
+from pipeline.core.feeds import Feeds
 from pipeline.core.blocks import BlockPartition
 from pipeline.core.recipe import Scope
 

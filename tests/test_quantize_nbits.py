@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 from test_pass_contract import Applied, check_input_unchanged, check_scope, check_stats
 
 from passes import get_pass
-from passes.base import Feeds, PassContext
+from passes.base import PassContext
+from pipeline.core.feeds import Feeds
 from passes.quantize import _gptq, _ListReader
 from pipeline.core.blocks import BlockPartition
 from pipeline.core.errors import PipelineError

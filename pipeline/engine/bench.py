@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calibration import Feeds, check_feeds
+from calibration import check_feeds
+
+from pipeline.core.feeds import Feeds
 
 from pipeline.core import progress as progress_display
 from pipeline.core.audio import compare_audio, sqnr_db

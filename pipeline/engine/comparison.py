@@ -5,7 +5,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from calibration import Feeds, SourceContext, checked_feeds, make_source
+from calibration import SourceContext, checked_feeds, make_source
+
+from pipeline.core.feeds import Feeds
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.modelset import ModelSet

@@ -32,7 +32,9 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
-from calibration import Feeds, SourceContext, checked_feeds, make_source
+from calibration import SourceContext, checked_feeds, make_source
+
+from pipeline.core.feeds import Feeds
 from passes import get_pass
 from passes.base import Params as PassParams
 from passes.base import Pass, PassContext, op_counts

@@ -26,7 +26,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from calibration import Feeds, check_feeds
+from calibration import check_feeds
+
+from pipeline.core.feeds import Feeds
 from passes.base import copy_model
 from passes.quantize import INTEGER_OPS
 

@@ -21,8 +21,8 @@ import onnxruntime as ort
 from pipeline.core.errors import PipelineError
 from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import parse_graph, session
+from pipeline.core.feeds import Feeds
 
-Feeds = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)

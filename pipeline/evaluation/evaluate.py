@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calibration import Feeds
+from pipeline.core.feeds import Feeds
 
 from pipeline.core import progress as progress_display
 from pipeline.evaluation.blockwise import Pooled, compare_models

@@ -19,10 +19,10 @@ import onnx
 from pipeline.core.errors import PipelineError
 from pipeline.core.graph import pin, with_outputs
 from pipeline.core.onnx_io import as_ort_type, load_onnx, session
+from pipeline.core.feeds import Feeds
 
 __all__ = ["PinnedPair", "PinnedRun", "capture", "run_pinned"]
 
-Feeds = dict[str, np.ndarray]
 
 
 class PinnedPair:

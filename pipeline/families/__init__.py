@@ -43,7 +43,8 @@ from pipeline.core.errors import PipelineError, one_line
 
 if TYPE_CHECKING:
     import onnx
-    from calibration import CalibrationSource, Feeds
+    from calibration import CalibrationSource
+    from pipeline.core.feeds import Feeds
 
     from pipeline.evaluation.metrics import Metric
     from pipeline.core.modelset import ModelSet

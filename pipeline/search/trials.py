@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 import numpy as np
 import onnx
 
-from calibration import Feeds
+from pipeline.core.feeds import Feeds
 
 from pipeline.core.errors import PipelineError, one_line
 

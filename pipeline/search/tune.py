@@ -40,7 +40,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from calibration import Feeds, SourceContext, checked_feeds, make_source
+from calibration import SourceContext, checked_feeds, make_source
+
+from pipeline.core.feeds import Feeds
 
 from pipeline import __version__
 from pipeline.core import progress

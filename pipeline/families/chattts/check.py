@@ -35,8 +35,8 @@ from pipeline.core.onnx_io import tensor_types
 from pipeline.core.procinfo import peak_rss_mb
 from pipeline.core.recipe import BlockSpec
 
-Feeds = dict[str, np.ndarray]
 from .runtime import ChatTTSRuntime
+from pipeline.core.feeds import Feeds
 
 
 def _embed(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None = None) -> dict[str, np.ndarray]:

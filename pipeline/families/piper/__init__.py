@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from calibration import DATA_DIR, Feeds
+from calibration import DATA_DIR
+
+from pipeline.core.feeds import Feeds
 from calibration.piper_sentences import PiperSentences, load_phonemizer, phoneme_ids, piper_feeds, read_sentences
 
 from pipeline.core.audio import SAMPLE_RATE, MelSettings

@@ -29,8 +29,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.evaluation.chain import parse_edges
 from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import session
+from pipeline.core.feeds import Feeds
 
-Feeds = dict[str, np.ndarray]
 
 CHUNK_FRAMES = 45  # Piper's SpeechStreamer default
 PAD_FRAMES = 10  # Piper's SpeechStreamer default (its CLI uses 5)

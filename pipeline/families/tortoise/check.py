@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration import Feeds
+from pipeline.core.feeds import Feeds
 from calibration.tortoise_texts import reference_mels
 
 from pipeline.core import progress as progress_display
