@@ -6,15 +6,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from passes import get_pass
+from passes.attention_rules import attention_rules
 from passes.base import PassContext
 from pipeline.core import kv_cache
 from pipeline.core.blocks import BlockPartition
 from pipeline.core.errors import PipelineError
-from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
 from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import check_loads, session
+from pipeline.core.rewrite import GraphView, apply_rules
+from pipeline.families.chattts.exporter import GPTConfig, export_modelset, load_weights
 from pipeline.families.chattts.runtime import ChatTTSRuntime
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
@@ -150,6 +153,73 @@ def test_greedy_generation_with_fused_layers_equals_unfused(base, fused, tmp_pat
     want_codes, _ = ref.generate_codes([3, 14, 15], 8)
     got_codes, _ = cand.generate_codes([3, 14, 15], 8)
     assert got_codes == want_codes and len(want_codes) == 8
+
+
+# --- the rules on a tiny graph: where and why a pattern did not match ---------------------------------------
+
+def tiny_attention(additive_mask: bool = False) -> onnx.ModelProto:
+    """x [B, S, 8] split into 2 heads of 4 as Q, K and V -> Softmax(Q K^T * 0.5 [+ mask]) V merged back, under
+    /h.0/attn; beside it a rotate_half(x) * sin that is added to nothing."""
+    s = "/h.0/attn"
+    inits = [numpy_helper.from_array(np.array(v, dtype), name) for v, dtype, name in [
+        ([0, 0, 2, 4], np.int64, "split"), ([0, 0, 8], np.int64, "merge"), (0.5, np.float32, "scale"),
+        ([0], np.int64, "zero"), ([4], np.int64, "half"), ([8], np.int64, "full"), ([-1], np.int64, "last"),
+        (np.ones((3, 3)), np.float32, "mask"), (np.ones(8), np.float32, "sin")]]
+    nodes = []
+    for t in ("q", "k", "v"):
+        nodes += [helper.make_node("Reshape", ["x", "split"], [f"{t}_bshd"], name=f"{s}/{t}/Reshape"),
+                  helper.make_node("Transpose", [f"{t}_bshd"], [t], name=f"{s}/{t}/Transpose", perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], name=f"{s}/Transpose", perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q", "kt"], ["qk"], name=f"{s}/MatMul"),
+              helper.make_node("Mul", ["qk", "scale"], ["scores"], name=f"{s}/Mul")]
+    if additive_mask:
+        nodes.append(helper.make_node("Add", ["scores", "mask"], ["scores_masked"], name=f"{s}/Add"))
+    nodes += [helper.make_node("Softmax", [nodes[-1].output[0]], ["probs"], name=f"{s}/Softmax", axis=-1),
+              helper.make_node("MatMul", ["probs", "v"], ["pv"], name=f"{s}/MatMul_1"),
+              helper.make_node("Transpose", ["pv"], ["pv_bshd"], name=f"{s}/Transpose_1", perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["pv_bshd", "merge"], ["out"], name=f"{s}/Reshape"),
+              helper.make_node("Slice", ["x", "half", "full", "last"], ["high"], name=f"{s}/rotary/Slice"),
+              helper.make_node("Slice", ["x", "zero", "half", "last"], ["low"], name=f"{s}/rotary/Slice_1"),
+              helper.make_node("Neg", ["high"], ["neg"], name=f"{s}/rotary/Neg"),
+              helper.make_node("Concat", ["neg", "low"], ["rotated"], name=f"{s}/rotary/Concat", axis=-1),
+              helper.make_node("Mul", ["rotated", "sin"], ["rot"], name=f"{s}/rotary/Mul")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [1, 3, 8]) for o in ("out", "rot")],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_rule_that_does_not_match_names_the_node_and_why():
+    misses = apply_rules(GraphView(tiny_attention(additive_mask=True)), attention_rules())
+    assert [(m.pattern, str(m)) for m in misses] == [
+        ("rotary embedding", "node '/h.0/attn/rotary/Concat': rotate_half(x) * sin is not added to x * cos"),
+        ("attention", "node '/h.0/attn/Softmax': the scores get an additive mask, which this fusion does not take")]
+    misses = apply_rules(GraphView(tiny_attention()), attention_rules(num_heads=3))
+    assert str(misses[-1]) == "node '/h.0/attn/Softmax': the heads split into 2, not num_heads 3"
+    # The attention matches; what GroupQueryAttention's cache needs of it (the rule's check) is not there.
+    misses = apply_rules(GraphView(tiny_attention()), attention_rules(in_place=True))
+    assert str(misses[-1]) == ("node '/h.0/attn/Softmax': the attention has no past key/value graph inputs: "
+                               "no cache to keep in place")
+
+
+def test_the_attention_rule_fuses_the_tiny_graph_into_one_op_that_computes_the_same():
+    model, fused = tiny_attention(), tiny_attention()
+    misses = apply_rules(GraphView(fused), attention_rules(num_heads=2))
+    assert [m.pattern for m in misses] == ["rotary embedding"]
+    mha = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+    assert [n.name for n in mha] == ["/h.0/attn/MultiHeadAttention"] and "Softmax" not in [n.op_type for n in
+                                                                                            fused.graph.node]
+    fused.opset_import.add(domain="com.microsoft", version=1)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 3, 8)).astype(np.float32)}
+    for want, got in zip(session(model).run(None, x), session(fused).run(None, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_shortfall_on_the_tiny_graph_names_block_node_and_reason():
+    with pytest.raises(PipelineError, match=r"^fuse_attention: tiny: expected 1 MultiHeadAttention in /h.0, found 0: "
+                                            r"attention pattern did not match at /h.0/attn/Softmax: the scores get "
+                                            r"an additive mask"):
+        fuse(tiny_attention(additive_mask=True), "tiny", expect={"MultiHeadAttention": 1})
 
 
 # --- kv_cache: in_place (GroupQueryAttention over one past/present buffer) --------------------------------

@@ -10,7 +10,9 @@
   decoder being the graph with the boundary tensors pinned, the encoder the
   graph cut at them; `pin` feeds a candidate the reference's value of some
   tensor (`pipeline.evaluation.pinning` runs such pairs);
-- returning more tensors: `with_outputs`.
+- returning more tensors: `with_outputs`;
+- what a rewrite reads and names: a node's `attribute`, a tensor's `constant_value`, an `unused_name`,
+  and `declare_domains` for the ops it wrote.
 Placing the nodes a pass added into blocks is `pipeline.core.blocks.adopt_new_nodes`, on these maps.
 
 Protobuf or onnx-graphsurgeon: every graph a pass writes is edited here as
@@ -29,13 +31,14 @@ import difflib
 import heapq
 import shutil
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.compose
 import onnx_graphsurgeon as gs
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from pipeline.core.errors import PipelineError
 
@@ -143,6 +146,50 @@ def _io_info(name: str, infos: dict[str, onnx.ValueInfoProto], what: str) -> onn
         if dim.dim_param.startswith("unk__"):
             dim.ClearField("dim_param")
     return out
+
+
+# --- what a rewrite reads and names ----------------------------------------------------------------------
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute (a repeated one as a list), or `default` when the node has none."""
+    for attr in node.attribute:
+        if attr.name == name:
+            value = helper.get_attribute_value(attr)
+            return list(value) if isinstance(value, (list, tuple)) else value
+    return default
+
+
+def constant_value(name: str, initializers: dict[str, onnx.TensorProto],
+                   producer: dict[str, onnx.NodeProto]) -> np.ndarray | None:
+    """The value of a tensor known without running the graph: an initializer, a Constant's value (through
+    Identity nodes), else None. (An initializer whose data is external must have been loaded.)"""
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    node = producer.get(name)
+    if node is not None and node.op_type == "Constant":
+        attr = node.attribute[0]
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        return np.array(helper.get_attribute_value(attr)) if attr.name.startswith("value_") else None
+    if node is not None and node.op_type == "Identity":
+        return constant_value(node.input[0], initializers, producer)
+    return None
+
+
+def unused_name(base: str, used: Container[str]) -> str:
+    """`base`, else the first of `base_1`, `base_2`, ... that `used` does not hold."""
+    name, i = base, 1
+    while name in used:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def declare_domains(model: onnx.ModelProto) -> None:
+    """Import, at version 1, every op domain a node uses that the model does not import yet (in name order):
+    rewrites and ONNX Runtime's fusions write com.microsoft nodes without always declaring the domain."""
+    declared = {o.domain for o in model.opset_import}
+    for domain in sorted({n.domain for n in model.graph.node if n.domain} - declared):
+        model.opset_import.add(domain=domain, version=1)
 
 
 # --- order and liveness -----------------------------------------------------------------------------------
