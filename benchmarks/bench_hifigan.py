@@ -40,10 +40,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from calibration import SourceContext, make_source
+from calibration import SourceContext
+
+from pipeline.families import make_source
 from calibration.piper_mels import eval_sentences, speech_mels
 from passes import get_pass
-from passes.base import PassContext, copy_model
+from passes.base import PassContext
+from pipeline.core.onnx_io import copy_model
 from pipeline.core.audio import compare_audio
 from pipeline.core.blocks import BlockPartition, adopt_new_nodes
 from pipeline.families.hifigan.exporter import GRAPH, export_modelset

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from calibration import DATA_DIR  # noqa: E402
-from calibration.piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences  # noqa: E402
+from calibration.piper_sentences import load_phonemizer, phoneme_ids, piper_feeds  # noqa: E402
+from calibration import read_sentences
 from passes import get_pass  # noqa: E402
 from passes.base import PassContext  # noqa: E402
 from pipeline.core.audio import SAMPLE_RATE, log_mel_distance  # noqa: E402

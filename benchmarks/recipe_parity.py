@@ -57,7 +57,11 @@ def _seeded(sess: ort.InferenceSession, seed: int) -> dict[str, np.ndarray]:
 
 
 def _real_inputs(model_path: Path, input_names: set[str]) -> list[dict[str, np.ndarray]] | None:
-    from calibration import SourceContext, make_source
+    from calibration import SourceContext
+    try:  # the source registry moved from calibration to the family layer; this script runs on both sides
+        from pipeline.families import make_source
+    except ImportError:
+        from calibration import make_source
 
     if {"input", "input_lengths", "scales"} <= input_names:
         configs = sorted(model_path.parent.glob("*.onnx.json"))  # a split voice keeps it beside its encoder

@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import onnx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.recipe import CountOrAll
@@ -28,7 +28,7 @@ class SourceParams(BaseModel):
 
 
 # Marks a source parameter that names a file or folder, relative to the recipe: `Field(..., json_schema_extra=PATH)`.
-# The fallback makes these absolute in the recipes it writes elsewhere (`path_fields`).
+# Searches make these absolute in the recipes they write elsewhere (`pipeline.families.path_fields`).
 PATH = {"path": True}
 
 
@@ -81,8 +81,6 @@ class SentenceSource(CalibrationSource):
         self.sentences()
 
     def sentences(self) -> list[str]:
-        from .piper_sentences import read_sentences
-
         p = self.params
         path = self.ctx.resolve(p.sentences) if p.sentences else DATA_DIR / self.default_sentences
         return self.pick(read_sentences(path), path)
@@ -103,48 +101,18 @@ class SentenceSource(CalibrationSource):
         return left[: p.count]
 
 
+def read_sentences(path: Path) -> list[str]:
+    """The sentences of a text file, one a line; blank lines and `#` comments left out."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise PipelineError(f"cannot read sentences file {path}: {e.strerror}") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def shown(path: Path) -> str:
     """A shipped data file as `calibration/data/NAME` (where it is in the checkout), any other file as it is."""
     return f"calibration/data/{path.name}" if path.parent == DATA_DIR else str(path)
-
-
-def _registry() -> dict[str, type[CalibrationSource]]:
-    """The generic `npz` folder, plus every source a model family brings (pipeline.families)."""
-    from pipeline.families import all_sources
-
-    from .npz_folder import NpzFolder
-
-    return {cls.name: cls for cls in (NpzFolder, *all_sources())}
-
-
-def source_names() -> list[str]:
-    return sorted(_registry())
-
-
-def path_fields(source_name: str) -> list[str]:
-    """The params of a calibration source that name files or folders (marked with `PATH`); none for an unknown source."""
-    cls = _registry().get(source_name)
-    if cls is None:
-        return []
-    return [key for key, f in cls.Params.model_fields.items()
-            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("path")]
-
-
-def make_source(name: str, params: dict[str, Any], ctx: SourceContext, where: str = "calibration") -> CalibrationSource:
-    registry = _registry()
-    if name not in registry:
-        raise PipelineError(f"{where}.source: unknown calibration source {name!r} (known: {', '.join(sorted(registry))})")
-    cls = registry[name]
-    try:
-        parsed = cls.Params.model_validate(params)
-    except ValidationError as e:
-        from pipeline.core.recipe import format_validation_error
-
-        raise PipelineError(format_validation_error(f"{where}.params", e, cls.Params)) from None
-    source = cls(parsed, ctx)
-    source.where = where
-    source.check()
-    return source
 
 
 _ONNX_TO_NUMPY = {

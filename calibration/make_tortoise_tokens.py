@@ -37,7 +37,7 @@ from pathlib import Path
 from pipeline.core.errors import PipelineError
 
 from . import DATA_DIR
-from .piper_sentences import read_sentences
+from . import read_sentences
 
 FILES = ("tortoise_sentences.txt", "tortoise_eval.txt")
 OUT = DATA_DIR / "tortoise_tokens.json"

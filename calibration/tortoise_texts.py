@@ -60,7 +60,7 @@ class TortoiseTexts(SentenceSource):
         if self.params.held_out and self.params.sentences:
             raise PipelineError("calibration source 'tortoise': 'held_out' picks the shipped held-out sentences; "
                                 "leave it out with your own 'sentences'")
-        from .piper_sentences import read_sentences
+        from . import read_sentences
 
         if self.params.sentences:
             return super().sentences()

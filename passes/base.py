@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict
 
@@ -47,19 +46,29 @@ class PassContext:
 
 @dataclass
 class PassResult:
-    model: onnx.ModelProto
+    # The graphs that replace the input graph, by name, in order: the input's own name for a pass that rewrites
+    # one graph (`PassResult.of`), new names for one that cuts it into several (split), with `chain` listing the
+    # edges between them ({"from": "encoder.z", "to": "decoder.z"}).
+    graphs: dict[str, onnx.ModelProto]
     changed: bool
     stats: dict[str, Any] = field(default_factory=dict)
-    # A pass that cuts one graph into several (split) names them here; the
-    # runner then replaces the input graph with these, in this order, and
-    # `model` is ignored. `chain` lists the edges between the new graphs
-    # ({"from": "encoder.z", "to": "decoder.z"}).
-    graphs: dict[str, onnx.ModelProto] | None = None
     chain: list[dict[str, str]] = field(default_factory=list)
     # New nodes the pass already named into the right block (fused ops): the runner leaves their names.
     placed: set[str] = field(default_factory=set)
     # Where the external-data files of a light result lie, when not in `ctx.weights_dir` (a tool wrote them).
     weights_dir: Path | None = None
+
+    @classmethod
+    def of(cls, ctx: PassContext, model: onnx.ModelProto, changed: bool, **rest: Any) -> PassResult:
+        """The result of a pass that rewrote the one graph it was given (it keeps its name)."""
+        return cls({ctx.graph_name: model}, changed, **rest)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The one graph of a one-graph result."""
+        if len(self.graphs) != 1:
+            raise ValueError(f"the result holds {len(self.graphs)} graphs ({', '.join(self.graphs)}), not one")
+        return next(iter(self.graphs.values()))
 
 
 # ONNX Runtime has no kernel for many ops before opset 7 (Add-6, Relu-1: measured with ORT 1.32), and every step's
@@ -162,10 +171,3 @@ def upgrade_command(path: str, opset: int, drop_weight_inputs: bool) -> str:
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node))
-
-
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A deep copy: passes that edit in place work on one, so their input stays as it was."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy

@@ -28,7 +28,9 @@ from pydantic import Field
 
 from pipeline.core.onnx_io import tensor_array
 
-from .base import Params, Pass, PassContext, PassResult, copy_model
+from pipeline.core.onnx_io import copy_model
+
+from .base import Params, Pass, PassContext, PassResult
 
 # (op type, input index) pairs where an initializer is a weight.
 _WEIGHT_SLOTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1), ("Gather", 0)}
@@ -97,7 +99,7 @@ class CompressWeights(Pass):
         graph.node.extend(nodes)
         stats = {"dtype": params.dtype, "tensors": len(replaced), "bytes_before": before, "bytes_after": after,
                  "tensors_per_block": dict(per_block), "blocks_changed": dict(per_block)}
-        return PassResult(model, changed=bool(replaced), stats=stats)
+        return PassResult.of(ctx, model, changed=bool(replaced), stats=stats)
 
 
 def _compress(name: str, w: np.ndarray, dtype: str, op_type: str):

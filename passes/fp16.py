@@ -40,7 +40,9 @@ from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.graph import cleanup, consumers, producers, with_outputs
 from pipeline.core.onnx_io import external_bytes, session, tensor_types
 
-from .base import Params, Pass, PassContext, PassResult, copy_model
+from pipeline.core.onnx_io import copy_model
+
+from .base import Params, Pass, PassContext, PassResult
 
 ALWAYS_FP32_OPS = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | {"RandomNormalLike", "RandomNormal", "RandomUniform"})
 FP16_MAX = 65504.0
@@ -128,7 +130,7 @@ class Fp16(Pass):
             **({"weights_converted_from_files": from_files} if ctx.weights_dir else {}),
             "blocks_changed": dict(Counter(ctx.blocks.node_block.get(n, "?") for n in sorted(names - set(reasons)))),
         }
-        return PassResult(converted, changed=True, stats=stats)
+        return PassResult.of(ctx, converted, changed=True, stats=stats)
 
 
 def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: float) -> list[str]:

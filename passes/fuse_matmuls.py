@@ -28,7 +28,9 @@ from pydantic import Field
 from pipeline.core.errors import PipelineError
 from pipeline.core.graph import cleanup, consumers, drop_unused_initializers, producers
 
-from .base import Params, Pass, PassContext, PassResult, copy_model
+from pipeline.core.onnx_io import copy_model
+
+from .base import Params, Pass, PassContext, PassResult
 
 
 class FuseMatmulsParams(Params):
@@ -60,7 +62,7 @@ class FuseMatmuls(Pass):
             raise PipelineError(f"fuse_matmuls on {ctx.graph_name!r}: expected at least {params.expect_min_groups} "
                                 f"fused groups, got {len(fused)} (MatMuls sharing an input with constant 2-D "
                                 f"weights, all in the step's scope)")
-        return PassResult(out, changed=bool(fused), placed=placed, stats={
+        return PassResult.of(ctx, out, changed=bool(fused), placed=placed, stats={
             "groups": fused, "packed_attention": packed,
             "matmuls_before": _count(model, "MatMul"), "matmuls_after": _count(out, "MatMul")})
 

@@ -38,4 +38,4 @@ class Pin(Pass):
     def apply(self, model: onnx.ModelProto, params: PinParams, ctx: PassContext) -> PassResult:
         pinned = pin(model, params.tensors, what=f"pin on graph {ctx.graph_name!r}")
         dropped = len(model.graph.node) - len(pinned.graph.node)
-        return PassResult(pinned, changed=True, stats={"pinned": list(params.tensors), "nodes_dropped": dropped})
+        return PassResult.of(ctx, pinned, changed=True, stats={"pinned": list(params.tensors), "nodes_dropped": dropped})

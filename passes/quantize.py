@@ -72,17 +72,17 @@ from pydantic import Field
 
 from pipeline.core.blocks import replaced_name
 from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.precision import INTEGER_OPS
 
-from .base import Params, Pass, PassContext, PassResult, copy_model
+from pipeline.core.onnx_io import copy_model
+
+from .base import Params, Pass, PassContext, PassResult
 
 from pipeline.core.feeds import Feeds
 
 _CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile, "distribution": CalibrationMethod.Distribution}
 _TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-# Ops that compute on INT8 (or fewer-bit) data: a node counts as quantized when it became one.
-INTEGER_OPS = {"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeMatMul",
-                "MatMulIntegerToFloat", "QAttention", "QGemm", "MatMulNBits"}
 
 
 class QuantizeParams(Params):
@@ -243,7 +243,7 @@ class Quantize(Pass):
         if params.mode == "weight_only":
             stats.update(method=params.method, bits=params.bits, block_size=params.block_size,
                          accuracy_level=params.accuracy_level)
-        return PassResult(quantized, changed=count > 0, stats=stats)
+        return PassResult.of(ctx, quantized, changed=count > 0, stats=stats)
 
 
 @contextlib.contextmanager

@@ -65,10 +65,10 @@ class Simplify(Pass):
         except Exception as e:  # onnxsim raises plain RuntimeErrors from C++
             if params.on_error == "skip":
                 ctx.log(f"simplify skipped on {ctx.graph_name}: {e}")
-                return PassResult(model, changed=False, stats={"skipped": one_line(e)})
+                return PassResult.of(ctx, model, changed=False, stats={"skipped": one_line(e)})
             raise PipelineError(f"simplify failed on graph {ctx.graph_name!r}: {one_line(e, 400)} "
                                 f"(set on_error: skip to go on without it)") from None
         after = len(simplified.graph.node)
         stats = {"nodes_before": before, "nodes_after": after, **({"via": "files (model over 2 GB)"} if out else {})}
         # A large result is light: its weights lie in onnxsim's external-data file, in the scratch folder.
-        return PassResult(simplified, changed=after != before, stats=stats, weights_dir=out.parent if out else None)
+        return PassResult.of(ctx, simplified, changed=after != before, stats=stats, weights_dir=out.parent if out else None)

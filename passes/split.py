@@ -63,7 +63,7 @@ class Split(Pass):
         if fed_directly:
             stats["decoder_takes_graph_inputs"] = fed_directly
         ctx.log(f"split {ctx.graph_name}: boundary " + ", ".join(f"{t} -> {n}" for t, n in boundary.names.items()))
-        return PassResult(model, changed=True, stats=stats, graphs=graphs, chain=chain)
+        return PassResult(graphs, changed=True, stats=stats, chain=chain)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.table import Table
 
 from pipeline import __version__
 from pipeline.core.errors import PipelineError, during, one_line, user_message
+
+if TYPE_CHECKING:
+    from pipeline.evaluation.results import CheckReport
 
 console = Console(stderr=True, highlight=False)
 # Rich falls back to 80 columns when piped, which truncates the wide tables.
@@ -117,29 +121,17 @@ def run(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: bool) -> No
 def _run_recipe(recipe: Path, out_dir: Path | None, quiet: bool, all_blocks: bool, need_tune: bool = False) -> None:
     from pipeline.core.progress import activity
     from pipeline.core.recipe import load_recipe
-    from pipeline.engine.runfolder import hold
-    from pipeline.engine.runner import Runner, plan_recipe
+    from pipeline.search.run import check_recipe, run_recipe
 
     r = load_recipe(recipe)
     if need_tune and r.tune is None:
-        raise PipelineError(f"{recipe}: no 'tune' section (menu, target, budget); see the installed recipe "
-                            f"piper_tune (pipeline recipes)")
+        raise PipelineError(f"{recipe}: no 'tune' section (menu, target, budget); `pipeline recipes` lists the "
+                            f"installed recipes, those with one among them")
     target = out_dir or Path(r.output or f"runs/{r.name}")
     with _display(quiet) as display:
         with activity("checking the recipe"):
-            plan = plan_recipe(r)
-        with hold(target, resume_hint=_resume_hint(target), log=display.log, inputs=plan.inputs,
-                  recipe=r.source_path, writes_resolved=r.writes_resolved):
-            if r.check is not None and r.check.fallback is not None:
-                from pipeline.search.fallback import run_with_fallback
-
-                result = run_with_fallback(r, target, log=display.log)
-            elif r.tune is not None:
-                from pipeline.search.tune import run_tune
-
-                result = run_tune(r, target, log=display.log)
-            else:
-                result = Runner(plan, target, log=display.log).run()
+            plan = check_recipe(r)
+        result = run_recipe(plan, target, log=display.log, resume_hint=_resume_hint(target))
     _print_result(result, quiet, all_blocks)
 
 
@@ -169,12 +161,12 @@ def _print_result(result, quiet: bool, all_blocks: bool) -> None:
         return
     from pipeline.report.render import headline, outputs_lines, terminal_table
 
-    report = result.report.to_json()
+    report = result.report
     for line in headline(report):
         out.print(escape(line), style="bold red")
     if not quiet:
         out.print(terminal_table(report, limit=None if all_blocks else 8))
-    notes = [] if quiet else [n for n in report["notes"] if n not in headline(report)]
+    notes = [] if quiet else [n for n in report.notes if n not in headline(report)]
     for line in notes + outputs_lines(report):
         out.print(escape(line))
     for failure in result.report.failures or []:
@@ -219,10 +211,10 @@ def _print_run_summary(result) -> None:
 def validate(recipe: Path) -> None:
     """Check RECIPE (schema, passes, parameters, scopes, model, calibration) without running it."""
     from pipeline.core.recipe import load_recipe
-    from pipeline.engine.runner import plan_recipe
+    from pipeline.search.run import check_recipe
 
     r = load_recipe(recipe)
-    plan = plan_recipe(r)
+    plan = check_recipe(r)
     n = len(plan.calibration) if plan.calibration else 0
     targets = f", targets {', '.join(t.format for t in plan.targets)}" if plan.targets else ""
     out.print(escape(f"{recipe}: ok ({len(plan.steps)} steps" + (f", {n} calibration samples" if n else "")
@@ -330,7 +322,8 @@ def inspect(model: Path, pattern: str | None, on: str) -> None:
 def _inspect_folder(folder: Path) -> None:
     from pipeline.core.modelset import ModelSet
     from pipeline.core.onnx_io import load_light
-    from pipeline.formats.targets import TARGET_MANIFEST, weight_precision
+    from pipeline.core.precision import weight_precision
+    from pipeline.formats.targets import TARGET_MANIFEST
 
     root = folder / "final" if (folder / "final" / "modelset.json").is_file() else folder
     ms = ModelSet.read(root)
@@ -419,29 +412,28 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
     with _display(quiet):
         result = run_compare(reference, candidate, feeds, spec, family, sensitivity=sensitivity,
                              progress=status("comparing"))
-    report = result.to_json()
     if not quiet:
-        out.print(terminal_table(report, limit=None if all_blocks else 8))
-    for line in report["notes"] + outputs_lines(report):
+        out.print(terminal_table(result, limit=None if all_blocks else 8))
+    for line in result.notes + outputs_lines(result):
         out.print(escape(line))
-    out.print(f"peak RSS {report['peak_rss_mb']:.0f} MB, {report['wall_s']:.1f} s")
+    out.print(f"peak RSS {result.peak_rss_mb:.0f} MB, {result.wall_s:.1f} s")
     if json_path:
-        _write_json(json_path, report)
+        _write_json(json_path, result.to_json())
     with during("writing the report pages"):
-        _write_compare_pages(result, report, html_path, md_path)
+        _write_compare_pages(result, html_path, md_path)
 
 
-def _write_compare_pages(result, report: dict, html_path: Path | None, md_path: Path | None) -> None:
+def _write_compare_pages(result: CheckReport, html_path: Path | None, md_path: Path | None) -> None:
     from pipeline.report.render import html_page, markdown, plot_png, write_audio
 
     if html_path:  # the audio examples' files beside the page (it embeds them too)
         audio_dir = html_path.with_name(f"{html_path.stem}-audio")
-        html_path.write_text(html_page(report, audio_dir=audio_dir if write_audio(result, audio_dir) else None))
+        html_path.write_text(html_page(result, audio_dir=audio_dir if write_audio(result, audio_dir) else None))
     if md_path:
         png = md_path.with_suffix(".png")
-        png.write_bytes(plot_png(report))
+        png.write_bytes(plot_png(result))
         audio_dir = md_path.with_name(f"{md_path.stem}-audio")
-        md_path.write_text(markdown(report, png_name=png.name,
+        md_path.write_text(markdown(result, png_name=png.name,
                                     audio_dir=audio_dir.name if write_audio(result, audio_dir) else None))
 
 

@@ -8,8 +8,9 @@ Metrics: log-mel distance, mel-cepstral distortion (MCD, from the same mel),
 waveform SNR (only when lengths match), the relative length difference and,
 where lengths differ, the time the two stop matching (`divergence_frame`).
 `wav_bytes`/`read_wav` carry a waveform to and from 16-bit PCM WAV for the report.
-`hifigan_mel` is the vocoder's input convention (log of the magnitude mel
-clamped at 1e-5, as HiFi-GAN's meldataset.py computes it for training).
+`vocoder_log_mel` is the input convention of HiFi-GAN-style vocoders (log of
+the magnitude mel clamped at 1e-5, as HiFi-GAN's meldataset.py computes it for
+training, and as vocoders trained with its recipe expect).
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def log_mel(audio: np.ndarray, sr: int = SAMPLE_RATE, mel: MelSettings | None = 
     return np.log(mel_spectrogram(audio, sr, mel) + LOG_EPS)
 
 
-def hifigan_mel(audio: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
+def vocoder_log_mel(audio: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     """HiFi-GAN's input: log(clamp(magnitude mel, 1e-5)), float32 [80, frames], one frame per 256 samples.
 
     Same framing and clamp as the original training code (jik876/hifi-gan
@@ -122,7 +123,7 @@ def hifigan_mel(audio: np.ndarray, sr: int = SAMPLE_RATE) -> np.ndarray:
     return np.log(np.maximum(mel_spectrogram(audio, sr), MEL_CLAMP)).astype(np.float32)
 
 
-def check_mel_bands(mel: np.ndarray, where: str = "mel", bands: int = N_MELS) -> None:
+def check_mel_bands(mel: np.ndarray, where: str = "the mel", bands: int = N_MELS) -> None:
     """A mel must be [bands, frames] or [batch, bands, frames]; otherwise one clear error."""
     shape = list(np.shape(mel))
     if len(shape) not in (2, 3) or shape[-2] != bands:

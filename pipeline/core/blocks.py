@@ -147,6 +147,19 @@ def replaced_name(name: str) -> str:
     return QUANTIZER_SUFFIX.sub("", name)
 
 
+def name_all_nodes(model: onnx.ModelProto) -> int:
+    """Give unnamed nodes a name and scope-less nodes the scope of their neighbours.
+
+    TorchScript loses the names of ops inlined from scripted functions (the
+    tanh/sigmoid gates of VITS's WaveNet layers come out as `Tanh_6089` or
+    nameless); without a scope they would fall outside their flow's block.
+    """
+    scoped = {n.name for n in model.graph.node if n.name.startswith("/")}
+    if len(scoped) == len(model.graph.node):
+        return 0
+    return adopt_new_nodes(model, scoped, None) or 1
+
+
 def adopt_new_nodes(model: onnx.ModelProto, old_names: set[str], spec: BlockSpec | None) -> int:
     """Rename nodes a pass added so they fall in the block of the node they serve.
 

@@ -25,9 +25,10 @@ def one_line(error: BaseException | str, limit: int = 300) -> str:
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-def few(items: list[str], limit: int = 6) -> str:
-    """The first `limit` of `items`, comma-separated, and how many there are when that is not all of them."""
-    return ", ".join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
+def few(items: list[str], limit: int = 6, sep: str = ", ") -> str:
+    """The first `limit` of `items`, joined by `sep`, and how many there are when that is not all of them: the one
+    way a message cuts a list."""
+    return sep.join(items[:limit]) + (f" ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 @contextlib.contextmanager

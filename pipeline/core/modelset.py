@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, few
 from pipeline.core.onnx_io import external_files, is_large, load_onnx, parse_graph, save_onnx, save_sharing_weights
 
 MANIFEST = "modelset.json"
@@ -135,7 +135,7 @@ class ModelSet:
         changed = [g.file for g in self.graphs if g.sha256 and graph_sha256(self.root / g.file) != g.sha256]
         if changed:
             raise PipelineError(f"{self.root}: modelset.json does not match its files (changed since it was "
-                                f"written: {', '.join(changed[:5])})")
+                                f"written: {few(changed, 5)})")
 
     def verify(self) -> bool:
         """True when every graph file still has the hash the manifest recorded."""

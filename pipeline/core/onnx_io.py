@@ -55,6 +55,13 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     return model
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy: code that edits a graph in place works on one, so its input stays as it was."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
 def parse_graph(path: str | Path) -> onnx.ModelProto:
     """A model file's proto without its external weights; a file that does not parse is one line naming it
     (protobuf's own message names neither the file nor what it is)."""

@@ -7,16 +7,19 @@ path and the valid keys instead of a silently ignored setting.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator
 
 from pipeline.core.errors import PipelineError
+
+M = TypeVar("M", bound="BaseModel")
 
 
 def _whole_or_all(value: Any) -> int | str:
@@ -331,6 +334,29 @@ def _strings(data: Any) -> list[str]:
     return [s for item in data for s in _strings(item)] if isinstance(data, list) else []
 
 
+def package_file(package: str, file: str) -> Path:
+    """A file inside an installed package, found without importing the package (a recipe's `model: {package, file}`)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    path = Path(list(spec.submodule_search_locations)[0]) / file
+    if not path.is_file():
+        raise PipelineError(f"package {package!r} has no file {file!r}")
+    return path
+
+
+def parse_params(model: type[M], data: Any, where: str, nested: bool = False) -> M:
+    """`data` validated into `model`, or a PipelineError of one line per problem naming `where`'s key path
+    (`format_validation_error`). Every section a plug-in or the recipe defines a schema for is parsed here."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise PipelineError(format_validation_error(where, e, model, nested=nested)) from None
+
+
 def format_validation_error(where: str, err: ValidationError, model: type[BaseModel] | None = None,
                             nested: bool = False) -> str:
     """One line per problem: `file: key.path: message (valid keys: ...)`.
@@ -472,9 +498,6 @@ def load_recipe(path: str | Path) -> Recipe:
     problem = _shape_problem(data)
     if problem:
         raise PipelineError(f"{path}: {problem}")
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as e:
-        raise PipelineError(format_validation_error(str(path), e, Recipe)) from None
+    recipe = parse_params(Recipe, data, str(path))
     recipe.source_path = path.resolve()
     return recipe

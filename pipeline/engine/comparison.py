@@ -5,8 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from calibration import SourceContext, checked_feeds, make_source
-
+from calibration import SourceContext
 from pipeline.core.feeds import Feeds
 
 from pipeline.core.errors import PipelineError
@@ -14,6 +13,7 @@ from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import external_files, load_onnx
 from pipeline.core.recipe import BlockSpec, CheckSpec, Recipe
 from pipeline.evaluation.results import CheckReport
+from pipeline.families import draw_samples
 
 if TYPE_CHECKING:
     from pipeline.families import Family
@@ -84,10 +84,8 @@ def eval_feeds(reference: Path, samples: int | Literal["all"], family: Family, r
     else:
         raise PipelineError(f"{reference}: no inputs to compare on; give --npz DIR, or --recipe with a "
                             f"calibration or check source (a {family.name!r} model has no default inputs)")
-    source = make_source(name, params, SourceContext(reference, resolve), where=where)
-    if ms is not None:
-        family.fit_source(source, ms, params)
-    feeds = checked_feeds(source, model, where="compare inputs")
+    feeds, source = draw_samples(name, params, SourceContext(reference, resolve), model, where, family, ms,
+                                 check_where="compare inputs")
     if samples == "all":
         return feeds, source.describe()
     # Only a count the user wrote is held to: the default 8 has always meant "up to 8" (a folder of 6 .npz
@@ -111,7 +109,6 @@ def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: Bl
     reference, candidate = model_file(reference), model_file(candidate)
     metrics = metrics_for(family, as_modelset(reference, family))
     report = compare_graphs(reference, candidate, feeds, blocks, metrics, sensitivity, progress)
-    report["family"] = family.name
-    result = CheckReport.from_json(report, where="compare")
-    keep_audio_examples(result, metrics, result.outputs[0].name)  # the worst and a typical sample, to hear
-    return result
+    report.family = family.name
+    keep_audio_examples(report, metrics, report.outputs[0].name)  # the worst and a typical sample, to hear
+    return report

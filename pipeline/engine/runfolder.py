@@ -8,8 +8,9 @@ lock when the holder dies, however it dies, so a folder left by a killed run
 is taken over without anyone deleting anything. The file itself stays: removing
 it would let a waiting run lock a file that is no longer the folder's.
 
-Holding is re-entrant within one process: a precision search runs several
-runners into the folder it holds.
+The lock is taken once, by whoever owns the run folder (`pipeline.search.run.run_recipe`, which the CLI
+calls): the runners a search starts inside it, into the folder or a subfolder (`tune/items/...`), check
+that it is held (`require_held`) and take nothing themselves.
 
 What a run may touch (the README's contract): a run writes only inside its run
 folder, and replaces or deletes only what a run made there. A folder becomes a
@@ -44,7 +45,7 @@ RUN_FILES = ("manifest.json", "report.json", "report.md", "report.html", "report
              "report-tokens.png", LOCK_FILE, MARKER)
 RUN_FOLDERS = ("steps", "final", "tmp", "tune", "report-audio")
 RESOLVED_RECIPE = "resolved_recipe.yaml"  # written by the automatic fallback and by pipeline tune
-_held: dict[Path, int] = {}
+_held: dict[Path, int] = {}  # the folders this process holds (one lock each)
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -66,12 +67,7 @@ def hold(folder: Path, resume_hint: str | None = None, log: Callable[[str], None
     claim(folder)
     key = folder.resolve()
     if key in _held:
-        _held[key] += 1
-        try:
-            yield
-        finally:
-            _held[key] -= 1
-        return
+        raise RuntimeError(f"{folder} is held already by this process: its owner holds it once")
     fd = _lock(folder, log)
     _held[key] = 1
     try:
@@ -84,6 +80,14 @@ def hold(folder: Path, resume_hint: str | None = None, log: Callable[[str], None
         os.ftruncate(fd, 0)  # a clean end leaves no holder to report
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def require_held(folder: Path) -> None:
+    """A runner works only in a folder its owner holds (the folder, or a run folder above it)."""
+    path = folder.resolve()
+    if not any(p in _held for p in (path, *path.parents)):
+        raise RuntimeError(f"{folder} is not held: run it through pipeline.search.run.run_recipe, or hold it "
+                           f"(pipeline.engine.runfolder.hold) around the Runner")
 
 
 def claim(folder: Path) -> None:

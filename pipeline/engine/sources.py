@@ -1,49 +1,19 @@
 """Model sources: where a recipe's base model comes from (step 00)."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
-import onnx
 
-from pipeline.core.blocks import adopt_new_nodes
-from pipeline.core.errors import PipelineError
+from pipeline.core.blocks import name_all_nodes
 from pipeline.core.modelset import GraphFile, ModelSet, graph_sha256
 from pipeline.core.onnx_io import external_files, is_light, load_onnx
-from pipeline.core.recipe import ModelSource, Recipe
-
-def package_file(package: str, file: str) -> Path:
-    """A file inside an installed package, found without importing the package."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise PipelineError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
-    path = Path(list(spec.submodule_search_locations)[0]) / file
-    if not path.is_file():
-        raise PipelineError(f"package {package!r} has no file {file!r}")
-    return path
-
+from pipeline.core.recipe import ModelSource, Recipe, package_file
 
 def resolve_model_path(source: ModelSource, recipe: Recipe | None = None) -> Path:
     if source.package:
         return package_file(source.package, source.file)
     return recipe.resolve_path(source.path) if recipe else Path(source.path)
-
-
-def name_all_nodes(model: onnx.ModelProto) -> int:
-    """Give unnamed nodes a name and scope-less nodes the scope of their neighbours.
-
-    TorchScript loses the names of ops inlined from scripted functions (the
-    tanh/sigmoid gates of VITS's WaveNet layers come out as `Tanh_6089` or
-    nameless); without a scope they would fall outside their flow's block.
-    """
-    scoped = {n.name for n in model.graph.node if n.name.startswith("/")}
-    if len(scoped) == len(model.graph.node):
-        return 0
-    return adopt_new_nodes(model, scoped, None) or 1
 
 
 def materialize_base(model_path: Path, dest: Path, family) -> ModelSet:

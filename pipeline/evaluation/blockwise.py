@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -28,25 +28,22 @@ from onnx import TensorProto
 
 from calibration import check_feeds
 
-from pipeline.core.feeds import Feeds
-from passes.base import copy_model
-from passes.quantize import INTEGER_OPS
-
 from pipeline.core import progress as progress_display
 from pipeline.core.audio import compare_audio
-from pipeline.core.blocks import BlockPartition
-from pipeline.core.errors import PipelineError
+from pipeline.core.blocks import BlockPartition, name_all_nodes
+from pipeline.core.errors import PipelineError, few
+from pipeline.core.feeds import Feeds
 from pipeline.core.graph import cleanup, producers, toposort, with_outputs
-from pipeline.core.onnx_io import as_ort_type, is_light, session, stored_bytes, tensor_types
+from pipeline.core.onnx_io import as_ort_type, copy_model, is_light, session, stored_bytes, tensor_types
+from pipeline.core.precision import block_compute_mix
 from pipeline.core.procinfo import peak_rss_mb
 from pipeline.core.recipe import BlockSpec
-from pipeline.evaluation.results import SCHEMA, json_float
+from pipeline.evaluation.results import BlockResult, CheckReport, ErrorStats, OutputResult, Sensitivity
 
 if TYPE_CHECKING:
     from pipeline.evaluation.metrics import Metric
 
 REF_SUFFIX = "::ref"
-_HELPER_OPS = {"QuantizeLinear", "DequantizeLinear", "Cast", "DynamicQuantizeLinear"}
 
 
 @dataclass
@@ -102,9 +99,9 @@ class Pooled:
         denom = math.sqrt(self.sxx * self.syy)
         return self.sxy / denom if denom > 0 else (1.0 if self.see == 0 else 0.0)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"sqnr_db": json_float(self.sqnr_db), "cosine": self.cosine, "max_abs": self.max_abs,
-                "rel_l2": json_float(self.rel_l2), "samples": self.samples, "shape_mismatches": self.shape_mismatches}
+    def stats(self) -> ErrorStats:
+        return ErrorStats(sqnr_db=self.sqnr_db, cosine=self.cosine, max_abs=self.max_abs, rel_l2=self.rel_l2,
+                          samples=self.samples, shape_mismatches=self.shape_mismatches)
 
 
 @dataclass
@@ -164,6 +161,8 @@ def isolate_blocks(model: onnx.ModelProto, partition: BlockPartition, fed: set[s
 
 @dataclass
 class BlockReport:
+    """One block while a check runs: its facts, and its errors as running sums (`result()`: the typed entry)."""
+
     id: str
     params: int
     bytes_reference: int
@@ -175,7 +174,7 @@ class BlockReport:
     unmatched_tensors: list[str]
     isolated: Pooled = field(default_factory=Pooled)
     accumulated: Pooled = field(default_factory=Pooled)
-    sensitivity: dict[str, Any] | None = None
+    sensitivity: Sensitivity | None = None
 
     @property
     def amplification(self) -> float | None:
@@ -186,40 +185,18 @@ class BlockReport:
             return None if acc == 0 else float("inf")
         return acc / iso
 
-
-@dataclass
-class CheckResult:
-    samples: int
-    reference: str
-    candidate: str
-    blocks: list[BlockReport]
-    outputs: list[dict[str, Any]]
-    peak_rss_mb: float
-    wall_s: float
-    notes: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "samples": self.samples,
-            "reference": self.reference,
-            "candidate": self.candidate,
-            "notes": self.notes,
-            "peak_rss_mb": round(self.peak_rss_mb, 1),
-            "wall_s": round(self.wall_s, 3),
-            "blocks": [{
-                "block": b.id, "params": b.params, "bytes_reference": b.bytes_reference,
-                "bytes_candidate": b.bytes_candidate, "precision": b.precision, "weights": b.weights,
-                "matched": b.matched, "unmatched_tensors": b.unmatched_tensors, "outputs": b.outputs,
-                "isolated": b.isolated.to_json(), "accumulated": b.accumulated.to_json(),
-                "amplification": json_float(b.amplification) if b.amplification is not None else None,
-                **({"sensitivity": b.sensitivity} if b.sensitivity is not None else {}),
-            } for b in self.blocks],
-            "outputs": self.outputs,
-        }
+    def result(self) -> BlockResult:
+        block = BlockResult(block=self.id, params=self.params, bytes_reference=self.bytes_reference,
+                            bytes_candidate=self.bytes_candidate, precision=self.precision, weights=self.weights,
+                            matched=self.matched, unmatched_tensors=self.unmatched_tensors, outputs=self.outputs,
+                            isolated=self.isolated.stats(), accumulated=self.accumulated.stats(),
+                            amplification=self.amplification)
+        if self.sensitivity is not None:  # measured only when asked: report.json has no key otherwise
+            block.sensitivity = self.sensitivity
+        return block
 
 
-def _block_bytes(model: onnx.ModelProto, partition: BlockPartition) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+def block_bytes(model: onnx.ModelProto, partition: BlockPartition) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """Initializer bytes each block reads, and by element type."""
     inits = {t.name: t for t in model.graph.initializer}
     seen: set[str] = set()
@@ -237,26 +214,6 @@ def _block_bytes(model: onnx.ModelProto, partition: BlockPartition) -> tuple[dic
     return total, by_type
 
 
-def _precision_mix(model: onnx.ModelProto, partition: BlockPartition, types: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Compute nodes per block by the precision they run in (Q/DQ/Cast helpers not counted)."""
-    dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    mix: dict[str, dict[str, int]] = {}
-    for n in model.graph.node:
-        if n.op_type in _HELPER_OPS:
-            continue
-        if n.op_type in INTEGER_OPS or any(i in dq_out for i in n.input):
-            kind = "int8"
-        elif any(types.get(o) == TensorProto.FLOAT16 for o in n.output):
-            kind = "fp16"
-        elif any(types.get(o) == TensorProto.FLOAT for o in n.output):
-            kind = "fp32"
-        else:
-            kind = "other"
-        b = partition.node_block[n.name]
-        mix.setdefault(b, {})[kind] = mix.setdefault(b, {}).get(kind, 0) + 1
-    return mix
-
-
 def _interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     inits = {t.name for t in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
@@ -266,15 +223,13 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                    spec: BlockSpec | None = None, *, metrics: Sequence[Metric] = (), reference_label: str = "reference",
                    candidate_label: str = "candidate", threads: int = 2, sensitivity: bool = False,
                    weights_dirs: tuple[Path | None, Path | None] = (None, None),
-                   progress: Callable[[str], None] = lambda m: None) -> CheckResult:
+                   progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Run both models on the same inputs and attribute the candidate's error to blocks.
 
     `metrics` that measure per sample (audio, a family's own) get the first output of every sample.
     `weights_dirs`: where the reference's and the candidate's external weights lie, for models loaded with
     them left there (`onnx_io.load_light`)."""
     sample_metrics = [m for m in metrics if m.per_sample]
-    from pipeline.engine.sources import name_all_nodes
-
     if sensitivity and any(weights_dirs):  # splicing mixes both models' weights into one graph
         raise PipelineError("compare: sensitivity is not supported for models whose weights stay in external-data "
                             "files (those over 2 GB): it splices both models' weights into one graph; leave "
@@ -303,9 +258,9 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     captured = list(dict.fromkeys(captured))
     present = [t for t in captured if t in cand_tensors]
     cand_types = tensor_types(candidate)
-    ref_bytes, _ = _block_bytes(reference, ref_part)
-    cand_bytes, cand_weights = _block_bytes(candidate, cand_part)
-    mix = _precision_mix(candidate, cand_part, cand_types)
+    ref_bytes, _ = block_bytes(reference, ref_part)
+    cand_bytes, cand_weights = block_bytes(candidate, cand_part)
+    mix = block_compute_mix(candidate, cand_part, cand_types)
     reports = []
     for b in ref_part.blocks.values():
         missing = [t for t in io[b.id].outputs if t not in cand_tensors]
@@ -358,12 +313,10 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
             if t in per_tensor_iso and _is_float(cand_types.get(t, TensorProto.FLOAT)):
                 r.isolated.merge(per_tensor_iso[t])
                 r.accumulated.merge(per_tensor_acc[t])
-    outputs = []
-    for o in ref_out:
-        entry = {"name": o, **out_stats[o].to_json()}
-        if o == ref_out[0]:
-            entry.update({m.key: m.to_json() for m in sample_metrics})
-        outputs.append(entry)
+    # The per-sample metrics measured the first output: their numbers go with it.
+    measured = {m.key: m.to_json() for m in sample_metrics}
+    outputs = [OutputResult.measured(o, out_stats[o].stats(), measured if o == ref_out[0] else None)
+               for o in ref_out]
     if sensitivity:
         del ref_sess, acc_sess, iso_sess
         from pipeline.evaluation.metrics import AudioMetric
@@ -374,9 +327,10 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     unmatched = [r.id for r in reports if not r.matched]
     if unmatched:
         notes.append(f"{len(unmatched)} blocks could not be matched in the candidate (boundary tensors missing "
-                     f"or renamed): {', '.join(unmatched[:10])}" + (" ..." if len(unmatched) > 10 else ""))
-    return CheckResult(n, reference_label, candidate_label, reports, outputs, peak_rss_mb(),
-                       time.perf_counter() - t0, notes)
+                     f"or renamed): {few(unmatched, 10)}")
+    return CheckReport.new(samples=n, reference=reference_label, candidate=candidate_label, notes=notes,
+                           peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - t0,
+                           blocks=[r.result() for r in reports], outputs=outputs)
 
 
 def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_part: BlockPartition,
@@ -486,9 +440,9 @@ def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, outp
             stats.update(ref_out, out)
             if audio is not None:
                 mels.append(compare_audio(ref_out, out, mel=audio.mel).log_mel_distance)
-        r.sensitivity = {"output": output, **stats.to_json()}
-        if audio is not None:
-            r.sensitivity["log_mel_max"] = float(max(mels))
+        r.sensitivity = Sensitivity(output=output, **dict(stats.stats()))
+        if audio is not None:  # (set only here: report.json has no log_mel_max for outputs that are not audio)
+            r.sensitivity.log_mel_max = float(max(mels))
 
 
 def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads, weights_dirs=(None, None)):

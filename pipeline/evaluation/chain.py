@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from pipeline.core.errors import PipelineError

@@ -2,7 +2,7 @@
 
 `evaluate(reference, candidate, samples, family, ...)` covers the three shapes
 a ModelSet takes:
-- **one graph**: blocks inside it, isolated and accumulated (`check.compare_models`);
+- **one graph**: blocks inside it, isolated and accumulated (`blockwise.compare_models`);
 - **a dataflow chain** (a graph cut into encoder -> decoder): every graph's
   blocks, each graph fed what the FP32 chain feeds it (captured through the
   family), named `graph:block`; plus the whole chain's output against the
@@ -20,17 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from pipeline.core.feeds import Feeds
+from typing import TYPE_CHECKING
 
 from pipeline.core import progress as progress_display
-from pipeline.evaluation.blockwise import Pooled, compare_models
-from pipeline.evaluation.metrics import AudioMetric, Metric, metrics_for
+from pipeline.core.feeds import Feeds
 from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import is_light, load_light, load_onnx
 from pipeline.core.recipe import BlockSpec
-from pipeline.evaluation.results import CheckReport
+from pipeline.evaluation.blockwise import Pooled, compare_models
+from pipeline.evaluation.metrics import AudioMetric, Metric, metrics_for
+from pipeline.evaluation.results import CheckReport, OutputResult
 
 if TYPE_CHECKING:
     from pipeline.families import Family
@@ -56,11 +55,10 @@ def evaluate(reference: ModelSet, candidate: ModelSet, samples: list[Feeds], fam
     else:
         heard, heard_entry = [m for m in metrics_for(family, reference) if m.per_sample], -1
         report = _chain(reference, fp32_twin or reference, candidate, samples, blocks, family, heard, progress)
-    report["family"] = family.name
-    typed = CheckReport.from_json(report, where=f"check of a {family.name!r} model set")
+    report.family = family.name
     if heard:
-        keep_audio_examples(typed, heard, report["outputs"][heard_entry]["name"])
-    return typed
+        keep_audio_examples(report, heard, report.outputs[heard_entry].name)
+    return report
 
 
 def keep_audio_examples(report: CheckReport, metrics: list[Metric], output: str) -> None:
@@ -73,7 +71,7 @@ def keep_audio_examples(report: CheckReport, metrics: list[Metric], output: str)
 
 def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], blocks: BlockSpec | None,
                    metrics: list[Metric], sensitivity: bool = False,
-                   progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                   progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Per-block report of one candidate graph file against one reference graph file.
 
     A model kept with external data is loaded light (`load_light`): its sessions map the weights from its own
@@ -81,20 +79,19 @@ def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], block
     load = load_onnx if sensitivity else load_light
     ref, cand = load(reference), load(candidate)
     dirs = (reference.parent if is_light(ref) else None, candidate.parent if is_light(cand) else None)
-    result = compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
-                            candidate_label=_label(candidate), sensitivity=sensitivity, weights_dirs=dirs,
-                            progress=progress)
-    return result.to_json()
+    return compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
+                          candidate_label=_label(candidate), sensitivity=sensitivity, weights_dirs=dirs,
+                          progress=progress)
 
 
 def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry_feeds: list[Feeds],
            blocks: BlockSpec | None, family: Family, sample_metrics: list[Metric],
-           progress: Callable[[str], None]) -> dict[str, Any]:
+           progress: Callable[[str], None]) -> CheckReport:
     """Every graph's blocks fed by the FP32 chain, and the whole chain's output measured by `sample_metrics`."""
     from pipeline.evaluation.chain import ChainRunner, sink_graphs
 
     sinks = sink_graphs(candidate)
-    merged: dict[str, Any] | None = None
+    parts: list[CheckReport] = []
     cache: dict[str, list[Feeds]] = {}
     for graph in progress_display.track(candidate.names(), "check: graphs"):
         progress(f"{graph}: capturing inputs")
@@ -103,20 +100,12 @@ def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry
         metrics = metrics_for(family, monolithic) if graph in sinks else []
         part = compare_graphs(reference.path(graph), candidate.path(graph), feeds, blocks, metrics,
                               progress=lambda m, g=graph: progress(f"{g}: {m}"))
-        for b in part["blocks"]:
-            b["block"] = f"{graph}:{b['block']}"
-        for o in part["outputs"]:
-            o["name"] = f"{graph}:{o['name']}"
-        part["notes"] = [f"{graph}: {n}" for n in part["notes"]]
-        if merged is None:
-            merged = part
-        else:
-            merged["blocks"] += part["blocks"]
-            merged["outputs"] += part["outputs"]
-            merged["notes"] += part["notes"]
-            merged["peak_rss_mb"] = max(merged["peak_rss_mb"], part["peak_rss_mb"])
-            merged["wall_s"] += part["wall_s"]
-    assert merged is not None
+        for b in part.blocks:
+            b.block = f"{graph}:{b.block}"
+        for o in part.outputs:
+            o.name = f"{graph}:{o.name}"
+        part.notes = [f"{graph}: {n}" for n in part.notes]
+        parts.append(part)
     progress("whole chain vs the reference")
     # The reference is the uncut FP32 model, or, for a ModelSet that was a chain from the start, that chain.
     mono, chain, mono_sink = ChainRunner(monolithic), ChainRunner(candidate), sink_graphs(monolithic)[0]
@@ -128,13 +117,15 @@ def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry
             whole.update(ref, cand)
         for m in sample_metrics:
             m.update(ref, cand)
-    entry: dict[str, Any] = {"name": f"chain:{sinks[0]}", **whole.to_json()}
-    entry.update({m.key: m.to_json() for m in sample_metrics})
-    merged["outputs"].append(entry)
+    heard = OutputResult.measured(f"chain:{sinks[0]}", whole.stats(), {m.key: m.to_json() for m in sample_metrics})
     names = monolithic.names()
-    merged["reference"] = f"{monolithic.path(names[0]).name if len(names) == 1 else monolithic.root.name} (FP32)"
-    merged["candidate"] = f"{candidate.root.name}/ ({' -> '.join(candidate.names())})"
-    return merged
+    return CheckReport.new(
+        samples=parts[0].samples,
+        reference=f"{monolithic.path(names[0]).name if len(names) == 1 else monolithic.root.name} (FP32)",
+        candidate=f"{candidate.root.name}/ ({' -> '.join(candidate.names())})",
+        notes=[n for p in parts for n in p.notes], peak_rss_mb=max(p.peak_rss_mb for p in parts),
+        wall_s=sum(p.wall_s for p in parts), blocks=[b for p in parts for b in p.blocks],
+        outputs=[*(o for p in parts for o in p.outputs), heard])
 
 
 def _label(path: Path) -> str:

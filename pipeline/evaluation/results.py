@@ -127,6 +127,18 @@ class AudioExample(_Strict):
     spectrogram: str = Field(description="file name of the PNG of both mel spectrograms and their difference")
 
 
+class _EndOutput(_Strict):
+    output: str = Field(description="the output measured")
+
+
+class Sensitivity(ErrorStats, _EndOutput):
+    """End-output error with only this block in candidate precision (--sensitivity)."""
+
+    # (ErrorStats is the first base: pydantic puts a later base's fields first, so `output` leads, as it always
+    # has in report.json.)
+    log_mel_max: float | None = Field(None, description="worst sample's log-mel distance (audio outputs only)")
+
+
 class BlockResult(_Strict):
     """One block: its own error (isolated) and the error piled up at its outputs (accumulated)."""
 
@@ -142,8 +154,8 @@ class BlockResult(_Strict):
     isolated: ErrorStats = Field(description="the block in candidate precision, fed the reference's inputs")
     accumulated: ErrorStats = Field(description="the whole candidate run, at the block's outputs")
     amplification: OptionalDb = Field(description="accumulated / isolated relative L2; null: does not apply")
-    sensitivity: dict[str, Any] | None = Field(None, description="end-output error with only this block in "
-                                                                 "candidate precision (--sensitivity)")
+    sensitivity: Sensitivity | None = Field(None, description="end-output error with only this block in "
+                                                              "candidate precision (--sensitivity)")
 
 
 class OutputResult(ErrorStats):
@@ -153,6 +165,12 @@ class OutputResult(ErrorStats):
 
     name: str
     audio: AudioSummary | None = None
+
+    @classmethod
+    def measured(cls, name: str, stats: ErrorStats, metrics: dict[str, Any] | None = None) -> OutputResult:
+        """Output `name`'s pooled error, with what each per-sample metric measured on it under the metric's key
+        (`audio`: typed; a family's own: `extra(key)`)."""
+        return cls(name=name, **dict(stats), **(metrics or {}))
 
     def extra(self, key: str) -> Any:
         """What a family's own metric wrote under `key` (None when it wrote nothing)."""
@@ -242,6 +260,15 @@ class CheckReport(_Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     # The examples' waveforms by WAV file name, while this report is the check's own (not read back from JSON).
     _waveforms: dict[str, np.ndarray] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def new(cls, *, samples: int, reference: str, candidate: str, notes: list[str], peak_rss_mb: float,
+            wall_s: float, blocks: list[BlockResult], outputs: list[OutputResult], **more: Any) -> CheckReport:
+        """A fresh check's report, the schema named; `more` (tokens, ...) is set only where given, so that
+        report.json holds no key a check did not fill. Peak RSS to 0.1 MB, wall time to the millisecond."""
+        return cls(schema=SCHEMA, samples=samples, reference=reference, candidate=candidate, notes=notes,
+                   peak_rss_mb=round(peak_rss_mb, 1), wall_s=round(wall_s, 3), blocks=blocks, outputs=outputs,
+                   **more)
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "report") -> CheckReport:

@@ -36,17 +36,19 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from calibration import CalibrationSource, SourceContext, checked_feeds
 from pipeline.core.audio import MelSettings
 from pipeline.core.errors import PipelineError, one_line
+from pipeline.core.recipe import parse_params
 
 if TYPE_CHECKING:
     import onnx
-    from calibration import CalibrationSource
     from pipeline.core.feeds import Feeds
 
     from pipeline.evaluation.metrics import Metric
+    from pipeline.evaluation.results import CheckReport
     from pipeline.core.modelset import ModelSet
     from pipeline.formats.targets import Target
 
@@ -82,12 +84,7 @@ class Exporter:
     check: Callable[[Any, Callable[[str], Path], str], None] | None = None
 
     def parse(self, params: dict[str, Any], where: str) -> BaseModel:
-        try:
-            return self.Params.model_validate(params)
-        except ValidationError as e:
-            from pipeline.core.recipe import format_validation_error
-
-            raise PipelineError(format_validation_error(f"{where}.params", e, self.Params, nested=True)) from None
+        return parse_params(self.Params, params, f"{where}.params", nested=True)
 
     def validate(self, params: dict[str, Any], where: str, resolve: Callable[[str], Path]) -> BaseModel:
         """`parse`, then `check`: everything about the model that can be known before any work."""
@@ -185,7 +182,7 @@ class Family:
         return cache[graph]
 
     def check_loop(self, reference: ModelSet, candidate: ModelSet, samples: list[Feeds], decode_steps: int,
-                   progress: Callable[[str], None]) -> dict[str, Any]:
+                   progress: Callable[[str], None]) -> CheckReport:
         """Per-graph isolated/accumulated error and token metrics of an autoregressive ModelSet."""
         raise PipelineError(f"family {self.name!r} is not autoregressive")
 
@@ -194,8 +191,6 @@ class Family:
         """(labels, feeds) that `pipeline bench` runs every variant on: the first `count` evaluation inputs.
 
         `model_path` is the reference's .onnx file, or the folder of a chained ModelSet."""
-        from calibration import SourceContext, checked_feeds, make_source
-
         from pipeline.core.modelset import ModelSet
         from pipeline.core.onnx_io import load_onnx
 
@@ -207,8 +202,8 @@ class Family:
         name, params = spec
         if sentences is not None:
             params = {**params, "sentences": str(sentences)}
-        source = make_source(name, params, SourceContext(entry), where="bench inputs")
-        feeds = checked_feeds(source, load_onnx(entry), where="bench inputs")[:count]
+        feeds, _ = draw_samples(name, params, SourceContext(entry), load_onnx(entry), "bench inputs")
+        feeds = feeds[:count]
         return [f"sample {i}" for i in range(len(feeds))], feeds
 
     def generate(self, ms: ModelSet, request: GenerateRequest) -> Generated:
@@ -271,8 +266,6 @@ def _is_tuple_of(value: object, check: Callable[[object], bool]) -> bool:
 
 def _contract_problem(cls: object) -> str | None:
     """What a loaded entry point lacks to be a family, or None when it keeps the contract."""
-    from calibration import CalibrationSource
-
     from pipeline.formats.targets import Target
 
     if not (isinstance(cls, type) and issubclass(cls, Family)):
@@ -415,7 +408,47 @@ def family_of(ms: ModelSet) -> Family:
 
 
 def all_sources() -> list[type[CalibrationSource]]:
-    return [s for cls in families().values() for s in cls.sources]
+    """Every calibration source by name: the generic `npz` folder, plus the sources each family brings."""
+    from calibration.npz_folder import NpzFolder
+
+    return [NpzFolder, *(s for cls in families().values() for s in cls.sources)]
+
+
+def source_class(name: str, where: str = "calibration") -> type[CalibrationSource]:
+    registry = {cls.name: cls for cls in all_sources()}
+    if name not in registry:
+        raise PipelineError(f"{where}.source: unknown calibration source {name!r} (known: {', '.join(sorted(registry))})")
+    return registry[name]
+
+
+def path_fields(source_name: str) -> list[str]:
+    """The params of a calibration source that name files or folders (marked with `PATH`); none for an unknown source."""
+    cls = {c.name: c for c in all_sources()}.get(source_name)
+    if cls is None:
+        return []
+    return [key for key, f in cls.Params.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("path")]
+
+
+def make_source(name: str, params: dict[str, Any], ctx: SourceContext, where: str = "calibration") -> CalibrationSource:
+    """The calibration source `name` with its params checked (one line naming `where` when they are wrong)."""
+    cls = source_class(name, where)
+    source = cls(parse_params(cls.Params, params, f"{where}.params"), ctx)
+    source.where = where
+    source.check()
+    return source
+
+
+def draw_samples(name: str, params: dict[str, Any], ctx: SourceContext, graph: onnx.ModelProto, where: str,
+                 family: Family | None = None, ms: ModelSet | None = None,
+                 check_where: str | None = None) -> tuple[list[Feeds], CalibrationSource]:
+    """The one way samples are drawn, for calibration, checks, compare, bench and tune: the source made with its
+    params checked (`where` names them), fitted to an exported model set by its family, and every sample checked
+    against the graph it feeds (`check_where` names that, default `where`)."""
+    source = make_source(name, params, ctx, where=where)
+    if family is not None and ms is not None:
+        family.fit_source(source, ms, params)
+    return checked_feeds(source, graph, where=check_where or where), source
 
 
 def files_key(params: BaseModel, files: list[Path]) -> str:

@@ -8,8 +8,8 @@ format's content; it plans (is the format the family's? is its package installed
 folder by what it was made from, builds it atomically, and reports the writer's notes: where the ONNX
 steps' precision choices carried over into the format, and where the format cannot express them.
 
-`weight_precision` reads those choices off an ONNX graph, family-free: the narrowest weight type its
-matrix products and convolutions use.
+`weight_precision` (`pipeline.core.precision`) reads those choices off an ONNX graph, family-free: the
+narrowest weight type its matrix products and convolutions use.
 """
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ import onnx
 from pydantic import BaseModel
 
 from pipeline.core.errors import PipelineError, few, one_line
+from pipeline.core.precision import weight_precision
 
 INSTALL = "pip install 'tts-onnx-pipeline[{extra}]'"
 TARGET_MANIFEST = ".target.json"  # in each final/<format>/: its files, sizes, notes and cache key
-
-# Narrowest first: a graph's precision is the narrowest its weights use.
-PRECISIONS = ("int4", "int8", "fp16", "fp32")
 
 
 @dataclass
@@ -78,29 +76,6 @@ class Target:
         return None
 
 
-def weight_precision(model: onnx.ModelProto, nodes: Iterable[onnx.NodeProto] | None = None) -> str:
-    """The narrowest weight precision of `nodes` (default: the whole graph): int4, int8, fp16 or fp32.
-
-    Weight-only INT8 (int8 initializers into DequantizeLinear), static QDQ, MatMulInteger/ConvInteger,
-    MatMulNBits (its `bits`) and FP16 initializers all count; activations do not."""
-    inits = {t.name: t.data_type for t in model.graph.initializer}
-    T = onnx.TensorProto
-    seen = {"fp32"}
-    for node in model.graph.node if nodes is None else nodes:
-        if node.op_type == "MatMulNBits":
-            bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-            seen.add("int4" if bits <= 4 else "int8")
-        elif node.op_type in ("MatMulInteger", "ConvInteger") or node.op_type.startswith("QLinear"):
-            seen.add("int8")
-        elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            kind = inits[node.input[0]]
-            seen.add("int4" if kind in (T.INT4, T.UINT4) else "int8" if kind in (T.INT8, T.UINT8) else "fp32")
-        elif node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Cast"):
-            if any(inits.get(name) == T.FLOAT16 for name in node.input):
-                seen.add("fp16")
-    return min(seen, key=PRECISIONS.index)
-
-
 def require_module(module: str, extra: str, what: str) -> Any:
     """Import an optional package, or stop with the line that says how to install it."""
     why = _not_installed(module, extra, what)
@@ -141,9 +116,7 @@ class PlannedTarget:
 def plan_targets(recipe: Any, family: Any, model_params: BaseModel | None, where: str) -> list[PlannedTarget]:
     """Every target of the recipe, checked before long work starts: the family's format, once, from a
     PyTorch model, with its package installed and its params valid."""
-    from pydantic import ValidationError
-
-    from pipeline.core.recipe import format_validation_error
+    from pipeline.core.recipe import parse_params
 
     known = {t.format: t for t in family.targets}
     planned: list[PlannedTarget] = []
@@ -162,10 +135,7 @@ def plan_targets(recipe: Any, family: Any, model_params: BaseModel | None, where
         missing = target.missing_package()
         if missing:
             raise PipelineError(f"{at}: {missing}")
-        try:
-            params = target.Params.model_validate(spec.params)
-        except ValidationError as e:
-            raise PipelineError(format_validation_error(f"{at}.params", e, target.Params)) from None
+        params = parse_params(target.Params, spec.params, f"{at}.params")
         planned.append(PlannedTarget(i, target, params))
     return planned
 

@@ -1,7 +1,7 @@
 """Reports of a check: terminal table, JSON, Markdown, and a self-contained HTML page with a plot.
 
-They render the JSON form of a `pipeline.evaluation.results.CheckReport` (`"schema": "tts-onnx-pipeline/check/1"`),
-whose models document every field:
+They render a `pipeline.evaluation.results.CheckReport`, whose models document every field; report.json is its
+`to_json()` (`"schema": "tts-onnx-pipeline/check/1"`):
 
     {"samples": N, "reference": str, "candidate": str, "notes": [str], "peak_rss_mb": float, "wall_s": float,
      "blocks": [{"block": id, "params": int, "bytes_reference": int, "bytes_candidate": int,
@@ -44,12 +44,16 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.core.audio import MelSettings, log_mel, read_wav, wav_bytes
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.results import as_float
+from pipeline.evaluation.results import CheckReport, as_float  # noqa: F401 (as_float: read report.json with it)
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from pipeline.evaluation.results import CheckReport
+    from pipeline.evaluation.results import AudioExample, BlockResult, FormatResult
+
+# What the public functions render: a CheckReport, or report.json's form (as read back from a file), which is
+# typed once on the way in.
+Report = CheckReport | dict[str, Any]
 
 WORST = 8  # blocks marked worst in the tables, and listed by the terminal summary by default
 FIRST_LOOK = 3  # what `worst_blocks` names by default: the few blocks to look at first
@@ -57,93 +61,104 @@ FIRST_LOOK = 3  # what `worst_blocks` names by default: the few blocks to look a
 _AUDIO_FILE = re.compile(r"sample\d+-(reference\.wav|candidate\.wav|spectrogram\.png)")
 
 
-def _fmt_db(v: Any) -> str:
-    x = as_float(v)
-    return "inf" if x == math.inf else ("-" if math.isnan(x) else f"{x:.1f}")
+def typed(report: Report) -> CheckReport:
+    """The report as a CheckReport: one already is; report.json's form is read into one."""
+    return report if isinstance(report, CheckReport) else CheckReport.from_json(report)
 
 
-def worst_blocks(report: dict[str, Any], n: int = FIRST_LOOK) -> list[str]:
+def _fmt_db(x: float | None) -> str:
+    """A dB figure: inf (identical), - (nothing compared), else one decimal."""
+    if x is None or math.isnan(x):
+        return "-"
+    return "inf" if x == math.inf else f"{x:.1f}"
+
+
+def _fmt_amplification(amp: float | None) -> str:
+    return "-" if amp is None or math.isnan(amp) else ("inf" if amp == math.inf else f"{amp:.1f}x")
+
+
+def worst_blocks(report: Report, n: int = FIRST_LOOK) -> list[str]:
     """Blocks with the lowest finite isolated SQNR: where the error is made."""
-    ranked = [(b["block"], as_float(b["isolated"]["sqnr_db"])) for b in report["blocks"]
-              if b["matched"] and math.isfinite(as_float(b["isolated"]["sqnr_db"]))]
+    report = typed(report)
+    ranked = [(b.block, b.isolated.sqnr_db) for b in report.blocks if b.matched and math.isfinite(b.isolated.sqnr_db)]
     return [b for b, _ in sorted(ranked, key=lambda x: x[1])[:n]]
 
 
-def ranked_blocks(report: dict[str, Any]) -> list[dict[str, Any]]:
+def ranked_blocks(report: Report) -> list[BlockResult]:
     """The blocks that add error, worst first (lowest finite isolated SQNR), then the unmatched ones;
     identical blocks and ones with nothing compared are left out."""
-    by_id = {b["block"]: b for b in report["blocks"]}
+    report = typed(report)
+    by_id = {b.block: b for b in report.blocks}
     worst = [by_id[b] for b in worst_blocks(report, len(by_id))]
-    return worst + [b for b in report["blocks"] if not b["matched"]]
+    return worst + [b for b in report.blocks if not b.matched]
 
 
 def _precision(p: dict[str, int]) -> str:
     return " ".join(f"{k}:{v}" for k, v in sorted(p.items()) if k != "other") or "-"
 
 
-def terminal_table(report: dict[str, Any], limit: int | None = WORST):
+def terminal_table(report: Report, limit: int | None = WORST):
     """The per-block table for a terminal: the `limit` worst blocks, worst first, when there are more blocks
     than that (68 rows of a Piper voice hide the few that matter); `limit` None: every block in graph order."""
+    report = typed(report)
     from rich.table import Table
 
-    blocks, caption = report["blocks"], None
+    blocks, caption = report.blocks, None
     if limit is not None and len(blocks) > limit:
         blocks = ranked_blocks(report)[:limit]
-        caption = (f"{len(blocks)} worst of {len(report['blocks'])} blocks" if blocks
-                   else f"none of the {len(report['blocks'])} blocks adds error")
+        caption = (f"{len(blocks)} worst of {len(report.blocks)} blocks" if blocks
+                   else f"none of the {len(report.blocks)} blocks adds error")
         caption += " (--all-blocks for all; every block is in report.html)"
     # Abridged, every row is a worst one: the mark column would only repeat it, unless a block is unmatched.
     worst = set(worst_blocks(report, WORST)) if caption is None else set()
-    marks = caption is None or any(not b["matched"] for b in blocks)
-    title = f"per-block error, {report['samples']} samples: {report['candidate']} vs {report['reference']}"
+    marks = caption is None or any(not b.matched for b in blocks)
+    title = f"per-block error, {report.samples} samples: {report.candidate} vs {report.reference}"
     table = Table(title=title, caption=caption)
     for col in ("block", "params", "iso SQNR dB", "acc SQNR dB", "amplif.", "iso cos", "acc max abs",
                 "precision", "KB ref->cand", *([""] if marks else [])):
         table.add_column(col, justify="left" if col in ("block", "precision", "") else "right")
     for b in blocks:
-        amp = b["amplification"]
-        mark = "[bold red]<< worst[/]" if b["block"] in worst else ("[yellow]unmatched[/]" if not b["matched"] else "")
-        table.add_row(b["block"], f"{b['params']:,}", _fmt_db(b["isolated"]["sqnr_db"]),
-                      _fmt_db(b["accumulated"]["sqnr_db"]),
-                      "-" if amp is None else ("inf" if amp == "inf" else f"{amp:.1f}x"),
-                      f"{b['isolated']['cosine']:.5f}", f"{b['accumulated']['max_abs']:.3g}",
-                      _precision(b["precision"]), f"{b['bytes_reference'] // 1024}->{b['bytes_candidate'] // 1024}",
-                      *([mark] if marks else []))
+        mark = "[bold red]<< worst[/]" if b.block in worst else ("[yellow]unmatched[/]" if not b.matched else "")
+        table.add_row(b.block, f"{b.params:,}", _fmt_db(b.isolated.sqnr_db), _fmt_db(b.accumulated.sqnr_db),
+                      _fmt_amplification(b.amplification), f"{b.isolated.cosine:.5f}",
+                      f"{b.accumulated.max_abs:.3g}", _precision(b.precision),
+                      f"{b.bytes_reference // 1024}->{b.bytes_candidate // 1024}", *([mark] if marks else []))
     return table
 
 
-def outputs_lines(report: dict[str, Any]) -> list[str]:
+def outputs_lines(report: Report) -> list[str]:
+    report = typed(report)
     lines = []
-    t = report.get("tokens")
+    t = report.tokens
     if t:
         lines.append(_token_line(t.get("head", "text head"), t, f"{t['decode_steps']} steps a prompt",
-                                 report["samples"]))
+                                 report.samples))
         if t.get("code_head") and t["code_head"]["teacher_forced_top1_agreement"] is not None:
-            lines.append(_token_line("code head", t["code_head"], "per codebook", report["samples"]))
-    for o in report["outputs"]:
-        line = (f"output {o['name']}: SQNR {_fmt_db(o['sqnr_db'])} dB, cosine {o['cosine']:.5f}, "
-                f"max abs {o['max_abs']:.3g}, rel L2 {as_float(o['rel_l2']):.4g}")
-        if o.get("shape_mismatches"):
-            line += f" ({o['shape_mismatches']} samples with a different shape not compared)"
-        a = o.get("audio")
+            lines.append(_token_line("code head", t["code_head"], "per codebook", report.samples))
+    for o in report.outputs:
+        line = (f"output {o.name}: SQNR {_fmt_db(o.sqnr_db)} dB, cosine {o.cosine:.5f}, "
+                f"max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.4g}")
+        if o.shape_mismatches:
+            line += f" ({o.shape_mismatches} samples with a different shape not compared)"
+        a = o.audio
         if a:
-            line += (f"; log-mel mean {a['log_mel_mean']:.4f}, max {a['log_mel_max']:.4f}"
-                     + (f", MCD {a['mcd_db_mean']:.2f} dB" if a.get("mcd_db_mean") is not None else "") + "; "
-                     f"length change max {a['length_diff_max_abs']:.2%} "
-                     f"({a['samples_with_length_change']} of {report['samples']} samples)")
+            line += (f"; log-mel mean {a.log_mel_mean:.4f}, max {a.log_mel_max:.4f}"
+                     + (f", MCD {a.mcd_db_mean:.2f} dB" if a.mcd_db_mean is not None else "") + "; "
+                     f"length change max {a.length_diff_max_abs:.2%} "
+                     f"({a.samples_with_length_change} of {report.samples} samples)")
         lines.append(line)
-    return lines + [_format_line(f) for f in report.get("formats") or []]
+    return lines + [_format_line(f) for f in report.formats or []]
 
 
-def _format_line(f: dict[str, Any]) -> str:
+def _format_line(f: FormatResult) -> str:
     """A file written beside ONNX: what it was compared with, and how far off it is (or why it was not)."""
-    head = f"format {f['format']} {f['file']}"
-    if f.get("sqnr_db") is None:
-        return f"{head}: not checked: {f.get('note') or 'no check'}"
-    line = f"{head}: {f['compared']}: SQNR {'min ' if f.get('worst') else ''}{_fmt_db(f['sqnr_db'])} dB"
-    line += f" ({f['worst']})" if f.get("worst") else ""
-    line += f", log-mel max {f['log_mel_max']:.4f}" if f.get("log_mel_max") is not None else ""
-    return line + (f"; {f['note']}" if f.get("note") else "")
+    head = f"format {f.format} {f.file}"
+    if f.sqnr_db is None or math.isnan(f.sqnr_db):  # (nan: report.json says null, as for a file not run)
+        return f"{head}: not checked: {f.note or 'no check'}"
+    line = f"{head}: {f.compared}: SQNR {'min ' if f.worst else ''}{_fmt_db(f.sqnr_db)} dB"
+    line += f" ({f.worst})" if f.worst else ""
+    line += f", log-mel max {f.log_mel_max:.4f}" if f.log_mel_max is not None else ""
+    return line + (f"; {f.note}" if f.note else "")
 
 
 def _token_line(head: str, t: dict[str, Any], what: str, samples: int) -> str:
@@ -162,12 +177,13 @@ def _pyplot():
     return plt
 
 
-def plot_png(report: dict[str, Any]) -> bytes:
+def plot_png(report: Report) -> bytes:
     """Isolated and accumulated SQNR per block, in graph order (inf drawn at the top); every block named."""
+    report = typed(report)
     plt = _pyplot()
-    blocks = [b for b in report["blocks"] if b["matched"]]
-    iso = [as_float(b["isolated"]["sqnr_db"]) for b in blocks]
-    acc = [as_float(b["accumulated"]["sqnr_db"]) for b in blocks]
+    blocks = [b for b in report.blocks if b.matched]
+    iso = [b.isolated.sqnr_db for b in blocks]
+    acc = [b.accumulated.sqnr_db for b in blocks]
     finite = [v for v in iso + acc if math.isfinite(v)]
     top = (max(finite) if finite else 100) + 10
 
@@ -182,10 +198,10 @@ def plot_png(report: dict[str, Any]) -> bytes:
     ax.axhline(top, color="grey", lw=0.5, ls=":")
     ax.text(0, top, " identical (inf)", va="bottom", fontsize=7, color="grey")
     ax.set_xticks(list(x))
-    ax.set_xticklabels([b["block"] for b in blocks], rotation=90, fontsize=7)
+    ax.set_xticklabels([b.block for b in blocks], rotation=90, fontsize=7)
     ax.set_xlim(-0.5, len(blocks) - 0.5)
     ax.set_ylabel("SQNR dB (higher is better)")
-    ax.set_title(f"{report['candidate']} vs {report['reference']}, {report['samples']} samples")
+    ax.set_title(f"{report.candidate} vs {report.reference}, {report.samples} samples")
     return _finished_png(fig, ax)
 
 
@@ -204,17 +220,18 @@ def _finished_png(fig, *axes) -> bytes:
     return buf.getvalue()
 
 
-def _heads(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _heads(report: CheckReport) -> list[tuple[str, dict[str, Any]]]:
     """(name, metrics) of each token head with per-step numbers: the main head, then the code head."""
-    t = report.get("tokens") or {}
+    t = report.tokens or {}
     heads = [(t.get("head", "text head"), t), ("code head", t.get("code_head") or {})]
     return [(name, h) for name, h in heads
             if h.get("teacher_forced_kl_per_step") or h.get("teacher_forced_top1_per_step")]
 
 
-def tokens_png(report: dict[str, Any]) -> bytes | None:
+def tokens_png(report: Report) -> bytes | None:
     """Teacher-forced top-1 agreement and KL per generated step, each head, with the step where free-running
     greedy decoding first diverged marked (dashed); None when the report has no per-step token numbers."""
+    report = typed(report)
     heads = _heads(report)
     if not heads:
         return None
@@ -228,12 +245,12 @@ def tokens_png(report: dict[str, Any]) -> bytes | None:
         first = h.get("first_divergence_min")
         if first is not None:
             label = (f"{name}: free-running greedy first diverges at step {first} "
-                     f"({h['prompts_diverged']} of {report['samples']} prompts diverge)")
+                     f"({h['prompts_diverged']} of {report.samples} prompts diverge)")
             for ax in (agree, kl):
                 ax.axvline(first, color=line.get_color(), ls="--", lw=1, label=label if ax is agree else None)
     agree.set_ylim(-0.03, 1.03)
     agree.set_ylabel("top-1 agreement")
-    agree.set_title(f"teacher-forced, per generated step, mean over {report['samples']} prompts")
+    agree.set_title(f"teacher-forced, per generated step, mean over {report.samples} prompts")
     if all(v > 0 for _, h in heads for v in h.get("teacher_forced_kl_per_step") or []):
         kl.set_yscale("log")
     kl.set_ylabel("KL(reference || candidate)")
@@ -281,71 +298,66 @@ COLUMNS = ("block", "params", "isolated SQNR dB", "accumulated SQNR dB", "amplif
            "KB ref -> cand", "")
 
 
-def _rows(report: dict[str, Any]) -> list[list[str]]:
+def _rows(report: CheckReport) -> list[list[str]]:
     """One row of cells per block, shared by the Markdown and HTML reports."""
     worst = set(worst_blocks(report, WORST))
-    rows = []
-    for b in report["blocks"]:
-        amp = b["amplification"]
-        rows.append([b["block"], f"{b['params']:,}", _fmt_db(b["isolated"]["sqnr_db"]),
-                     _fmt_db(b["accumulated"]["sqnr_db"]),
-                     "-" if amp is None else ("inf" if amp == "inf" else f"{amp:.1f}x"),
-                     _precision(b["precision"]), f"{b['bytes_reference'] // 1024} -> {b['bytes_candidate'] // 1024}",
-                     "worst" if b["block"] in worst else ("unmatched" if not b["matched"] else "")])
-    return rows
+    return [[b.block, f"{b.params:,}", _fmt_db(b.isolated.sqnr_db), _fmt_db(b.accumulated.sqnr_db),
+             _fmt_amplification(b.amplification), _precision(b.precision),
+             f"{b.bytes_reference // 1024} -> {b.bytes_candidate // 1024}",
+             "worst" if b.block in worst else ("unmatched" if not b.matched else "")] for b in report.blocks]
 
 
-def _round_lines(report: dict[str, Any]) -> list[str]:
-    return [f"round {r['round']}: {len(r['kept'])} blocks kept in {r['kept_in']}; {r['summary']}"
-            + (f"; moved next: {', '.join(r['moved_next'])}" if r["moved_next"] else "")
-            for r in report.get("rounds", [])]
+def _round_lines(report: CheckReport) -> list[str]:
+    return [f"round {r.round}: {len(r.kept)} blocks kept in {r.kept_in}; {r.summary}"
+            + (f"; moved next: {', '.join(r.moved_next)}" if r.moved_next else "")
+            for r in report.rounds or []]
 
 
 TUNE_COLUMNS = ("candidate", "choices", "size x", "latency x", "log-mel max", "SQNR dB", "length change",
                 "target", "")
 
 
-def _tune_rows(report: dict[str, Any]) -> list[list[str]]:
+def _tune_rows(report: CheckReport) -> list[list[str]]:
     rows = []
-    for c in (report.get("tune") or {}).get("candidates", []):
-        mark = "chosen" if c["chosen"] else ("Pareto" if c["pareto"] else "")
-        rows.append([c["key"][:8], c["choices"], f"{c['size_ratio']:.3f}",
-                     "-" if c["latency_ratio"] is None else f"{c['latency_ratio']:.2f}",
-                     "-" if c["log_mel_max"] is None else f"{c['log_mel_max']:.4f}", _fmt_db(c["sqnr_db"]),
-                     f"{c['length_change_max']:.2%}", "met" if c["met"] else "missed: " + "; ".join(c["misses"]),
-                     mark])
+    for c in report.tune.candidates if report.tune else []:
+        mark = "chosen" if c.chosen else ("Pareto" if c.pareto else "")
+        rows.append([c.key[:8], c.choices, f"{c.size_ratio:.3f}",
+                     "-" if c.latency_ratio is None else f"{c.latency_ratio:.2f}",
+                     "-" if c.log_mel_max is None else f"{c.log_mel_max:.4f}", _fmt_db(c.sqnr_db),
+                     f"{c.length_change_max:.2%}", "met" if c.met else "missed: " + "; ".join(c.misses), mark])
     return rows
 
 
-def _tune_lines(report: dict[str, Any]) -> list[str]:
-    t = report.get("tune")
+def _tune_lines(report: CheckReport) -> list[str]:
+    t = report.tune
     if not t:
         return []
-    target = ", ".join(f"{k} {v}" for k, v in t["target"].items() if v not in ({}, None))
-    return [f"objective {t['objective']}; target {target}", f"{t['blocks_searched']} blocks searched, menu "
-            f"{', '.join(t['menu'])}; {t['trials']} trials ({t['screening_trials']} screening) on {t['executor']}, "
-            f"{t['wall_s']:.0f} s", f"tune samples: {t['samples']} (the table above is on the evaluation inputs)"]
+    target = ", ".join(f"{k} {v}" for k, v in t.target.items() if v not in ({}, None))
+    return [f"objective {t.objective}; target {target}", f"{t.blocks_searched} blocks searched, menu "
+            f"{', '.join(t.menu)}; {t.trials} trials ({t.screening_trials} screening) on {t.executor}, "
+            f"{t.wall_s:.0f} s", f"tune samples: {t.samples} (the table above is on the evaluation inputs)"]
 
 
-def tune_png(report: dict[str, Any]) -> bytes | None:
+def tune_png(report: Report) -> bytes | None:
     """Size against latency of every verified candidate: met, missed, the Pareto front and the chosen one."""
-    cands = [c for c in (report.get("tune") or {}).get("candidates", []) if c["latency_ratio"] is not None]
+    report = typed(report)
+    cands = [c for c in (report.tune.candidates if report.tune else []) if c.latency_ratio is not None]
     if not cands:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     for met, style, label in ((True, "o", "met the target"), (False, "x", "missed the target")):
-        pts = [c for c in cands if c["met"] == met]
-        ax.scatter([c["size_ratio"] for c in pts], [c["latency_ratio"] for c in pts], marker=style, label=label)
-    front = sorted((c for c in cands if c["pareto"]), key=lambda c: c["size_ratio"])
+        pts = [c for c in cands if c.met == met]
+        ax.scatter([c.size_ratio for c in pts], [c.latency_ratio for c in pts], marker=style, label=label)
+    front = sorted((c for c in cands if c.pareto), key=lambda c: c.size_ratio)
     if front:
-        ax.plot([c["size_ratio"] for c in front], [c["latency_ratio"] for c in front], "-", color="grey", lw=1,
+        ax.plot([c.size_ratio for c in front], [c.latency_ratio for c in front], "-", color="grey", lw=1,
                 label="Pareto front")
     for c in cands:
-        if c["chosen"]:
-            ax.scatter([c["size_ratio"]], [c["latency_ratio"]], s=220, facecolors="none", edgecolors="red",
+        if c.chosen:
+            ax.scatter([c.size_ratio], [c.latency_ratio], s=220, facecolors="none", edgecolors="red",
                        label="chosen")
-        ax.annotate(c["key"][:6], (c["size_ratio"], c["latency_ratio"]), fontsize=7, xytext=(4, 4),
+        ax.annotate(c.key[:6], (c.size_ratio, c.latency_ratio), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xlabel("size x (of the base)")
     ax.set_ylabel("latency x (of the base)")
@@ -353,18 +365,20 @@ def tune_png(report: dict[str, Any]) -> bytes | None:
     return _finished_png(fig, ax)
 
 
-def headline(report: dict[str, Any]) -> list[str]:
+def headline(report: Report) -> list[str]:
     """What must come first in every report (seeded, untrained weights)."""
-    return [n for n in report.get("notes", []) if n.startswith("SEEDED")]
+    report = typed(report)
+    return [n for n in report.notes if n.startswith("SEEDED")]
 
 
-def markdown(report: dict[str, Any], png_name: str | None = None, tune_png_name: str | None = None,
+def markdown(report: Report, png_name: str | None = None, tune_png_name: str | None = None,
              tokens_png_name: str | None = None, audio_dir: str | None = None) -> str:
     """The report as Markdown; the `*_name`s and `audio_dir` are paths relative to it (None: not written)."""
+    report = typed(report)
     lines = [f"**{n}**" for n in headline(report)]
-    lines += [f"# Per-block error: {report['candidate']} vs {report['reference']}", ""]
-    lines += [f"{report['samples']} samples. Peak RSS {report['peak_rss_mb']:.0f} MB.", ""]
-    lines += [f"- {n}" for n in report.get("notes", []) if n not in headline(report)]
+    lines += [f"# Per-block error: {report.candidate} vs {report.reference}", ""]
+    lines += [f"{report.samples} samples. Peak RSS {report.peak_rss_mb:.0f} MB.", ""]
+    lines += [f"- {n}" for n in report.notes if n not in headline(report)]
     lines += [f"- {line}" for line in outputs_lines(report)] + [""]
     lines += _audio_markdown(report, audio_dir)
     if tokens_png_name:
@@ -375,9 +389,9 @@ def markdown(report: dict[str, Any], png_name: str | None = None, tune_png_name:
     for cells in _rows(report):
         cells = [f"`{cells[0]}`", *cells[1:-1], f"**{cells[-1]}**" if cells[-1] == "worst" else cells[-1]]
         lines.append("| " + " | ".join(cells) + " |")
-    if report.get("rounds"):
+    if report.rounds:
         lines += ["", "## Automatic fallback", ""] + [f"- {line}" for line in _round_lines(report)]
-    if report.get("tune"):
+    if report.tune:
         lines += ["", "## Precision search (pipeline tune)", ""] + [f"- {line}" for line in _tune_lines(report)]
         if tune_png_name:
             lines += ["", f"![verified candidates, size against latency]({tune_png_name})"]
@@ -386,30 +400,30 @@ def markdown(report: dict[str, Any], png_name: str | None = None, tune_png_name:
     return "\n".join(lines) + "\n"
 
 
-def _example_line(e: dict[str, Any]) -> str:
+def _example_line(e: AudioExample) -> str:
     """One line on an audio example: which sample, why, and how far off it is."""
-    length = f"length {e['length_change']:+.2%}" if e["length_change"] else "same length"
-    line = f"sample {e['sample']} ({e['why']}): log-mel {e['log_mel']:.4f}, {e['reference_s']:.2f} s, {length}"
-    if e["divergence_s"] is not None:
-        line += f", durations diverge at {e['divergence_s']:.2f} s"
+    length = f"length {e.length_change:+.2%}" if e.length_change else "same length"
+    line = f"sample {e.sample} ({e.why}): log-mel {e.log_mel:.4f}, {e.reference_s:.2f} s, {length}"
+    if e.divergence_s is not None:
+        line += f", durations diverge at {e.divergence_s:.2f} s"
     return line
 
 
 AUDIO_HEADING = "Listen: the worst and a typical sample"
 
 
-def _audio_markdown(report: dict[str, Any], audio_dir: str | None) -> list[str]:
-    examples = report.get("audio_examples") or []
+def _audio_markdown(report: CheckReport, audio_dir: str | None) -> list[str]:
+    examples = report.audio_examples or []
     if not examples:
         return []
-    lines = [f"## {AUDIO_HEADING}", "", f"Output `{examples[0]['output']}`, by log-mel distance.", ""]
+    lines = [f"## {AUDIO_HEADING}", "", f"Output `{examples[0].output}`, by log-mel distance.", ""]
     for e in examples:
         if audio_dir is None:
             lines += [f"- {_example_line(e)} (WAV files not written)"]
             continue
-        links = f"[reference]({audio_dir}/{e['reference_wav']}), [candidate]({audio_dir}/{e['candidate_wav']})"
-        picture = f"mel spectrograms of sample {e['sample']}: reference, candidate, difference"
-        lines += [f"- {_example_line(e)}: {links}", "", f"  ![{picture}]({audio_dir}/{e['spectrogram']})", ""]
+        links = f"[reference]({audio_dir}/{e.reference_wav}), [candidate]({audio_dir}/{e.candidate_wav})"
+        picture = f"mel spectrograms of sample {e.sample}: reference, candidate, difference"
+        lines += [f"- {_example_line(e)}: {links}", "", f"  ![{picture}]({audio_dir}/{e.spectrogram})", ""]
     return lines
 
 
@@ -462,15 +476,16 @@ tr.worst{background:#fde2e2} img{max-width:100%} .seeded{font-weight:bold;color:
 .players figure{margin:0} .missing{color:#a00}"""
 
 
-def html_page(report: dict[str, Any], png: bytes | None = None, tune: bytes | None = None,
+def html_page(report: Report, png: bytes | None = None, tune: bytes | None = None,
               audio_dir: Path | None = None, tokens: bytes | None = None) -> str:
     """A self-contained page (no network); `png`/`tokens`: the plots already drawn for this report (drawing
     takes about a second), else drawn here; `audio_dir`: where the audio examples' files lie."""
+    report = typed(report)
     png = base64.b64encode(png if png is not None else plot_png(report)).decode()
     tokens = tokens if tokens is not None else tokens_png(report)
     notes = "".join(f"<li>{html.escape(n)}</li>"
-                    for n in report.get("notes", []) + outputs_lines(report) + _round_lines(report))
-    title = html.escape(f"Per-block error: {report['candidate']} vs {report['reference']}")
+                    for n in report.notes + outputs_lines(report) + _round_lines(report))
+    title = html.escape(f"Per-block error: {report.candidate} vs {report.reference}")
     first = "".join(f'<p class="seeded">{html.escape(n)}</p>' for n in headline(report))
     worst = (f"Rows in red: the {WORST} blocks with the lowest isolated SQNR (where the error is made). "
              "Click a column header to sort.")
@@ -478,7 +493,7 @@ def html_page(report: dict[str, Any], png: bytes | None = None, tune: bytes | No
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><link rel="icon" href="data:,">
 <style>{STYLE}</style></head>
 <body>{first}<h1>{title}</h1>
-<p>{report['samples']} samples; peak RSS {report['peak_rss_mb']:.0f} MB. Isolated: the block in candidate precision
+<p>{report.samples} samples; peak RSS {report.peak_rss_mb:.0f} MB. Isolated: the block in candidate precision
 fed the reference's inputs (the error it adds itself). Accumulated: the whole candidate run (the error piled up at its
 output). SQNR is pooled over all samples.</p>
 <ul>{notes}</ul>
@@ -510,11 +525,11 @@ def _tokens_html(png: bytes | None) -> str:
             f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
 
 
-def _audio_html(report: dict[str, Any], audio_dir: Path | None) -> str:
-    examples = report.get("audio_examples") or []
+def _audio_html(report: CheckReport, audio_dir: Path | None) -> str:
+    examples = report.audio_examples or []
     if not examples:
         return ""
-    intro = (f"Output <code>{html.escape(examples[0]['output'])}</code>, by log-mel distance: reference and "
+    intro = (f"Output <code>{html.escape(examples[0].output)}</code>, by log-mel distance: reference and "
              "candidate as the check heard them (16-bit WAV). Spectrograms: the metric's own log-mel front end, "
              "reference and candidate on one colour scale; the difference (candidate - reference) over their common "
              "frames, red louder, blue quieter.")
@@ -524,38 +539,38 @@ def _audio_html(report: dict[str, Any], audio_dir: Path | None) -> str:
     return "".join(parts) + "\n"
 
 
-def _example_media(e: dict[str, Any], audio_dir: Path | None) -> str:
+def _example_media(e: AudioExample, audio_dir: Path | None) -> str:
     """Players and spectrograms of one example, from its files in `audio_dir`; a note when they are missing."""
-    wavs = [audio_dir / e[k] for k in ("reference_wav", "candidate_wav")] if audio_dir is not None else []
+    wavs = [audio_dir / e.reference_wav, audio_dir / e.candidate_wav] if audio_dir is not None else []
     if not wavs or not all(w.is_file() for w in wavs):
         where = f"are not in {audio_dir.name}/ (removed since the check?)" if audio_dir else "were not written"
-        return f'<p class="missing">The WAV files of sample {e["sample"]} {html.escape(where)}: nothing to play.</p>'
+        return f'<p class="missing">The WAV files of sample {e.sample} {html.escape(where)}: nothing to play.</p>'
     try:
         spectrogram = _spectrogram(e, audio_dir)
     except PipelineError as err:
         return f'<p class="missing">{html.escape(str(err))}</p>'
     players = "".join(
-        f"<figure><figcaption>{role} ({e[role + '_s']:.2f} s)</figcaption><audio controls preload=\"auto\" "
+        f"<figure><figcaption>{role} ({seconds:.2f} s)</figcaption><audio controls preload=\"auto\" "
         f'src="data:audio/wav;base64,{base64.b64encode(wav.read_bytes()).decode()}"></audio></figure>'
-        for role, wav in zip(("reference", "candidate"), wavs))
-    return (f'<div class="players">{players}</div><img alt="mel spectrograms of sample {e["sample"]}: reference, '
+        for role, seconds, wav in zip(("reference", "candidate"), (e.reference_s, e.candidate_s), wavs))
+    return (f'<div class="players">{players}</div><img alt="mel spectrograms of sample {e.sample}: reference, '
             f'candidate, difference" src="data:image/png;base64,{base64.b64encode(spectrogram).decode()}">')
 
 
-def _spectrogram(e: dict[str, Any], audio_dir: Path) -> bytes:
+def _spectrogram(e: AudioExample, audio_dir: Path) -> bytes:
     """The example's spectrogram PNG as written beside its WAVs, or drawn again from them."""
-    png = audio_dir / e["spectrogram"]
+    png = audio_dir / e.spectrogram
     if png.is_file():
         return png.read_bytes()
-    reference, _ = read_wav(audio_dir / e["reference_wav"])
-    candidate, _ = read_wav(audio_dir / e["candidate_wav"])
-    return spectrogram_png(reference, candidate, MelSettings(**e["front_end"]),
-                           f"sample {e['sample']} ({e['why']}): reference, candidate, candidate - reference",
-                           e["divergence_s"])
+    reference, _ = read_wav(audio_dir / e.reference_wav)
+    candidate, _ = read_wav(audio_dir / e.candidate_wav)
+    return spectrogram_png(reference, candidate, MelSettings(**e.front_end.model_dump()),
+                           f"sample {e.sample} ({e.why}): reference, candidate, candidate - reference",
+                           e.divergence_s)
 
 
-def _tune_html(report: dict[str, Any], png: bytes | None) -> str:
-    if not report.get("tune"):
+def _tune_html(report: CheckReport, png: bytes | None) -> str:
+    if not report.tune:
         return ""
     img = (f'<img alt="verified candidates, size against latency" src="data:image/png;base64,'
            f'{base64.b64encode(png).decode()}">') if png else ""
@@ -588,7 +603,7 @@ def write_audio(result: CheckReport, audio_dir: Path) -> bool:
                 (audio_dir / name).write_bytes(wav_bytes(result.waveform(name), e.front_end.sample_rate))
         if not (audio_dir / e.spectrogram).is_file() and (audio_dir / e.reference_wav).is_file():
             try:
-                (audio_dir / e.spectrogram).write_bytes(_spectrogram(e.model_dump(), audio_dir))
+                (audio_dir / e.spectrogram).write_bytes(_spectrogram(e, audio_dir))
             except PipelineError:
                 pass  # a damaged WAV: the page says so where the example would be
     return True
@@ -597,15 +612,14 @@ def write_audio(result: CheckReport, audio_dir: Path) -> bool:
 def write_reports(result: CheckReport, folder: Path, stem: str = "report") -> dict[str, Path]:
     """report.json, .md, .html and .png of a check in `folder`, plus -tokens.png (token families) and the
     audio examples in <stem>-audio/ (audio families)."""
-    report = result.to_json()
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / f"{stem}.json", "md": folder / f"{stem}.md", "html": folder / f"{stem}.html",
              "png": folder / f"{stem}.png"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    png = plot_png(report)
+    paths["json"].write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    png = plot_png(result)
     paths["png"].write_bytes(png)
-    extra = {"tune_png": (f"{stem}-tune.png", tune_png(report)), "tokens_png": (f"{stem}-tokens.png",
-                                                                               tokens_png(report))}
+    extra = {"tune_png": (f"{stem}-tune.png", tune_png(result)), "tokens_png": (f"{stem}-tokens.png",
+                                                                               tokens_png(result))}
     for key, (name, data) in extra.items():
         if data is not None:
             paths[key] = folder / name
@@ -613,10 +627,10 @@ def write_reports(result: CheckReport, folder: Path, stem: str = "report") -> di
     audio_dir = folder / f"{stem}-audio"
     if write_audio(result, audio_dir):
         paths["audio"] = audio_dir
-    paths["md"].write_text(markdown(report, png_name=paths["png"].name, tune_png_name=extra["tune_png"][0]
+    paths["md"].write_text(markdown(result, png_name=paths["png"].name, tune_png_name=extra["tune_png"][0]
                                     if "tune_png" in paths else None, tokens_png_name=extra["tokens_png"][0]
                                     if "tokens_png" in paths else None,
                                     audio_dir=audio_dir.name if "audio" in paths else None))
-    paths["html"].write_text(html_page(report, png, extra["tune_png"][1], audio_dir=audio_dir,
+    paths["html"].write_text(html_page(result, png, extra["tune_png"][1], audio_dir=audio_dir,
                                        tokens=extra["tokens_png"][1]))
     return paths

@@ -16,20 +16,21 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import yaml
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.recipe import FallbackSpec, Recipe, Scope, Step
 from pipeline.report.render import write_reports
-from pipeline.evaluation.results import BlockResult, CheckReport, FallbackRound, as_float
-from pipeline.engine.runner import Runner, RunResult, fallback_step_index, plan_recipe
+from pipeline.evaluation.results import BlockResult, CheckReport, FallbackRound
+from pipeline.engine.plan import Plan, fallback_step_index, replan
+from pipeline.engine.runner import Runner, RunResult
+from pipeline.search.derive import derive, write_resolved
 
-RESOLVED = "resolved_recipe.yaml"
 
-
-def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> RunResult:
+def run_with_fallback(plan: Plan, out_dir: Path, log: Callable[[str], None] = print) -> RunResult:
+    """The rounds, each a plan made from `plan` (the user's recipe, planned once), into `out_dir`, which the
+    caller holds."""
+    recipe = plan.recipe
     spec = recipe.check.fallback
     index = fallback_step_index(recipe)
     current = _without_fallback(recipe, sensitivity=spec.rank_by == "sensitivity")
@@ -39,7 +40,7 @@ def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] 
     step_left = True
     for round_no in range(spec.max_rounds + 1):
         log(f"fallback round {round_no}: {len(moved)} blocks kept in {spec.move_to}")
-        result = Runner(plan_recipe(current), out_dir, log=log).run()
+        result = Runner(replan(plan, current), out_dir, log=log).run()
         if spec.rank_by == "sensitivity" and order is None:
             order = _sensitivity_order(result.report, spec)
         summary, met = _evaluate(result.report, result, spec)
@@ -63,12 +64,14 @@ def run_with_fallback(recipe: Recipe, out_dir: Path, log: Callable[[str], None] 
         current = _with_moved(_without_fallback(recipe), index, moved, spec, drop_step=not step_left)
     result.report.rounds = rounds
     write_reports(result.report, out_dir)
-    (out_dir / RESOLVED).write_text(_resolved_yaml(current, recipe))
-    log(f"resolved recipe: {out_dir / RESOLVED}")
+    name = recipe.source_path.name if recipe.source_path else recipe.name
+    resolved = write_resolved(derive(current, check=recipe.check.model_copy(update={"fallback": None})), out_dir,
+                              f"the automatic fallback of {name}")
+    log(f"resolved recipe: {resolved}")
     if not rounds[-1].target_met:
         msg = f"fallback did not reach its target after {len(rounds)} rounds: {rounds[-1].summary}"
         if recipe.check.on_fail == "error":
-            raise PipelineError(msg + f" (resolved recipe of the last round: {out_dir / RESOLVED})")
+            raise PipelineError(msg + f" (resolved recipe of the last round: {resolved})")
         log(f"warning: {msg}")
     return result
 
@@ -77,14 +80,9 @@ def _without_fallback(recipe: Recipe, sensitivity: bool = False) -> Recipe:
     """The recipe a round runs: no fallback, and paths made absolute exactly as the
     resolved recipe will have them, so both carry the same recipe hash (the check
     section is not part of that hash)."""
-    data = recipe.model_dump(mode="python", by_alias=True, exclude={"source_path"})
-    absolute_paths(data, recipe)
-    data["check"]["fallback"] = None
-    data["check"]["sensitivity"] = sensitivity or recipe.check.sensitivity
-    data["check"]["on_fail"] = "warn"  # a missed threshold is the search's business, not an error mid-way
-    out = Recipe.model_validate(data)
-    out.source_path = recipe.source_path
-    return out
+    # A missed threshold is the search's business, not an error mid-way.
+    return derive(recipe, check=recipe.check.model_copy(update={
+        "fallback": None, "sensitivity": sensitivity or recipe.check.sensitivity, "on_fail": "warn"}))
 
 
 def _with_moved(recipe: Recipe, index: int, moved: list[str], spec: FallbackSpec, drop_step: bool) -> Recipe:
@@ -115,12 +113,11 @@ def _sensitivity_order(report: CheckReport, spec: FallbackSpec) -> list[str]:
     """Blocks by their effect on the output when quantized alone, worst first."""
     def badness(b: BlockResult) -> float:
         sens = b.sensitivity
-        if spec.max_log_mel is not None and "log_mel_max" in sens:
-            return sens["log_mel_max"]
-        sqnr = as_float(sens["sqnr_db"])
-        return float("inf") if math.isnan(sqnr) else -sqnr  # nan: lengths changed, the worst
+        if spec.max_log_mel is not None and sens.log_mel_max is not None:
+            return sens.log_mel_max
+        return float("inf") if math.isnan(sens.sqnr_db) else -sens.sqnr_db  # nan: lengths changed, the worst
 
-    measured = [b for b in report.blocks if b.sensitivity]
+    measured = [b for b in report.blocks if b.sensitivity is not None]
     return [b.block for b in sorted(measured, key=badness, reverse=True)]
 
 
@@ -168,29 +165,3 @@ def _ranked_candidates(report: CheckReport, result: RunResult, index: int, moved
     ranked = sorted(((length_changed and b.accumulated.shape_mismatches > 0), b.isolated.sqnr_db, b.block)
                     for b in report.blocks if b.block in touched and b.block not in moved and b.matched)
     return [b for *_, b in ranked]
-
-
-def absolute_paths(data: dict[str, Any], original: Recipe) -> None:
-    """Relative paths were relative to the original recipe's folder; the resolved recipe lives elsewhere.
-
-    The model's `path`, and the params each calibration source marks as paths (`calibration.path_fields`).
-    """
-    from calibration import path_fields
-
-    if data["model"].get("path"):
-        data["model"]["path"] = str(original.resolve_path(data["model"]["path"]))
-    for section in (data.get("calibration"), (data.get("check") or {}).get("source")):
-        if not section:
-            continue
-        for key in path_fields(section.get("source", "")):
-            if (section.get("params") or {}).get(key):
-                section["params"][key] = str(original.resolve_path(section["params"][key]))
-
-
-def _resolved_yaml(resolved: Recipe, original: Recipe) -> str:
-    data = resolved.model_dump(mode="json", by_alias=True, exclude={"source_path"}, exclude_none=True)
-    data["check"] = original.check.model_dump(mode="json", exclude={"fallback"}, exclude_none=True)
-    absolute_paths(data, original)
-    header = (f"# Resolved by the automatic fallback of {original.source_path.name if original.source_path else original.name}:\n"
-              f"# every per-block precision choice is explicit; running this recipe rebuilds the same model.\n")
-    return header + yaml.safe_dump(data, sort_keys=False)

@@ -38,26 +38,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from calibration import SourceContext, checked_feeds, make_source
+from calibration import SourceContext
+
+from pipeline.families import draw_samples
 
 from pipeline.core.feeds import Feeds
 
 from pipeline import __version__
 from pipeline.core import progress
 from pipeline.core.blocks import BlockPartition
-from pipeline.core.errors import PipelineError
-from pipeline.search.fallback import absolute_paths
+from pipeline.core.errors import PipelineError, few
+from pipeline.search.derive import derive, write_resolved
 from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import load_onnx
-from pipeline.core.recipe import CalibrationSpec, Recipe, Scope, Step, TuneSpec, user_pattern
+from pipeline.core.recipe import CalibrationSpec, Recipe, Scope, Step, TuneSpec, parse_params, user_pattern
 from pipeline.evaluation.results import TuneCandidate, TuneSummary
-from pipeline.engine.runner import Runner, RunResult, plan_recipe
-from pipeline.engine.runner import _feeds_hash, _hash  # the cache keys of steps, for trials alike
+from pipeline.engine.plan import Plan, plan_recipe, replan
+from pipeline.engine.runfolder import RESOLVED_RECIPE
+from pipeline.engine.runner import Runner, RunResult
+from pipeline.core.hashing import content_hash, feeds_hash  # the cache keys of steps, for trials alike
 from pipeline.search.trials import TrialSpec, make_executor
 
-RESOLVED = "resolved_recipe.yaml"
 TUNE_DIR = "tune"
 FP32 = "fp32"  # the choice every block has: no menu item
 # Objective weightings (size, latency) the choice is made under; the small weight breaks ties.
@@ -69,14 +71,11 @@ SEARCHED_BOUNDS = ("max_log_mel", "min_output_sqnr_db")  # quality bounds a tria
 def validate_tune(recipe: Recipe, family, where: str) -> None:
     """Everything about a `tune:` section that can be checked before any work."""
     from passes import PASSES, get_pass
-    from pydantic import ValidationError
-
-    from pipeline.core.recipe import format_validation_error
 
     spec = recipe.tune
     if recipe.steps:
         raise PipelineError(f"{where}: steps: a recipe with 'tune' takes no steps; the search writes them "
-                            f"(into {RESOLVED})")
+                            f"(into {RESOLVED_RECIPE})")
     if recipe.check is not None and recipe.check.fallback is not None:
         raise PipelineError(f"{where}: check.fallback: use either 'tune' or the fallback, not both")
     if family.autoregressive:
@@ -93,10 +92,7 @@ def validate_tune(recipe: Recipe, family, where: str) -> None:
         pass_ = get_pass(item.pass_name, at)
         if not pass_.changes_precision:
             raise PipelineError(f"{at}: pass {item.pass_name!r} does not change precision; a menu takes {kinds}")
-        try:
-            params = pass_.Params.model_validate(item.params)
-        except ValidationError as e:
-            raise PipelineError(format_validation_error(f"{at}.params", e, pass_.Params)) from None
+        params = parse_params(pass_.Params, item.params, f"{at}.params")
         if pass_.needs_calibration_for(params) and recipe.calibration is None:
             raise PipelineError(f"{at}: pass {item.pass_name!r} needs calibration data, but the recipe has no "
                                 f"'calibration' section")
@@ -155,8 +151,10 @@ class Verified:
 
 
 class Tuner:
-    def __init__(self, recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print):
-        self.recipe = recipe
+    def __init__(self, plan: Plan, out_dir: Path, log: Callable[[str], None] = print):
+        self.plan = plan  # the user's recipe, planned once: the base and the chosen model are replanned from it
+        self.recipe = recipe = plan.recipe
+        self.build_plan: Plan | None = None  # the plan of an item or candidate build (the base file as model)
         self.spec: TuneSpec = recipe.tune
         self.out_dir = out_dir.resolve()  # item and candidate recipes name the base file by absolute path
         self.dir = self.out_dir / TUNE_DIR
@@ -169,13 +167,8 @@ class Tuner:
     # -- the whole search ----------------------------------------------------
 
     def run(self) -> RunResult:
-        from pipeline.engine.runfolder import hold
-
-        plan_recipe(self._without_tune(self.recipe, targets=True))  # model, calibration, check and targets, early
-        with hold(self.out_dir, log=self.log):
-            return self._run()
-
-    def _run(self) -> RunResult:
+        """The search, into `out_dir`, which the caller holds: base, items, screening, candidates, the chosen
+        model built by the resolved recipe."""
         where = str(self.recipe.source_path or self.recipe.name)
         base = self._base()
         self.base_path = base.path(base.names()[0])
@@ -200,14 +193,15 @@ class Tuner:
         chosen = self._choose(verified)
         (self.dir / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log_rows))
         resolved = self._resolved(chosen.assignment if chosen else {})
-        (self.out_dir / RESOLVED).write_text(self._resolved_yaml(resolved))
+        name = self.recipe.source_path.name if self.recipe.source_path else self.recipe.name
+        resolved_path = write_resolved(resolved, self.out_dir, f"`pipeline tune` from {name}")
         if chosen is None:
             best = min(verified, key=lambda v: len(v.misses)) if verified else None
             raise PipelineError(f"tune: no verified candidate meets the target after {self.trials_run} trials"
                                 + (f" (closest: {'; '.join(best.misses)})" if best else "")
                                 + f"; trials log in {self.dir / 'trials.jsonl'}")
-        self.log(f"tune: chosen {self._describe(chosen)}; resolved recipe {self.out_dir / RESOLVED}")
-        result = Runner(plan_recipe(resolved), self.out_dir, log=self.log).run()
+        self.log(f"tune: chosen {self._describe(chosen)}; resolved recipe {resolved_path}")
+        result = Runner(replan(self.plan, resolved), self.out_dir, log=self.log).run()
         if result.report is not None:
             from pipeline.report.render import write_reports
 
@@ -217,23 +211,18 @@ class Tuner:
 
     def _without_tune(self, recipe: Recipe, steps: list[Step] | None = None, model: dict | None = None,
                       check: bool = True, targets: bool = False) -> Recipe:
-        data = recipe.model_dump(mode="python", by_alias=True, exclude={"source_path"})
-        data["tune"] = None
+        sections: dict[str, Any] = {"tune": None, "steps": steps or []}
         if not targets:  # formats beside ONNX are for the chosen model only, not for every candidate
-            data["targets"] = []
-        data["steps"] = [s.model_dump(mode="python", by_alias=True) for s in steps or []]
+            sections["targets"] = []
         if model is not None:
-            data["model"] = model
+            sections["model"] = model
         if not check:
-            data["check"] = None
-        absolute_paths(data, recipe)
-        out = Recipe.model_validate(data)
-        out.source_path = recipe.source_path
-        return out
+            sections["check"] = None
+        return derive(recipe, **sections)
 
     def _base(self) -> ModelSet:
         """The base model alone (exported or copied), once; items and candidates start from its file."""
-        result = Runner(plan_recipe(self._without_tune(self.recipe, check=False)), self.dir / "base",
+        result = Runner(replan(self.plan, self._without_tune(self.recipe, check=False)), self.dir / "base",
                         log=lambda m: self.log(f"tune: {m}")).run()
         base = ModelSet.read(self.dir / "base" / "steps" / result.steps[0].folder)
         if len(base.names()) != 1:
@@ -247,16 +236,14 @@ class Tuner:
         for pattern in (include or []) + exclude:
             if not any(user_pattern(pattern).fullmatch(b) for b in ids):
                 raise PipelineError(f"{where}: tune.blocks: {pattern!r} matches no block (blocks: "
-                                    f"{', '.join(ids[:12])}{' ...' if len(ids) > 12 else ''})")
+                                    f"{few(ids, 12)})")
         return [b for b in ids if (include is None or any(user_pattern(p).fullmatch(b) for p in include))
                 and not any(user_pattern(p).fullmatch(b) for p in exclude)]
 
     def _samples(self, base: ModelSet, where: str) -> tuple[list[Feeds], str]:
         spec: CalibrationSpec = self.spec.source or self.recipe.calibration
-        source = make_source(spec.source, spec.params, SourceContext(self.base_path, self.recipe.resolve_path),
-                             where=f"{where}: tune.source")
-        self.family.fit_source(source, base, spec.params)
-        feeds = checked_feeds(source, self.base_model, where=f"{where}: tune.source")
+        feeds, source = draw_samples(spec.source, spec.params, SourceContext(self.base_path, self.recipe.resolve_path),
+                                     self.base_model, f"{where}: tune.source", self.family, base)
         asked = self.spec.samples
         if asked != "all" and asked > len(feeds) and "samples" in self.spec.model_fields_set:
             raise PipelineError(f"{where}: tune.samples: {asked} samples asked, but {source.describe()} holds "
@@ -290,11 +277,13 @@ class Tuner:
 
     def _build(self, assignment: dict[str, str], folder: Path) -> RunResult:
         recipe = self._without_tune(self.recipe, self._steps(assignment), model=self._model_source(), check=False)
-        return Runner(plan_recipe(recipe), folder, log=lambda m: None).run()
+        # Every build runs on the base file: planned once (loaded, its family found), replanned per assignment.
+        self.build_plan = replan(self.build_plan, recipe) if self.build_plan else plan_recipe(recipe)
+        return Runner(self.build_plan, folder, log=lambda m: None).run()
 
     def _item(self, item) -> dict[str, Any]:
         """The item applied to every searched block: its graph, the blocks it changed, their bytes."""
-        from pipeline.evaluation.blockwise import _block_bytes
+        from pipeline.evaluation.blockwise import block_bytes
 
         self.log(f"tune: item {item.name}: {item.pass_name} on {len(self.searched)} blocks ...")
         result = self._build({b: item.name for b in self.searched}, self.dir / "items" / item.name)
@@ -304,14 +293,14 @@ class Tuner:
             changed.update(s.get("blocks_changed", {}))
         path = result.final.path(result.final.names()[0])
         model = load_onnx(path)
-        sizes, _ = _block_bytes(model, BlockPartition(model, self.recipe.blocks))
+        sizes, _ = block_bytes(model, BlockPartition(model, self.recipe.blocks))
         return {"path": path, "sha": result.final.graphs[0].sha256,
                 "changed": [b for b in self.searched if b in changed], "bytes": sizes}
 
     def _screen(self, items: dict[str, dict[str, Any]], where: str) -> dict[str, list[Option]]:
-        from pipeline.evaluation.blockwise import _block_bytes
+        from pipeline.evaluation.blockwise import block_bytes
 
-        base_bytes, _ = _block_bytes(self.base_model, self.partition)
+        base_bytes, _ = block_bytes(self.base_model, self.partition)
         self.base_sha = _sha(self.base_path)
         specs = [self._trial_spec(items[m]["sha"], b) for m in items for b in items[m]["changed"]]
         pairs = [(m, b) for m in items for b in items[m]["changed"]]
@@ -334,8 +323,8 @@ class Tuner:
         return options
 
     def _trial_spec(self, candidate_sha: str, block: str | None) -> TrialSpec:
-        key = _hash({"version": __version__, "reference": self.base_sha, "candidate": candidate_sha, "block": block,
-                     "samples": _feeds_hash(self.samples), "threads": self.spec.threads,
+        key = content_hash({"version": __version__, "reference": self.base_sha, "candidate": candidate_sha, "block": block,
+                     "samples": feeds_hash(self.samples), "threads": self.spec.threads,
                      "blocks": self.recipe.blocks.model_dump(mode="json") if self.recipe.blocks else None})
         return TrialSpec(key, self.base_sha, candidate_sha, block,
                          self.recipe.blocks.model_dump(mode="json") if self.recipe.blocks else None,
@@ -434,7 +423,7 @@ class Tuner:
             scale, margin, seen = {d: 1.0 for d in limits}, 1.0, set()
             for _ in range(self.spec.budget.verify_rounds):
                 assignment, predicted = self._solve_within_bounds(options, limits, scale, weighting, margin)
-                key = _hash(sorted(assignment.items()))
+                key = content_hash(sorted(assignment.items()))
                 if key in seen:
                     break  # the measurements no longer change the choice
                 seen.add(key)
@@ -515,7 +504,7 @@ class Tuner:
                 weighting: tuple[float, float]) -> Verified:
         """Build the combination, measure it whole (cached by what builds it), and keep only the numbers."""
         steps = self._steps(assignment)
-        trial_key = _hash({"version": __version__, "base": self.base_sha, "samples": _feeds_hash(self.samples),
+        trial_key = content_hash({"version": __version__, "base": self.base_sha, "samples": feeds_hash(self.samples),
                            "steps": [s.model_dump(mode="json", by_alias=True) for s in steps],
                            "blocks": self.recipe.blocks.model_dump(mode="json") if self.recipe.blocks else None,
                            "calibration": self.recipe.calibration.model_dump(mode="json")
@@ -560,7 +549,7 @@ class Tuner:
 
             report = compare_models(self.base_model, load_onnx(path), self.samples, self.recipe.blocks,
                                     threads=LATENCY_THREADS)
-            r["upstream"] = [b.id for b in report.blocks if b.accumulated.samples and not b.accumulated.shape_mismatches]
+            r["upstream"] = [b.block for b in report.blocks if b.accumulated.samples and not b.accumulated.shape_mismatches]
         shutil.rmtree(folder, ignore_errors=True)  # the numbers are kept; the resolved recipe rebuilds the model
         return r
 
@@ -607,16 +596,6 @@ class Tuner:
 
     def _resolved(self, assignment: dict[str, str]) -> Recipe:
         return self._without_tune(self.recipe, self._steps(assignment), targets=True)
-
-    def _resolved_yaml(self, resolved: Recipe) -> str:
-        data = resolved.model_dump(mode="json", by_alias=True, exclude={"source_path"}, exclude_none=True)
-        data.pop("tune", None)
-        if not data.get("targets"):
-            data.pop("targets", None)
-        name = self.recipe.source_path.name if self.recipe.source_path else self.recipe.name
-        return (f"# Resolved by `pipeline tune` from {name}: every block's precision is explicit;\n"
-                f"# running this recipe rebuilds the same model, byte for byte, without the search.\n"
-                + yaml.safe_dump(data, sort_keys=False))
 
     def _describe(self, v: Verified) -> str:
         lat = f", latency {v.latency_ratio:.2f}x" if v.latency_ratio is not None else ""
@@ -799,5 +778,6 @@ def _sha(path: Path) -> str:
     return file_sha256(path)
 
 
-def run_tune(recipe: Recipe, out_dir: Path, log: Callable[[str], None] = print) -> RunResult:
-    return Tuner(recipe, out_dir, log).run()
+def run_tune(plan: Plan, out_dir: Path, log: Callable[[str], None] = print) -> RunResult:
+    """The search of `plan`'s recipe (its `tune:` section) into `out_dir`, which the caller holds."""
+    return Tuner(plan, out_dir, log).run()

@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from calibration.chattts_prompts import ChatTTSPrompts, load_tokenizer
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_serializer, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator,
                       model_validator)
 
 from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.modelset import ModelSet
+from pipeline.core.recipe import parse_params
 from .. import Exporter, Family, Generated, GenerateRequest, files_key
+from .exporter import gpt_weights
 from .gguf import GGUF_TARGET
 
 EXPORTER = "chattts_gpt"
@@ -98,15 +100,6 @@ def gpt_config(params: ChatTTSParams, resolve):
     return GPTConfig(**params.config.model_dump())
 
 
-def gpt_weights(params: ChatTTSParams, resolve):
-    """The GPT's PyTorch weights these params name: the export's, and every target's."""
-    from .exporter import GPTConfig, load_weights
-
-    asset = resolve(params.asset) if params.asset else None
-    config = GPTConfig(**params.config.model_dump()) if params.config.model_fields_set else None
-    return load_weights(asset, config, seed=params.seed)
-
-
 def _check(params: ChatTTSParams, resolve, where: str) -> None:
     """The GPT built and run on torch's meta device from its config alone: the config's own numbers (an asset's
     config.json is held to the recipe's ranges too), then anything only building shows."""
@@ -114,12 +107,7 @@ def _check(params: ChatTTSParams, resolve, where: str) -> None:
 
     c = gpt_config(params, resolve)
     key = f"{where}.asset ({resolve(params.asset) / 'gpt' / 'config.json'})" if params.asset else f"{where}.config"
-    try:
-        GPTConfigParams.model_validate(asdict(c))
-    except ValidationError as e:
-        from pipeline.core.recipe import format_validation_error
-
-        raise PipelineError(format_validation_error(key, e)) from None
+    parse_params(GPTConfigParams, asdict(c), key)
     try:
         build_on_meta(c)
     except Exception as e:  # a config the ranges let through but the modules refuse
@@ -163,11 +151,13 @@ class ChatTTSFamily(Family):
         return "chattts", ({"vocab": _vocab(ms)} if ms is not None else {})
 
     def capture(self, reference: ModelSet, entry_feeds, graph: str, cache, progress):
-        from .check import capture_chattts, captured_feeds
+        from pipeline.evaluation.loops import captured_feeds
+
+        from .check import capture_chattts
 
         if not cache:  # one sweep captures every graph's inputs
             cache.update(capture_chattts(reference.root, entry_feeds))
-        return captured_feeds(cache, graph)
+        return captured_feeds(cache, graph, "ChatTTS", "prompts")
 
     def check_loop(self, reference: ModelSet, candidate: ModelSet, samples, decode_steps: int, progress):
         from .check import compare_chattts

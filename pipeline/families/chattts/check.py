@@ -20,23 +20,22 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from pipeline.core import progress as progress_display
-from pipeline.core.blocks import BlockPartition
-from pipeline.evaluation.blockwise import BlockReport, CheckResult, Pooled, _precision_mix
-from pipeline.core.errors import PipelineError
-from pipeline.evaluation.metrics import HeadMetrics
+from pipeline.core.feeds import Feeds
 from pipeline.core.onnx_io import tensor_types
+from pipeline.core.precision import compute_mix
 from pipeline.core.procinfo import peak_rss_mb
-from pipeline.core.recipe import BlockSpec
+from pipeline.evaluation import loops
+from pipeline.evaluation.blockwise import BlockReport, Pooled
+from pipeline.evaluation.metrics import HeadMetrics
+from pipeline.evaluation.results import CheckReport, OutputResult
 
 from .runtime import ChatTTSRuntime
-from pipeline.core.feeds import Feeds
 
 
 def _embed(rt: ChatTTSRuntime, prompt: list[int], frames: list[list[int]] | None = None) -> dict[str, np.ndarray]:
@@ -98,18 +97,9 @@ def capture_chattts(reference: Path, entry_feeds: list[Feeds], frames: int = 16)
     return captured
 
 
-def captured_feeds(captured: dict[str, list[Feeds]], graph: str) -> list[Feeds]:
-    """One graph's share of `capture_chattts`; a graph without a capture, or without inputs, is an error."""
-    if graph not in captured:
-        raise PipelineError(f"calibration: no capture for ChatTTS graph {graph!r} (captured: {', '.join(captured)})")
-    if not captured[graph]:
-        raise PipelineError(f"calibration: the prompts gave no inputs for {graph!r}")
-    return captured[graph]
-
-
 def chattts_graph_feeds(reference: Path, entry_feeds: list[Feeds], graph: str, frames: int = 16) -> list[Feeds]:
     """Calibration inputs of one graph (see `capture_chattts`)."""
-    return captured_feeds(capture_chattts(reference, entry_feeds, frames), graph)
+    return loops.captured_feeds(capture_chattts(reference, entry_feeds, frames), graph, "ChatTTS", "prompts")
 
 
 def _graph_facts(rt: ChatTTSRuntime, name: str) -> tuple[int, int, dict[str, int], dict[str, int]]:
@@ -120,12 +110,11 @@ def _graph_facts(rt: ChatTTSRuntime, name: str) -> tuple[int, int, dict[str, int
     for t in model.graph.initializer:
         kind = onnx.TensorProto.DataType.Name(t.data_type).lower()
         weights[kind] = weights.get(kind, 0) + numpy_helper.to_array(t).nbytes
-    mix = _precision_mix(model, BlockPartition(model, BlockSpec(patterns=[r"^"])), tensor_types(model)).get("", {})
-    return params, path.stat().st_size, mix, weights
+    return params, path.stat().st_size, compute_mix(model, tensor_types(model)), weights
 
 
 def compare_chattts(reference: Path, candidate: Path, prompts: list[list[int]], steps: int = 16,
-                    threads: int = 2, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                    threads: int = 2, progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Each prompt twice: continued by FP32 greedy text, and by FP32 greedy audio codes (teacher forcing
     on the model's own output), so both heads and both embeddings are measured."""
     t0 = time.perf_counter()
@@ -158,19 +147,17 @@ def compare_chattts(reference: Path, candidate: Path, prompts: list[list[int]], 
     for b in blocks:
         params, bytes_ref, _, _ = _graph_facts(ref, b)
         _, bytes_cand, mix, weights = _graph_facts(cand, b)
-        r = BlockReport(b, params, bytes_ref, bytes_cand, mix, weights, outputs=[o.name for o in
-                        cand.sessions[b].get_outputs()], matched=True, unmatched_tensors=[])
-        r.isolated, r.accumulated = iso[b], acc[b]
-        reports.append(r)
+        reports.append(BlockReport(b, params, bytes_ref, bytes_cand, mix, weights,
+                                   outputs=[o.name for o in cand.sessions[b].get_outputs()], matched=True,
+                                   unmatched_tensors=[], isolated=iso[b], accumulated=acc[b]).result())
     meta = ref.ms.meta
     notes = []
     if meta.get("seeded"):
         notes.append(f"SEEDED RANDOM WEIGHTS ({meta.get('source')}): ChatTTS's exact config, untrained; logits are "
                      f"near-uniform, so token agreement only means something on trained weights")
-    result = CheckResult(len(prompts), str(reference), str(candidate), reports, [], peak_rss_mb(),
-                         time.perf_counter() - t0, notes)
-    report = result.to_json()
-    report["outputs"] = [{"name": f"{h}.logits", **acc[h].to_json()} for h in ("lm_head_text", "lm_head_code")]
+    outputs = [OutputResult.measured(f"{h}.logits", acc[h].stats()) for h in ("lm_head_text", "lm_head_code")]
     # Text-head metrics stay at the top level (thresholds and earlier reports read them there).
-    report["tokens"] = {"decode_steps": steps, **text.to_json(), "code_head": code.to_json()}
-    return report
+    tokens = {"decode_steps": steps, **text.to_json(), "code_head": code.to_json()}
+    return CheckReport.new(samples=len(prompts), reference=str(reference), candidate=str(candidate), notes=notes,
+                           peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - t0, blocks=reports,
+                           outputs=outputs, tokens=tokens)

@@ -96,7 +96,7 @@ def _check_keys(found: dict[str, torch.Tensor], expected: dict[str, tuple[int, .
     misshaped = [f"{k} {list(found[k].shape)} (expected {list(v)})" for k, v in expected.items()
                  if tuple(found[k].shape) != v]
     if misshaped:
-        raise PipelineError(f"{where}: misshaped keys: {'; '.join(misshaped[:4])}")
+        raise PipelineError(f"{where}: misshaped keys: {few(misshaped, 4, '; ')}")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -145,11 +145,10 @@ def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
     shards = list(dict.fromkeys(wm.values()))
     outside = [s for s in shards if Path(s).name != s or s in ("", ".", "..")]
     if outside:
-        raise PipelineError(f"{index}: shard names must be files next to the index: {', '.join(outside[:4])}")
+        raise PipelineError(f"{index}: shard names must be files next to the index: {few(outside, 4)}")
     missing = [s for s in shards if not (index.parent / s).is_file()]
     if missing:
-        raise PipelineError(f"{index}: lists shards that are missing: {', '.join(missing[:4])}"
-                            + (" ..." if len(missing) > 4 else ""))
+        raise PipelineError(f"{index}: lists shards that are missing: {few(missing, 4)}")
     out: dict[str, torch.Tensor] = {}
     home: dict[str, str] = {}
     for s in shards:
@@ -160,8 +159,7 @@ def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
     misplaced = [f"{k} (in {s}, index says {wm.get(k, 'nothing')})" for k, s in home.items() if wm.get(k) != s]
     absent = [f"{k} (index says {wm[k]})" for k in wm if k not in home]
     if misplaced or absent:
-        raise PipelineError(f"{index}: shards do not match the weight_map: {'; '.join((misplaced + absent)[:4])}"
-                            + (" ..." if len(misplaced) + len(absent) > 4 else ""))
+        raise PipelineError(f"{index}: shards do not match the weight_map: {few(misplaced + absent, 4, '; ')}")
     return out
 
 
@@ -445,3 +443,10 @@ def export_modelset(w: ChatTTSWeights, dest: Path, opset: int = 17):
                         "layers": layers})
     ms.write_manifest()
     return ms
+
+
+def gpt_weights(params, resolve):
+    """The GPT's PyTorch weights these params name: the export's, and every target's."""
+    asset = resolve(params.asset) if params.asset else None
+    config = GPTConfig(**params.config.model_dump()) if params.config.model_fields_set else None
+    return load_weights(asset, config, seed=params.seed)

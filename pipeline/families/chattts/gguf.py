@@ -55,7 +55,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.formats.gguf import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers,
                           config_mismatch, graph_proto, matrix_groups, plan_from_precisions, rms_norm, write_files, write_grouped)
 from pipeline.evaluation.results import FormatResult
-from pipeline.formats.targets import FormatInputs, Target, TargetJob, require_module, weight_precision
+from pipeline.core.precision import weight_precision
+from pipeline.formats.targets import FormatInputs, Target, TargetJob, require_module
 
 if TYPE_CHECKING:  # the exporter (and torch) load when a file is written, not when the family is
     from .exporter import ChatTTSWeights
@@ -124,7 +125,7 @@ def auto_plan(gguf: Any, w: ChatTTSWeights, final: Any) -> tuple[dict[str, str],
 
 
 def write_gguf(job: TargetJob) -> None:
-    from . import gpt_weights
+    from .exporter import gpt_weights
 
     write_files(job, STEM, gpt_weights(job.model, job.resolve), write_chattts_gguf, auto_plan)
 

@@ -52,7 +52,7 @@ from onnx import helper, numpy_helper
 
 from pipeline.core import kv_cache
 from pipeline.core.kv_cache import InPlaceKV, KVBuffers
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, few
 from pipeline.core.graph import join
 from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import parse_graph, session
@@ -111,7 +111,7 @@ class ChatTTSRuntime:
         kinds = {n: kv_cache.is_in_place(i.name for i in m.graph.input) for n, m in models.items()}
         if len(set(kinds.values())) > 1:
             odd = [n for n, k in kinds.items() if k != kinds[self.layers[0]]]
-            raise PipelineError(f"{self.ms.root}: layers mix KV-cache conventions ({', '.join(odd[:3])} differ from "
+            raise PipelineError(f"{self.ms.root}: layers mix KV-cache conventions ({few(odd, 3)} differ from "
                                 f"{self.layers[0]}); run fuse_attention with kv_cache in_place on every layer")
         if not kinds[self.layers[0]]:
             return False, None

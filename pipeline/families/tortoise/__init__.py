@@ -31,6 +31,7 @@ from pipeline.evaluation.metrics import Metric
 from pipeline.core.modelset import ModelSet
 from .. import Exporter, Family, Generated, GenerateRequest, files_key
 from .gguf import GGUF_TARGET
+from .weights import gpt_weights, tortoise_config
 
 EXPORTER = "tortoise_gpt"
 
@@ -107,27 +108,13 @@ class TortoiseParams(BaseModel):
         return config.model_dump(exclude_unset=True)
 
 
-def _config(params: TortoiseParams):
-    from .model import TortoiseConfig
-
-    return TortoiseConfig(**params.config.model_dump())
-
-
-def gpt_weights(params: TortoiseParams, resolve):
-    """The UnifiedVoice weights these params name: the export's, and every target's."""
-    from .weights import load_checkpoint, seeded_weights
-
-    c = _config(params)
-    return load_checkpoint(resolve(params.checkpoint), c) if params.checkpoint else seeded_weights(c, params.seed)
-
-
 def _check(params: TortoiseParams, resolve, where: str) -> None:
     """UnifiedVoice built and run on torch's meta device from the config alone (a checkpoint must fit it):
     anything the ranges let through but the modules refuse fails here, before any work."""
     from .model import build_on_meta
 
     try:
-        build_on_meta(_config(params))
+        build_on_meta(tortoise_config(params))
     except Exception as e:
         raise PipelineError(f"{where}.config: the model cannot be built: {one_line(f'{type(e).__name__}: {e}')}") \
             from None
@@ -186,11 +173,13 @@ class TortoiseFamily(Family):
         return "tortoise", {"held_out": True}
 
     def capture(self, reference: ModelSet, entry_feeds, graph: str, cache, progress):
-        from .check import capture_tortoise, captured_feeds
+        from pipeline.evaluation.loops import captured_feeds
+
+        from .check import capture_tortoise
 
         if not cache:  # one sweep captures every graph's inputs
             cache.update(capture_tortoise(reference.root, entry_feeds))
-        return captured_feeds(cache, graph)
+        return captured_feeds(cache, graph, "Tortoise", "sentences")
 
     def check_loop(self, reference: ModelSet, candidate: ModelSet, samples, decode_steps: int, progress):
         from .check import compare_tortoise

@@ -21,18 +21,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from pipeline.core.feeds import Feeds
 from calibration.tortoise_texts import reference_mels
-
 from pipeline.core import progress as progress_display
-from pipeline.evaluation.blockwise import CheckResult, Pooled, compare_models
 from pipeline.core.errors import PipelineError
-from pipeline.evaluation.metrics import HeadMetrics
+from pipeline.core.feeds import Feeds
 from pipeline.core.procinfo import peak_rss_mb
+from pipeline.evaluation.blockwise import Pooled, compare_models
+from pipeline.evaluation.metrics import HeadMetrics
+from pipeline.evaluation.results import BlockResult, CheckReport, OutputResult
+
 from .exporter import kv_names
 from .runtime import TortoiseRuntime
 
@@ -75,16 +75,10 @@ def capture_tortoise(reference: Path, entry_feeds: list[Feeds], steps: int = 16)
     return captured
 
 
-def captured_feeds(captured: dict[str, list[Feeds]], graph: str) -> list[Feeds]:
-    if graph not in captured:
-        raise PipelineError(f"calibration: no capture for Tortoise graph {graph!r} (captured: {', '.join(captured)})")
-    if not captured[graph]:
-        raise PipelineError(f"calibration: the sentences gave no inputs for {graph!r}")
-    return captured[graph]
 
 
 def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], steps: int = 32, threads: int = 2,
-                     progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                     progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     t0 = time.perf_counter()
     # The reference's runs first, then the candidate's: one model's sessions in memory at a time (at full size
     # each holds its weights twice, prefill and decode).
@@ -126,16 +120,20 @@ def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], ste
         decode_feeds = []
     del cand  # the per-block comparison loads the graphs again, with their boundary tensors exposed
     graphs = [("conditioning", [{"mels": reference_mels()}]), ("prefill", prefill_feeds), ("decode", decode_feeds)]
-    blocks, outputs = [], []
+    blocks: list[BlockResult] = []
+    outputs = [OutputResult.measured("latents", latents.stats())]
     for graph, feeds in graphs:
         if not feeds:
             continue
         progress(f"blocks of {graph}")
         result = _compare_graph(reference, candidate, graph, feeds, threads)
         for b in result.blocks:
-            b.id = f"{graph}{b.id}" if b.id.startswith("/") else f"{graph}/{b.id}"
+            b.block = f"{graph}{b.block}" if b.block.startswith("/") else f"{graph}/{b.block}"
         blocks += result.blocks
-        outputs += [{**o, "name": f"{graph}.{o['name']}"} for o in result.outputs if "present_" not in o["name"]]
+        for o in result.outputs:
+            if "present_" not in o.name:
+                o.name = f"{graph}.{o.name}"
+                outputs.append(o)
     from pipeline.core.modelset import ModelSet
 
     meta = ModelSet.read(reference).meta
@@ -143,15 +141,13 @@ def compare_tortoise(reference: Path, candidate: Path, samples: list[Feeds], ste
         notes.insert(0, f"SEEDED RANDOM WEIGHTS ({meta.get('source')}): Tortoise's released config, untrained; the "
                      f"code head's agreement only means something on trained weights")
     notes.append("the candidate is fed the FP32 conditioning latent; the conditioning graph is checked on its own")
-    result = CheckResult(len(prefill_feeds), str(reference), str(candidate), blocks, [], peak_rss_mb(),
-                         time.perf_counter() - t0, notes)
-    report = result.to_json()
-    report["outputs"] = [{"name": "latents", **latents.to_json()}, *outputs]
-    report["tokens"] = {"decode_steps": steps, "head": "mel head (codes)", **codes_head.to_json()}
-    return report
+    tokens = {"decode_steps": steps, "head": "mel head (codes)", **codes_head.to_json()}
+    return CheckReport.new(samples=len(prefill_feeds), reference=str(reference), candidate=str(candidate),
+                           notes=notes, peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - t0, blocks=blocks,
+                           outputs=outputs, tokens=tokens)
 
 
-def _compare_graph(reference: Path, candidate: Path, graph: str, feeds: list[Feeds], threads: int) -> CheckResult:
+def _compare_graph(reference: Path, candidate: Path, graph: str, feeds: list[Feeds], threads: int) -> CheckReport:
     from pipeline.core.modelset import ModelSet
 
     from pipeline.core.onnx_io import external_files, load_light

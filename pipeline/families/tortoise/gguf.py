@@ -61,7 +61,8 @@ from pipeline.core.errors import PipelineError
 from pipeline.formats.gguf import (Case, GGUFParams, Picker, Tensors, Written, attend, check_layers, config_mismatch,
                           graph_proto, layer_norm, matrix_groups, plan_from_precisions, write_files, write_grouped)
 from pipeline.evaluation.results import FormatResult
-from pipeline.formats.targets import PRECISIONS, FormatInputs, Target, TargetJob, block_precisions, require_module
+from pipeline.core.precision import PRECISIONS
+from pipeline.formats.targets import FormatInputs, Target, TargetJob, block_precisions, require_module
 
 if TYPE_CHECKING:  # the weights' module (and torch) load when a file is written, not when the family is
     from .weights import TortoiseWeights
@@ -151,7 +152,7 @@ def auto_plan(gguf: Any, w: TortoiseWeights, final: Any) -> tuple[dict[str, str]
 
 
 def write_gguf(job: TargetJob) -> None:
-    from . import gpt_weights
+    from .weights import gpt_weights
 
     write_files(job, STEM, gpt_weights(job.model, job.resolve), write_tortoise_gguf, auto_plan)
 

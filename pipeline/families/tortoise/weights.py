@@ -90,6 +90,17 @@ def check_keys(found: dict[str, torch.Tensor], expected: dict[str, tuple[int, ..
         misshaped = [f"{k} {list(found[k].shape)} (expected {list(v)})" for k, v in expected.items()
                      if tuple(found[k].shape) != v]
         if misshaped:
-            problems.append(f"misshaped keys {'; '.join(misshaped[:4])}")
+            problems.append(f"misshaped keys {few(misshaped, 4, '; ')}")
     if problems:
         raise PipelineError(f"{where}: checkpoint does not fit the config: {'; '.join(problems)}")
+
+
+def tortoise_config(params) -> TortoiseConfig:
+    """The model config a recipe's params name."""
+    return TortoiseConfig(**params.config.model_dump())
+
+
+def gpt_weights(params, resolve):
+    """The UnifiedVoice weights these params name: the export's, and every target's."""
+    c = tortoise_config(params)
+    return load_checkpoint(resolve(params.checkpoint), c) if params.checkpoint else seeded_weights(c, params.seed)

@@ -1,0 +1,25 @@
+"""Content hashes: the keys of the step cache, of checks and of tune trials, so equal work is found again."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.feeds import Feeds
+
+
+def content_hash(obj: Any) -> str:
+    """sha256 of a JSON-able value, keys sorted (anything else by its str)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def feeds_hash(feeds: list[Feeds]) -> str:
+    """sha256 of a list of feeds: input names and raw bytes, in order."""
+    h = hashlib.sha256()
+    for f in feeds:
+        for name in sorted(f):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(f[name]).tobytes())
+    return h.hexdigest()
