@@ -13,7 +13,7 @@ from pipeline.core.audio import (
     _mel_to_hz,
     check_mel_bands,
     compare_audio,
-    hifigan_mel,
+    vocoder_log_mel,
     length_difference,
     log_mel,
     log_mel_distance,
@@ -107,14 +107,14 @@ def test_length_difference_and_comparison_agree():
     assert compare_audio(x, x[: x.size // 2]).length_diff == -0.5
 
 
-def test_hifigan_mel_is_the_clamped_log_magnitude_mel():
+def test_vocoder_log_mel_is_the_clamped_log_magnitude_mel():
     x = np.concatenate([np.zeros(4096, np.float32), tone(440.0)])
-    mel = hifigan_mel(x)
+    mel = vocoder_log_mel(x)
     assert mel.dtype == np.float32 and mel.shape == (N_MELS, x.size // 256)
     assert mel.min() == np.float32(np.log(MEL_CLAMP))  # digital silence hits the clamp, as in training
     np.testing.assert_allclose(np.exp(mel), np.maximum(mel_spectrogram(x), MEL_CLAMP), rtol=1e-5)
     with pytest.raises(PipelineError, match="22050 Hz"):
-        hifigan_mel(x, sr=16000)
+        vocoder_log_mel(x, sr=16000)
 
 
 def test_check_mel_bands_names_the_expected_count():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, sha256, tree
+from conftest import cli, sha256, tree
 
 GOOD = """name: bad_input
 model: {{path: {model}}}
@@ -22,7 +22,7 @@ steps:
 def check_user_error(tmp_path: Path, model: Path, args: list[str], expect: str) -> str:
     before_model = sha256(model) if model.is_file() else None
     before = tree(tmp_path)
-    res = run_cli(*args)
+    res = cli(*args)
     assert res.code != 0
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, res.stderr
@@ -46,7 +46,7 @@ def run_args(path: Path, tmp_path: Path) -> list[str]:
 
 
 def test_good_recipe_passes_validate(tmp_path, tiny_model, tiny_feeds):
-    res = run_cli("validate", str(recipe(tmp_path, tiny_model, tiny_feeds)))
+    res = cli("validate", str(recipe(tmp_path, tiny_model, tiny_feeds)))
     assert res.code == 0, res.stderr
     assert "ok (2 steps, 6 calibration samples)" in res.stdout
 
@@ -160,7 +160,6 @@ def test_inspect_bad_model_and_regex(tmp_path, tiny_model):
     check_user_error(tmp_path, tiny_model, ["inspect", str(tiny_model), "--blocks", "(unclosed"], "not a valid regex")
 
 
-@pytest.mark.slow
 def test_mels_with_the_wrong_band_count_are_refused_before_calibration(tmp_path):
     """An exported vocoder wants 80-band mels: a 64-band calibration folder fails in one line, naming both."""
     feeds = tmp_path / "mels64"
@@ -173,7 +172,7 @@ calibration: {{source: npz, params: {{folder: {feeds}}}}}
 steps:
   - {{pass: quantize, params: {{mode: static, op_types: [Conv]}}, scope: {{include: ['/resblocks\\\\.0']}}}}
 """)
-    res = run_cli("run", str(path), "--out", str(tmp_path / "run"))
+    res = cli("run", str(path), "--out", str(tmp_path / "run"))
     assert res.code == 2 and "Traceback" not in res.stderr
     line = res.stderr.strip().splitlines()[-1]
     assert "'mel' has size 64 on axis 1" in line and "wants 80" in line

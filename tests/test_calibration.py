@@ -7,8 +7,10 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration import DATA_DIR, SourceContext, checked_feeds, make_source
-from calibration.piper_sentences import read_sentences
+from calibration import DATA_DIR, SourceContext, checked_feeds
+
+from pipeline.families import make_source
+from calibration import read_sentences
 from pipeline.core.errors import PipelineError
 
 

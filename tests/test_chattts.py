@@ -8,55 +8,17 @@ import onnx
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from tiny_chattts import TINY, write_assets
 
 from pipeline.core.errors import PipelineError
 from pipeline.families.chattts.exporter import ChatTTSGPT, GPTConfig, export_modelset, load_weights
 from pipeline.families.chattts.runtime import ChatTTSRuntime
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
-            max_position_embeddings=256, num_text_tokens=97, num_audio_tokens=211, num_vq=4)
-
-
-class ChatTTSEmbed(nn.Module):
-    """The shape of ChatTTS's Embed module, weight norm applied by torch itself (so its key names are real)."""
-
-    def __init__(self, c: GPTConfig):
-        super().__init__()
-        from torch.nn.utils.parametrizations import weight_norm
-
-        self.emb_code = nn.ModuleList(nn.Embedding(c.num_audio_tokens, c.hidden_size) for _ in range(c.num_vq))
-        self.emb_text = nn.Embedding(c.num_text_tokens, c.hidden_size)
-        self.head_text = weight_norm(nn.Linear(c.hidden_size, c.num_text_tokens, bias=False), name="weight")
-        self.head_code = nn.ModuleList(weight_norm(nn.Linear(c.hidden_size, c.num_audio_tokens, bias=False),
-                                                   name="weight") for _ in range(c.num_vq))
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """A small asset folder in ChatTTS's layout: HF LlamaModel without embed_tokens + Embed.safetensors."""
-    from transformers import LlamaConfig, LlamaModel
-
-    torch.manual_seed(7)
-    c = GPTConfig(**TINY)
-    root = tmp_path_factory.mktemp("asset")
-    hf = LlamaConfig(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                     num_attention_heads=c.num_attention_heads, num_hidden_layers=c.num_hidden_layers,
-                     max_position_embeddings=c.max_position_embeddings, rms_norm_eps=1e-6, vocab_size=8,
-                     num_text_tokens=c.num_text_tokens, num_audio_tokens=c.num_audio_tokens, num_vq=c.num_vq)
-    llama = LlamaModel(hf).eval()
-    for name, p in llama.named_parameters():  # sharper than the default init, so greedy has clear winners
-        if "norm" not in name:
-            nn.init.normal_(p, std=0.1)
-    del llama.embed_tokens
-    (root / "gpt").mkdir()
-    hf.save_pretrained(root / "gpt")
-    save_file({k: v.contiguous() for k, v in llama.state_dict().items()}, str(root / "gpt" / "model.safetensors"))
-    embed = ChatTTSEmbed(c).eval()
-    for p in embed.parameters():
-        nn.init.normal_(p, std=0.3)
-    save_file({k: v.contiguous() for k, v in embed.state_dict().items()}, str(root / "Embed.safetensors"))
-    return root, llama, embed, c
+    """A small asset folder in ChatTTS's layout (tests/tiny_chattts.py): (root, llama, embed, config)."""
+    return write_assets(tmp_path_factory.mktemp("asset"))
 
 
 def test_loader_reads_the_real_layout_and_folds_weight_norm(assets):
@@ -184,14 +146,13 @@ steps:
 """
 
 
-@pytest.mark.slow
 def test_recipe_with_exporter_quantizes_the_layer_graphs(tmp_path):
-    from conftest import run_cli
+    from conftest import cli
 
     from pipeline.core.modelset import ModelSet
 
     (tmp_path / "r.yaml").write_text(RECIPE)
-    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    res = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr
     final = ModelSet.read(tmp_path / "run" / "final")
     assert final.meta["seeded"] is True and final.names()[:3] == ["embed_text", "embed_code", "layer_00"]
@@ -203,8 +164,8 @@ def test_recipe_with_exporter_quantizes_the_layer_graphs(tmp_path):
         assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
         assert final.path(name).stat().st_size < 0.5 * base.path(name).stat().st_size
     assert final.graph("norm").sha256 and final.path("norm").read_bytes() != b""
-    gen = run_cli("generate", str(tmp_path / "run" / "final"), "--ids", "3,14,15", "--steps", "12",
-                  "--json", str(tmp_path / "g.json"))
+    gen = cli("generate", str(tmp_path / "run" / "final"), "--ids", "3,14,15", "--steps", "12",
+              "--json", str(tmp_path / "g.json"))
     assert gen.code == 0, gen.stderr
     assert gen.stdout.startswith("note: seeded random weights")
     out = json.loads((tmp_path / "g.json").read_text())
@@ -215,21 +176,20 @@ def test_recipe_with_exporter_quantizes_the_layer_graphs(tmp_path):
     assert step.graph("layer_00").sha256 != base.graph("layer_00").sha256
 
 
-@pytest.mark.slow
 def test_scope_graph_pattern_matching_nothing_is_an_error(tmp_path):
-    from conftest import run_cli
+    from conftest import cli
 
     (tmp_path / "r.yaml").write_text(RECIPE.replace("layer_\\d+", "decoder_\\d+"))
-    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    res = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 2 and "matches no graph" in res.stderr and "layer_00" in res.stderr
 
 
 def test_generate_bad_input(tmp_path):
-    from conftest import run_cli
+    from conftest import cli
 
-    res = run_cli("generate", str(tmp_path), "--ids", "1,2")
+    res = cli("generate", str(tmp_path), "--ids", "1,2")
     assert res.code == 2 and "not a model set folder" in res.stderr
-    res = run_cli("generate", str(tmp_path), "--ids", "1,x")
+    res = cli("generate", str(tmp_path), "--ids", "1,x")
     assert res.code == 2 and "not a comma-separated list" in res.stderr
 
 
@@ -276,12 +236,11 @@ def test_sampled_generation_is_reproducible_from_its_seed(assets, tmp_path):
     assert a.ids == b.ids and a.ids != c.ids
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["chattts_int8", "chattts_fp16", "chattts_fp32", "chattts_int4"])
 def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
     """The recipes as shipped, only the seeded model made small: export, pass, check, token metrics."""
     import yaml
-    from conftest import REPO, run_cli
+    from conftest import REPO, cli
 
     recipe = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
     # 128 wide, so the recipes' weight blocks of 128 divide every MatMul's input as at full size
@@ -289,7 +248,7 @@ def test_shipped_chattts_recipes_run_on_a_small_model(tmp_path, name):
                                            "hidden_size": 128, "intermediate_size": 256}
     recipe["check"]["samples"] = 3
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    res = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["notes"][0].startswith("SEEDED RANDOM WEIGHTS")
@@ -349,7 +308,7 @@ def test_token_metrics_catch_a_broken_layer(assets, tmp_path):
     w.gpt["layers.1.mlp.down_proj.weight"] = w.gpt["layers.1.mlp.down_proj.weight"] * 1.5
     export_modelset(w, tmp_path / "cand")
     shutil.copy(tmp_path / "ref" / "sample_head.onnx", tmp_path / "cand" / "sample_head.onnx")
-    report = compare_chattts(tmp_path / "ref", tmp_path / "cand", [[3, 14, 15, 92], [65, 35, 89]], steps=12)
+    report = compare_chattts(tmp_path / "ref", tmp_path / "cand", [[3, 14, 15, 92], [65, 35, 89]], steps=12).to_json()
     blocks = {b["block"]: b for b in report["blocks"]}
     assert blocks[layer_name(0)]["isolated"]["sqnr_db"] == "inf"
     assert blocks[layer_name(0)]["accumulated"]["sqnr_db"] == "inf"  # upstream of the fault: identical
@@ -440,7 +399,6 @@ def test_calibration_is_teacher_forced_on_the_models_own_codes(assets, tmp_path)
         chattts_graph_feeds(tmp_path / "gpt", entry, "sample_head")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kv_cache", ["concat", "in_place"])
 def test_calibrated_recipes_capture_the_layer_inputs_from_the_fp32_chain(tmp_path, kv_cache):
     """Calibration inputs are captured from the FP32 export and fed to each layer in its own KV convention:
@@ -448,7 +406,7 @@ def test_calibrated_recipes_capture_the_layer_inputs_from_the_fp32_chain(tmp_pat
     runs in-place layers as it runs the exported ones. (Static QDQ on fused layers quantizes only the weights:
     ORT's quantizer puts no activation QDQ around contrib-op outputs, concat or in-place alike.)"""
     import yaml
-    from conftest import run_cli
+    from conftest import cli
 
     layers = {"graphs": ["layer_\\d+"]}
     steps = [{"pass": "quantize", "params": {"mode": "static", "op_types": ["MatMul"]}, "scope": layers}]
@@ -461,7 +419,7 @@ def test_calibrated_recipes_capture_the_layer_inputs_from_the_fp32_chain(tmp_pat
               "calibration": {"source": "chattts", "params": {"count": 4}},
               "steps": steps, "check": {"samples": 2, "decode_steps": 6}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    res = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr[-2000:]
     folder = f"{len(steps):02d}-quantize"
     stats = json.loads((tmp_path / "run" / "steps" / folder / "step.json").read_text())["stats"]
@@ -475,22 +433,21 @@ def test_calibrated_recipes_capture_the_layer_inputs_from_the_fp32_chain(tmp_pat
     assert (15 if kv_cache == "concat" else 8) < layer["isolated"]["sqnr_db"] < 80
 
 
-@pytest.mark.slow
 def test_generate_takes_a_text_prompt_through_the_assets_tokenizer(assets, tmp_path):
-    from conftest import run_cli
+    from conftest import cli
     from transformers import BertTokenizerFast
 
     root, *_ = assets
     export_modelset(load_weights(root), tmp_path / "gpt")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "你", "好"]
     BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}).save_pretrained(str(tmp_path / "tokenizer"))
-    res = run_cli("generate", str(tmp_path / "gpt"), "--prompt", "hello 你好 world", "--tokenizer",
-                  str(tmp_path / "tokenizer"), "--steps", "4", "--json", str(tmp_path / "g.json"))
+    res = cli("generate", str(tmp_path / "gpt"), "--prompt", "hello 你好 world", "--tokenizer",
+              str(tmp_path / "tokenizer"), "--steps", "4", "--json", str(tmp_path / "g.json"))
     assert res.code == 0, res.stderr
     assert json.loads((tmp_path / "g.json").read_text())["prompt"] == [5, 7, 8, 6]
-    res = run_cli("generate", str(tmp_path / "gpt"), "--prompt", "hello")
+    res = cli("generate", str(tmp_path / "gpt"), "--prompt", "hello")
     assert res.code == 2 and "--prompt needs --tokenizer" in res.stderr
-    res = run_cli("generate", str(tmp_path / "gpt"), "--prompt", "hello", "--tokenizer", str(tmp_path))
+    res = cli("generate", str(tmp_path / "gpt"), "--prompt", "hello", "--tokenizer", str(tmp_path))
     assert res.code == 2 and "cannot load the tokenizer" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -638,15 +595,15 @@ def test_bad_sharded_checkpoints_are_named(assets, sharded, tmp_path):
 
 def test_generate_offers_audio_code_mode_from_the_command_line(assets, tmp_path):
     """`pipeline generate --mode code`: the same frames as ChatTTS's greedy infer_code through PyTorch."""
-    from conftest import run_cli
+    from conftest import cli
 
     root, llama, embed, c = assets
     export_modelset(load_weights(root), tmp_path / "gpt")
-    res = run_cli("generate", str(tmp_path / "gpt"), "--mode", "code", "--ids", "3,14,15,92", "--steps", "12",
-                  "--json", str(tmp_path / "g.json"))
+    res = cli("generate", str(tmp_path / "gpt"), "--mode", "code", "--ids", "3,14,15,92", "--steps", "12",
+              "--json", str(tmp_path / "g.json"))
     assert res.code == 0, res.stderr
     got = json.loads((tmp_path / "g.json").read_text())
     assert got["mode"] == "code" and got["ids"] == reference_codes(llama, embed, c, [3, 14, 15, 92], 12)
     assert "frames (" in res.stdout
-    res = run_cli("generate", str(tmp_path / "gpt"), "--mode", "speech", "--ids", "3")
+    res = cli("generate", str(tmp_path / "gpt"), "--mode", "speech", "--ids", "3")
     assert res.code == 2 and "not a ChatTTS mode (text, code)" in res.stderr

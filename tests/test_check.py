@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import tiny
-from conftest import cli, one_line, run_cli
+from conftest import cli, one_line
 from onnx import numpy_helper
 from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio
 
@@ -42,7 +42,7 @@ def downstream_blocks(model: onnx.ModelProto, report: dict, block: str) -> set[s
     """Blocks with an output that depends on `block`'s nodes (reachability over tensors)."""
     by_id = {b["block"]: b for b in report["blocks"]}
     from pipeline.core.blocks import BlockPartition
-    from pipeline.engine.sources import name_all_nodes
+    from pipeline.core.blocks import name_all_nodes
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
@@ -181,18 +181,17 @@ def test_reports_render(tmp_path):
     assert "| `/enc/layers.1` |" in markdown(report)
 
 
-@pytest.mark.slow
 def test_cli_compare_and_check_thresholds(tmp_path, tiny_feeds):
     ref_path = tiny.save(tiny.conv_net(), tmp_path / "ref.onnx")
     cand_path = tiny.save(perturb(tiny.conv_net(), "enc.layers.1.conv.weight", 0.1), tmp_path / "cand.onnx")
-    res = run_cli("compare", str(ref_path), str(cand_path), "--npz", str(tiny_feeds), "--json",
-                  str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html"), "--md", str(tmp_path / "r.md"))
+    res = cli("compare", str(ref_path), str(cand_path), "--npz", str(tiny_feeds), "--json",
+              str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html"), "--md", str(tmp_path / "r.md"))
     assert res.code == 0, res.stderr
     assert "<< worst" in res.stdout and "/enc/layers.1" in res.stdout
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["samples"] == 6 and (tmp_path / "r.png").is_file()
     # A block spec that matches nothing: one line, non-zero.
-    bad = run_cli("compare", str(ref_path), str(cand_path), "--npz", str(tiny_feeds), "--blocks", "^/nope/(x)")
+    bad = cli("compare", str(ref_path), str(cand_path), "--npz", str(tiny_feeds), "--blocks", "^/nope/(x)")
     assert bad.code != 0 and "match no node" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -213,7 +212,7 @@ check:
 def test_recipe_check_thresholds(tmp_path, tiny_model, tiny_feeds, threshold, on_fail, code):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE.format(model=tiny_model, feeds=tiny_feeds, threshold=threshold, on_fail=on_fail))
-    res = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    res = cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert res.code == code, res.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert (tmp_path / "run" / "report.html").is_file()
@@ -227,6 +226,7 @@ def test_recipe_check_thresholds(tmp_path, tiny_model, tiny_feeds, threshold, on
     assert manifest["check"]["failures"] == report["failures"]
 
 
+# The real voice with one layer's weights perturbed, checked block by block: end to end (e2e), as are the tests on it.
 @pytest.fixture(scope="module")
 def piper_fault(piper_model, tmp_path_factory):
     ref = onnx.load(str(piper_model))
@@ -237,7 +237,7 @@ def piper_fault(piper_model, tmp_path_factory):
     return ref, compare_models(ref, cand, data, metrics=[AudioMetric(PiperFamily().audio(None))]).to_json()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_fault_injection_piper_voice(piper_fault):
     ref, report = piper_fault
     blocks = {b["block"]: b for b in report["blocks"]}
@@ -252,6 +252,7 @@ def test_fault_injection_piper_voice(piper_fault):
     assert "audio" in report["outputs"][0]
 
 
+@pytest.mark.e2e
 def test_piper_report_lists_every_kind_of_block(piper_fault):
     _, report = piper_fault
     ids = [b["block"] for b in report["blocks"]]
@@ -262,6 +263,7 @@ def test_piper_report_lists_every_kind_of_block(piper_fault):
         assert "isolated" in b and "accumulated" in b
 
 
+@pytest.mark.e2e
 def test_piper_output_sqnr_matches_numpy_and_onnxruntime(piper_model, piper_fault):
     """The same cross-check on the real voice: the perturbed candidate's audio output."""
     from pipeline.families.piper import PiperFamily

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 from conftest import cli, one_line
 
-from calibration import DATA_DIR, SourceContext, make_source
-from calibration.piper_sentences import read_sentences
+from calibration import DATA_DIR, SourceContext
+
+from pipeline.families import make_source
+from calibration import read_sentences
 from pipeline.core.errors import PipelineError
 
 PIPER = """name: counts

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import yaml
-from conftest import REPO, run_cli, sha256
+from conftest import REPO, cli, sha256
 
 FALLBACK = """name: tiny_fallback
 model: {{path: tiny.onnx}}
@@ -29,11 +29,10 @@ def workdir(tmp_path, tiny_feeds):
     return tmp_path
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("move_to", ["fp32", "fp16"])
 def test_tiny_fallback_converges_and_resolved_recipe_reproduces(workdir, move_to):
     (workdir / "r.yaml").write_text(FALLBACK.format(target=33, move_to=move_to))
-    res = run_cli("run", str(workdir / "r.yaml"), "--out", str(workdir / "run"))
+    res = cli("run", str(workdir / "r.yaml"), "--out", str(workdir / "run"))
     assert res.code == 0, res.stderr
     report = json.loads((workdir / "run" / "report.json").read_text())
     rounds = report["rounds"]
@@ -50,15 +49,14 @@ def test_tiny_fallback_converges_and_resolved_recipe_reproduces(workdir, move_to
     assert "Automatic fallback" in (workdir / "run" / "report.md").read_text()
     assert "round 0:" in (workdir / "run" / "report.html").read_text()
     # The resolved recipe, run elsewhere from scratch, builds the very same file.
-    again = run_cli("run", str(resolved), "--out", str(workdir / "again"))
+    again = cli("run", str(resolved), "--out", str(workdir / "again"))
     assert again.code == 0, again.stderr
     assert sha256(workdir / "again" / "final" / "tiny.onnx") == sha256(workdir / "run" / "final" / "tiny.onnx")
 
 
-@pytest.mark.slow
 def test_tiny_fallback_that_cannot_converge_fails_clearly(workdir):
     (workdir / "r.yaml").write_text(FALLBACK.format(target=200, move_to="fp32"))
-    res = run_cli("run", str(workdir / "r.yaml"), "--out", str(workdir / "run"))
+    res = cli("run", str(workdir / "r.yaml"), "--out", str(workdir / "run"))
     assert res.code == 2
     assert "fallback did not reach its target" in res.stderr and "Traceback" not in res.stderr
     assert (workdir / "run" / "resolved_recipe.yaml").is_file()
@@ -66,22 +64,22 @@ def test_tiny_fallback_that_cannot_converge_fails_clearly(workdir):
 
 def test_fallback_step_must_be_a_quantize_step(workdir):
     (workdir / "r.yaml").write_text(FALLBACK.format(target=30, move_to="fp32").replace("step: int8", "step: nope"))
-    res = run_cli("validate", str(workdir / "r.yaml"))
+    res = cli("validate", str(workdir / "r.yaml"))
     assert res.code == 2 and "no quantize step named 'nope' (quantize steps: int8)" in res.stderr
 
 
 def test_fallback_needs_a_target(workdir):
     text = FALLBACK.format(target=30, move_to="fp32").replace("min_output_sqnr_db: 30, ", "")
     (workdir / "r.yaml").write_text(text)
-    res = run_cli("validate", str(workdir / "r.yaml"))
+    res = cli("validate", str(workdir / "r.yaml"))
     assert res.code == 2 and "give a target" in res.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_piper_all_block_int8_fallback_converges_and_reproduces(tmp_path):
     """Acceptance: all-block INT8 start on the real voice, a target it misses at first."""
     recipe = REPO / "recipes" / "piper_int8_auto.yaml"
-    res = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    res = cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     rounds = report["rounds"]
@@ -90,7 +88,7 @@ def test_piper_all_block_int8_fallback_converges_and_reproduces(tmp_path):
     assert rounds[-1]["size_ratio"] < 0.95  # something stayed INT8
     resolved = tmp_path / "run" / "resolved_recipe.yaml"
     shutil.copy(resolved, tmp_path / "resolved.yaml")
-    again = run_cli("run", str(tmp_path / "resolved.yaml"), "--out", str(tmp_path / "again"))
+    again = cli("run", str(tmp_path / "resolved.yaml"), "--out", str(tmp_path / "again"))
     assert again.code == 0, again.stderr[-2000:]
     name = "en_US-joe-medium.onnx"
     assert sha256(tmp_path / "again" / "final" / name) == sha256(tmp_path / "run" / "final" / name)

@@ -15,8 +15,8 @@ import onnx
 import pytest
 import torch
 from onnx import helper
-from test_chattts import TINY
-from test_tortoise import SMALL, TEXT, decisive, latent_of
+from tiny_chattts import TINY
+from tiny_tortoise import SMALL, TEXT, decisive, latent_of
 
 from passes import get_pass
 from passes.base import PassContext
@@ -553,7 +553,6 @@ SHIPPED = {"chattts_gguf": ({**{k: v for k, v in TINY.items() if k != "max_posit
                              "token_embd_mel.weight")}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_gguf_recipes_write_every_file_through_the_run(tmp_path, name):
     """The recipe as shipped, only the seeded model made small (as the int8 recipes' tests do): the run writes
@@ -561,7 +560,7 @@ def test_shipped_gguf_recipes_write_every_file_through_the_run(tmp_path, name):
     import json
 
     import yaml
-    from conftest import REPO, run_cli
+    from conftest import REPO, cli
 
     config, stem, layer_matrix, embedding = SHIPPED[name]
     recipe = yaml.safe_load((REPO / "recipes" / f"{name}.yaml").read_text())
@@ -573,7 +572,7 @@ def test_shipped_gguf_recipes_write_every_file_through_the_run(tmp_path, name):
         if name == "tortoise_gguf" and "expect" in step["params"]:
             step["params"]["expect"] = {op: 3 for op in step["params"]["expect"]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    res = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr[-2000:]
     folder = tmp_path / "run" / "final" / "gguf"
     files = {f"{stem}-{t}.gguf" for t in ("f16", "q8_0", "mixed")}
@@ -588,5 +587,5 @@ def test_shipped_gguf_recipes_write_every_file_through_the_run(tmp_path, name):
         result = checked[f"{stem}-{kind}.gguf"]
         assert result["sqnr_db"] >= MIN_SQNR[kind] and result["worst"].startswith("blk.")
     assert f"format gguf {stem}-q8_0.gguf: decoder layers" in res.stdout
-    listed = run_cli("inspect", str(tmp_path / "run"))
+    listed = cli("inspect", str(tmp_path / "run"))
     assert listed.code == 0 and all(f"gguf/{f}" in listed.stdout for f in files), listed.stdout

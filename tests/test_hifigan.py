@@ -16,7 +16,9 @@ import onnx
 import pytest
 import torch
 
-from calibration import DATA_DIR, SourceContext, check_feeds, make_source
+from calibration import DATA_DIR, SourceContext, check_feeds
+
+from pipeline.families import make_source
 from pipeline.core.audio import check_mel_bands, sqnr_db
 from pipeline.core.blocks import BlockPartition
 from pipeline.core.errors import PipelineError
@@ -82,7 +84,7 @@ def upstream_generator(config_path: Path, state: dict[str, torch.Tensor]):
     return model
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_onnx_matches_pytorch_on_real_speech_at_two_lengths(universal, speech_mels, torch_universal):
     sess = session(universal.path(GRAPH))
     model = onnx.load(str(universal.path(GRAPH)))

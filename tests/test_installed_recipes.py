@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cli, one_line, run_cli, tree
+from conftest import REPO, cli, one_line, tree
 
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -83,7 +83,7 @@ def test_a_path_works_as_before_and_an_existing_file_wins_over_a_name(tmp_path, 
 def test_pyproject_ships_every_package_and_data_file():
     """pyproject.toml lists its packages (recipes/ is mapped into `pipeline.recipes`, which discovery cannot do):
     a subpackage or a calibration data file that is not listed would be missing from a plain install."""
-    tomllib = pytest.importorskip("tomllib")
+    import tomllib  # Python 3.11+, as the tests need anyway (contextlib.chdir): never skipped
     from setuptools import find_packages
 
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -107,7 +107,6 @@ def _source_copy(dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.slow
 def test_the_wheel_holds_every_recipe_module_and_data_file(tmp_path):
     src = _source_copy(tmp_path / "src")
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "-w", str(tmp_path / "wheel"), "--no-deps",
@@ -127,10 +126,10 @@ def test_the_wheel_holds_every_recipe_module_and_data_file(tmp_path):
     assert zipfile.ZipFile(wheel).read(top).decode().split() == ["calibration", "passes", "pipeline"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_run_by_name_writes_runs_name_in_the_current_folder(tmp_path):
     """The README's first command on an installed package, by name, from a folder that is not the checkout."""
-    res = run_cli("run", "piper_fp16", cwd=tmp_path)
+    res = cli("run", "piper_fp16", cwd=tmp_path)
     assert res.code == 0, res.stderr[-2000:]
     assert (tmp_path / "runs" / "piper_fp16" / "final" / "en_US-joe-medium.onnx").is_file()
     assert {p.split("/")[0] for p in tree(tmp_path)} == {"runs"}

@@ -1,7 +1,7 @@
 """Models too large for one ONNX proto (over 2 GB with their external data) through every stage.
 
 The fast tests lower `onnx_io.LARGE_BYTES` so a model of kilobytes takes the same path a 2.4 GB one does (its
-weights left in their files, read from there); the slow test builds a real 2.4 GB model and runs the CLI on it
+weights left in their files, read from there); the end-to-end test builds a real 2.4 GB model and runs the CLI on it
 in a child process, measuring that process's peak RSS.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pipeline.core import onnx_io
 from pipeline.core.errors import PipelineError
 from pipeline.core.onnx_io import external_files, is_light, load_onnx, save_onnx, session, stage_model
 from pipeline.core.recipe import load_recipe
-from pipeline.engine.runner import Runner, plan_recipe
+from pipeline.engine.plan import plan_recipe
+from pipeline.search.run import run_recipe
 
 def matmul_chain(folder: Path, n: int, layers: int, name: str = "big.onnx", seed: int = 0) -> Path:
     """x [batch, n] -> `layers` x (MatMul by an n x n weight, Add bias, Relu) under /layers.i, its weights written
@@ -150,7 +151,7 @@ def test_every_stage_runs_on_a_light_model(tmp_path, small_limit):
     feeds = write_feeds(tmp_path / "feeds", 64)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE.format(model=model, feeds=feeds))
-    result = Runner(plan_recipe(load_recipe(recipe)), tmp_path / "run", log=lambda m: None).run()
+    result = run_recipe(plan_recipe(load_recipe(recipe)), tmp_path / "run", log=lambda m: None)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     stats = {s["pass"]: s.get("stats", {}).get("model", {}) for s in manifest["steps"]}
     assert stats["simplify"]["via"] == "files (model over 2 GB)"
@@ -182,7 +183,7 @@ def test_a_pass_that_needs_the_model_in_memory_fails_before_any_work(tmp_path, s
                       f"  - pass: fuse_matmuls\n")
     plan = plan_recipe(load_recipe(recipe))
     with pytest.raises(PipelineError, match=r"step 02 fuse_matmuls: graph 'model' is too large for one ONNX proto"):
-        Runner(plan, tmp_path / "run", log=lambda m: None).run()
+        run_recipe(plan, tmp_path / "run", log=lambda m: None)
 
 
 def test_weight_only_and_dynamic_quantize_a_light_model(tmp_path, small_limit):
@@ -192,13 +193,13 @@ def test_weight_only_and_dynamic_quantize_a_light_model(tmp_path, small_limit):
         recipe = tmp_path / f"{mode}.yaml"
         recipe.write_text(f"name: large\nmodel: {{path: {model}}}\nsteps:\n  - pass: quantize\n"
                           f"    params: {{mode: {mode}, op_types: [MatMul], block_size: 32, expect_min_nodes: 3}}\n")
-        Runner(plan_recipe(load_recipe(recipe)), tmp_path / mode, log=lambda m: None).run()
+        run_recipe(plan_recipe(load_recipe(recipe)), tmp_path / mode, log=lambda m: None)
         got = run_output(tmp_path / mode / "final" / "big.onnx", x)
         want = run_output(model, x)
         assert np.linalg.norm(want - got) / np.linalg.norm(want) < 0.05, mode
 
 
-# -- slow: a real model over 2 GB, through the CLI ---------------------------------------------------------------
+# -- end to end (e2e): a real model over 2 GB, through the CLI ------------------------------------------------
 
 def _cli(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     """The CLI in a child process; returns it (output as text) and that child's own peak RSS in bytes.
@@ -228,7 +229,7 @@ def big_folder(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_model_over_2_gb_runs_end_to_end_under_3x_its_size_in_memory(big_folder):
     tmp_path = big_folder
     n, layers = 6144, 16  # 16 weights of 151 MB: 2.42 GB

@@ -144,7 +144,8 @@ def test_hifigan_config_json_is_read_in_validate(tmp_path):
 @pytest.mark.parametrize("params, key", [({"length_scale": 0}, "length_scale"), ({"noise_scale": -0.5}, "noise_scale"),
                                          ({"noise_w": -1}, "noise_w")])
 def test_piper_scales_have_ranges(params, key):
-    from calibration import SourceContext, make_source
+    from calibration import SourceContext
+    from pipeline.families import make_source
 
     from pipeline.core.errors import PipelineError
 

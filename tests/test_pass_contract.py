@@ -29,10 +29,12 @@ import pytest
 import tiny
 from conftest import REPO
 from onnx import TensorProto, helper, numpy_helper
+from pass_checks import Applied, check_input_unchanged, check_scope, check_stats
 from pydantic import Field, ValidationError
 
 from passes import PASSES, markdown_table
-from passes.base import Params, Pass, PassContext, PassResult, copy_model
+from passes.base import Params, Pass, PassContext, PassResult
+from pipeline.core.onnx_io import copy_model
 from pipeline.core.feeds import Feeds
 from pipeline.core.blocks import BlockPartition
 from pipeline.core.recipe import Scope
@@ -163,15 +165,6 @@ def _case_params(scope_checks: bool = False) -> list:
     return params
 
 
-@dataclass
-class Applied:
-    cls: type[Pass]
-    model: onnx.ModelProto  # the input, after the pass ran
-    before: bytes  # the input, serialized before the pass ran
-    result: PassResult
-    selected: set[str] | None
-
-
 def apply_case(name: str, case: Case | None, tmp_path) -> Applied:
     if case is None:
         pytest.fail(f"pass {name!r} has no entry in CASES of tests/test_pass_contract.py: add a tiny model "
@@ -193,69 +186,7 @@ def apply_case(name: str, case: Case | None, tmp_path) -> Applied:
     return Applied(cls, model, before, p.apply(model, params, ctx), selected)
 
 
-# --- the checks -----------------------------------------------------------------------------------------------
-
-def check_input_unchanged(a: Applied) -> None:
-    assert a.model.SerializeToString() == a.before, f"{a.cls.name} modified the model it was given"
-
-
-def _node_changes(model: onnx.ModelProto, out: onnx.ModelProto, names: set[str]) -> list[str]:
-    """How the nodes `names` of `model` differ in `out`: gone, op type, attributes, initializer inputs."""
-    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    after = {t.name: t for t in out.graph.initializer}
-    nodes = {n.name: n for n in out.graph.node}
-    changes = []
-    for node in model.graph.node:
-        if node.name not in names:
-            continue
-        new = nodes.get(node.name)
-        if new is None or new.op_type != node.op_type:
-            changes.append(f"{node.name}: {node.op_type} is now {new.op_type if new is not None else 'gone'}")
-            continue
-        if [a.SerializeToString() for a in new.attribute] != [a.SerializeToString() for a in node.attribute]:
-            changes.append(f"{node.name}: attributes changed")
-        if len(new.input) != len(node.input):
-            changes.append(f"{node.name}: {len(node.input)} inputs became {len(new.input)}")
-            continue
-        for k, name in enumerate(node.input):
-            if name not in before:
-                continue
-            got = after.get(new.input[k])
-            value = numpy_helper.to_array(got) if got is not None else None
-            if value is None or value.dtype != before[name].dtype or not np.array_equal(value, before[name]):
-                changes.append(f"{node.name}: input {k} ({name}) is no longer the same initializer")
-    return changes
-
-
-def check_scope(a: Applied) -> None:
-    if not a.cls.scoped:
-        # A whole-graph pass says so itself; the runner refuses include/exclude scopes for it.
-        assert vars(a.cls).get("scoped") is False, f"{a.cls.name}: a whole-graph pass declares `scoped = False`"
-        return
-    assert a.result.graphs is None, f"{a.cls.name} cuts graphs: it cannot honour a block scope (scoped = False)"
-    out = a.result.model
-    every = {n.name for n in a.model.graph.node}
-    outside = _node_changes(a.model, out, every - a.selected)
-    assert not outside, f"{a.cls.name} changed nodes outside its scope: {outside[:5]}"
-    inside = _node_changes(a.model, out, a.selected)
-    assert inside and a.result.changed, f"{a.cls.name} changed nothing in the block it was given"
-
-
-def check_stats(a: Applied, block: str | None) -> None:
-    stats = a.result.stats
-    assert isinstance(stats, dict) and stats, f"{a.cls.name} reports no stats"
-    try:
-        text = json.dumps(stats)
-    except TypeError as e:
-        raise AssertionError(f"{a.cls.name}'s stats are not JSON-serialisable: {e}") from None
-    assert json.loads(text) == stats, f"{a.cls.name}'s stats change through JSON (tuples, non-str keys?): {stats}"
-    if a.cls.changes_precision:
-        assert a.cls.scoped, f"{a.cls.name} changes precision, so the fallback scopes it: it must be scoped"
-        changed = stats.get("blocks_changed")
-        assert isinstance(changed, dict) and changed, f"{a.cls.name} changes precision: stats need blocks_changed"
-        assert all(isinstance(n, int) and n > 0 for n in changed.values()), f"blocks_changed counts: {changed}"
-        assert set(changed) == {block}, f"{a.cls.name} scoped to {block} reports blocks_changed {changed}"
-
+# --- the checks (those on one pass's result: tests/pass_checks.py) ------------------------------------------
 
 def check_params(cls: type[Pass]) -> None:
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
@@ -373,7 +304,7 @@ class _Broken(Pass):
             stats = {"blocks_changed": {"/enc/layers.1": 1}, "shape": (1, 2)}
         elif self.how == "no_blocks_changed":
             stats = {"tensors": 1}
-        return PassResult(out, changed=self.how != "nothing", stats=stats)
+        return PassResult.of(ctx, out, changed=self.how != "nothing", stats=stats)
 
 
 def _apply_broken(how: str, tmp_path) -> Applied:
@@ -452,18 +383,17 @@ def test_readme_check_catches_a_stale_table():
 
 # --- the fallback reads the contract: any precision pass can be its step ----------------------------------------
 
-@pytest.mark.slow
 def test_fallback_shrinks_a_compress_weights_step(tmp_path, tiny_feeds):
     """Not only quantize: a compress_weights step's `blocks_changed` drives the fallback's rounds."""
     import yaml
-    from conftest import run_cli
+    from conftest import cli
 
     tiny.save(tiny.conv_net(channels=8, layers=4), tmp_path / "tiny.onnx")
     (tmp_path / "r.yaml").write_text(
         "name: tiny_cw_fallback\nmodel: {path: tiny.onnx}\ncalibration: {source: npz, params: {folder: feeds}}\n"
         "steps:\n  - {name: cw, pass: compress_weights, params: {dtype: int8, min_elements: 8}}\n"
         "check: {samples: 6, fallback: {step: cw, min_output_sqnr_db: 45, per_round: 1, max_rounds: 6}}\n")
-    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    res = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr
     rounds = json.loads((tmp_path / "run" / "report.json").read_text())["rounds"]
     assert rounds[0]["target_met"] is False and rounds[-1]["target_met"] is True and len(rounds) >= 2

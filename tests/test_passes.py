@@ -126,11 +126,11 @@ def test_fp16_unknown_node_in_block_list_is_an_error(tmp_path):
         apply("fp16", tiny.conv_net(), tmp_path, {"node_block_list": ["/enc/nope"], "overflow_guard": False})
 
 
-@pytest.mark.slow
 def test_fp16_on_the_piper_voice_loads_and_keeps_lengths(tmp_path, piper_model):
     """The converter alone breaks this voice at /enc_p/Cast_1; the pass must not."""
-    from calibration import SourceContext, checked_feeds, make_source
-    from pipeline.engine.sources import name_all_nodes
+    from calibration import SourceContext, checked_feeds
+    from pipeline.families import make_source
+    from pipeline.core.blocks import name_all_nodes
 
     model = onnx.load(str(piper_model))
     name_all_nodes(model)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import tiny
-from conftest import REPO, run_cli
+from conftest import REPO, cli
 from rich.console import Console
 
 from pipeline.core import progress
@@ -67,7 +67,7 @@ def test_quiet_display_prints_nothing_and_no_display_costs_nothing():
 
 def test_quiet_run_prints_only_the_result(tmp_path, tiny_model, tiny_feeds):
     recipe = _recipe(tmp_path, tiny_model, tiny_feeds)
-    res = run_cli("run", str(recipe), "--out", str(tmp_path / "run"), "--quiet")
+    res = cli("run", str(recipe), "--out", str(tmp_path / "run"), "--quiet")
     assert res.code == 0, res.stderr
     assert res.stderr == ""
     lines = res.stdout.splitlines()
@@ -79,8 +79,8 @@ def test_quiet_run_prints_only_the_result(tmp_path, tiny_model, tiny_feeds):
 def test_terminal_table_shows_the_worst_blocks_unless_asked_for_all(tmp_path, tiny_feeds):
     model = tiny.save(tiny.conv_net(layers=12), tmp_path / "deep.onnx")  # 14 blocks, more than the table's 8
     recipe = _recipe(tmp_path, model, tiny_feeds)
-    few = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
-    every = run_cli("run", str(recipe), "--out", str(tmp_path / "run"), "--all-blocks")
+    few = cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    every = cli("run", str(recipe), "--out", str(tmp_path / "run"), "--all-blocks")
     assert few.code == every.code == 0, few.stderr + every.stderr
     layers = [f"/enc/layers.{i} " for i in range(12)]
     assert sum(name in every.stdout for name in layers) == 12
@@ -100,7 +100,7 @@ def test_a_live_run_holds_its_folder_and_a_killed_one_is_taken_over(tmp_path, ti
     recipe, folder = _recipe(tmp_path, tiny_model, tiny_feeds), tmp_path / "run"
     holder = _holder(folder)
     try:
-        res = run_cli("run", str(recipe), "--out", str(folder))
+        res = cli("run", str(recipe), "--out", str(folder))
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert res.code == 2 and len(lines) == 1, res.stderr
         assert f"in use by another run (process {holder.pid}" in lines[0], lines[0]
@@ -108,15 +108,15 @@ def test_a_live_run_holds_its_folder_and_a_killed_one_is_taken_over(tmp_path, ti
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    res = run_cli("run", str(recipe), "--out", str(folder))
+    res = cli("run", str(recipe), "--out", str(folder))
     assert res.code == 0, res.stderr
     assert f"taking over from run process {holder.pid}" in res.stderr
     assert (folder / "final").is_dir()
-    again = run_cli("run", str(recipe), "--out", str(folder))  # released cleanly: nothing to take over
+    again = cli("run", str(recipe), "--out", str(folder))  # released cleanly: nothing to take over
     assert again.code == 0 and "taking over" not in again.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_ctrl_c_leaves_a_resumable_folder_and_the_progress_shows_on_a_real_piper_run(tmp_path):
     """The shipped INT8 voice: interrupted while it calibrates, then resumed with the command it prints. Its
     log (not a terminal) shows the calibration's progress with the time left."""

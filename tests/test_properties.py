@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,22 +100,17 @@ def assert_contract(result, before_tree: set[Path], before_hashes: dict[Path, st
     `skip` (the run folder, the reports asked for) created, changed or deleted under `roots`.
 
     `progress`: a run without --quiet logs its steps on stderr before the error line; the error must then be the
-    last line and the only one that says error. A Python warning (`invoke` keeps them) is a line on stderr too."""
+    last line and the only one that says error. A Python warning (`cli` keeps them) is a line on stderr too."""
     out, err = result.stdout, result.stderr
-    exc = result.exception
-    if exc is not None and not isinstance(exc, SystemExit):
-        import traceback
-
-        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        pytest.fail(f"uncaught exception (exit {result.exit_code}):\n{trace}\nstderr: {err}")
+    if result.exception is not None:  # its traceback is on stderr
+        pytest.fail(f"uncaught exception (exit {result.exit_code}):\nstderr: {err}")
     assert "Traceback" not in out + err, err
     assert "internal error" not in err, err
     assert result.exit_code in (0, 2), f"exit {result.exit_code}\nstdout: {out}\nstderr: {err}"
     if result.exit_code == 2:
         lines = [line for line in err.splitlines() if line.strip()]
         assert lines, f"exit 2 with nothing on stderr; stdout: {out}"
-        shown = getattr(result, "shown_warnings", [])
-        assert not shown, f"a user would see these warnings on stderr besides the error line: {shown}\n{err}"
+        assert not result.warnings, f"a user would see these warnings besides the error line: {result.warnings}"
         if progress:
             assert not any(line.startswith("error:") for line in lines[:-1]), err
         else:
@@ -145,16 +139,9 @@ def example_folder():
 
 
 def invoke(args: list[str]):
-    """The command in this process, with the warnings a user would see on stderr (Python's default filters; pytest
-    would otherwise swallow them) kept as `res.shown_warnings`."""
+    """The command in this process (`cli`: the warnings a user would see are on its stderr, and kept)."""
     note(f"args: {args!r}")
-    with warnings.catch_warnings(record=True) as shown:
-        warnings.resetwarnings()
-        warnings.simplefilter("always")
-        for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
-            warnings.filterwarnings("ignore", category=hidden)
-        res = cli(*args)
-    res.shown_warnings = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in shown]
+    res = cli(*args)
     note(f"exit {res.exit_code}\nstdout: {res.stdout[-2000:]}\nstderr: {res.stderr[-2000:]}")
     hypothesis.event(f"{args[0]}: exit {res.exit_code}")  # --hypothesis-show-statistics: how many succeed
     return res
@@ -700,21 +687,6 @@ def test_compare_options(world, data):
         check_reports(res, options, tmp)
 
 
-@contextlib.contextmanager
-def no_process_pool():
-    """`generate` makes every later ONNX Runtime session of the process share one thread pool (for a process
-    that only generates): in this test process that would outlive the example, so it is recorded instead."""
-    from pipeline.core import onnx_io
-
-    asked = []
-    real = onnx_io.share_one_thread_pool
-    onnx_io.share_one_thread_pool = asked.append
-    try:
-        yield asked
-    finally:
-        onnx_io.share_one_thread_pool = real
-
-
 @hypothesis.given(data=st.data())
 def test_other_commands(world, data):
     """`bench` (--repeat, --threads, --sentences, --json), `validate` and `inspect` of anything, `generate`
@@ -771,8 +743,7 @@ def test_other_commands(world, data):
                             list(given.values()))
         roots = [tmp, world.root]
         before = before_state(roots, skip)
-        with no_process_pool():
-            res = invoke(args)
+        res = invoke(args)  # `generate` too: `cli` keeps the process's thread pools as they are
         assert_contract(res, *before, roots=roots, skip=skip)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_pass_contract import Applied, check_input_unchanged, check_scope, check_stats
+from pass_checks import Applied, check_input_unchanged, check_scope, check_stats
 
 from passes import get_pass
 from passes.base import PassContext
@@ -257,7 +257,7 @@ def test_gptq_needs_calibration_and_the_runner_says_so(tmp_path):
     import tiny
 
     from pipeline.core.recipe import load_recipe
-    from pipeline.engine.runner import plan_recipe
+    from pipeline.engine.plan import plan_recipe
 
     p = get_pass("quantize")
     assert p.needs_calibration_for(p.Params(mode="weight_only", method="gptq", bits=4))

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, cli
 
 from pipeline.core.audio import compare_audio
 from pipeline.core.modelset import ModelSet
 from pipeline.core.recipe import load_recipe
-from pipeline.engine.runner import Runner, plan_recipe
+from pipeline.engine.plan import plan_recipe
+from pipeline.search.run import run_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 # piper_int8_auto runs, fallback rounds and all, in test_fallback.py.
 PIPER_RECIPES = [REPO / "recipes" / f"{name}.yaml" for name in ("piper_fp16", "piper_int8", "piper_streaming_int8")]
-pytestmark = pytest.mark.slow  # every shipped recipe, run on the real models
 
 SENTENCE = "The weather today will be mostly sunny with a high of twenty two degrees."
 
@@ -28,15 +28,16 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for recipe in PIPER_RECIPES:
         r = load_recipe(recipe)
-        Runner(plan_recipe(r), base / r.name, log=lambda m: None).run()
+        run_recipe(plan_recipe(r), base / r.name, log=lambda m: None)
         out[r.name] = base / r.name
     return out
 
 
+# Seconds, so in the fast tests; the runs of the shipped recipes on the real models below take minutes (e2e).
 def test_every_recipe_validates():
     assert {"piper_fp16.yaml", "piper_int8.yaml", "piper_streaming_int8.yaml"} <= {r.name for r in RECIPES}
     for recipe in RECIPES:
-        res = run_cli("validate", str(recipe))
+        res = cli("validate", str(recipe))
         assert res.code == 0, (recipe, res.stderr)
 
 
@@ -56,6 +57,7 @@ def synthesize(model: Path, wav: Path) -> np.ndarray:
 TARGETS = {"piper_fp16": {"size": 0.52, "log_mel": 0.02}, "piper_int8": {"size": 0.40, "log_mel": 0.10}}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_quality_and_size_targets_on_eval_sentences(runs, piper_model, name):
     """Issue targets on 5 real evaluation sentences, noise at 0 (latency is the benchmark's job)."""
@@ -71,6 +73,7 @@ def test_quality_and_size_targets_on_eval_sentences(runs, piper_model, name):
     assert cand["max_log_mel"] <= TARGETS[name]["log_mel"], [s["log_mel_distance"] for s in cand["sentences"]]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_shrunk_voice_speaks_in_piper(runs, piper_model, tmp_path, name):
     final = ModelSet.read(runs[name] / "final")
@@ -85,6 +88,7 @@ def test_shrunk_voice_speaks_in_piper(runs, piper_model, tmp_path, name):
     assert cmp.log_mel_distance <= 2 * TARGETS[name]["log_mel"]
 
 
+@pytest.mark.e2e
 def test_piper_recipes_leave_the_installed_voice_untouched(runs, piper_model):
     # The package's RECORD holds the wheel's hash of every file it installed.
     import base64
@@ -98,6 +102,7 @@ def test_piper_recipes_leave_the_installed_voice_untouched(runs, piper_model):
     assert actual == digest
 
 
+@pytest.mark.e2e
 def test_int8_recipe_report_attributes_error_to_blocks(runs):
     import json
 
@@ -122,6 +127,7 @@ def wav_roundtrip(audio: np.ndarray, path: Path) -> np.ndarray:
         return np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
 
 
+@pytest.mark.e2e
 def test_streaming_recipe_splits_and_the_shrunk_chain_still_speaks(runs, piper_model, tmp_path):
     """piper_streaming_int8: encoder | decoder with their own precisions; the chain, streamed and written
     to WAV, against the original voice on evaluation sentences; the check covers both graphs."""
@@ -162,6 +168,7 @@ HIFIGAN_TARGETS = {"hifigan_fp16": {"size": 0.51, "log_mel": 0.02}, "hifigan_int
                    "hifigan_deploy": {"size": 0.51, "log_mel": 0.02}}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(HIFIGAN_TARGETS))
 def test_hifigan_recipes_run_as_shipped_and_meet_their_targets(tmp_path, name):
     """The trained universal vocoder, exported, shrunk and checked on mels of real Piper speech."""
@@ -169,7 +176,7 @@ def test_hifigan_recipes_run_as_shipped_and_meet_their_targets(tmp_path, name):
 
     from pipeline.core.onnx_io import load_onnx
 
-    res = run_cli("run", str(REPO / "recipes" / f"{name}.yaml"), "--out", str(tmp_path / name))
+    res = cli("run", str(REPO / "recipes" / f"{name}.yaml"), "--out", str(tmp_path / name))
     assert res.code == 0, res.stderr[-2000:]
     run = tmp_path / name
     base, final = ModelSet.read(run / "steps" / "00-base"), ModelSet.read(run / "final")

@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 import pytest
 import tiny_audio
-from conftest import run_cli
+from conftest import cli
 from onnx.utils import Extractor
+from sample_reports import BEFORE_FAMILIES, blocks_report
 
 from pipeline.core.audio import divergence_frame, read_wav, wav_bytes
 from pipeline.core.errors import PipelineError
@@ -80,18 +81,6 @@ def test_head_metrics_report_agreement_per_step():
     assert codes.to_json()["teacher_forced_top1_per_step"] == [1.0, 0.5]
 
 
-def _blocks_report(count: int) -> dict:
-    """A report of `count` blocks whose isolated SQNR is 100 - 3 * index: block 67 is the worst."""
-    def block(i: int) -> dict:
-        stats = {"sqnr_db": 100 - 3 * i, "cosine": 1.0, "max_abs": 0.1, "rel_l2": 0.01, "samples": 1,
-                 "shape_mismatches": 0}
-        return {"block": f"/b.{i}", "params": 10, "bytes_reference": 4096, "bytes_candidate": 1024,
-                "precision": {"int8": 1}, "weights": {}, "matched": i != 3, "unmatched_tensors": [],
-                "outputs": [], "isolated": stats, "accumulated": stats, "amplification": 1.0}
-    return {"samples": 2, "reference": "r", "candidate": "c", "notes": [], "peak_rss_mb": 1.0, "wall_s": 1.0,
-            "blocks": [block(i) for i in range(count)], "outputs": []}
-
-
 def _rendered(table) -> str:
     from rich.console import Console
 
@@ -101,7 +90,7 @@ def _rendered(table) -> str:
 
 
 def test_the_terminal_table_shows_the_worst_blocks_unless_asked_for_all():
-    report = _blocks_report(68)
+    report = blocks_report(68)
     short = _rendered(terminal_table(report))
     rows = [line.split()[1] for line in short.splitlines() if "/b." in line]
     # Worst first (lowest isolated SQNR), then the unmatched block.
@@ -117,12 +106,12 @@ def test_the_terminal_table_shows_the_worst_blocks_unless_asked_for_all():
     full = _rendered(terminal_table(report, limit=None))
     assert [line.split()[1] for line in full.splitlines() if "/b." in line] == [f"/b.{i}" for i in range(68)]
     assert "worst of" not in full and full.count("<< worst") == 8
-    few = _rendered(terminal_table(_blocks_report(5)))  # no more blocks than the limit: all, in graph order
+    few = _rendered(terminal_table(blocks_report(5)))  # no more blocks than the limit: all, in graph order
     assert [line.split()[1] for line in few.splitlines() if "/b." in line] == [f"/b.{i}" for i in range(5)]
 
 
 def test_the_html_table_sorts_and_marks_the_worst_blocks():
-    page = html_page(_blocks_report(68), png=b"png")
+    page = html_page(blocks_report(68), png=b"png")
     assert page.count('<tr class="worst">') == 8 and '<table class="sortable">' in page
     assert "addEventListener(\"click\"" in page
     for external in ("http://", "https://", "src=\"//"):
@@ -188,8 +177,6 @@ def test_the_run_folder_gets_the_wavs_and_the_page_renders_again_from_report_jso
 
 
 def test_a_report_from_before_audio_examples_still_renders():
-    from test_results import BEFORE_FAMILIES
-
     report = CheckReport.from_json(copy.deepcopy(BEFORE_FAMILIES))
     assert report.audio_examples is None and report.outputs[0].audio.per_sample is None
     assert "<h2>Listen" not in html_page(report.to_json(), png=b"png")
@@ -246,12 +233,12 @@ def test_a_recipe_run_writes_the_audio_examples_and_a_rerun_keeps_them(tmp_path)
         "name: voc\nmodel: {path: vocoder.onnx}\n"
         "steps: [{pass: compress_weights, params: {dtype: int8}}]\n"
         "check: {samples: 3, source: {source: npz, params: {folder: mels}}}\n")
-    first = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    first = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert first.code == 0, first.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     names = sorted(e[k] for e in report["audio_examples"] for k in ("reference_wav", "candidate_wav", "spectrogram"))
     assert sorted(p.name for p in (tmp_path / "run" / "report-audio").iterdir()) == names
-    again = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    again = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert again.code == 0 and "check: cached" in again.stdout + again.stderr
     assert sorted(p.name for p in (tmp_path / "run" / "report-audio").iterdir()) == names
     assert (tmp_path / "run" / "report.html").read_text().count("data:audio/wav;base64,") == 4

@@ -2,8 +2,8 @@
 every audio player loads its sample at the right duration, the page is not blank, and the tables sort.
 
 The pages come from real checks on ONNX Runtime sessions: a tiny vocoder built here (fast), and the Piper voice
-with its duration predictor nudged so that lengths change (slow). Chromium is Debian's `chromium` package
-(.ci/run installs it); without it these tests are skipped, saying so.
+with its duration predictor nudged so that lengths change (end to end: e2e). Chromium is Debian's `chromium` package
+(the README's test command installs it); without it these tests fail, saying so.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 import pytest
 import tiny_audio
-from test_chattts import assets  # noqa: F401  (a fixture: the small ChatTTS asset folder)
+from sample_reports import blocks_report
+from tiny_chattts import write_assets
 
 from pipeline.evaluation.evaluate import evaluate
 from pipeline.families import family_of
@@ -24,9 +25,6 @@ from pipeline.report.render import html_page, write_reports
 
 CHROMIUM = Path("/usr/bin/chromium")
 RATE = 16000
-
-pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no Chromium at {CHROMIUM} (Debian package "
-                                                                "`chromium`; .ci/run installs it)")
 
 # Every <audio> element's duration once its metadata is in (or the media error code, if it cannot load).
 DURATIONS = """() => Promise.all([...document.querySelectorAll("audio")].map(a => new Promise(done => {
@@ -61,6 +59,9 @@ class Browser:
 def browser():
     from playwright.sync_api import sync_playwright
 
+    if not CHROMIUM.is_file():  # a missing browser fails the run: a skip would pass it unchecked
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's `chromium` package (the README's test command "
+                    f"does)")
     with sync_playwright() as pw:
         b = Browser(pw)
         yield b
@@ -104,9 +105,7 @@ def test_a_tiny_vocoder_report_plays_and_renders(tmp_path, browser):
 
 def _blocks_page(tmp_path: Path) -> Path:
     """A report page with a block table holding numbers, "inf" and "-" (missing) in one column."""
-    from test_report_audio import _blocks_report
-
-    report = _blocks_report(12)
+    report = blocks_report(12)
     values = [12.5, "inf", 3.0, None, 40.0, "inf", 7.25, 100.0, None, 0.5, 22.0, 9.0]
     for b, v in zip(report["blocks"], values):
         b["isolated"] = {**b["isolated"], "sqnr_db": v}
@@ -140,14 +139,14 @@ def test_the_block_table_sorts_by_any_column(tmp_path, browser):
     assert browser.errors == []
 
 
-def test_a_token_family_report_plots_agreement_and_kl_per_step(tmp_path, browser, assets):  # noqa: F811
+def test_a_token_family_report_plots_agreement_and_kl_per_step(tmp_path, browser):
     """A real ChatTTS check (small seeded model, one layer's weights broken): per-step numbers, and the plot."""
-    from test_chattts import export_modelset, load_weights
-
     from pipeline.families.chattts.check import compare_chattts
+    from pipeline.families.chattts.exporter import export_modelset, load_weights
     from pipeline.evaluation.results import CheckReport
 
-    w = load_weights(assets[0])
+    root, *_ = write_assets(tmp_path / "asset")
+    w = load_weights(root)
     export_modelset(w, tmp_path / "ref")
     w.gpt["layers.1.mlp.down_proj.weight"] = w.gpt["layers.1.mlp.down_proj.weight"] * 1.5
     export_modelset(w, tmp_path / "cand")
@@ -167,7 +166,7 @@ def test_a_token_family_report_plots_agreement_and_kl_per_step(tmp_path, browser
     _rendered_page_checks(browser, paths["html"], [])
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_real_voice_whose_durations_changed_marks_where(tmp_path, browser, piper_model):
     """The Piper voice against itself with its duration predictor's output projection nudged (2% noise):
     a frame gained or lost per sentence, as INT8 in /dp does; the page plays both and marks the divergence."""

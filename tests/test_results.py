@@ -7,32 +7,11 @@ import math
 
 import pytest
 import tiny
-from conftest import run_cli
+from conftest import cli
+from sample_reports import BEFORE_FAMILIES
 
 from pipeline.core.errors import PipelineError
 from pipeline.evaluation.results import CheckReport
-
-# A report as the tool wrote it before families and typed results (trimmed to one block and one output):
-# no "family", no audio "sample_rate". It must still load, and write back unchanged.
-BEFORE_FAMILIES = {
-    "schema": "tts-onnx-pipeline/check/1", "samples": 8, "reference": "en_US-joe-medium.onnx",
-    "candidate": "piper_int8/final/en_US-joe-medium.onnx", "notes": [], "peak_rss_mb": 1184.3, "wall_s": 9.1,
-    "blocks": [{
-        "block": "/flow/flows.0", "params": 1182216, "bytes_reference": 4730000, "bytes_candidate": 1190000,
-        "precision": {"fp32": 40, "int8": 16}, "weights": {"int8": 1180000}, "matched": True,
-        "unmatched_tensors": [], "outputs": ["/flow/flows.0/Concat_output_0"],
-        "isolated": {"sqnr_db": 33.4, "cosine": 0.9998, "max_abs": 0.31, "rel_l2": 0.021, "samples": 8,
-                     "shape_mismatches": 0},
-        "accumulated": {"sqnr_db": "inf", "cosine": 1.0, "max_abs": 0.0, "rel_l2": 0.0, "samples": 8,
-                        "shape_mismatches": 0},
-        "amplification": None}],
-    "outputs": [{"name": "output", "sqnr_db": None, "cosine": 1.0, "max_abs": 0.0, "rel_l2": 0.0, "samples": 0,
-                 "shape_mismatches": 8,
-                 "audio": {"log_mel_mean": 0.081, "log_mel_max": 0.095, "mcd_db_mean": 4.36,
-                           "length_diff_max_abs": 0.0, "samples_with_length_change": 0,
-                           "note": "log-mel over the common length where lengths differ"}}],
-    "key": "2e6f", "failures": [],
-}
 
 
 def test_a_report_from_before_families_loads_typed_and_writes_back_unchanged():
@@ -65,7 +44,7 @@ def test_a_run_writes_the_typed_report_as_json_and_reads_it_back(tmp_path):
         "name: t\nmodel: {path: tiny.onnx}\ncalibration: {source: npz, params: {folder: feeds}}\n"
         "steps: [{pass: quantize, params: {mode: static, op_types: [Conv]}}]\n"
         "check: {samples: 3, min_output_sqnr_db: 90, on_fail: warn}\n")
-    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    res = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr[-2000:]
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     report = CheckReport.read(tmp_path / "run" / "report.json")

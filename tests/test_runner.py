@@ -7,11 +7,12 @@ from pathlib import Path
 
 import onnx
 import pytest
-from conftest import run_cli, sha256
+from conftest import cli, sha256
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.recipe import load_recipe
-from pipeline.engine.runner import Runner, plan_recipe
+from pipeline.engine.plan import plan_recipe
+from pipeline.search.run import run_recipe
 
 RECIPE = """
 name: tiny_int8
@@ -32,7 +33,7 @@ def write_recipe(tmp_path: Path, model: Path, feeds: Path, text: str = RECIPE) -
 
 
 def run(recipe: Path, out: Path):
-    return Runner(plan_recipe(load_recipe(recipe)), out, log=lambda m: None).run()
+    return run_recipe(plan_recipe(load_recipe(recipe)), out, log=lambda m: None)
 
 
 def test_layout_manifest_and_provenance(tmp_path, tiny_model, tiny_feeds):
@@ -110,13 +111,12 @@ def test_expectation_not_met_fails_loudly(tmp_path, tiny_model, tiny_feeds):
     assert not (tmp_path / "run" / "steps" / "02-quantize").exists()
 
 
-@pytest.mark.slow
 def test_cli_run_prints_summary(tmp_path, tiny_model, tiny_feeds):
     recipe = write_recipe(tmp_path, tiny_model, tiny_feeds)
-    res = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    res = cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr
     assert "02-quantize" in res.stdout and "final model" in res.stdout
-    res2 = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    res2 = cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert res2.code == 0 and res2.stderr.count("cached") == 3
 
 

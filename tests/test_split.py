@@ -9,7 +9,8 @@ import pytest
 import tiny
 
 from calibration import DATA_DIR
-from calibration.piper_sentences import load_phonemizer, phoneme_ids, piper_feeds, read_sentences
+from calibration.piper_sentences import load_phonemizer, phoneme_ids, piper_feeds
+from calibration import read_sentences
 from passes import get_pass
 from passes.base import PassContext
 from pipeline.core.audio import log_mel_distance, sqnr_db
@@ -125,7 +126,6 @@ def test_pin_unknown_tensor_names_close_matches(tmp_path):
         get_pass("pin").Params.model_validate({"tensors": []})
 
 
-@pytest.mark.slow
 def test_pin_piper_durations_gives_reference_length(voice, sentence_feeds, monolithic, tmp_path):
     # FP16 flips a Ceil on a duration near an integer: the second sentence comes out shorter unpinned.
     fp16 = apply("fp16", voice, tmp=tmp_path).model
@@ -261,7 +261,6 @@ def test_pin_output_of_multi_output_node(tmp_path):
     np.testing.assert_allclose(session(pinned).run(None, {"x": x, "/b": b})[0], [[10, 11]])
 
 
-@pytest.mark.slow
 def test_bench_explains_a_changed_length_with_pinned_durations(voice, piper_model, tmp_path):
     """Where FP16 flips a duration, the bench also reports log-mel on the FP32 durations: small, so the
     audio itself is fine and only the timing moved."""

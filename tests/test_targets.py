@@ -17,7 +17,8 @@ from pydantic import BaseModel
 
 from pipeline.core.audio import sqnr_db
 from pipeline.core.errors import PipelineError
-from pipeline.formats.targets import PlannedTarget, Target, TargetJob, weight_precision, write_target
+from pipeline.core.precision import weight_precision
+from pipeline.formats.targets import PlannedTarget, Target, TargetJob, write_target
 
 FRAMES = (8, 2048, 64)
 
@@ -37,7 +38,8 @@ def write_recipe(folder: Path, targets: list[dict], steps: list | None = None, m
 
 @pytest.fixture(scope="module")
 def vocoder_run(tmp_path_factory) -> Path:
-    """The universal vocoder, FP16-stored weights in the ONNX steps, with TorchScript and Core ML beside it."""
+    """The universal vocoder, FP16-stored weights in the ONNX steps, with TorchScript and Core ML beside it: a
+    full-size run and two conversions (a minute or more), so the tests on it are end to end (e2e)."""
     folder = tmp_path_factory.mktemp("targets")
     recipe = write_recipe(folder, [{"format": "torchscript"}, {"format": "coreml"}],
                           steps=[{"pass": "compress_weights", "params": {"dtype": "fp16"}}],
@@ -55,6 +57,7 @@ def real_mels() -> list[np.ndarray]:
     return [feeds["mel"] for _, _, feeds in speech_mels(eval_sentences(2))]
 
 
+@pytest.mark.e2e
 def test_torchscript_loads_and_matches_the_exporters_module_on_real_mels(vocoder_run, real_mels):
     from pipeline.families.hifigan.exporter import load_model
 
@@ -73,6 +76,7 @@ def test_torchscript_loads_and_matches_the_exporters_module_on_real_mels(vocoder
         assert sqnr_db(want.numpy(), got.numpy()) >= 60
 
 
+@pytest.mark.e2e
 def test_coreml_package_specs_and_ops(vocoder_run):
     import coremltools as ct
 
@@ -96,6 +100,7 @@ def test_coreml_package_specs_and_ops(vocoder_run):
     assert conv_weights and all(op.outputs[0].type.tensorType.dataType == fp16 for op in conv_weights)
 
 
+@pytest.mark.e2e
 def test_run_reports_the_formats_and_what_did_not_carry_over(vocoder_run):
     manifest = json.loads((vocoder_run / "manifest.json").read_text())
     targets = manifest["final"]["targets"]
@@ -150,6 +155,7 @@ def test_a_voice_as_onnx_has_no_pytorch_form(tmp_path, piper_model):
         in one_line(res.output)
 
 
+@pytest.mark.e2e
 def test_an_onnx_vocoder_file_has_no_pytorch_model_to_convert(tmp_path, vocoder_run):
     onnx_file = next((vocoder_run / "steps" / "00-base").glob("*.onnx"))
     res = cli("validate", str(write_recipe(tmp_path, [{"format": "coreml"}], model={"path": str(onnx_file)})))

@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, cli
+from tiny_tortoise import SMALL, TEXT, decisive, latent_of
 
 from pipeline.core.audio import sqnr_db
 from pipeline.core.errors import PipelineError
@@ -17,22 +18,7 @@ from pipeline.families.tortoise.exporter import WEIGHTS_FILE, export_modelset
 from pipeline.families.tortoise.model import TortoiseConfig
 from pipeline.families.tortoise.runtime import TortoiseRuntime
 from pipeline.families.tortoise.sample_head import SampleHead, TortoiseSampling
-from pipeline.families.tortoise.weights import TortoiseWeights, load_checkpoint, seeded_weights
-
-SMALL = {"layers": 3, "model_dim": 64, "heads": 4, "max_text_tokens": 120, "max_mel_tokens": 80}
-TEXT = [26, 59, 20, 127, 33, 2, 178, 159, 49, 2, 51]
-
-
-def decisive(c: TortoiseConfig, seed: int = 0) -> TortoiseWeights:
-    """Seeded weights with every parameter random (biases and norms too, so a wrong layout shows) and a mel head
-    whose logits are far apart, so greedy codes do not hinge on float rounding."""
-    w = seeded_weights(c, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for k, v in w.state.items():
-        if k.endswith(".bias") or "norm" in k or "ln_" in k:
-            w.state[k] = v + 0.1 * torch.randn(v.shape, generator=gen)
-    w.state["mel_head.weight"] = w.state["mel_head.weight"] * 50
-    return w
+from pipeline.families.tortoise.weights import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +27,6 @@ def small(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tortoise") / "ms"
     export_modelset(w, folder)
     return w, folder
-
-
-def latent_of(w: TortoiseWeights, seed: int = 0) -> np.ndarray:
-    mels = torch.randn(1, 2, 80, 50, generator=torch.Generator().manual_seed(seed))
-    return w.model().conditioning(mels).detach().numpy()
 
 
 def test_gpt2_stack_equals_transformers_gpt2model():
@@ -174,7 +155,6 @@ class _RunsCode:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-@pytest.mark.slow
 def test_bad_input_gets_one_line_and_no_traceback(small, tmp_path):
     w, folder = small
     np.save(tmp_path / "latent.npy", latent_of(w))
@@ -187,24 +167,23 @@ def test_bad_input_gets_one_line_and_no_traceback(small, tmp_path):
         "steps": (base + [str(tmp_path / "latent.npy"), "--text-ids", "3", "--steps", "80"], "--steps 80"),
     }
     for what, (args, message) in cases.items():
-        res = run_cli(*args)
+        res = cli(*args)
         assert res.code != 0 and message in res.stderr and "Traceback" not in res.stderr, (what, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1, (what, res.stderr)
     recipe = tmp_path / "r.yaml"
     for pth, message in ((tmp_path / "evil.pth", "refused: the pickle asks to run code"),):
         recipe.write_text(f"name: r\nmodel:\n  exporter: tortoise_gpt\n  params: {{checkpoint: {pth}, config: "
                           f"{json.dumps(SMALL)}}}\nsteps: []\n")
-        res = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+        res = cli("run", str(recipe), "--out", str(tmp_path / "run"))
         assert res.code != 0 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
-@pytest.mark.slow
 def test_generate_cli_writes_codes_timings_and_arrays(small, tmp_path):
     w, folder = small
     np.save(tmp_path / "latent.npy", latent_of(w))
     out = tmp_path / "gen.json"
-    res = run_cli("generate", str(folder), "--text-ids", ",".join(map(str, TEXT)), "--conditioning",
-                  str(tmp_path / "latent.npy"), "--steps", "20", "--greedy", "--json", str(out))
+    res = cli("generate", str(folder), "--text-ids", ",".join(map(str, TEXT)), "--conditioning",
+              str(tmp_path / "latent.npy"), "--steps", "20", "--greedy", "--json", str(out))
     assert res.code == 0, res.stderr
     data = json.loads(out.read_text())
     ref = w.model().greedy(torch.tensor([TEXT]), torch.from_numpy(latent_of(w)), 20)
@@ -214,7 +193,6 @@ def test_generate_cli_writes_codes_timings_and_arrays(small, tmp_path):
     assert res.stdout.startswith("note: seeded random weights")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tortoise_int8", "tortoise_fp16", "tortoise_fp32"])
 def test_shipped_tortoise_recipes_run_on_a_small_model(tmp_path, name):
     """The recipes as shipped, only the seeded model made small: export, pass, check with code-head metrics,
@@ -230,7 +208,7 @@ def test_shipped_tortoise_recipes_run_on_a_small_model(tmp_path, name):
         if "expect" in step["params"]:
             step["params"]["expect"] = {op: 3 for op in step["params"]["expect"]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
-    res = run_cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
+    res = cli("run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["notes"][0].startswith("SEEDED RANDOM WEIGHTS")
@@ -258,7 +236,7 @@ def _layer_norm(x: np.ndarray, weight: torch.Tensor, bias: torch.Tensor) -> np.n
     return torch.nn.functional.layer_norm(torch.from_numpy(x), weight.shape, weight, bias, 1e-5).numpy()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_full_size_export_equals_upstream_tortoise(tmp_path):
     """The one full-size export, against unmodified upstream Tortoise 3.0.0 (its UnifiedVoice on transformers
     4.48.3, in a child process: tortoise_upstream.py) with the same seeded checkpoint in the released layout,
@@ -314,7 +292,6 @@ def test_calibration_capture_is_the_fp32_models_own_codes_teacher_forced(small):
     assert captured["conditioning"][0]["mels"].shape[:3] == (1, 2, 80)
 
 
-@pytest.mark.slow
 def test_static_int8_calibrates_on_captured_feeds(tmp_path):
     """A recipe whose pass needs calibration data gets each graph's inputs captured from the FP32 model."""
     recipe = tmp_path / "r.yaml"
@@ -328,7 +305,7 @@ steps:
     scope: {{graphs: [prefill, decode]}}
 check: {{samples: 2, decode_steps: 8}}
 """)
-    res = run_cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    res = cli("run", str(recipe), "--out", str(tmp_path / "run"))
     assert res.code == 0, res.stderr[-2000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     blocks = {b["block"]: b for b in report["blocks"]}

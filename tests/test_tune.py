@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_cli, sha256
+from conftest import cli, sha256
 
 TUNE = """name: tiny_tune
 model: {{path: tiny.onnx}}
@@ -43,10 +43,9 @@ def trials(run):
     return [json.loads(line) for line in (run / "tune" / "trials.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
 def test_tiny_tune_meets_target_rebuilds_and_resumes(workdir):
     recipe = write(workdir)
-    res = run_cli("tune", str(recipe), "--out", str(workdir / "run"))
+    res = cli("tune", str(recipe), "--out", str(workdir / "run"))
     assert res.code == 0, res.stderr
     run = workdir / "run"
     report = json.loads((run / "report.json").read_text())
@@ -66,27 +65,24 @@ def test_tiny_tune_meets_target_rebuilds_and_resumes(workdir):
     assert "tune" not in data and data["steps"]
     assert all(s["name"] in {"int8-static", "int8-weights", "fp16-weights"} for s in data["steps"])
     assert all(p.startswith(("/enc/layers", "/dec")) for s in data["steps"] for p in s["scope"]["include"])
-    again = run_cli("run", str(resolved), "--out", str(workdir / "again"))
+    again = cli("run", str(resolved), "--out", str(workdir / "again"))
     assert again.code == 0, again.stderr
     assert sha256(workdir / "again" / "final" / "tiny.onnx") == sha256(run / "final" / "tiny.onnx")
     assert "Precision search" in (run / "report.md").read_text()
     assert "Precision search" in (run / "report.html").read_text()
     # A re-run reads every trial back and resolves the same recipe.
     first = resolved.read_text()
-    rerun = run_cli("run", str(recipe), "--out", str(run))
+    rerun = cli("run", str(recipe), "--out", str(run))
     assert rerun.code == 0, rerun.stderr
     assert all(t["cached"] for t in trials(run))
     assert resolved.read_text() == first
 
 
-@pytest.mark.slow
 def test_ray_executor_resolves_the_same_recipe_as_local(workdir):
-    if importlib.util.find_spec("ray") is None:
-        pytest.skip("Ray is not installed (.ci/run installs the [ray] extra)")
-    local = run_cli("tune", str(write(workdir, name="local.yaml")), "--out", str(workdir / "local"))
+    local = cli("tune", str(write(workdir, name="local.yaml")), "--out", str(workdir / "local"))
     assert local.code == 0, local.stderr
-    ray = run_cli("tune", str(write(workdir, extra="  executor: ray\n  workers: 2", name="ray.yaml")),
-                  "--out", str(workdir / "ray"))
+    ray = cli("tune", str(write(workdir, extra="  executor: ray\n  workers: 2", name="ray.yaml")),
+              "--out", str(workdir / "ray"))
     assert ray.code == 0, ray.stderr
     assert "Ray local instance" in ray.stdout + ray.stderr
     strip = lambda p: "\n".join(line for line in p.read_text().splitlines()[2:])  # noqa: E731 (header names the file)
@@ -111,13 +107,11 @@ def test_ray_executor_resolves_the_same_recipe_as_local(workdir):
     ("[{name: a, pass: compress_weights, params: {dtype: int8}}]", "  executor: ray\n  address: 'ray://127.0.0.1:9'", "does not answer"),
 ])
 def test_bad_tune_sections_are_one_line_errors(workdir, menu, extra, message):
-    if "executor: ray" in extra and importlib.util.find_spec("ray") is None:
-        pytest.skip("Ray is not installed")
     text = TUNE.format(target=40, extra=extra)
     start = text.index("  menu:")
     end = text.index("  target:")
     (workdir / "r.yaml").write_text(text[:start] + f"  menu: {menu}\n" + text[end:])
-    res = run_cli("tune", str(workdir / "r.yaml"), "--out", str(workdir / "run"))
+    res = cli("tune", str(workdir / "r.yaml"), "--out", str(workdir / "run"))
     assert res.code == 2, res.stderr
     assert message in res.stderr, res.stderr
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -127,7 +121,7 @@ def test_bad_tune_sections_are_one_line_errors(workdir, menu, extra, message):
 def test_target_the_family_cannot_measure_is_an_error(workdir):
     (workdir / "r.yaml").write_text(TUNE.format(target=40, extra="").replace("min_output_sqnr_db: 40",
                                                                              "max_log_mel: 0.1"))
-    res = run_cli("validate", str(workdir / "r.yaml"))
+    res = cli("validate", str(workdir / "r.yaml"))
     assert res.code == 2
     assert "tune.target.max_log_mel: nothing to measure: it needs an audio output" in res.stderr
 
@@ -136,22 +130,22 @@ def test_ray_executor_without_ray_names_the_extra(workdir, monkeypatch):
     from pipeline.search import trials as tune_trials
     from pipeline.core.errors import PipelineError
     from pipeline.core.recipe import load_recipe
-    from pipeline.engine.runner import plan_recipe
+    from pipeline.search.run import check_recipe
 
     real = importlib.util.find_spec
     monkeypatch.setattr(tune_trials.importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     recipe = load_recipe(write(workdir, extra="  executor: ray"))
     with pytest.raises(PipelineError, match=r"needs Ray, which is not installed: pip install -e '\.\[ray\]'"):
-        plan_recipe(recipe)
+        check_recipe(recipe)
 
 
 def test_tune_recipe_with_steps_or_without_tune_is_refused(workdir):
     text = TUNE.format(target=40, extra="") + "steps:\n  - {pass: compress_weights}\n"
     (workdir / "steps.yaml").write_text(text)
-    res = run_cli("validate", str(workdir / "steps.yaml"))
+    res = cli("validate", str(workdir / "steps.yaml"))
     assert res.code == 2 and "a recipe with 'tune' takes no steps" in res.stderr
     (workdir / "plain.yaml").write_text("name: plain\nmodel: {path: tiny.onnx}\nsteps: []\n")
-    res = run_cli("tune", str(workdir / "plain.yaml"))
+    res = cli("tune", str(workdir / "plain.yaml"))
     assert res.code == 2 and "no 'tune' section" in res.stderr
 
 

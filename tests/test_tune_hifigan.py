@@ -8,7 +8,7 @@ from tune_recipe import assert_tuned_recipe_runs
 
 # A whole search (about 12 minutes on 2 cores), whose latency bound a test running beside it
 # on the other core can miss: it runs alone, after the parallel tests.
-pytestmark = [pytest.mark.slow, pytest.mark.alone]
+pytestmark = [pytest.mark.e2e, pytest.mark.alone]
 
 
 def test_hifigan_tune_runs_as_shipped(tmp_path):

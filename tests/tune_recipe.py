@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import yaml
-from conftest import run_cli
+from conftest import cli
 
 
 def assert_tuned_recipe_runs(recipe: Path, out: Path, max_size: float, max_log_mel: float) -> None:
@@ -14,7 +14,7 @@ def assert_tuned_recipe_runs(recipe: Path, out: Path, max_size: float, max_log_m
     # Generic: a menu, a target and a budget; no scopes, node patterns or block names from earlier sweeps.
     assert not shipped.get("steps") and "blocks" not in shipped and "include" not in shipped["tune"].get("blocks", {})
     assert not re.search(r"(^|\s)/[a-z_]+", yaml.safe_dump(shipped["tune"])), "a block name in the tune section"
-    res = run_cli("run", str(recipe), "--out", str(out), timeout=3600)  # beside other tests, on shared cores
+    res = cli("run", str(recipe), "--out", str(out))
     assert res.code == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     chosen = [c for c in report["tune"]["candidates"] if c["chosen"]]
