@@ -33,6 +33,13 @@ BUGS = {
     ("passes/base.py", "NotImplementedError"): "Pass.apply, abstract",
     ("calibration/__init__.py", "NotImplementedError"): "CalibrationSource.feeds, abstract",
     ("passes/quantize.py", "NotImplementedError"): "GPTQ options the pass never passes",
+    ("passes/base.py", "ValueError"): "PassResult.model asked of a result that cut its graph into several",
+    ("pipeline/core/rewrite.py", "NotImplementedError"): "a Rule's abstract methods",
+    ("pipeline/engine/plan.py", "ValueError"): "a search replanning a recipe of another model (plan_recipe's job)",
+    ("pipeline/engine/runfolder.py", "RuntimeError"): "a runner in a folder no owner holds, or a folder held twice",
+    # A matcher's Mismatch is caught by the rule driver (pipeline/core/rewrite.py), which makes it a NoMatch.
+    **{(f"passes/attention_rules/{name}.py", "Mismatch"): "a pattern that did not match, caught by the driver"
+       for name in ("attention", "group_query", "heads", "rotary")},
 }
 VALIDATOR_DECORATORS = {"field_validator", "model_validator"}
 VALIDATOR_WRAPPERS = {"AfterValidator", "BeforeValidator", "PlainValidator", "WrapValidator"}
