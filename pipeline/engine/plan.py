@@ -92,8 +92,7 @@ def plan_recipe(recipe: Recipe, check_sections: SectionCheck | None = None) -> P
             else detect_family(model_path, base)
     if check_sections is not None:
         check_sections(recipe, family, where)
-    plan = Plan(recipe, model_path, [], exporter=exporter, family=family, base=base,
-                inputs=[model_path, *family.sidecars(model_path)] if model_path else [])
+    plan = Plan(recipe, model_path, [], exporter=exporter, family=family, base=base)  # replan fills in the rest
     return replan(plan, recipe)
 
 
