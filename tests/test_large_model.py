@@ -230,6 +230,7 @@ def big_folder(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.alone  # about 15 GB on disk: beside the other end-to-end tests the disk can run out
 def test_a_model_over_2_gb_runs_end_to_end_under_3x_its_size_in_memory(big_folder):
     tmp_path = big_folder
     n, layers = 6144, 16  # 16 weights of 151 MB: 2.42 GB
