@@ -11,6 +11,7 @@
   graph cut at them; `pin` feeds a candidate the reference's value of some
   tensor (`pipeline.evaluation.pinning` runs such pairs);
 - returning more tensors: `with_outputs`;
+- the tensors that set a length (a model's durations): `length_setters`;
 - what a rewrite reads and names: a node's `attribute`, a tensor's `constant_value`, an `unused_name`,
   and `declare_domains` for the ops it wrote.
 Placing the nodes a pass added into blocks is `pipeline.core.blocks.adopt_new_nodes`, on these maps.
@@ -107,6 +108,33 @@ def require_intermediates(model: onnx.ModelProto, names: Iterable[str], what: st
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
         hint = f"close matches: {', '.join(close)}" if close else "no close match"
         raise PipelineError(f"{what}: no intermediate tensor named {name!r} ({hint})")
+
+
+# Ops whose output length a tensor's value sets: where a rounded duration becomes a number of frames.
+LENGTH_OPS = frozenset({"Range", "Expand", "CumSum", "ConstantOfShape", "Tile"})
+# Ops that make an integer count out of a float prediction: a TTS model's durations come out of one of these.
+ROUNDING_OPS = frozenset({"Round", "Ceil"})
+
+
+def length_setters(model: onnx.ModelProto, reach: int = 12) -> list[str]:
+    """Outputs of `Round`/`Ceil` nodes that set a length downstream: a `LENGTH_OPS` node reads them within
+    `reach` nodes. They are a TTS model's durations (Piper's `w_ceil`, Kokoro's `pred_dur`): a candidate that
+    flips one changes the output's length, so the check pins them to the reference's values to compare."""
+    readers = consumers(model.graph.node)
+    return [n.output[0] for n in model.graph.node
+            if n.op_type in ROUNDING_OPS and _reaches(n.output[0], readers, LENGTH_OPS, reach)]
+
+
+def _reaches(tensor: str, readers: dict[str, list[onnx.NodeProto]], ops: frozenset[str], reach: int) -> bool:
+    """Whether a node of one of `ops` reads `tensor`, or what it feeds, within `reach` nodes (breadth first)."""
+    frontier, seen = [tensor], set()
+    for _ in range(reach):
+        nodes = [r for t in frontier for r in readers.get(t, []) if id(r) not in seen]
+        if any(r.op_type in ops for r in nodes):
+            return True
+        seen.update(id(r) for r in nodes)
+        frontier = [o for r in nodes for o in r.output if o]
+    return False
 
 
 def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

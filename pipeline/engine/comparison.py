@@ -103,12 +103,13 @@ def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: Bl
                 family: Family, sensitivity: bool = False,
                 progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Per-block report of two one-graph models (files or final/ folders), with the family's output metrics."""
-    from pipeline.evaluation.evaluate import compare_graphs, keep_audio_examples
+    from pipeline.evaluation.evaluate import compare_graphs, declared_durations, keep_audio_examples
     from pipeline.evaluation.metrics import metrics_for
 
     reference, candidate = model_file(reference), model_file(candidate)
-    metrics = metrics_for(family, as_modelset(reference, family))
-    report = compare_graphs(reference, candidate, feeds, blocks, metrics, sensitivity, progress)
+    ms = as_modelset(reference, family)
+    report = compare_graphs(reference, candidate, feeds, blocks, metrics := metrics_for(family, ms),
+                            sensitivity=sensitivity, durations=declared_durations(family, ms), progress=progress)
     report.family = family.name
     keep_audio_examples(report, metrics, report.outputs[0].name)  # the worst and a typical sample, to hear
     return report

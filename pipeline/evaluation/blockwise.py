@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,14 +31,17 @@ from calibration import check_feeds
 from pipeline.core import progress as progress_display
 from pipeline.core.audio import compare_audio
 from pipeline.core.blocks import BlockPartition, name_all_nodes
-from pipeline.core.errors import PipelineError, few
+from pipeline.core.errors import PipelineError, few, one_line
 from pipeline.core.feeds import Feeds
-from pipeline.core.graph import cleanup, producers, toposort, with_outputs
-from pipeline.core.onnx_io import as_ort_type, copy_model, is_light, session, stored_bytes, tensor_types
+from pipeline.core.graph import (cleanup, intermediate_names, length_setters, pin, producers, toposort,
+                                 with_outputs)
+from pipeline.core.onnx_io import (ORT_RUN_ERRORS, as_ort_type, copy_model, is_light, session, stored_bytes,
+                                   tensor_types)
 from pipeline.core.precision import block_compute_mix
 from pipeline.core.procinfo import peak_rss_mb
 from pipeline.core.recipe import BlockSpec
-from pipeline.evaluation.results import BlockResult, CheckReport, ErrorStats, OutputResult, Sensitivity
+from pipeline.evaluation.results import (BlockResult, CheckReport, ErrorStats, LengthChange, OutputResult,
+                                        Sensitivity)
 
 if TYPE_CHECKING:
     from pipeline.evaluation.metrics import Metric
@@ -59,10 +62,15 @@ class Pooled:
     samples: int = 0
     shape_mismatches: int = 0
 
-    def update(self, x: np.ndarray, y: np.ndarray) -> None:
+    def update(self, x: np.ndarray, y: np.ndarray, aligned: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Fold one sample in. Where the shapes differ (a changed length) the sample counts as a mismatch and
+        `aligned`, the same tensors brought to one shape (pinned durations, or the common extent), is compared
+        instead; without it the sample is not compared."""
         if x.shape != y.shape:
             self.shape_mismatches += 1
-            return
+            if aligned is None or aligned[0].shape != aligned[1].shape:
+                return
+            x, y = aligned
         x = np.asarray(x, dtype=np.float64).ravel()
         y = np.asarray(y, dtype=np.float64).ravel()
         e = x - y
@@ -104,6 +112,16 @@ class Pooled:
                           samples=self.samples, shape_mismatches=self.shape_mismatches)
 
 
+def common_extent(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both tensors cut to their common leading extent on every axis (None when their ranks differ): how a
+    changed length is compared when no durations tensor can pin it. Audio that slid by a few frames compares
+    badly this way; that is what it measures."""
+    if x.ndim != y.ndim:
+        return None
+    common = tuple(slice(0, min(a, b)) for a, b in zip(x.shape, y.shape))
+    return x[common], y[common]
+
+
 @dataclass
 class BlockIO:
     id: str
@@ -141,16 +159,19 @@ def _add(items: list[str], value: str) -> None:
 
 
 def isolate_blocks(model: onnx.ModelProto, partition: BlockPartition, fed: set[str],
-                   types: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, str]]:
+                   types: dict[str, int], pinned: Iterable[str] = ()) -> tuple[onnx.ModelProto, dict[str, str]]:
     """Cut every edge between blocks whose tensor is in `fed`: the consumer reads a new graph
-    input `<tensor>::ref` instead. Returns the model and {new input: tensor}."""
+    input `<tensor>::ref` instead. Every reader of a `pinned` tensor (durations) reads it so too, in its own
+    block as well: a block that flips a duration would otherwise meet the reference's lengths it is fed with
+    lengths of its own (a Concat of 462 and 464 frames). Returns the model and {new input: tensor}."""
     iso = copy_model(model)
+    pinned = set(pinned)
     producer_block = {t: partition.node_block[n.name] for t, n in producers(model.graph.node).items()}
     new_inputs: dict[str, str] = {}
     for node in iso.graph.node:
         here = partition.node_block.get(node.name)
         for k, t in enumerate(node.input):
-            if t in fed and producer_block.get(t) not in (None, here):
+            if t in pinned or (t in fed and producer_block.get(t) not in (None, here)):
                 node.input[k] = t + REF_SUFFIX
                 new_inputs[t + REF_SUFFIX] = t
     for name, tensor in new_inputs.items():
@@ -222,13 +243,17 @@ def _interface(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
 def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterator[Feeds] | list[Feeds],
                    spec: BlockSpec | None = None, *, metrics: Sequence[Metric] = (), reference_label: str = "reference",
                    candidate_label: str = "candidate", threads: int = 2, sensitivity: bool = False,
-                   weights_dirs: tuple[Path | None, Path | None] = (None, None),
+                   weights_dirs: tuple[Path | None, Path | None] = (None, None), durations: Sequence[str] | None = None,
                    progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Run both models on the same inputs and attribute the candidate's error to blocks.
 
     `metrics` that measure per sample (audio, a family's own) get the first output of every sample.
     `weights_dirs`: where the reference's and the candidate's external weights lie, for models loaded with
-    them left there (`onnx_io.load_light`)."""
+    them left there (`onnx_io.load_light`).
+    `durations`: the tensors that set the output's length (a family's or a recipe's durations tensor; None:
+    those `length_setters` finds). The isolated run takes them from the reference; a sample whose candidate
+    changes them is compared on the reference's durations as well, and listed in `length_changes`. A sample
+    the candidate cannot run is skipped with a note saying why."""
     sample_metrics = [m for m in metrics if m.per_sample]
     if sensitivity and any(weights_dirs):  # splicing mixes both models' weights into one graph
         raise PipelineError("compare: sensitivity is not supported for models whose weights stay in external-data "
@@ -267,9 +292,11 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
         reports.append(BlockReport(b.id, b.params, ref_bytes.get(b.id, 0), cand_bytes.get(b.id, 0),
                                    mix.get(b.id, {}), cand_weights.get(b.id, {}), io[b.id].outputs,
                                    matched=not missing and b.id in cand_part.blocks, unmatched_tensors=missing))
+    durations = _durations(reference, candidate, durations)
     progress("building sessions")
     ref_sess, acc_sess, iso_sess, fed = _sessions(reference, candidate, cand_part, captured, present, cand_types,
-                                                  threads, weights_dirs)
+                                                  threads, weights_dirs, durations)
+    lengths = Lengths(candidate, durations, present, ref_part, threads, weights_dirs[1])
     interface = onnx.ModelProto()  # enough of the reference to check feeds against
     interface.graph.input.extend(i for i in reference.graph.input if i.name in ref_in)
     if sensitivity:
@@ -280,31 +307,35 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     per_tensor_iso = {t: Pooled() for t in present}
     per_tensor_acc = {t: Pooled() for t in present}
     out_stats = {o: Pooled() for o in ref_out}
-    n = 0
+    n, notes = 0, []
     for i, f in enumerate(feeds):
         check_feeds(f, interface, f"sample {i}")
         progress(f"sample {i + 1}")
         # Counted where the total is known (a list of feeds), for the live display's estimate of the time left.
         progress_display.update("per-block error: samples", i, len(feeds) if isinstance(feeds, list) else None)
+        n += 1
         # One candidate run at a time, folded into sums and dropped: memory is the
         # reference's boundary tensors plus one candidate's, for the current sample.
         ref_vals = _run(ref_sess, f)
-        acc_vals = _run(acc_sess, f)
+        acc_vals = _guarded(acc_sess, f, notes, f"sample {i}: not compared: the candidate cannot run it")
+        if acc_vals is None:
+            continue
+        pinned = lengths.pinned_run(i, f, ref_vals, acc_vals, notes)
         for t in present:
-            per_tensor_acc[t].update(ref_vals[t], acc_vals[t])
+            per_tensor_acc[t].update(ref_vals[t], acc_vals[t], _aligned(t, ref_vals, acc_vals, pinned))
         for o in ref_out:
-            out_stats[o].update(ref_vals[o], acc_vals[o])
+            out_stats[o].update(ref_vals[o], acc_vals[o], _aligned(o, ref_vals, acc_vals, pinned))
         for m in sample_metrics:
             m.update(ref_vals[ref_out[0]], acc_vals[ref_out[0]])
-        del acc_vals
         iso_feed = dict(f)
         for name, tensor in fed.items():
             iso_feed[name] = as_ort_type(ref_vals[tensor], iso_input_types[name])
-        iso_vals = _run(iso_sess, iso_feed)
-        for t in present:
-            per_tensor_iso[t].update(ref_vals[t], iso_vals[t])
-        del ref_vals, iso_vals, iso_feed
-        n += 1
+        iso_vals = _guarded(iso_sess, iso_feed, notes, f"sample {i}: no isolated error: the candidate's blocks, "
+                                                       f"fed the reference's values, cannot run it")
+        for t in present if iso_vals is not None else []:
+            per_tensor_iso[t].update(ref_vals[t], iso_vals[t], common_extent(ref_vals[t], iso_vals[t]))
+        lengths.record(i, ref_vals, acc_vals, iso_vals, ref_out)
+        del ref_vals, acc_vals, iso_vals, iso_feed, pinned
     progress_display.finish("per-block error: samples")
     if n == 0:
         raise PipelineError("compare: the input source yields no samples")
@@ -323,14 +354,15 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
 
         audio = next((m.spec for m in sample_metrics if isinstance(m, AudioMetric)), None)
         _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, ref_out[0], audio, threads, progress)
-    notes = []
     unmatched = [r.id for r in reports if not r.matched]
     if unmatched:
         notes.append(f"{len(unmatched)} blocks could not be matched in the candidate (boundary tensors missing "
                      f"or renamed): {few(unmatched, 10)}")
+    notes += lengths.notes()
+    more = {"length_changes": lengths.changes} if lengths.changes else {}
     return CheckReport.new(samples=n, reference=reference_label, candidate=candidate_label, notes=notes,
                            peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - t0,
-                           blocks=[r.result() for r in reports], outputs=outputs)
+                           blocks=[r.result() for r in reports], outputs=outputs, **more)
 
 
 def splice_block(reference: onnx.ModelProto, candidate: onnx.ModelProto, ref_part: BlockPartition,
@@ -445,13 +477,119 @@ def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, outp
             r.sensitivity.log_mel_max = float(max(mels))
 
 
-def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads, weights_dirs=(None, None)):
+def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads, weights_dirs, durations):
     ref_dir, cand_dir = weights_dirs
-    ref_sess = session(with_outputs(reference, captured), threads=threads, arena=False, weights_dir=ref_dir)
-    acc_sess = session(with_outputs(candidate, present), threads=threads, arena=False, weights_dir=cand_dir)
-    iso_model, fed = isolate_blocks(candidate, cand_part, set(present), cand_types)
-    iso_sess = session(with_outputs(iso_model, present), threads=threads, arena=False, weights_dir=cand_dir)
+    ref_sess = session(with_outputs(reference, [*captured, *durations]), threads=threads, arena=False,
+                       weights_dir=ref_dir)
+    acc_sess = session(with_outputs(candidate, [*present, *durations]), threads=threads, arena=False,
+                       weights_dir=cand_dir)
+    iso_model, fed = isolate_blocks(candidate, cand_part, set(present), cand_types, pinned=durations)
+    iso_sess = session(with_outputs(iso_model, [*present, *durations]), threads=threads, arena=False,
+                       weights_dir=cand_dir)
     return ref_sess, acc_sess, iso_sess, fed
+
+
+def _durations(reference: onnx.ModelProto, candidate: onnx.ModelProto, declared: Sequence[str] | None) -> list[str]:
+    """The durations tensors both graphs compute: those declared, else those `length_setters` finds."""
+    found = length_setters(reference) if declared is None else list(declared)
+    made = set(intermediate_names(reference)) & set(intermediate_names(candidate))
+    return [t for t in dict.fromkeys(found) if t in made]
+
+
+def _guarded(sess, feeds: Feeds, notes: list[str], what: str) -> dict[str, np.ndarray] | None:
+    """`_run`, or None with a note saying why where ONNX Runtime cannot run the model on these feeds."""
+    try:
+        return _run(sess, feeds)
+    except ORT_RUN_ERRORS as e:
+        notes.append(f"{what}: {one_line(e, 200)}")
+        return None
+
+
+def _aligned(tensor: str, ref_vals: dict[str, np.ndarray], cand_vals: dict[str, np.ndarray],
+             pinned: dict[str, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """What a tensor whose shape changed is compared as: the candidate's value on the reference's durations
+    where it was run so, else both cut to their common extent."""
+    if ref_vals[tensor].shape == cand_vals[tensor].shape:
+        return None
+    if pinned is not None and tensor in pinned:
+        return ref_vals[tensor], pinned[tensor]
+    return common_extent(ref_vals[tensor], cand_vals[tensor])
+
+
+class Lengths:
+    """A check's durations tensors: the candidate run on the reference's durations for a sample whose
+    durations changed (its pinned session built on first need), and every change of length, sample by sample."""
+
+    def __init__(self, candidate: onnx.ModelProto, durations: list[str], present: list[str],
+                 partition: BlockPartition, threads: int, weights_dir: Path | None):
+        self.durations = durations
+        self.changes: list[LengthChange] = []
+        self.unpinned: list[int] = []  # samples whose pinned run failed
+        made_by = producers(candidate.graph.node)
+        self.block = {t: partition.node_block.get(made_by[t].name) for t in durations}
+        # Held only while a pinned session may still be needed (a durations tensor exists).
+        self._candidate = candidate if durations else None
+        self._outputs = [t for t in present if t not in durations]
+        self._threads, self._weights_dir = threads, weights_dir
+        self._session = None
+
+    def changed(self, ref_vals: dict[str, np.ndarray], cand_vals: dict[str, np.ndarray]) -> list[str]:
+        return [t for t in self.durations if not np.array_equal(ref_vals[t], cand_vals[t])]
+
+    def pinned_run(self, sample: int, feeds: Feeds, ref_vals: dict[str, np.ndarray],
+                   acc_vals: dict[str, np.ndarray], notes: list[str]) -> dict[str, np.ndarray] | None:
+        """The candidate's values on the reference's durations, where this sample changed them; else None."""
+        if not self.changed(ref_vals, acc_vals):
+            return None
+        if self._session is None:
+            pinned = pin(with_outputs(self._candidate, self._outputs), self.durations, what="pinning durations")
+            self._session = session(pinned, threads=self._threads, arena=False, weights_dir=self._weights_dir)
+        feeds = {**feeds, **{t: ref_vals[t] for t in self.durations}}
+        values = _guarded(self._session, feeds, notes, f"sample {sample}: not compared on the reference's "
+                                                      f"durations: the candidate cannot run on them")
+        if values is None:
+            self.unpinned.append(sample)
+        return values
+
+    def record(self, sample: int, ref_vals: dict[str, np.ndarray], acc_vals: dict[str, np.ndarray],
+               iso_vals: dict[str, np.ndarray] | None, outputs: list[str]) -> None:
+        """This sample's changed durations (by block) and changed output lengths."""
+        for t in self.changed(ref_vals, acc_vals):
+            ref, cand = ref_vals[t], acc_vals[t]
+            self.changes.append(LengthChange(
+                sample=sample, tensor=t, block=self.block[t], reference=_frames(ref), candidate=_frames(cand),
+                entries_changed=int(np.sum(ref != cand)) if ref.shape == cand.shape else None,
+                isolated=None if iso_vals is None else not np.array_equal(ref, iso_vals[t])))
+        for o in outputs:
+            ref, cand = ref_vals[o], acc_vals[o]
+            if ref.shape != cand.shape:
+                axis = next((k for k, (a, b) in enumerate(zip(ref.shape, cand.shape)) if a != b), None)
+                self.changes.append(LengthChange(
+                    sample=sample, tensor=o, block=None,
+                    reference=ref.shape[axis] if axis is not None else ref.size,
+                    candidate=cand.shape[axis] if axis is not None else cand.size))
+
+    def notes(self) -> list[str]:
+        """One line on what changed length, for the report's notes."""
+        if not self.changes:
+            return []
+        samples = sorted({c.sample for c in self.changes})
+        line = f"lengths changed on {len(samples)} samples ({few([str(s) for s in samples], 8)})"
+        for t in self.durations:
+            moved = [f"{c.candidate - c.reference:+d}" for c in self.changes if c.tensor == t]
+            if moved:
+                line += f"; durations {t} (block {self.block[t]}): {few(moved, 8)} frames"
+        pinned = [s for s in samples if s not in self.unpinned] if self.durations else []
+        if pinned:
+            line += "; compared on the reference's durations"
+        elif not self.durations:
+            line += "; no durations tensor to pin them: compared over the common length"
+        return [line]
+
+
+def _frames(durations: np.ndarray) -> int:
+    """Frames that durations make in all."""
+    return int(np.rint(np.sum(np.asarray(durations, dtype=np.float64))))
 
 
 def _run(sess, feeds: Feeds) -> dict[str, np.ndarray]:

@@ -51,7 +51,8 @@ def evaluate(reference: ModelSet, candidate: ModelSet, samples: list[Feeds], fam
     elif candidate.names() == reference.names() and len(reference.names()) == 1:
         heard = metrics_for(family, reference)
         report = compare_graphs(reference.path(reference.names()[0]), candidate.path(candidate.names()[0]), samples,
-                                blocks, heard, sensitivity=sensitivity, progress=progress)
+                                blocks, heard, sensitivity=sensitivity, durations=declared_durations(family, reference),
+                                progress=progress)
     else:
         heard, heard_entry = [m for m in metrics_for(family, reference) if m.per_sample], -1
         report = _chain(reference, fp32_twin or reference, candidate, samples, blocks, family, heard, progress)
@@ -69,10 +70,17 @@ def keep_audio_examples(report: CheckReport, metrics: list[Metric], output: str)
         report.add_audio_example(example, reference, candidate)
 
 
+def declared_durations(family: Family, ms: ModelSet) -> list[str] | None:
+    """The durations tensor the family (or the recipe, through it) names; None: let the check find them."""
+    audio = family.audio(ms)
+    return [audio.durations] if audio is not None and audio.durations else None
+
+
 def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], blocks: BlockSpec | None,
-                   metrics: list[Metric], sensitivity: bool = False,
+                   metrics: list[Metric], sensitivity: bool = False, durations: list[str] | None = None,
                    progress: Callable[[str], None] = lambda m: None) -> CheckReport:
-    """Per-block report of one candidate graph file against one reference graph file.
+    """Per-block report of one candidate graph file against one reference graph file (`durations`: see
+    `blockwise.compare_models`).
 
     A model kept with external data is loaded light (`load_light`): its sessions map the weights from its own
     folder, so a model over 2 GB works and none is held in memory twice (sensitivity needs them loaded)."""
@@ -81,7 +89,7 @@ def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], block
     dirs = (reference.parent if is_light(ref) else None, candidate.parent if is_light(cand) else None)
     return compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
                           candidate_label=_label(candidate), sensitivity=sensitivity, weights_dirs=dirs,
-                          progress=progress)
+                          durations=durations, progress=progress)
 
 
 def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry_feeds: list[Feeds],
@@ -99,11 +107,15 @@ def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry
         # Each graph's own output metrics are diagnostics (fed the FP32 upstream); the whole chain's count.
         metrics = metrics_for(family, monolithic) if graph in sinks else []
         part = compare_graphs(reference.path(graph), candidate.path(graph), feeds, blocks, metrics,
+                              durations=declared_durations(family, monolithic),
                               progress=lambda m, g=graph: progress(f"{g}: {m}"))
         for b in part.blocks:
             b.block = f"{graph}:{b.block}"
         for o in part.outputs:
             o.name = f"{graph}:{o.name}"
+        for c in part.length_changes or []:
+            c.block = None if c.block is None else f"{graph}:{c.block}"
+            c.tensor = f"{graph}:{c.tensor}"
         part.notes = [f"{graph}: {n}" for n in part.notes]
         parts.append(part)
     progress("whole chain vs the reference")
@@ -125,7 +137,8 @@ def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry
         candidate=f"{candidate.root.name}/ ({' -> '.join(candidate.names())})",
         notes=[n for p in parts for n in p.notes], peak_rss_mb=max(p.peak_rss_mb for p in parts),
         wall_s=sum(p.wall_s for p in parts), blocks=[b for p in parts for b in p.blocks],
-        outputs=[*(o for p in parts for o in p.outputs), heard])
+        outputs=[*(o for p in parts for o in p.outputs), heard],
+        **({"length_changes": changes} if (changes := [c for p in parts for c in p.length_changes or []]) else {}))
 
 
 def _label(path: Path) -> str:

@@ -73,7 +73,10 @@ class ErrorStats(_Strict):
     max_abs: float = Field(description="max |x - y|")
     rel_l2: Db = Field(description="|x - y| / |x|")
     samples: int = Field(description="samples compared")
-    shape_mismatches: int = Field(description="samples whose shapes differ (not compared): a changed length")
+    shape_mismatches: int = Field(description="samples whose shapes differ: a changed length. They are compared "
+                                  "on the reference's durations (the candidate run pinned to them) where the model "
+                                  "has a durations tensor, else over the common leading extent; `length_changes` "
+                                  "says which samples and by how much")
 
 
 class AudioSample(_Strict):
@@ -137,6 +140,21 @@ class Sensitivity(ErrorStats, _EndOutput):
     # (ErrorStats is the first base: pydantic puts a later base's fields first, so `output` leads, as it always
     # has in report.json.)
     log_mel_max: float | None = Field(None, description="worst sample's log-mel distance (audio outputs only)")
+
+
+class LengthChange(_Strict):
+    """One sample whose candidate made a different length than the reference: a durations tensor whose values
+    changed (what set the length, and in which block), or an output whose shape changed."""
+
+    sample: int = Field(description="index of the evaluation sample")
+    tensor: str = Field(description="the durations tensor, or the output, that changed")
+    block: str | None = Field(description="the block that computes the durations tensor; null for an output")
+    reference: int = Field(description="frames in all (the durations' sum), or the output's length along the "
+                                       "first axis that differs, in the reference")
+    candidate: int = Field(description="the same in the candidate")
+    entries_changed: int | None = Field(None, description="durations that differ (of a durations tensor)")
+    isolated: bool | None = Field(None, description="the block changes these durations by itself, fed the "
+                                                    "reference's inputs (null for an output)")
 
 
 class BlockResult(_Strict):
@@ -256,6 +274,8 @@ class CheckReport(_Strict):
     tune: TuneSummary | None = Field(None, description="the precision search behind this model (pipeline tune)")
     audio_examples: list[AudioExample] | None = Field(None, description="samples to listen to (audio families)")
     formats: list[FormatResult] | None = Field(None, description="the formats beside ONNX, checked the same way")
+    length_changes: list[LengthChange] | None = Field(None, description="samples whose lengths changed: which "
+                                                      "durations or outputs, in which block, by how much")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     # The examples' waveforms by WAV file name, while this report is the check's own (not read back from JSON).

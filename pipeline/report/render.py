@@ -21,7 +21,9 @@ They render a `pipeline.evaluation.results.CheckReport`, whose models document e
      "audio_examples": [{"output": str, "sample": int, "why": "worst"|"typical", "log_mel", "length_change",
                          "divergence_s": float|null, "reference_s", "candidate_s",
                          "front_end": {"sample_rate", "n_fft", "hop", "n_mels", "fmin", "fmax"},
-                         "reference_wav": file, "candidate_wav": file, "spectrogram": file}]? (audio families)}
+                         "reference_wav": file, "candidate_wav": file, "spectrogram": file}]? (audio families),
+     "length_changes": [{"sample": int, "tensor": str, "block": str|null, "reference": int, "candidate": int,
+                         "entries_changed": int|null, "isolated": bool|null}]? (samples whose length changed)}
     M = {"sqnr_db": float|"inf"|null, "cosine", "max_abs", "rel_l2", "samples", "shape_mismatches"}
 
 Blocks are in graph order. SQNR "inf" means identical; null means no sample could be compared.
@@ -139,7 +141,7 @@ def outputs_lines(report: Report) -> list[str]:
         line = (f"output {o.name}: SQNR {_fmt_db(o.sqnr_db)} dB, cosine {o.cosine:.5f}, "
                 f"max abs {o.max_abs:.3g}, rel L2 {o.rel_l2:.4g}")
         if o.shape_mismatches:
-            line += f" ({o.shape_mismatches} samples with a different shape not compared)"
+            line += f" ({o.shape_mismatches} of {report.samples} samples changed length; {o.samples} compared)"
         a = o.audio
         if a:
             line += (f"; log-mel mean {a.log_mel_mean:.4f}, max {a.log_mel_max:.4f}"
