@@ -103,6 +103,32 @@ out_option = click.option("--out", "out_dir",
 THREADS = click.IntRange(1, 1024)
 
 
+def audio_options(command):
+    """--sample-rate, --audio-output, --durations: what a recipe's `model.audio` says, as options."""
+    options = [
+        click.option("--sample-rate", type=click.IntRange(1000, 384000),
+                     help="Hz of the audio output: measure it as audio (log-mel, MCD, length) where no family "
+                          "says so, or in place of the family's rate."),
+        click.option("--audio-output", help="The output that is audio (default: the family's, else the first)."),
+        click.option("--durations", help="Tensor whose reference values pin the candidate's durations where "
+                                         "lengths differ (`pipeline inspect MODEL` lists candidates)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def declared_family(family, sample_rate: int | None, audio_output: str | None, durations: str | None):
+    """`family` with the audio the options declare (itself when none is given)."""
+    from pipeline.core.recipe import AudioSpec
+    from pipeline.families import declare_audio
+
+    if sample_rate is None and audio_output is None and durations is None:
+        return family
+    spec = AudioSpec(sample_rate=sample_rate, output=audio_output, durations=durations)
+    return declare_audio(family, spec, where="--sample-rate/--audio-output/--durations: the audio")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
 @out_option
@@ -371,11 +397,13 @@ def _inspect_folder(folder: Path) -> None:
               help="Write a self-contained HTML report (+ <stem>-audio/ beside it).")
 @click.option("--md", "md_path", type=OutputPath("a file name"),
               help="Write a Markdown report (+ PNG and <stem>-audio/ beside it).")
+@audio_options
 @quiet_option
 @all_blocks_option
 def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern: str | None, on: str,
             samples: int | None, npz: Path | None, sensitivity: bool, json_path: Path | None, html_path: Path | None,
-            md_path: Path | None, quiet: bool, all_blocks: bool) -> None:
+            md_path: Path | None, sample_rate: int | None, audio_output: str | None, durations: str | None,
+            quiet: bool, all_blocks: bool) -> None:
     """Attribute CANDIDATE's error vs REFERENCE to blocks: isolated and accumulated, per block.
 
     REFERENCE and CANDIDATE are .onnx files or run folders' final/. The model's
@@ -390,8 +418,13 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
     from pipeline.report.render import outputs_lines, terminal_table
     from pipeline.engine.runfolder import check_report_paths
 
+    from pipeline.families import declare_audio
+
     recipe = load_recipe(recipe_path) if recipe_path else None
     family = family_of_file(reference)
+    if recipe is not None:
+        family = declare_audio(family, recipe.model.audio, f"{recipe_path}: model.audio")
+    family = declared_family(family, sample_rate, audio_output, durations)
     inputs = [*input_files(reference, family), *input_files(candidate, family),
               *[p for p in (recipe_path, npz) if p is not None], *(recipe.input_paths() if recipe else [])]
     check_report_paths({"--json": [json_path] if json_path else [],
@@ -449,10 +482,14 @@ def _write_compare_pages(result: CheckReport, html_path: Path | None, md_path: P
               help="Interleaved latency repetitions.")
 @click.option("--threads", default=2, show_default=True, type=THREADS, help="ONNX Runtime intra-op threads.")
 @click.option("--no-rss", is_flag=True, help="Skip the per-variant peak-RSS child processes.")
+@click.option("--npz", type=click.Path(path_type=Path), help="Folder of .npz feed dicts to run on, in place of "
+              "the family's evaluation inputs (any model).")
 @click.option("--json", "json_path", type=OutputPath("a file name"), help="Write the results as JSON here.")
+@audio_options
 @quiet_option
 def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sentences_file: Path | None, repeat: int,
-          threads: int, no_rss: bool, json_path: Path | None, quiet: bool) -> None:
+          threads: int, no_rss: bool, npz: Path | None, json_path: Path | None, sample_rate: int | None,
+          audio_output: str | None, durations: str | None, quiet: bool) -> None:
     """Compare CANDIDATES with REFERENCE (.onnx files or run folders' final/, one graph each).
 
     Size ratio, latency ratio (interleaved in one process), peak RSS, and
@@ -462,20 +499,23 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sent
     family's sample rate.
     """
 
-    from pipeline.engine.bench import BENCH_NOTE, resolve_variant, results_table, run_bench
+    from pipeline.engine.bench import BENCH_NOTE, npz_inputs, resolve_variant, results_table, run_bench
     from pipeline.engine.comparison import as_modelset, family_of_file, input_files
     from pipeline.engine.runfolder import check_report_paths
 
-    family = family_of_file(reference)
+    if npz is not None and sentences_file is not None:
+        raise PipelineError("bench: give --npz or --sentences-file, not both")
+    family = declared_family(family_of_file(reference), sample_rate, audio_output, durations)
     check_report_paths({"--json": [json_path] if json_path else []},
-                       [p for path in (reference, *candidates, sentences_file) if path is not None
+                       [p for path in (reference, *candidates, sentences_file, npz) if path is not None
                         for p in input_files(path, family)])
     variants = [resolve_variant(reference)] + [resolve_variant(c) for c in candidates]
     labels = [v.label for v in variants]
     for i, v in enumerate(variants):  # two final/ folders of different runs must stay apart
         if labels.count(v.label) > 1:
             v.label = f"{v.label}#{i}"
-    texts, feeds = family.bench_inputs(variants[0].path, count or 5, sentences_file)
+    texts, feeds = npz_inputs(variants[0], npz, count or 5) if npz is not None else \
+        family.bench_inputs(variants[0].path, count or 5, sentences_file)
     if count is not None and len(feeds) < count:  # a number the user gave is held to; the default is "up to"
         raise PipelineError(f"bench: --sentences: {count} inputs asked, but the evaluation set holds {len(feeds)}; "
                             f"ask for at most {len(feeds)}")

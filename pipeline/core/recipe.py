@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator,
+                      model_validator)
 
 from pipeline.core.errors import PipelineError
 
@@ -73,6 +74,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class MelSpec(Strict):
+    """The audio metrics' mel front end (`pipeline.core.audio.MelSettings`); a key left out keeps the family's
+    value, or HiFi-GAN V1's (n_fft 1024, hop 256, 80 bands, 0 to 8000 Hz)."""
+
+    n_fft: int | None = Field(None, ge=16, le=65536, description="STFT size, samples")
+    hop: int | None = Field(None, ge=1, le=65536, description="STFT hop, samples")
+    n_mels: int | None = Field(None, ge=1, le=512, description="mel bands")
+    fmin: float | None = Field(None, ge=0, description="lowest band edge, Hz")
+    fmax: float | None = Field(None, gt=0, description="highest band edge, Hz (at most half the sample rate)")
+
+
+class AudioSpec(Strict):
+    """What a family would say about a model's audio, said in the recipe: with it, log-mel, MCD, length change,
+    duration pinning, `compare`, `bench` and tune's audio targets work on any ONNX model. A family's values are
+    the defaults; each key given here overrides its own."""
+
+    output: str | None = Field(None, description="the output that is audio (default: the first output)")
+    sample_rate: int | None = Field(None, ge=1000, le=384000, description="Hz of that output")
+    durations: str | None = Field(None, description="the tensor whose FP32 values pin the candidate's durations "
+                                  "when lengths differ (`pipeline inspect` offers candidates)")
+    mel: MelSpec | None = Field(None, description="the metrics' mel front end")
+
+    @model_validator(mode="after")
+    def _below_nyquist(self) -> AudioSpec:
+        if self.mel is not None and self.mel.fmax is not None and self.sample_rate is not None \
+                and self.mel.fmax > self.sample_rate / 2:
+            raise ValueError(f"mel.fmax {self.mel.fmax:g} Hz is above half the sample rate ({self.sample_rate / 2:g})")
+        return self
+
+
 class ModelSource(Strict):
     """Where the base model comes from: an ONNX path, a file inside an installed package,
     or an exporter that writes a ModelSet from PyTorch weights."""
@@ -85,6 +116,8 @@ class ModelSource(Strict):
     # The model family (a plug-in in pipeline.families): default, the exporter's family, else the one
     # that recognises the file (a Piper voice by its .onnx.json), else "generic".
     family: str | None = None
+    # What the outputs are, where no family says (or to override what it says): `AudioSpec`.
+    audio: AudioSpec | None = None
 
     def model_post_init(self, __context: Any) -> None:
         if sum(map(bool, (self.path, self.package, self.exporter))) != 1:

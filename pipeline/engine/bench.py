@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calibration import check_feeds
+from calibration import SourceContext, check_feeds
 
 from pipeline.core.feeds import Feeds
 
@@ -131,8 +131,19 @@ def resolve_variant(path: Path, label: str | None = None) -> Variant:
     return Variant(label or default, file)
 
 
-def _audio(sess, feeds: Feeds) -> np.ndarray:
-    return sess.run(None, feeds)[0].reshape(-1)
+def npz_inputs(reference: Variant, folder: Path, count: int) -> tuple[list[str], list[Feeds]]:
+    """(labels, feeds) of `bench --npz`: the first `count` feed files of the folder, checked against the
+    reference's entry graph and labelled by file name."""
+    from pipeline.families import draw_samples
+
+    feeds, _ = draw_samples("npz", {"folder": str(folder)}, SourceContext(None), reference.entry_model(),
+                            "bench --npz")
+    return [p.name for p in sorted(folder.glob("*.npz"))][:count], feeds[:count]
+
+
+def _audio(sess, feeds: Feeds, output: str | None = None) -> np.ndarray:
+    """The output measured (`output`: a declared audio output; None: the first), flat."""
+    return (sess.run([output], feeds) if output else sess.run(None, feeds))[0].reshape(-1)
 
 
 def _peak_rss_child(path: str, feeds: list[Feeds], threads: int, queue) -> None:
@@ -182,7 +193,8 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
             check_feeds(f, model, f"bench: {v.label}, sentence {i}")
         sessions.append(_session(v.path, threads))
     progress("quality")
-    outputs = [[_audio(s, f) for f in feeds] for s in sessions]  # also the warm-up run
+    heard = audio.output if audio is not None else None
+    outputs = [[_audio(s, f, heard) for f in feeds] for s in sessions]  # also the warm-up run
     latencies = time_interleaved(sessions, feeds, repeat, progress)
     rss = []
     for v in variants:
@@ -198,7 +210,8 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
             if audio is not None and quality.length_diff != 0 and \
                     (pinned := pinned or _durations_pinned(ref.path, v.path, audio.durations, threads)):
                 run = pinned.run(f)
-                quality.pinned_log_mel_distance = compare_audio(run.reference[0], run.candidate[0],
+                k = pinned.reference_outputs.index(heard) if heard else 0
+                quality.pinned_log_mel_distance = compare_audio(run.reference[k], run.candidate[k],
                                                                 mel=audio.mel).log_mel_distance
             sentences.append(quality)
         results.append(VariantResult(v.label, str(v.path), v.bytes, v.bytes / ref.bytes, latencies[vi],

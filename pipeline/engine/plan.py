@@ -28,8 +28,8 @@ from pipeline.core.hashing import feeds_hash
 from pipeline.core.onnx_io import is_light, load_onnx
 from pipeline.core.recipe import Recipe, Scope, Step, parse_params, user_pattern
 from pipeline.engine.sources import resolve_model_path
-from pipeline.families import (detect_family, draw_samples, family_of_exporter, get_family, make_source,
-                               path_fields)
+from pipeline.families import (check_declared_audio, declare_audio, detect_family, draw_samples, family_of_exporter,
+                               get_family, make_source, path_fields)
 from pipeline.formats.targets import PlannedTarget, plan_targets
 
 SectionCheck = Callable[[Recipe, Any, str], None]  # (recipe, family, where): one clear error, or nothing
@@ -90,6 +90,9 @@ def plan_recipe(recipe: Recipe, check_sections: SectionCheck | None = None) -> P
         base = load_onnx(model_path)
         family = get_family(recipe.model.family, f"{where}: model.family") if recipe.model.family \
             else detect_family(model_path, base)
+    family = declare_audio(family, recipe.model.audio, f"{where}: model.audio")
+    if recipe.model.audio is not None and base is not None:
+        check_declared_audio(recipe.model.audio, base, f"{where}: model.audio")
     if check_sections is not None:
         check_sections(recipe, family, where)
     plan = Plan(recipe, model_path, [], exporter=exporter, family=family, base=base)  # replan fills in the rest

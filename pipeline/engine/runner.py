@@ -134,7 +134,9 @@ class Runner:
         key = content_hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
                      "check": check.model_dump(mode="json", exclude={"fallback"}), "family": family.name,
                      "blocks": blocks.model_dump(mode="json") if blocks else None, "feeds": feeds_hash(feeds),
-                     "targets": [t["key"] for t in targets]})
+                     "targets": [t["key"] for t in targets],
+                     # (only when declared: the key of a recipe without it stays what it was)
+                     **({"audio": audio.model_dump(mode="json")} if (audio := self.plan.recipe.model.audio) else {})})
         cached = self._cached_report(key)
         if cached is not None:
             return cached

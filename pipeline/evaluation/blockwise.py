@@ -43,6 +43,8 @@ from pipeline.core.recipe import BlockSpec
 from pipeline.evaluation.results import (BlockResult, CheckReport, ErrorStats, LengthChange, OutputResult,
                                         Sensitivity)
 
+from pipeline.evaluation.metrics import heard_output
+
 if TYPE_CHECKING:
     from pipeline.evaluation.metrics import Metric
 
@@ -267,6 +269,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
 
     t0 = time.perf_counter()
     ref_in, ref_out = _interface(reference)
+    heard = heard_output(sample_metrics, ref_out)
     cand_in, cand_out = _interface(candidate)
     if sorted(ref_in) != sorted(cand_in) or ref_out != cand_out:
         raise PipelineError(f"reference and candidate do not have the same interface: reference inputs "
@@ -326,7 +329,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
         for o in ref_out:
             out_stats[o].update(ref_vals[o], acc_vals[o], _aligned(o, ref_vals, acc_vals, pinned))
         for m in sample_metrics:
-            m.update(ref_vals[ref_out[0]], acc_vals[ref_out[0]])
+            m.update(ref_vals[heard], acc_vals[heard])
         iso_feed = dict(f)
         for name, tensor in fed.items():
             iso_feed[name] = as_ort_type(ref_vals[tensor], iso_input_types[name])
@@ -344,16 +347,17 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
             if t in per_tensor_iso and _is_float(cand_types.get(t, TensorProto.FLOAT)):
                 r.isolated.merge(per_tensor_iso[t])
                 r.accumulated.merge(per_tensor_acc[t])
-    # The per-sample metrics measured the first output: their numbers go with it.
+    # The per-sample metrics measured the heard output: their numbers go with it, and it comes first (what the
+    # fallback, tune and the report read as "the output").
     measured = {m.key: m.to_json() for m in sample_metrics}
-    outputs = [OutputResult.measured(o, out_stats[o].stats(), measured if o == ref_out[0] else None)
-               for o in ref_out]
+    outputs = [OutputResult.measured(o, out_stats[o].stats(), measured if o == heard else None)
+               for o in [heard, *(o for o in ref_out if o != heard)]]
     if sensitivity:
         del ref_sess, acc_sess, iso_sess
         from pipeline.evaluation.metrics import AudioMetric
 
         audio = next((m.spec for m in sample_metrics if isinstance(m, AudioMetric)), None)
-        _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, ref_out[0], audio, threads, progress)
+        _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, heard, audio, threads, progress)
     unmatched = [r.id for r in reports if not r.matched]
     if unmatched:
         notes.append(f"{len(unmatched)} blocks could not be matched in the candidate (boundary tensors missing "

@@ -40,6 +40,7 @@ class Metric:
     needs: ClassVar[str]  # what a ModelSet must have for it, for the error naming a threshold
     thresholds: ClassVar[dict[str, str]] = {}
     per_sample: ClassVar[bool] = False
+    output: str | None = None  # the output a per-sample metric measures; None: the first
 
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         raise NotImplementedError
@@ -91,6 +92,7 @@ class AudioMetric(Metric):
 
     def __init__(self, audio: AudioOutput):
         self.spec = audio
+        self.output = audio.output
         self.comparisons: list[Any] = []
         self.waveforms: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -169,6 +171,16 @@ def choose_examples(log_mels: list[float]) -> list[tuple[int, str]]:
     if len(order) >= 2:
         chosen.append((order[(len(order) - 1) // 2], "typical"))
     return chosen
+
+
+def heard_output(metrics: list[Metric], outputs: list[str]) -> str:
+    """The output the per-sample metrics measure: the one a metric names (a declared audio output), else the
+    first. A name the graph lacks is an error naming its outputs."""
+    named = next((m.output for m in metrics if m.per_sample and m.output), None)
+    if named is not None and named not in outputs:
+        raise PipelineError(f"audio output {named!r}: the graph has no such output (its outputs: "
+                            f"{', '.join(outputs)})")
+    return named or outputs[0]
 
 
 def metrics_for(family: Family, ms: ModelSet | None) -> list[Metric]:

@@ -26,6 +26,7 @@ detection without it may pick the wrong family. `reload()` forgets the cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,7 +42,7 @@ from pydantic import BaseModel
 from calibration import CalibrationSource, SourceContext, checked_feeds
 from pipeline.core.audio import MelSettings
 from pipeline.core.errors import PipelineError, one_line
-from pipeline.core.recipe import parse_params
+from pipeline.core.recipe import AudioSpec, parse_params
 
 if TYPE_CHECKING:
     import onnx
@@ -65,6 +66,7 @@ class AudioOutput:
 
     mel: MelSettings = field(default_factory=MelSettings)  # sample rate and mel front end of the metrics
     durations: str | None = None  # tensor whose FP32 values pin the candidate's durations when lengths differ
+    output: str | None = None  # the output that is audio; None: the first output (of the last graph, in a chain)
 
     @property
     def sample_rate(self) -> int:
@@ -346,6 +348,52 @@ def _load_plugin(ep: Any, found: dict[str, type[Family]]) -> None:
 
 def _set_aside_hint() -> str:
     return f"; {len(_SET_ASIDE)} family plug-in(s) set aside, see `pipeline families`" if _SET_ASIDE else ""
+
+
+def declare_audio(family: Family, spec: AudioSpec | None, where: str = "model.audio") -> Family:
+    """`family` with the audio a recipe's `model.audio` (or compare's and bench's options) declares: each key
+    given overrides the family's own value; a model no family knows gets audio metrics this way, no Python.
+
+    The result is an instance of a subclass of the family's own class, so every other hook stays the family's."""
+    if spec is None:
+        return family
+    if spec.sample_rate is None and family.audio(None) is None:
+        raise PipelineError(f"{where}.sample_rate: a {family.name!r} model has no audio of its own: say at how "
+                            f"many Hz its output is audio")
+    merged_audio(family.audio(None), spec)  # a front end that cannot fit fails here, before any work
+    own = type(family)
+
+    def audio(self, ms):
+        return merged_audio(own.audio(self, ms), spec)
+
+    return type(own.__name__, (own,), {"audio": audio, "__module__": own.__module__, "__doc__": own.__doc__})()
+
+
+def check_declared_audio(spec: AudioSpec, model: onnx.ModelProto, where: str) -> None:
+    """The output and the durations tensor a recipe's `model.audio` names exist in the model (one graph)."""
+    from pipeline.core.graph import require_intermediates
+
+    outputs = [o.name for o in model.graph.output]
+    if spec.output is not None and spec.output not in outputs:
+        raise PipelineError(f"{where}.output: the model has no output {spec.output!r} (its outputs: "
+                            f"{', '.join(outputs)})")
+    if spec.durations is not None:
+        require_intermediates(model, [spec.durations], f"{where}.durations")
+
+
+def merged_audio(base: AudioOutput | None, spec: AudioSpec) -> AudioOutput:
+    """A family's audio (None: it has none) with what `spec` gives in its place."""
+    base = base or AudioOutput()
+    mel = dataclasses.asdict(base.mel)
+    if spec.sample_rate is not None:
+        mel["sample_rate"] = spec.sample_rate
+        mel["fmax"] = min(mel["fmax"], spec.sample_rate / 2)  # a band edge above Nyquist has no bins
+    mel.update({k: v for k, v in (spec.mel.model_dump() if spec.mel else {}).items() if v is not None})
+    if mel["fmax"] > mel["sample_rate"] / 2 or mel["fmin"] >= mel["fmax"]:
+        raise PipelineError(f"audio mel: bands {mel['fmin']:g} to {mel['fmax']:g} Hz do not fit a "
+                            f"{mel['sample_rate']} Hz output (fmin < fmax <= sample_rate / 2)")
+    return AudioOutput(mel=MelSettings(**mel), durations=spec.durations or base.durations,
+                       output=spec.output or base.output)
 
 
 def get_family(name: str, where: str = "model.family") -> Family:

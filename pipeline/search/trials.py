@@ -45,6 +45,7 @@ class TrialSpec:
     blocks: dict[str, Any] | None  # the recipe's BlockSpec, as JSON
     mel: Any  # the family's audio MelSettings, or None when it makes no audio
     threads: int = 1
+    output: str | None = None  # the output measured (a declared audio output); None: the first
 
 
 _GRAPHS: dict[str, tuple[onnx.ModelProto, Any]] = {}  # sha256 -> (model, partition), per process
@@ -62,7 +63,8 @@ def _graph(sha: str, source: bytes | str, blocks: dict[str, Any] | None):
 
 def run_trial(spec: TrialSpec, reference: bytes | str, candidate: bytes | str, samples: list[Feeds],
               ref_outputs: list[np.ndarray]) -> dict[str, Any]:
-    """The candidate's first output on every sample against the reference's (`ref_outputs`)."""
+    """The candidate's output (`spec.output`, else the first) on every sample against the reference's
+    (`ref_outputs`)."""
     from pipeline.core.audio import compare_audio
     from pipeline.evaluation.blockwise import Pooled, splice_block
     from pipeline.core.onnx_io import session
@@ -76,7 +78,7 @@ def run_trial(spec: TrialSpec, reference: bytes | str, candidate: bytes | str, s
         ref_model, ref_part = _graph(spec.reference, reference, spec.blocks)
         model = splice_block(ref_model, cand_model, ref_part, cand_part, spec.block)
     sess = session(model, threads=spec.threads, arena=False)
-    output = sess.get_outputs()[0].name
+    output = spec.output or sess.get_outputs()[0].name
     pooled, log_mels, lengths = Pooled(), [], []
     for feeds, ref in zip(samples, ref_outputs):
         out = sess.run([output], feeds)[0]

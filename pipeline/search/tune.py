@@ -172,16 +172,16 @@ class Tuner:
         where = str(self.recipe.source_path or self.recipe.name)
         base = self._base()
         self.base_path = base.path(base.names()[0])
-        from pipeline.families import family_of
+        from pipeline.families import declare_audio, family_of
 
-        self.family = family_of(base)
+        self.family = declare_audio(family_of(base), self.recipe.model.audio)
         validate_tune(self.recipe, self.family, where)
         self.base_model = load_onnx(self.base_path)
         self.partition = BlockPartition(self.base_model, self.recipe.blocks)
         self.searched = self._searched_blocks(where)
         self.samples, self.samples_desc = self._samples(base, where)
-        self.ref_outputs = self._reference_outputs()
         self.audio = self.family.audio(base)
+        self.ref_outputs = self._reference_outputs()
         self.executor = make_executor(self.spec.executor, self.spec.address, self.spec.workers,
                                       self.spec.threads, self.log)
         try:
@@ -257,13 +257,16 @@ class Tuner:
         from pipeline.core.onnx_io import session
 
         sess = session(self.base_model, threads=self.spec.threads, arena=False)
-        name = sess.get_outputs()[0].name
+        name = (self.audio.output if self.audio else None) or sess.get_outputs()[0].name
         return [sess.run([name], f)[0] for f in self.samples]
 
     # -- items and screening ---------------------------------------------------
 
     def _model_source(self) -> dict[str, Any]:
-        return {"path": str(self.base_path), "family": self.family.name}
+        source = {"path": str(self.base_path), "family": self.family.name}
+        if self.recipe.model.audio is not None:  # the derived recipes measure the same audio
+            source["audio"] = self.recipe.model.audio.model_dump(mode="json", exclude_none=True)
+        return source
 
     def _steps(self, assignment: dict[str, str]) -> list[Step]:
         """One step per menu item used, in menu order, scoped to its blocks (exact ids, in graph order)."""
@@ -323,12 +326,16 @@ class Tuner:
         return options
 
     def _trial_spec(self, candidate_sha: str, block: str | None) -> TrialSpec:
+        declared = self.recipe.model.audio
         key = content_hash({"version": __version__, "reference": self.base_sha, "candidate": candidate_sha, "block": block,
                      "samples": feeds_hash(self.samples), "threads": self.spec.threads,
-                     "blocks": self.recipe.blocks.model_dump(mode="json") if self.recipe.blocks else None})
+                     "blocks": self.recipe.blocks.model_dump(mode="json") if self.recipe.blocks else None,
+                     # (only when declared: trials cached without it keep their keys)
+                     **({"audio": declared.model_dump(mode="json")} if declared else {})})
         return TrialSpec(key, self.base_sha, candidate_sha, block,
                          self.recipe.blocks.model_dump(mode="json") if self.recipe.blocks else None,
-                         self.audio.mel if self.audio else None, self.spec.threads)
+                         self.audio.mel if self.audio else None, self.spec.threads,
+                         self.audio.output if self.audio else None)
 
     def _trials(self, specs: list[TrialSpec], sources: dict[str, str], what: str) -> dict[str, dict[str, Any]]:
         """Results by key: cached ones read back, the rest run on the executor (and cached as they finish)."""
