@@ -125,6 +125,23 @@ def attention_layer() -> onnx.ModelProto:
     return onnx.load_from_string(_attention_layer_bytes())
 
 
+def dynamic_conv_net() -> onnx.ModelProto:
+    """conv_net quantized by ORT's quantize_dynamic (ConvInteger), its new nodes placed as the runner places them."""
+    import tempfile
+    from pathlib import Path
+
+    from onnxruntime.quantization import quantize_dynamic
+
+    from pipeline.core.blocks import adopt_new_nodes
+
+    model = conv_net()
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_dynamic(model, Path(tmp) / "q.onnx")
+        quantized = onnx.load(Path(tmp) / "q.onnx")
+    adopt_new_nodes(quantized, {n.name for n in model.graph.node}, None)
+    return quantized
+
+
 # --- one tiny fixture (or a few) per pass: a new pass adds its own ------------------------------------------
 
 @dataclass
@@ -140,6 +157,7 @@ class Case:
 
 
 CASES: dict[str, list[Case]] = {
+    "dequantize": [Case(dynamic_conv_net, {"expect_min_nodes": 1}, block="/enc/layers.1")],
     "simplify": [Case(conv_net, {})],
     "fuse_attention": [Case(attention_layer, {"expect": {"MultiHeadAttention": 1, "RotaryEmbedding": 2}}),
                        Case(attention_layer, {"kv_cache": "in_place", "expect": {"GroupQueryAttention": 1}})],
