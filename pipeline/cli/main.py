@@ -307,11 +307,19 @@ def recipes_list() -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--blocks", "pattern", help="Regex over node names; capture groups form the block id.")
+@click.option("--blocks", "pattern", is_flag=False, flag_value="", default=None, metavar="[RE]",
+              help="Show the blocks as a tree of their scopes, inner rows summing their children. Alone: the "
+              "default partition (node-name scopes such as /dec/ups.0); with a regex over node names: capture "
+              "groups form the block id.")
 @click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,
               help="Match the regex against node names or the `namespace` metadata.")
-def inspect(model: Path, pattern: str | None, on: str) -> None:
-    """List the blocks of MODEL (an .onnx file) with node counts, parameter counts and op types.
+@click.option("--npz", type=click.Path(path_type=Path), metavar="FOLDER",
+              help="Folder of .npz feed dicts: run the model once on the first (ONNX Runtime's profiler on) and "
+              "show each block's FLOPs and share of kernel time for that input.")
+def inspect(model: Path, pattern: str | None, on: str, npz: Path | None) -> None:
+    """List the blocks of MODEL (an .onnx file): nodes, parameters, top op types, share of the weight bytes, and
+    with --npz FLOPs and kernel time measured on a real input; then the durations candidates (Round/Ceil outputs
+    that set a length downstream), for a recipe's model.audio.durations or --durations.
 
     MODEL may instead be a run folder (or its final/): then each graph with its size and weight precision,
     and each format the recipe's targets wrote beside ONNX (final/<format>/), with its files and sizes.
@@ -319,12 +327,14 @@ def inspect(model: Path, pattern: str | None, on: str) -> None:
     from pydantic import ValidationError
 
     from pipeline.core.blocks import BlockPartition
+    from pipeline.core.graph_stats import TreeRow, durations_candidates, scope_tree
     from pipeline.core.onnx_io import load_onnx
     from pipeline.core.recipe import BlockSpec
+    from pipeline.engine.profile import block_stats, first_feed, measure, profile_run
 
     if model.is_dir():
-        if pattern:
-            raise PipelineError(f"--blocks takes one .onnx file; {model} is a folder")
+        if pattern is not None or npz is not None:
+            raise PipelineError(f"--blocks and --npz take one .onnx file; {model} is a folder")
         _inspect_folder(model)
         return
     m = load_onnx(model)
@@ -335,14 +345,66 @@ def inspect(model: Path, pattern: str | None, on: str) -> None:
         except ValidationError as e:
             raise PipelineError(f"--blocks: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     partition = BlockPartition(m, spec)
-    table = Table(title=f"{model.name}: {len(m.graph.node)} nodes, {len(partition.blocks)} blocks")
-    for col in ("block", "nodes", "params", "op types"):
-        table.add_column(col, justify="right" if col in ("nodes", "params") else "left")
-    for block in partition.blocks.values():
-        ops = ", ".join(f"{op} {n}" for op, n in block.op_types.most_common(6))
-        more = len(block.op_types) - 6
-        table.add_row(block.id, str(len(block.nodes)), f"{block.params:,}", ops + (f", +{more} more" if more > 0 else ""))
-    out.print(table)
+    measured = None
+    if npz is not None:
+        feed_file, feeds = first_feed(npz, m)
+        measured = measure(m, partition, profile_run(model, feeds), feed_file)
+    stats = block_stats(m, partition, measured)
+    rows = scope_tree(stats) if pattern is not None else [TreeRow(b, 0, s, True) for b, s in stats.items()]
+    out.print(_blocks_table(f"{model.name}: {len(m.graph.node)} nodes, {len(partition.blocks)} blocks", rows))
+    _print_measured_note(measured)
+    found = durations_candidates(m, partition)
+    listed = "; ".join(f"{c.tensor} (node {c.node}, block {c.block})" for c in found)
+    out.print(escape(f"durations candidates (for a recipe's model.audio.durations or --durations): "
+                     f"{listed or 'none (no Round/Ceil output sets a length downstream)'}"), soft_wrap=True)
+
+
+def _blocks_table(title: str, rows) -> Table:
+    """The blocks (or the scope tree) with their shares of the model's weight bytes, FLOPs and kernel time."""
+    top = [r for r in rows if r.depth == 0]
+    totals = {key: sum(getattr(r.stats, key) or 0 for r in top) for key in ("weight_bytes", "macs", "kernel_us")}
+
+    def share(value: int | None, key: str) -> str:
+        return "-" if value is None else f"{100 * value / totals[key]:.1f}%" if totals[key] else "0.0%"
+
+    table = Table(title=title)
+    for col in ("block", "nodes", "params", "weights %", "FLOPs", "FLOPs %", "time %", "op types"):
+        table.add_column(col, justify="left" if col in ("block", "op types") else "right")
+    for row in rows:
+        s = row.stats
+        ops = ", ".join(f"{op} {n}" for op, n in s.ops.most_common(3))
+        more = len(s.ops) - 3
+        table.add_row(escape("  " * row.depth + row.label), str(s.nodes), f"{s.params:,}",
+                      share(s.weight_bytes, "weight_bytes"), "-" if s.macs is None else _count(2 * s.macs),
+                      share(s.macs, "macs"), share(s.kernel_us, "kernel_us"),
+                      escape(ops + (f" +{more}" if more > 0 else "")))
+    return table
+
+
+def _count(n: int) -> str:
+    """12345678 -> `12.3 M`; counts below 10,000 exact."""
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= max(size, 1e4):
+            return f"{n / size:.3g} {unit}"
+    return f"{n:,}"
+
+
+def _print_measured_note(measured) -> None:
+    """Where the FLOPs and times come from, and what of the graph they cover."""
+    if measured is None:
+        out.print("FLOPs and time: give --npz FOLDER (.npz feed dicts) to measure them on a real input", style="dim")
+        return
+    total_macs = sum(measured.macs.values()) + measured.stray_macs
+    note = (f"measured on {measured.feed_file.name}: {_count(2 * total_macs)} FLOPs, "
+            f"{measured.total_us / 1e3:.1f} ms of kernel time; FLOPs counted for {measured.counted_nodes} of "
+            f"{measured.countable_nodes} Conv/MatMul-type nodes of the graph")
+    if measured.counted_nodes < measured.countable_nodes:
+        note += " (the rest fused away by ONNX Runtime, not run on this input, or of unknown shapes)"
+    if measured.stray_us:
+        kinds = ", ".join(f"{op} {n}" for op, n in measured.stray_ops.most_common(3))
+        note += (f"; {100 * measured.stray_us / measured.total_us:.1f}% of kernel time in nodes ONNX Runtime "
+                 f"added ({kinds}), in no block")
+    out.print(escape(note), soft_wrap=True)
 
 
 def _inspect_folder(folder: Path) -> None:
