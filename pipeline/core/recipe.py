@@ -111,6 +111,10 @@ class ModelSource(Strict):
     path: str | None = None
     package: str | None = None
     file: str | None = None
+    # One file split across installed packages ("package:path" each, in order), as models over PyPI's file size
+    # limit ship: joined into `file` (its name) and checked against `sha256` before any work.
+    parts: list[str] | None = None
+    sha256: str | None = None
     exporter: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)  # the exporter's parameters
     # The model family (a plug-in in pipeline.families): default, the exporter's family, else the one
@@ -120,10 +124,22 @@ class ModelSource(Strict):
     audio: AudioSpec | None = None
 
     def model_post_init(self, __context: Any) -> None:
-        if sum(map(bool, (self.path, self.package, self.exporter))) != 1:
-            raise ValueError("give one of 'path', 'package' + 'file', or 'exporter'")
+        if sum(map(bool, (self.path, self.package, self.parts, self.exporter))) != 1:
+            raise ValueError("give one of 'path', 'package' + 'file', 'parts' + 'file' + 'sha256', or 'exporter'")
         if self.package and not self.file:
             raise ValueError("'package' needs 'file' (the file's path inside the package)")
+        if self.parts is not None:
+            if not self.file or not self.sha256:
+                raise ValueError("'parts' needs 'file' (the joined file's name) and 'sha256' (the joined file's)")
+            if "/" in self.file or self.file in (".", ".."):
+                raise ValueError(f"'file' {self.file!r}: with 'parts' it names the joined file, a plain name")
+            bad = [p for p in self.parts if p.count(":") != 1 or not all(p.split(":"))]
+            if bad:
+                raise ValueError(f"parts: {bad[0]!r} is not 'package:path/inside/it'")
+            if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+                raise ValueError("'sha256' must be 64 lowercase hex digits")
+        elif self.sha256:
+            raise ValueError("'sha256' belongs to 'parts'")
         if self.params and not self.exporter:
             raise ValueError("'params' belongs to an 'exporter'")
 
@@ -214,6 +230,10 @@ class CheckSpec(Strict):
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)  # token families, teacher-forced
     thresholds: dict[str, float] = Field(default_factory=dict)  # thresholds of a family's own metrics, by name
     fallback: FallbackSpec | None = None
+    reference: PlainName | None = Field(None, description="the step (its name, or its pass where unnamed) whose "
+                                        "output the final model is measured against; default: the base model. "
+                                        "For a base that is itself quantized: measure against its `dequantize` "
+                                        "step, the float model the later steps start from")
 
 
 class MenuItem(Strict):
@@ -367,8 +387,9 @@ def _strings(data: Any) -> list[str]:
     return [s for item in data for s in _strings(item)] if isinstance(data, list) else []
 
 
-def package_file(package: str, file: str) -> Path:
-    """A file inside an installed package, found without importing the package (a recipe's `model: {package, file}`)."""
+def package_file(package: str, file: str, folder: bool = False) -> Path:
+    """A file (or with `folder`, a folder) inside an installed package, found without importing the package
+    (a recipe's `model: {package, file}`, an npz source's `package` + `folder`)."""
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -376,8 +397,8 @@ def package_file(package: str, file: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise PipelineError(f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
     path = Path(list(spec.submodule_search_locations)[0]) / file
-    if not path.is_file():
-        raise PipelineError(f"package {package!r} has no file {file!r}")
+    if not (path.is_dir() if folder else path.is_file()):
+        raise PipelineError(f"package {package!r} has no {'folder' if folder else 'file'} {file!r}")
     return path
 
 

@@ -108,6 +108,7 @@ def replan(plan: Plan, recipe: Recipe) -> Plan:
     family, base, model_path = plan.family, plan.base, plan.model_path
     if recipe.check is not None:
         _check_thresholds(recipe.check, family, where)
+        reference_step(recipe, where)
     steps = [_plan_step(i, step, f"{where}: steps.{i - 1}") for i, step in enumerate(recipe.steps, start=1)]
     if base is not None:
         _check_versions(base, steps, where, model_path)
@@ -124,6 +125,18 @@ def replan(plan: Plan, recipe: Recipe) -> Plan:
                inputs=recipe.input_paths() + model_inputs)
     _plan_calibration(new, plan if _calibration_key(recipe) == _calibration_key(plan.recipe) else None, where)
     return new
+
+
+def reference_step(recipe: Recipe, where: str = "recipe") -> int:
+    """The index in `recipe.steps` of the step the check measures against (`check.reference`), -1 for the base."""
+    name = recipe.check.reference if recipe.check is not None else None
+    if name is None:
+        return -1
+    labels = [s.label for s in recipe.steps]
+    if name not in labels:
+        raise PipelineError(f"{where}: check.reference: no step is named {name!r} (steps: "
+                            f"{', '.join(labels) or 'none'})")
+    return labels.index(name)
 
 
 def _model_key(recipe: Recipe) -> dict[str, Any]:

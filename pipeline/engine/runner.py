@@ -34,7 +34,7 @@ from pipeline.core.feeds import Feeds
 from pipeline.core.hashing import content_hash, feeds_hash
 from pipeline.core.modelset import ModelSet, graph_sha256
 from pipeline.core.onnx_io import (check_loads, external_files, input_caster, is_light, load_light, parse_graph, set_provenance)
-from pipeline.engine.plan import Plan, PlannedStep, refuse_large, refuse_old, selected_graphs
+from pipeline.engine.plan import Plan, PlannedStep, reference_step, refuse_large, refuse_old, selected_graphs
 from pipeline.engine.runfolder import require_held
 from pipeline.engine.sources import materialize_base
 from pipeline.engine.step_cache import STEP_MANIFEST, building, cached, cached_target, scratch_tmpdir, write_json
@@ -99,7 +99,9 @@ class Runner:
                 result.targets.append(self._target(planned, final))
         if self.plan.recipe.check is not None:
             with during("check"):
-                result.report = self._check(ModelSet.read(steps_dir / records[0].folder), final, result.targets)
+                # The base, or the step `check.reference` names (records[0] is the base, records[i + 1] step i).
+                reference = records[reference_step(self.plan.recipe) + 1]
+                result.report = self._check(ModelSet.read(steps_dir / reference.folder), final, result.targets)
         result.wall_s = time.perf_counter() - start
         with during("writing the manifest"):
             self._write_manifest(result)
@@ -130,13 +132,14 @@ class Runner:
         check, family = self.plan.recipe.check, self.plan.family
         entry = family.entry_graph(base)
         feeds, inputs = eval_feeds(base.path(entry), check.samples, family, self.plan.recipe, check, ms=base)
-        blocks = self.plan.recipe.blocks
+        blocks, audio = self.plan.recipe.blocks, self.plan.recipe.model.audio
+        # Newer keys only where set (check.reference, model.audio): the key of a recipe without them stays.
+        spec = check.model_dump(mode="json", exclude={"fallback"} | ({"reference"} if check.reference is None else set()))
         key = content_hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
-                     "check": check.model_dump(mode="json", exclude={"fallback"}), "family": family.name,
+                     "check": spec, "family": family.name,
                      "blocks": blocks.model_dump(mode="json") if blocks else None, "feeds": feeds_hash(feeds),
                      "targets": [t["key"] for t in targets],
-                     # (only when declared: the key of a recipe without it stays what it was)
-                     **({"audio": audio.model_dump(mode="json")} if (audio := self.plan.recipe.model.audio) else {})})
+                     **({"audio": audio.model_dump(mode="json")} if audio else {})})
         cached = self._cached_report(key)
         if cached is not None:
             return cached

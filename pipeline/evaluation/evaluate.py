@@ -142,4 +142,10 @@ def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry
 
 
 def _label(path: Path) -> str:
-    return f"{path.parent.parent.name}/{path.parent.name}/{path.name}" if path.parent.name == "final" else path.name
+    """How a report names a graph file: `run/final/x.onnx`, a step's `01-dequantize/x.onnx` (a check measured
+    against a step, `check.reference`), else the file's name (the base, a file given to compare)."""
+    if path.parent.name == "final":
+        return f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
+    if path.parent.parent.name == "steps" and not path.parent.name.startswith("00-"):
+        return f"{path.parent.name}/{path.name}"
+    return path.name

@@ -50,8 +50,11 @@ def absolute_paths(data: dict[str, Any], original: Recipe) -> None:
     for section in (data.get("calibration"), (data.get("check") or {}).get("source")):
         if not section:
             continue
+        params = section.get("params") or {}
+        if params.get("package"):  # its paths lie inside an installed package, not beside the recipe
+            continue
         for key in path_fields(section.get("source", "")):
-            if (section.get("params") or {}).get(key):
+            if params.get(key):
                 section["params"][key] = str(original.resolve_path(section["params"][key]))
 
 

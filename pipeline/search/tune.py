@@ -73,9 +73,13 @@ def validate_tune(recipe: Recipe, family, where: str) -> None:
     from passes import PASSES, get_pass
 
     spec = recipe.tune
-    if recipe.steps:
-        raise PipelineError(f"{where}: steps: a recipe with 'tune' takes no steps; the search writes them "
-                            f"(into {RESOLVED_RECIPE})")
+    # A recipe's own steps run before the search, which starts from their result (a quantized export's
+    # `dequantize`); the search writes the rest (into RESOLVED_RECIPE).
+    precision = [s.label for s in recipe.steps if get_pass(s.pass_name, f"{where}: steps").changes_precision]
+    if precision:
+        raise PipelineError(f"{where}: steps: {', '.join(precision)} change precision: with 'tune', the search "
+                            f"decides every block's precision (steps before it may prepare the model: "
+                            f"dequantize, simplify, ...)")
     if recipe.check is not None and recipe.check.fallback is not None:
         raise PipelineError(f"{where}: check.fallback: use either 'tune' or the fallback, not both")
     if family.autoregressive:
@@ -221,10 +225,11 @@ class Tuner:
         return derive(recipe, **sections)
 
     def _base(self) -> ModelSet:
-        """The base model alone (exported or copied), once; items and candidates start from its file."""
-        result = Runner(replan(self.plan, self._without_tune(self.recipe, check=False)), self.dir / "base",
-                        log=lambda m: self.log(f"tune: {m}")).run()
-        base = ModelSet.read(self.dir / "base" / "steps" / result.steps[0].folder)
+        """The base model (exported or copied, then the recipe's own steps), once; items and candidates start
+        from its file."""
+        prepared = self._without_tune(self.recipe, self.recipe.steps, check=False)
+        result = Runner(replan(self.plan, prepared), self.dir / "base", log=lambda m: self.log(f"tune: {m}")).run()
+        base = ModelSet.read(self.dir / "base" / "steps" / result.steps[-1].folder)
         if len(base.names()) != 1:
             raise PipelineError(f"tune: searches one-graph models so far; this model set has "
                                 f"{len(base.names())} graphs ({', '.join(base.names())})")
@@ -602,7 +607,7 @@ class Tuner:
     # -- output ----------------------------------------------------------------
 
     def _resolved(self, assignment: dict[str, str]) -> Recipe:
-        return self._without_tune(self.recipe, self._steps(assignment), targets=True)
+        return self._without_tune(self.recipe, [*self.recipe.steps, *self._steps(assignment)], targets=True)
 
     def _describe(self, v: Verified) -> str:
         lat = f", latency {v.latency_ratio:.2f}x" if v.latency_ratio is not None else ""
