@@ -74,6 +74,22 @@ def test_with_no_durations_to_pin_a_sample_that_cannot_run_is_skipped_with_a_rea
     assert any("compared over the common length" in n for n in report.notes)
 
 
+def test_audio_metrics_give_the_error_on_the_reference_durations_apart_from_the_length_change():
+    from pipeline.evaluation.metrics import AudioMetric
+    from pipeline.families import AudioOutput
+    from pipeline.core.audio import MelSettings
+
+    audio = AudioMetric(AudioOutput(mel=MelSettings(sample_rate=8000, n_fft=16, hop=4, n_mels=8, fmax=4000)))
+    report = compare_models(acoustic(), acoustic(noise=0.01), phonemes(), metrics=[audio])
+    summary = report.outputs[0].audio
+    pinned = [s for s in summary.per_sample if s.log_mel_pinned is not None]
+    changed = [s for s in summary.per_sample if s.length_change]
+    assert len(pinned) == len(changed) == 2
+    # Pinned, the sample is the encoder's small error alone: far closer than the shifted audio.
+    assert all(s.log_mel_pinned < s.log_mel for s in pinned)
+    assert summary.log_mel_pinned_max < summary.log_mel_max
+
+
 def test_compare_on_the_command_line_reports_the_length_changes(tmp_path):
     ref, cand = save(acoustic(), tmp_path / "ref.onnx"), save(acoustic(duration_gain=3.6), tmp_path / "cand.onnx")
     feeds = tmp_path / "feeds"

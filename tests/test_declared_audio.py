@@ -53,6 +53,9 @@ def test_a_declared_audio_output_gets_audio_metrics_at_its_rate(tmp_path, acoust
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     out = report["outputs"][0]
     assert out["audio"]["sample_rate"] == 8000 and len(out["audio"]["per_sample"]) == 4
+    # fp16 moved no duration here: nothing to pin, so no pinned log-mel; see tests/test_changed_lengths.py.
+    changed = [s for s in out["audio"]["per_sample"] if s["length_change"]]
+    assert ("log_mel_pinned_max" in out["audio"]) == bool(changed)
     assert report["audio_examples"][0]["front_end"] == {"sample_rate": 8000, "n_fft": 256, "hop": 64, "n_mels": 40,
                                                        "fmin": 0.0, "fmax": 4000.0}
 

@@ -329,6 +329,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
             out_stats[o].update(ref_vals[o], acc_vals[o], _aligned(o, ref_vals, acc_vals, pinned))
         for m in sample_metrics:
             m.update(ref_vals[heard], acc_vals[heard])
+            if pinned is not None and heard in pinned:
+                m.update_pinned(ref_vals[heard], pinned[heard])
         iso_feed = dict(f)
         for name, tensor in fed.items():
             iso_feed[name] = as_ort_type(ref_vals[tensor], iso_input_types[name])

@@ -45,6 +45,9 @@ class Metric:
     def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         raise NotImplementedError
 
+    def update_pinned(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """The last sample's candidate again, run on the reference's durations (its length had changed)."""
+
     def to_json(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -95,6 +98,12 @@ class AudioMetric(Metric):
         self.output = audio.output
         self.comparisons: list[Any] = []
         self.waveforms: list[tuple[np.ndarray, np.ndarray]] = []
+        self.pinned: dict[int, float] = {}  # sample -> log-mel on the reference's durations, where lengths differ
+
+    def update_pinned(self, reference, candidate):
+        ref = np.asarray(reference, dtype=np.float32).reshape(-1)
+        cand = np.asarray(candidate, dtype=np.float32).reshape(-1)
+        self.pinned[len(self.comparisons) - 1] = compare_audio(ref, cand, mel=self.spec.mel).log_mel_distance
 
     def update(self, reference, candidate):
         ref = np.asarray(reference, dtype=np.float32).reshape(-1)
@@ -113,8 +122,19 @@ class AudioMetric(Metric):
             "sample_rate": self.spec.sample_rate,
             "note": "log-mel over the common length where lengths differ",
             "per_sample": [{"log_mel": x.log_mel_distance, "mcd_db": x.mcd_db, "length_change": x.length_diff,
-                            "divergence_s": x.divergence_s} for x in c],
+                            "divergence_s": x.divergence_s, **({"log_mel_pinned": self.pinned[i]}
+                                                               if i in self.pinned else {})}
+                           for i, x in enumerate(c)],
+            **self._pinned_max(),
         }
+
+    def _pinned_max(self) -> dict[str, float]:
+        """Every sample's log-mel with durations pinned (a sample whose length kept is its own), where any
+        length changed and could be pinned."""
+        if not self.pinned:
+            return {}
+        values = [self.pinned.get(i, x.log_mel_distance) for i, x in enumerate(self.comparisons)]
+        return {"log_mel_pinned_max": float(max(values))}
 
     def examples(self, output: str) -> list[tuple[AudioExample, np.ndarray, np.ndarray]]:
         """(example, reference waveform, candidate waveform) of the samples to listen to (`choose_examples`)."""

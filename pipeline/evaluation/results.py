@@ -87,6 +87,9 @@ class AudioSample(_Strict):
     length_change: float = Field(description="(candidate - reference) / reference, in samples")
     divergence_s: float | None = Field(None, description="lengths differ: where the candidate stops matching the "
                                                          "reference (first run of mismatched frames), seconds")
+    log_mel_pinned: float | None = Field(None, description="lengths differ: the log-mel distance with the candidate "
+                                                           "run on the reference's durations (the error apart from "
+                                                           "the length change)")
 
 
 class AudioSummary(_Strict):
@@ -94,6 +97,9 @@ class AudioSummary(_Strict):
 
     log_mel_mean: float = Field(description="mean over samples of mean |log mel x - log mel y|")
     log_mel_max: float = Field(description="worst sample's log-mel distance")
+    log_mel_pinned_max: float | None = Field(None, description="worst sample's log-mel distance with every sample's "
+                                                               "durations pinned to the reference's (where the model "
+                                                               "has a durations tensor and a length changed)")
     mcd_db_mean: float | None = Field(None, description="mean mel-cepstral distortion, dB")
     length_diff_max_abs: float = Field(description="largest relative length change")
     samples_with_length_change: int

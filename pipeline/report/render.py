@@ -11,7 +11,9 @@ They render a `pipeline.evaluation.results.CheckReport`, whose models document e
                  "sensitivity": {...}?}],
      "outputs": [{"name": str, **M, "audio": {"log_mel_mean", "log_mel_max", "mcd_db_mean",
                   "length_diff_max_abs", "samples_with_length_change", "sample_rate",
-                  "per_sample": [{"log_mel", "mcd_db", "length_change", "divergence_s": float|null}]}?,
+                  "log_mel_pinned_max"?,
+                  "per_sample": [{"log_mel", "mcd_db", "length_change", "divergence_s": float|null,
+                                  "log_mel_pinned"?}]}?,
                   <family metric>: {...}?}],
      "tokens": {"teacher_forced_top1_agreement", "teacher_forced_kl_mean", "teacher_forced_kl_max",
                 "teacher_forced_kl_per_step": [float], "teacher_forced_top1_per_step": [float],
@@ -145,6 +147,8 @@ def outputs_lines(report: Report) -> list[str]:
         a = o.audio
         if a:
             line += (f"; log-mel mean {a.log_mel_mean:.4f}, max {a.log_mel_max:.4f}"
+                     + (f" (on the reference's durations: max {a.log_mel_pinned_max:.4f})"
+                        if a.log_mel_pinned_max is not None else "")
                      + (f", MCD {a.mcd_db_mean:.2f} dB" if a.mcd_db_mean is not None else "") + "; "
                      f"length change max {a.length_diff_max_abs:.2%} "
                      f"({a.samples_with_length_change} of {report.samples} samples)")
