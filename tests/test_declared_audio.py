@@ -106,3 +106,20 @@ def test_compare_and_bench_take_the_audio_as_options(tmp_path, acoustic_files):
     assert len(changed) == 2 and all(s["pinned_log_mel_distance"] < s["log_mel_distance"] for s in changed)
     no_rate = cli("bench", str(model), str(cand), "--npz", str(feeds), "--durations", DURATIONS, "--no-rss")
     assert no_rate.exit_code == 2 and "has no audio of its own" in one_line(no_rate.output)
+
+
+def test_a_piper_voice_without_its_sidecar_is_named_as_such(tmp_path, piper_model):
+    import shutil
+
+    voice = tmp_path / "voice.onnx"
+    shutil.copyfile(piper_model, voice)  # without voice.onnx.json
+    (tmp_path / "r.yaml").write_text(f"name: v\nmodel: {{path: {voice}}}\nsteps: []\n")
+    plain = cli("validate", str(tmp_path / "r.yaml"))
+    said = " ".join(plain.output.split())  # (the note wraps at the terminal's width)
+    assert plain.exit_code == 0 and "note: voice.onnx looks like a Piper voice" in said
+    assert "voice.onnx.json is not beside it" in said
+    (tmp_path / "c.yaml").write_text(f"name: v\nmodel: {{path: {voice}}}\nsteps: []\ncheck: {{max_log_mel: 0.1, "
+                                     f"source: {{source: npz, params: {{folder: {tmp_path}}}}}}}\n")
+    checked = cli("validate", str(tmp_path / "c.yaml"))
+    assert checked.exit_code == 2
+    assert "nothing to measure" in checked.output and "voice.onnx.json is not beside it" in one_line(checked.output)

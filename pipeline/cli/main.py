@@ -245,6 +245,8 @@ def validate(recipe: Path) -> None:
     targets = f", targets {', '.join(t.format for t in plan.targets)}" if plan.targets else ""
     out.print(escape(f"{recipe}: ok ({len(plan.steps)} steps" + (f", {n} calibration samples" if n else "")
                      + targets + ")"))
+    for line in getattr(plan.family, "lacks", []):  # taken for a generic model, though it looks like another
+        out.print(escape(f"note: {line}"))
 
 
 @main.command()

@@ -231,7 +231,8 @@ def require_measurable(limits: dict[str, float], metrics: list[Metric], family: 
         need = every.get(name)
         why = (f"it needs {need}, and a {family.name!r} model has none" if need
                else f"no metric measures it (thresholds here: {', '.join(sorted(owned))})")
-        raise PipelineError(f"{where}.{name}: nothing to measure: {why}")
+        lacks = "".join(f"; {line}" for line in getattr(family, "lacks", []))
+        raise PipelineError(f"{where}.{name}: nothing to measure: {why}{lacks}")
 
 
 def _metric_classes(family: Family) -> list[type[Metric]]:

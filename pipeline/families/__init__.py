@@ -145,6 +145,12 @@ class Family:
         `model` is that file, already loaded: detection reads it once for every family."""
         return False
 
+    def missing(self, model_path: Path, model: onnx.ModelProto) -> str | None:
+        """For a file `recognizes` turned down that looks like this family's model all the same: what it lacks
+        (a voice's sidecar), in one line; None otherwise. Detection then says it, instead of leaving the user
+        to wonder why the model is taken for a generic one."""
+        return None
+
     # -- outputs and their metrics ------------------------------------------------
     def audio(self, ms: ModelSet | None) -> AudioOutput | None:
         """The audio output of the whole ModelSet, or None when it makes no audio (`ms` None: before export)."""
@@ -222,6 +228,8 @@ class GenericFamily(Family):
 
     name = GENERIC
     description = "any ONNX model: per-block error on its outputs, inputs from --npz or the recipe"
+    # What the file lacks to be a family's model it looks like (`Family.missing`), found by `detect_family`.
+    lacks: list[str] = []
 
 
 _REGISTERED: dict[str, type[Family]] = {}
@@ -426,7 +434,17 @@ def detect_family(model_path: Path, model: onnx.ModelProto | None = None) -> Fam
     for cls in families().values():
         if cls is not GenericFamily and _recognizes(cls, model_path, model):
             return cls()
-    return GenericFamily()
+    generic = GenericFamily()
+    generic.lacks = [line for cls in families().values() if cls is not GenericFamily
+                     and (line := _missing(cls, model_path, model))]
+    return generic
+
+
+def _missing(cls: type[Family], model_path: Path, model: onnx.ModelProto) -> str | None:
+    try:
+        return cls().missing(model_path, model)
+    except Exception:  # (a plug-in's bug here only loses a hint)
+        return None
 
 
 def _recognizes(cls: type[Family], model_path: Path, model: onnx.ModelProto) -> bool:

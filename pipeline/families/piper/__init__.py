@@ -52,6 +52,14 @@ class PiperFamily(Family):
     def recognizes(self, model_path: Path, model) -> bool:
         return voice_config(model_path).is_file()
 
+    def missing(self, model_path: Path, model) -> str | None:
+        inputs = {i.name for i in model.graph.input}
+        if {"input", "input_lengths", "scales"} <= inputs and not voice_config(model_path).is_file():
+            return (f"{model_path.name} looks like a Piper voice (inputs input, input_lengths, scales), but "
+                    f"{voice_config(model_path).name} is not beside it: Piper's runtime reads it (sample rate, "
+                    f"phoneme map); put it there, or describe the audio in the recipe (model.audio)")
+        return None
+
     def sidecars(self, model_path: Path) -> list[Path]:
         return [p for p in [voice_config(model_path)] if p.is_file()]
 
