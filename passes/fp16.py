@@ -18,7 +18,20 @@ what it misses, by itself:
   flowing between two kept nodes still rounds through FP16; those round trips
   are removed, so a kept region really computes in FP32;
 - with calibration data, tensors whose magnitude comes near the FP16 limit
-  (`overflow_threshold`) are found on real inputs and their producers kept FP32.
+  (`overflow_threshold`) are found on real inputs and their producers kept FP32;
+- quantized ops (an INT8 model: DynamicQuantizeLinear, MatMulInteger, ConvInteger,
+  QuantizeLinear/DequantizeLinear, QLinear*, com.microsoft's DynamicQuantizeLSTM...)
+  have no FP16 form, so they stay FP32 with their float arithmetic: the Cast of an
+  integer accumulator to float (values far past 65504) and the Muls that rescale it
+  and multiply the scales (scales near 1e-5 are FP16 subnormals); a QDQ group
+  (DequantizeLinear -> op -> QuantizeLinear), which ORT runs as one integer kernel,
+  stays whole. The float tensors around them get Casts;
+- a weight or constant FP16 cannot hold (beyond `max_finite_val`) is never clipped:
+  the nodes that read it stay FP32, and the stats name it.
+
+The guard reads one number per tensor (its largest finite magnitude, reduced inside
+the graph), never the activations themselves: exposing every intermediate as an
+output held them all at once, 9.1 GB on the 92 MB Kokoro INT8 model.
 
 Nodes outside the step's scope stay FP32 too (a VITS duration predictor in
 FP16 flips `Ceil` on durations near an integer and shifts the audio).
@@ -28,24 +41,29 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper, numpy_helper
 from onnxconverter_common import float16
 from pydantic import Field
 
 from pipeline.core.errors import PipelineError, one_line
-from pipeline.core.graph import cleanup, consumers, producers, with_outputs
-from pipeline.core.onnx_io import external_bytes, session, tensor_types
-
-from pipeline.core.onnx_io import copy_model
+from pipeline.core.graph import attribute, cleanup, consumers, producers, unused_name, with_outputs
+from pipeline.core.onnx_io import copy_model, external_bytes, session, tensor_array, tensor_types
 
 from .base import Params, Pass, PassContext, PassResult
 
 ALWAYS_FP32_OPS = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | {"RandomNormalLike", "RandomNormal", "RandomUniform"})
 FP16_MAX = 65504.0
+# Quantized ops that no pattern below names (contrib ops of ONNX Runtime holding quantized weights).
+QUANTIZED_OPS = {"QGemm", "QAttention", "QEmbedLayerNormalization", "MatMulNBits", "MatMulBnb4", "MatMulFpQ4", "QMoE"}
+INTEGER_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
+                 TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.INT4, TensorProto.UINT4}
+# Tensors of unclear peak (an inf or NaN among their values) the guard reads whole, this many per session run.
+EXPOSED_PER_RUN = 16
 
 
 class Fp16Params(Params):
@@ -60,8 +78,11 @@ class Fp16Params(Params):
                                       "guard keeps a node FP32 (FP16's largest finite value is 65504).")
     min_positive_val: float = Field(1e-7, description="Weights smaller in magnitude are clamped to this "
                                     "(the converter's `min_positive_val`).")
-    max_finite_val: float = Field(1e4, description="Weights larger in magnitude are clamped to this "
-                                  "(the converter's `max_finite_val`).")
+    max_finite_val: float = Field(FP16_MAX, gt=0, le=FP16_MAX, description="Weights and constants larger in "
+                                  "magnitude keep the nodes that read them FP32 (listed in the stats' "
+                                  "`constants_kept_fp32`); never clipped. The default is FP16's largest finite "
+                                  "value: every value FP16 can hold converts as it is (the converter's own 1e4 "
+                                  "turned Kokoro's sample rate 24000 into 10000).")
 
 
 class Fp16(Pass):
@@ -89,6 +110,13 @@ class Fp16(Pass):
                 reasons[n.name] = "out of scope"
         for name in params.node_block_list:
             reasons[name] = "node_block_list"
+        for name, why in _quantized_nodes(model).items():
+            reasons.setdefault(name, why)
+        for name in _transposes_into_matmuls(model):
+            reasons.setdefault(name, "Transpose into MatMul")
+        big_constants, readers = _unrepresentable_constants(model, params.max_finite_val, ctx.weights_dir)
+        for name in readers:
+            reasons.setdefault(name, "constant out of range")
         if params.overflow_guard and ctx.calibration is not None:
             for name in _overflowing_nodes(model, ctx, params.overflow_threshold):
                 reasons.setdefault(name, "overflow")
@@ -113,6 +141,9 @@ class Fp16(Pass):
                                     f"{one_line(e, 400)}") from None
         from_files = _convert_external_weights(converted, ctx.weights_dir, params) if ctx.weights_dir else 0
         cast_fixed = _fix_cast_targets(converted)
+        if params.keep_io_types:
+            _keep_float_outputs(converted, {o.name for o in model.graph.output
+                                            if o.type.tensor_type.elem_type == TensorProto.FLOAT})
         roundtrips = _remove_fp16_round_trips(converted)
         kept = Counter(reasons.values())
         fp16_inits = sum(1 for t in converted.graph.initializer if t.data_type == TensorProto.FLOAT16)
@@ -121,6 +152,7 @@ class Fp16(Pass):
             "nodes_kept_fp32": dict(kept),
             "ops_kept_fp32": dict(Counter(n.op_type for n in model.graph.node if reasons.get(n.name) == "op type")),
             "overflow_nodes": sorted(n for n, why in reasons.items() if why == "overflow"),
+            "constants_kept_fp32": big_constants,
             "initializers_fp16": fp16_inits,
             "casts": sum(1 for n in converted.graph.node if n.op_type == "Cast"),
             "cast_targets_fixed": cast_fixed,
@@ -133,24 +165,165 @@ class Fp16(Pass):
         return PassResult.of(ctx, converted, changed=True, stats=stats)
 
 
-def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: float) -> list[str]:
-    """Nodes whose float outputs reach `threshold` in magnitude on the calibration inputs.
+def _is_quantized_op(node: onnx.NodeProto) -> bool:
+    op = node.op_type
+    return "quantize" in op.lower() or "Integer" in op or op.startswith(("QLinear", "QOrdered")) or op in QUANTIZED_OPS
 
-    Every float intermediate becomes a graph output for this one FP32 session;
-    only a running max per tensor is kept, never the activations themselves.
-    """
+
+def _quantized_nodes(model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes that must keep FP32 inputs and outputs in a quantized graph, with why: "quantized op" (no FP16
+    form: DynamicQuantizeLinear refuses FP16), "dequantization" (the float arithmetic of an integer op, as ORT's
+    dynamic quantizer writes it: the Cast of its int32 accumulator, far past 65504, and the Mul that rescales it;
+    the arithmetic on DynamicQuantizeLinear's scale: the product of scales, which FP16 holds only as subnormals,
+    and a bias divided by it into accumulator units), "QDQ group" (DequantizeLinear -> op -> QuantizeLinear,
+    which ORT fuses into an integer kernel; Casts in between would undo the fusion)."""
+    nodes = model.graph.node
+    quantized = [n for n in nodes if _is_quantized_op(n)]
+    if not quantized:
+        return {}
+    types = tensor_types(model)
+    reasons = {n.name: "quantized op" for n in quantized}
+    accumulators = {t for n in quantized for t in n.output if types.get(t) in INTEGER_TYPES}
+    scales = {n.output[1] for n in quantized if n.op_type == "DynamicQuantizeLinear" and len(n.output) > 1}
+    rescaled: set[str] = set()
+    for n in nodes:  # (in topological order)
+        if n.name in reasons:
+            continue
+        reads_accumulator = any(i in accumulators for i in n.input)
+        if n.op_type == "Cast" and reads_accumulator and attribute(n, "to") == TensorProto.FLOAT:
+            reasons[n.name] = "dequantization"
+            rescaled.add(n.output[0])
+        elif any(i in rescaled for i in n.input):  # back at the activations' scale: nothing after it is kept
+            reasons[n.name] = "dequantization"
+        elif any(i in scales for i in n.input):
+            reasons[n.name] = "dequantization"
+            scales.update(t for t in n.output if types.get(t) == TensorProto.FLOAT)
+        elif reads_accumulator and all(types.get(t) in INTEGER_TYPES for t in n.output):
+            accumulators.update(n.output)  # ConvInteger's integer bias Add
+    reasons.update({name: "QDQ group" for name in _qdq_groups(model) if name not in reasons})
+    return reasons
+
+
+def _transposes_into_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Transposes a MatMul or Gemm reads: kept FP32, since ONNX Runtime 1.32 crashes (segfault, at level
+    ORT_ENABLE_ALL) on Cast(FLOAT16) -> Transpose(perm=[1, 2, 0] or [1, 0, 2]) -> Cast(FLOAT) -> MatMul, and makes
+    that pattern itself where an FP16 Transpose feeds a MatMul it runs in FP32 (Kokoro's text encoder). A
+    Transpose holds no weights: FP32 costs it nothing in size."""
+    readers = consumers(model.graph.node)
+    return [n.name for n in model.graph.node if n.op_type == "Transpose" and
+            any(r.op_type in ("MatMul", "FusedMatMul", "Gemm") for r in readers.get(n.output[0], []))]
+
+
+def _qdq_groups(model: onnx.ModelProto) -> list[str]:
+    """Nodes whose inputs all come from DequantizeLinear (or are initializers) and whose outputs only
+    QuantizeLinear reads."""
+    nodes = model.graph.node
+    dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    inits = {t.name for t in model.graph.initializer}
+    readers = consumers(nodes)
+    outputs = {o.name for o in model.graph.output}
+    found = []
+    for n in nodes:
+        inputs = [i for i in n.input if i]
+        if _is_quantized_op(n) or not any(i in dequantized for i in inputs) or \
+                not all(i in dequantized or i in inits for i in inputs):
+            continue
+        if all(o not in outputs and readers.get(o) and all(r.op_type == "QuantizeLinear" for r in readers[o])
+               for o in n.output):
+            found.append(n.name)
+    return found
+
+
+def _unrepresentable_constants(model: onnx.ModelProto, limit: float, weights_dir: Path | None) \
+        -> tuple[list[str], set[str]]:
+    """Float weights and constants (initializers, tensor attributes) with a finite value beyond `limit`, and the
+    nodes to keep FP32 for them: their readers, and a node holding one as an attribute (a Constant)."""
+    def beyond(value: np.ndarray) -> bool:
+        finite = np.abs(value[np.isfinite(value)])
+        return bool(finite.size) and float(finite.max()) > limit
+
+    big = {t.name for t in model.graph.initializer
+           if t.data_type == TensorProto.FLOAT and beyond(tensor_array(t, weights_dir))}
+    names = sorted(big)
+    keep = set()
+    for n in model.graph.node:
+        attrs = [t for a in n.attribute for t in ([a.t] if a.HasField("t") else a.tensors)]
+        if any(t.data_type == TensorProto.FLOAT and beyond(numpy_helper.to_array(t)) for t in attrs):
+            keep.add(n.name)
+            big.update(n.output)
+            names.append(n.name)
+    keep.update(n.name for n in model.graph.node if any(i in big for i in n.input))
+    return names, keep
+
+
+def _overflowing_nodes(model: onnx.ModelProto, ctx: PassContext, threshold: float) -> list[str]:
+    """Nodes whose float outputs reach `threshold` in largest finite magnitude on the calibration inputs."""
     float_types = {name for name, t in tensor_types(model).items() if t == TensorProto.FLOAT}
     producer = {t: n.name for t, n in producers(model.graph.node).items() if t in float_types}
-    sess = session(with_outputs(model, producer), weights_dir=ctx.weights_dir)
-    outputs = [o.name for o in sess.get_outputs()]
+    peak, unclear = _peak_magnitudes(model, ctx, producer)
+    for k in range(0, len(unclear), EXPOSED_PER_RUN):
+        for t, m in _exposed_peaks(model, ctx, unclear[k:k + EXPOSED_PER_RUN]).items():
+            peak[t] = max(peak.get(t, 0.0), m)
+    return sorted({producer[t] for t, m in peak.items() if m >= threshold})
+
+
+def _peak_magnitudes(model: onnx.ModelProto, ctx: PassContext, tensors: Iterable[str]) \
+        -> tuple[dict[str, float], list[str]]:
+    """max |t| of each tensor over the calibration inputs, reduced inside the graph (Abs -> ReduceMax after each
+    producer), so a run holds the activations no longer than plain inference does. Also the tensors whose
+    reduction holds an inf or NaN: their largest finite magnitude needs the values themselves."""
+    probe, reduced = _with_peak_outputs(model, set(tensors))
+    # In graph order: each reduction runs right after its tensor is made, which is then freed (ORT's default
+    # order ran every reduction last, holding all activations: 4.5 GB on Kokoro INT8 for one sentence, not 0.65).
+    sess = session(probe, weights_dir=ctx.weights_dir, in_graph_order=True)
+    del probe
+    peak: dict[str, float] = {}
+    unclear: set[str] = set()
+    for feeds in ctx.calibration():
+        for t, value in zip(reduced, sess.run(list(reduced.values()), feeds)):
+            m = float(value)
+            if m == -np.inf:  # (the max of an empty tensor)
+                m = 0.0
+            if not np.isfinite(m):
+                unclear.add(t)
+            else:
+                peak[t] = max(peak.get(t, 0.0), m)
+    return peak, sorted(unclear)
+
+
+def _exposed_peaks(model: onnx.ModelProto, ctx: PassContext, tensors: list[str]) -> dict[str, float]:
+    """Largest finite magnitude of a few tensors over the calibration inputs, read as graph outputs."""
+    sess = session(with_outputs(model, tensors), weights_dir=ctx.weights_dir, in_graph_order=True)
     peak: dict[str, float] = {}
     for feeds in ctx.calibration():
-        for name, value in zip(outputs, sess.run(None, feeds)):
-            if name in producer and value.size and np.issubdtype(value.dtype, np.floating):
-                finite = np.abs(value[np.isfinite(value)])
-                m = float(finite.max()) if finite.size else 0.0
-                peak[name] = max(peak.get(name, 0.0), m)
-    return sorted({producer[t] for t, m in peak.items() if m >= threshold})
+        for t, value in zip(tensors, sess.run(tensors, feeds)):
+            finite = np.abs(value[np.isfinite(value)])
+            peak[t] = max(peak.get(t, 0.0), float(finite.max()) if finite.size else 0.0)
+    return peak
+
+
+def _with_peak_outputs(model: onnx.ModelProto, tensors: set[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of `model` with `ReduceMax(Abs(t))` (a scalar) after the producer of each tensor in `tensors`,
+    as an extra output: {tensor: its output}."""
+    probe = copy_model(model)
+    used = {t for n in probe.graph.node for t in (*n.input, *n.output)} | {i.name for i in probe.graph.input}
+    reduced: dict[str, str] = {}
+    nodes = []
+    for n in probe.graph.node:
+        nodes.append(n)
+        for t in n.output:
+            if t not in tensors:
+                continue
+            absolute, peak = unused_name(f"{t}_abs", used), unused_name(f"{t}_peak", used)
+            used.update((absolute, peak))
+            nodes += [helper.make_node("Abs", [t], [absolute], name=absolute),
+                      helper.make_node("ReduceMax", [absolute], [peak], name=peak, keepdims=0)]
+            reduced[t] = peak
+    del probe.graph.node[:]
+    probe.graph.node.extend(nodes)
+    for peak in reduced.values():
+        probe.graph.output.add(name=peak)
+    return probe, reduced
 
 
 def _convert_external_weights(model: onnx.ModelProto, weights_dir: Path, params: Fp16Params) -> int:
@@ -255,6 +428,20 @@ def _fix_cast_targets(model: onnx.ModelProto) -> list[str]:
                 a.i = TensorProto.FLOAT16
                 fixed.append(n.name)
     return fixed
+
+
+def _keep_float_outputs(model: onnx.ModelProto, float_outputs: set[str]) -> None:
+    """A float graph output that a kept-FP32 node writes stays FLOAT: the converter casts it to FLOAT16 after the
+    node and declares it so (its keep_io_types only handles outputs of converted nodes)."""
+    producer = producers(model.graph.node)
+    for o in model.graph.output:
+        cast = producer.get(o.name)
+        if o.name in float_outputs and o.type.tensor_type.elem_type == TensorProto.FLOAT16 \
+                and cast is not None and cast.op_type == "Cast":
+            for a in cast.attribute:
+                if a.name == "to":
+                    a.i = TensorProto.FLOAT
+            o.type.tensor_type.elem_type = TensorProto.FLOAT
 
 
 def _remove_fp16_round_trips(model: onnx.ModelProto) -> int:

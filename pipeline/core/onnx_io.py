@@ -224,7 +224,7 @@ def share_one_thread_pool(threads: int) -> None:
 def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
             arena: bool = True, spinning: bool = True, weights_dir: Path | None = None,
-            inline_limit: int | None = None) -> ort.InferenceSession:
+            inline_limit: int | None = None, in_graph_order: bool = False) -> ort.InferenceSession:
     """A CPU session with a fixed thread count, so timings compare.
 
     `arena=False` returns freed activation memory to the system instead of keeping
@@ -233,6 +233,9 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
     `spinning=False` stops idle worker threads from busy-waiting: for runtimes that
     chain many sessions, whose thread pools would otherwise fight over the cores.
     After `share_one_thread_pool`, the process's pool replaces both `threads` and `spinning`.
+    `in_graph_order`: run the nodes in the order the graph lists them where it can (ORT's PRIORITY_BASED
+    order), so a node placed right after a tensor's producer (a reduction of it) runs before the tensor is
+    freed; ORT's default order may run such nodes last, holding every tensor they read at once.
     `weights_dir`: a proto whose weights stay in external-data files reads them from there; ONNX Runtime
     maps them, and keeps them in the file's layout (no repacked copy): a session over a 1.6 GB graph then
     costs megabytes until it runs, and the check's three sessions share the pages.
@@ -251,6 +254,8 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = optimization
     opts.log_severity_level = 3
+    if in_graph_order:
+        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     limit = LARGE_BYTES if inline_limit is None else inline_limit
     if isinstance(model, onnx.ModelProto) and inline_bytes(model) >= limit:
         opts.add_session_config_entry("session.disable_prepacking", "1")

@@ -331,6 +331,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
             m.update(ref_vals[heard], acc_vals[heard])
             if pinned is not None and heard in pinned:
                 m.update_pinned(ref_vals[heard], pinned[heard])
+        lengths.record(i, ref_vals, acc_vals, ref_out)
+        del acc_vals, pinned  # (before the isolated run: a vocoder's boundary tensors are large)
         iso_feed = dict(f)
         for name, tensor in fed.items():
             iso_feed[name] = as_ort_type(ref_vals[tensor], iso_input_types[name])
@@ -338,8 +340,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                                                        f"fed the reference's values, cannot run it")
         for t in present if iso_vals is not None else []:
             per_tensor_iso[t].update(ref_vals[t], iso_vals[t], common_extent(ref_vals[t], iso_vals[t]))
-        lengths.record(i, ref_vals, acc_vals, iso_vals, ref_out)
-        del ref_vals, acc_vals, iso_vals, iso_feed, pinned
+        lengths.mark_isolated(i, ref_vals, iso_vals)
+        del ref_vals, iso_vals, iso_feed
     progress_display.finish("per-block error: samples")
     if n == 0:
         raise PipelineError("compare: the input source yields no samples")
@@ -561,14 +563,13 @@ class Lengths:
         return values
 
     def record(self, sample: int, ref_vals: dict[str, np.ndarray], acc_vals: dict[str, np.ndarray],
-               iso_vals: dict[str, np.ndarray] | None, outputs: list[str]) -> None:
+               outputs: list[str]) -> None:
         """This sample's changed durations (by block) and changed output lengths."""
         for t in self.changed(ref_vals, acc_vals):
             ref, cand = ref_vals[t], acc_vals[t]
             self.changes.append(LengthChange(
                 sample=sample, tensor=t, block=self.block[t], reference=_frames(ref), candidate=_frames(cand),
-                entries_changed=int(np.sum(ref != cand)) if ref.shape == cand.shape else None,
-                isolated=None if iso_vals is None else not np.array_equal(ref, iso_vals[t])))
+                entries_changed=int(np.sum(ref != cand)) if ref.shape == cand.shape else None))
         for o in outputs:
             ref, cand = ref_vals[o], acc_vals[o]
             if ref.shape != cand.shape:
@@ -577,6 +578,14 @@ class Lengths:
                     sample=sample, tensor=o, block=None,
                     reference=ref.shape[axis] if axis is not None else ref.size,
                     candidate=cand.shape[axis] if axis is not None else cand.size))
+
+    def mark_isolated(self, sample: int, ref_vals: dict[str, np.ndarray],
+                      iso_vals: dict[str, np.ndarray] | None) -> None:
+        """Whether each block that changed this sample's durations changes them by itself (fed the
+        reference's inputs), from the isolated run (None: it could not run)."""
+        for c in self.changes:
+            if c.sample == sample and c.block is not None and iso_vals is not None:
+                c.isolated = not np.array_equal(ref_vals[c.tensor], iso_vals[c.tensor])
 
     def notes(self) -> list[str]:
         """One line on what changed length, for the report's notes."""
