@@ -408,9 +408,9 @@ def pin(model: onnx.ModelProto, tensors: Sequence[str], what: str = "pin") -> on
 
 
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str], typed: bool = False,
-                 what: str = "outputs") -> onnx.ModelProto:
+                 what: str = "outputs", in_place: bool = False) -> onnx.ModelProto:
     """A copy of `model` that also returns `tensors`, after its own outputs (one that already is an
-    output, or comes twice, is returned once).
+    output, or comes twice, is returned once); `in_place`: `model` itself, edited (no copy of its weights).
 
     `typed`: each new output declares its type and shape (`value_infos`), and every tensor must be one a
     node writes (`require_intermediates`, errors saying `what`). Untyped, an output only names its tensor,
@@ -421,8 +421,9 @@ def with_outputs(model: onnx.ModelProto, tensors: Iterable[str], typed: bool = F
     if typed:
         require_intermediates(model, tensors, what)
         infos = value_infos(model)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    copy = model if in_place else onnx.ModelProto()
+    if not in_place:
+        copy.CopyFrom(model)
     present = {v.name for v in copy.graph.output}
     for name in tensors:
         if name in present:

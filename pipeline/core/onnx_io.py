@@ -45,13 +45,14 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         raise PipelineError(f"{path}: a single ONNX file of 2 GB or more cannot be parsed (protobuf's limit); save "
                             f"the model with its weights as external data (onnx.save_model(model, path, "
                             f"save_as_external_data=True)) and give that")
+    # Checked from the file, before the proto is read: checking a proto would serialize it (another copy of every
+    # weight, and impossible over 2 GB), and the checker holds a copy of its own (twice a float vocoder's
+    # 325 MB at its peak), which must not come on top of ours. Its verdict is given after the plainer problems.
+    problem = _checker_problem(path)
     model = parse_graph(path)
     if model.ir_version == 0 or len(model.graph.node) == 0:
         raise PipelineError(f"{path}: not a valid ONNX model (no IR version or no nodes)")
     _require_external_files(model, path)
-    # Checked from the file, before any external weights come in: checking a proto would serialize it (another
-    # copy of every weight, and impossible over 2 GB).
-    problem = _checker_problem(path)
     if problem:
         raise PipelineError(f"{path}: ONNX checker rejects the model: {problem}")
     if not _stays_light(path, model):
@@ -198,6 +199,8 @@ def _checker_problem(model: onnx.ModelProto | Path) -> str | None:
         if text.startswith("No Op registered for"):
             return None
         return text
+    except Exception as e:  # a file that does not parse: `parse_graph` says so, naming it
+        return one_line(e, 600)
     return None
 
 

@@ -245,7 +245,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                    spec: BlockSpec | None = None, *, metrics: Sequence[Metric] = (), reference_label: str = "reference",
                    candidate_label: str = "candidate", threads: int = 2, sensitivity: bool = False,
                    weights_dirs: tuple[Path | None, Path | None] = (None, None), durations: Sequence[str] | None = None,
-                   progress: Callable[[str], None] = lambda m: None) -> CheckReport:
+                   owned: bool = False, progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Run both models on the same inputs and attribute the candidate's error to blocks.
 
     `metrics` that measure per sample (audio, a family's own) get the first output of every sample.
@@ -254,7 +254,9 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     `durations`: the tensors that set the output's length (a family's or a recipe's durations tensor; None:
     those `length_setters` finds). The isolated run takes them from the reference; a sample whose candidate
     changes them is compared on the reference's durations as well, and listed in `length_changes`. A sample
-    the candidate cannot run is skipped with a note saying why."""
+    the candidate cannot run is skipped with a note saying why.
+    `owned`: the protos are this call's to edit and empty (the caller does not use them after), which saves a
+    copy of each and frees the reference's weights once its session holds them."""
     sample_metrics = [m for m in metrics if m.per_sample]
     if sensitivity and any(weights_dirs):  # splicing mixes both models' weights into one graph
         raise PipelineError("compare: sensitivity is not supported for models whose weights stay in external-data "
@@ -273,7 +275,8 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     if sorted(ref_in) != sorted(cand_in) or ref_out != cand_out:
         raise PipelineError(f"reference and candidate do not have the same interface: reference inputs "
                             f"{sorted(ref_in)} outputs {ref_out}, candidate inputs {sorted(cand_in)} outputs {cand_out}")
-    reference, candidate = copy_model(reference), copy_model(candidate)
+    if not owned:  # (named and edited below)
+        reference, candidate = copy_model(reference), copy_model(candidate)
     name_all_nodes(reference)  # the same naming the runner's base step gives, so blocks line up
     name_all_nodes(candidate)
     ref_part, cand_part = BlockPartition(reference, spec), BlockPartition(candidate, spec)
@@ -296,15 +299,20 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                                    matched=not missing and b.id in cand_part.blocks, unmatched_tensors=missing))
     durations = _durations(reference, candidate, durations)
     progress("building sessions")
-    ref_sess, acc_sess, iso_sess, fed = _sessions(reference, candidate, cand_part, captured, present, cand_types,
-                                                  threads, weights_dirs, durations)
-    lengths = Lengths(candidate, durations, present, cand_part, threads, weights_dirs[1])
     interface = onnx.ModelProto()  # enough of the reference to check feeds against
     interface.graph.input.extend(i for i in reference.graph.input if i.name in ref_in)
+    # One session at a time, each proto dropped as soon as nothing needs it: a float vocoder's protos are
+    # hundreds of MB, and each session holds its own weights besides.
+    # (Sensitivity splices the protos later: they stay whole, and outputs are added to copies.)
+    ref_sess = session(with_outputs(reference, [*captured, *durations], in_place=owned and not sensitivity),
+                       threads=threads, arena=False, weights_dir=weights_dirs[0])
     if sensitivity:
         feeds = list(feeds)  # iterated again, once per block
-    else:
-        del reference, candidate  # the sessions hold what they need; the protos are large
+    elif owned:
+        del reference.graph.initializer[:]  # the session holds its weights; the caller's proto is spent
+    acc_sess, iso_sess, fed = _candidate_sessions(candidate, cand_part, present, cand_types, threads,
+                                                  weights_dirs[1], durations)
+    lengths = Lengths(candidate, durations, present, cand_part, threads, weights_dirs[1])
     iso_input_types = {i.name: i.type for i in iso_sess.get_inputs()}
     per_tensor_iso = {t: Pooled() for t in present}
     per_tensor_acc = {t: Pooled() for t in present}
@@ -484,16 +492,15 @@ def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, outp
             r.sensitivity.log_mel_max = float(max(mels))
 
 
-def _sessions(reference, candidate, cand_part, captured, present, cand_types, threads, weights_dirs, durations):
-    ref_dir, cand_dir = weights_dirs
-    ref_sess = session(with_outputs(reference, [*captured, *durations]), threads=threads, arena=False,
-                       weights_dir=ref_dir)
+def _candidate_sessions(candidate, cand_part, present, cand_types, threads, weights_dir, durations):
+    """The candidate's sessions: whole (accumulated error), and with every edge between blocks fed the
+    reference's values (isolated error)."""
     acc_sess = session(with_outputs(candidate, [*present, *durations]), threads=threads, arena=False,
-                       weights_dir=cand_dir)
+                       weights_dir=weights_dir)
     iso_model, fed = isolate_blocks(candidate, cand_part, set(present), cand_types, pinned=durations)
-    iso_sess = session(with_outputs(iso_model, [*present, *durations]), threads=threads, arena=False,
-                       weights_dir=cand_dir)
-    return ref_sess, acc_sess, iso_sess, fed
+    iso_model = with_outputs(iso_model, [*present, *durations])
+    iso_sess = session(iso_model, threads=threads, arena=False, weights_dir=weights_dir)
+    return acc_sess, iso_sess, fed
 
 
 def _durations(reference: onnx.ModelProto, candidate: onnx.ModelProto, declared: Sequence[str] | None) -> list[str]:

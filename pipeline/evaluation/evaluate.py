@@ -89,7 +89,7 @@ def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], block
     dirs = (reference.parent if is_light(ref) else None, candidate.parent if is_light(cand) else None)
     return compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
                           candidate_label=_label(candidate), sensitivity=sensitivity, weights_dirs=dirs,
-                          durations=durations, progress=progress)
+                          durations=durations, owned=True, progress=progress)
 
 
 def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry_feeds: list[Feeds],
