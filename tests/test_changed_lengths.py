@@ -102,3 +102,18 @@ def test_compare_on_the_command_line_reports_the_length_changes(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert {(c["sample"], c["block"]) for c in report["length_changes"] if c["tensor"] == DURATIONS} == \
         {(i, "/dur") for i in range(4)}
+
+
+def test_audio_that_turns_to_nan_misses_an_audio_bound():
+    from pipeline.evaluation.metrics import AudioMetric
+    from pipeline.evaluation.results import CheckReport
+    from pipeline.families import AudioOutput
+
+    audio = AudioMetric(AudioOutput())
+    wave = np.sin(np.arange(8192) / 10).astype(np.float32)
+    audio.update(wave, np.full_like(wave, np.nan))
+    report = CheckReport.new(samples=1, reference="r", candidate="c", notes=[], peak_rss_mb=0, wall_s=0, blocks=[],
+                             outputs=[{"name": "audio", "sqnr_db": float("nan"), "cosine": 0, "max_abs": 0,
+                                       "rel_l2": float("nan"), "samples": 1, "shape_mismatches": 0,
+                                       "audio": audio.to_json()}])
+    assert audio.failures(report, {"max_log_mel": 0.1}) == ["output audio: log-mel max nan > 0.1"]

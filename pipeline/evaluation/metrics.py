@@ -159,8 +159,9 @@ class AudioMetric(Metric):
         # each graph's own audio metrics (fed the FP32 upstream) are diagnostics.
         chained = any(o.name.startswith("chain:") for o in report.outputs)
         heard = [o for o in report.outputs if o.audio and (not chained or o.name.startswith("chain:"))]
+        # (`not <=`: a NaN, audio that turned to NaN or inf, misses the bound too)
         return [f"output {o.name}: log-mel max {o.audio.log_mel_max:.4f} > {limit}" for o in heard
-                if o.audio.log_mel_max > limit]
+                if not o.audio.log_mel_max <= limit]
 
 
 class TokenMetric(Metric):
