@@ -91,8 +91,9 @@ def test_pyproject_ships_every_package_and_data_file():
     assert sorted(config["packages"]) == sorted([*on_disk, "pipeline.recipes"])
     assert config["package-dir"] == {"pipeline.recipes": "recipes"}
     data = config["package-data"]
-    for path in (REPO / "calibration" / "data").iterdir():
-        assert any(fnmatch.fnmatch(f"data/{path.name}", pattern) for pattern in data["calibration"]), path.name
+    for path in (REPO / "calibration" / "data").rglob("*"):
+        name = path.relative_to(REPO / "calibration").as_posix()
+        assert path.is_dir() or any(fnmatch.fnmatch(name, pattern) for pattern in data["calibration"]), name
     assert data["pipeline.recipes"] == ["*.yaml"]
 
 
