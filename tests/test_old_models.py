@@ -32,6 +32,7 @@ steps:
 # One step of each pass (quantize in each of its modes), as recipe YAML.
 STEPS = {
     "simplify": "{pass: simplify}",
+    "dequantize": "{pass: dequantize}",
     "fp16": "{pass: fp16}",
     "compress_weights int8": "{pass: compress_weights, params: {dtype: int8, min_elements: 16}}",
     "compress_weights fp16": "{pass: compress_weights, params: {dtype: fp16, min_elements: 16}}",
