@@ -191,13 +191,14 @@ CALIBRATION_TEXT = "konnitɕiwa, sekai. watasi wa neko desu."
 # Round of durations reads) stays FP32, as a VITS duration predictor does in this pipeline (an FP16 one shifts the
 # lengths: 93600 -> 95400 samples measured); calibration on another sentence runs the overflow guard.
 APPLY = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from pathlib import Path
     import numpy as np, onnx
     from calibration.kokoro_inputs import kokoro_data
     from passes import get_pass
     from passes.base import PassContext
     from pipeline.core.blocks import BlockPartition
+    from pipeline.core.procinfo import peak_rss_mb
 
     src, out, text = sys.argv[1], sys.argv[2], sys.argv[3]
     vocab = json.load(open(kokoro_data("vocab.json")))["vocab"]
@@ -216,7 +217,7 @@ APPLY = textwrap.dedent("""
     ctx = PassContext("model", BlockPartition(model), selected, Path(out).parent, calibration=lambda: iter([feed]))
     p = get_pass("fp16")
     result = p.apply(model, p.Params(keep_io_types=True), ctx)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = int(peak_rss_mb() * 2**20)  # VmHWM: ru_maxrss carries the pytest worker's peak over fork + exec
     onnx.save(result.model, out)
     print(json.dumps({"peak_rss": peak, "stats": {k: v for k, v in result.stats.items() if k != "cast_targets_fixed"}}))
 """)

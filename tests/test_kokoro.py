@@ -46,8 +46,11 @@ def test_each_recipe_runs_checks_and_reports_audio_lengths_and_blocks(runs, name
     # Per-block isolated and accumulated error on the graph's own scopes (decode.N, resblocks.N, ...).
     blocks = {b["block"]: b for b in report["blocks"]}
     assert len(blocks) >= 30 and "/decoder/decoder/generator/resblocks.0" in blocks
+    # (FP16's converter renames the boundary tensors of blocks it leaves FP32, behind Cast pairs: the check lists
+    # those as unmatched, 19 of 36 in kokoro_fp16; every block a recipe changes is measured.)
     measured = [b for b in blocks.values() if b["matched"] and b["isolated"]["samples"]]
-    assert len(measured) >= 25
+    assert len(measured) >= 15
+    assert "/decoder/decoder/generator/resblocks.0" in {b["block"] for b in measured}
     # Which samples changed length, and where the durations that changed are computed.
     changed = [s for s in audio["per_sample"] if s["length_change"]]
     assert bool(report.get("length_changes")) == bool(changed)
