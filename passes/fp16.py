@@ -52,7 +52,8 @@ from pydantic import Field
 
 from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.graph import attribute, cleanup, consumers, producers, unused_name, with_outputs
-from pipeline.core.onnx_io import copy_model, external_bytes, session, tensor_array, tensor_types
+from pipeline.core.onnx_io import (HEAVY_BYTES, copy_model, external_bytes, infer_value_info, session, tensor_array,
+                                   tensor_types)
 
 from .base import Params, Pass, PassContext, PassResult
 
@@ -128,6 +129,12 @@ class Fp16(Pass):
         _detach_consumed_outputs(model)
         node_block = [n for n in node_block if n not in noop_casts]
         unshared = _unshare_initializers(model, set(op_block), set(node_block))
+        # The converter edits the model it is given (its own shape inference, skipped here, would have made a
+        # second whole copy): what is read of the graph before conversion is read now.
+        float_outputs = {o.name for o in model.graph.output if o.type.tensor_type.elem_type == TensorProto.FLOAT}
+        outputs_before = {n.name: list(n.output) for n in model.graph.node}
+        ops_kept = dict(Counter(n.op_type for n in model.graph.node if reasons.get(n.name) == "op type"))
+        infer_value_info(model)
         # The converter warns about every clamped weight; the stats say what matters.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -135,22 +142,23 @@ class Fp16(Pass):
             try:
                 converted = float16.convert_float_to_float16(
                     model, min_positive_val=params.min_positive_val, max_finite_val=params.max_finite_val,
-                    keep_io_types=params.keep_io_types, op_block_list=op_block, node_block_list=node_block)
+                    keep_io_types=params.keep_io_types, op_block_list=op_block, node_block_list=node_block,
+                    disable_shape_infer=True)
             except Exception as e:
                 raise PipelineError(f"fp16 conversion failed on {ctx.graph_name!r}: "
                                     f"{one_line(e, 400)}") from None
         from_files = _convert_external_weights(converted, ctx.weights_dir, params) if ctx.weights_dir else 0
         cast_fixed = _fix_cast_targets(converted)
         if params.keep_io_types:
-            _keep_float_outputs(converted, {o.name for o in model.graph.output
-                                            if o.type.tensor_type.elem_type == TensorProto.FLOAT})
+            _keep_float_outputs(converted, float_outputs)
         roundtrips = _remove_fp16_round_trips(converted)
+        restored = _restore_tensor_names(outputs_before, converted)
         kept = Counter(reasons.values())
         fp16_inits = sum(1 for t in converted.graph.initializer if t.data_type == TensorProto.FLOAT16)
         stats = {
             "nodes_converted": len(names) - len(reasons),
             "nodes_kept_fp32": dict(kept),
-            "ops_kept_fp32": dict(Counter(n.op_type for n in model.graph.node if reasons.get(n.name) == "op type")),
+            "ops_kept_fp32": ops_kept,
             "overflow_nodes": sorted(n for n, why in reasons.items() if why == "overflow"),
             "constants_kept_fp32": big_constants,
             "initializers_fp16": fp16_inits,
@@ -159,6 +167,7 @@ class Fp16(Pass):
             "initializers_unshared": unshared,
             "noop_casts_removed": len(noop_casts),
             "fp16_round_trips_removed": roundtrips,
+            "tensor_names_restored": restored,
             **({"weights_converted_from_files": from_files} if ctx.weights_dir else {}),
             "blocks_changed": dict(Counter(ctx.blocks.node_block.get(n, "?") for n in sorted(names - set(reasons)))),
         }
@@ -275,7 +284,9 @@ def _peak_magnitudes(model: onnx.ModelProto, ctx: PassContext, tensors: Iterable
     probe, reduced = _with_peak_outputs(model, set(tensors))
     # In graph order: each reduction runs right after its tensor is made, which is then freed (ORT's default
     # order ran every reduction last, holding all activations: 4.5 GB on Kokoro INT8 for one sentence, not 0.65).
-    sess = session(probe, weights_dir=ctx.weights_dir, in_graph_order=True)
+    # Its weights mapped from a scratch file (`inline_limit`), not serialized and copied: twice a float Kokoro's
+    # 325 MB less at the peak.
+    sess = session(probe, weights_dir=ctx.weights_dir, in_graph_order=True, inline_limit=HEAVY_BYTES)
     del probe
     peak: dict[str, float] = {}
     unclear: set[str] = set()
@@ -345,6 +356,32 @@ def _convert_external_weights(model: onnx.ModelProto, weights_dir: Path, params:
         t.raw_data = half.astype(np.float16).tobytes()
         count += 1
     return count
+
+
+def _restore_tensor_names(outputs_before: dict[str, list[str]], converted: onnx.ModelProto) -> int:
+    """Give a node's outputs back the names they had where the converter renamed them and the old name is gone.
+
+    Around the nodes it keeps FP32 the converter renames their outputs (`Y` -> `Y_output_cast_0`) for the Casts
+    it inserts; once those Casts are found needless and dropped, the old name is nowhere, and the check could no
+    longer find the boundary tensors of the blocks left FP32 (19 of Kokoro's 36 blocks read as unmatched).
+    `outputs_before`: each node's outputs before conversion. Returns how many tensors were renamed."""
+    was = outputs_before
+    used = {t for n in converted.graph.node for t in (*n.input, *n.output)}
+    used |= {v.name for v in (*converted.graph.input, *converted.graph.output, *converted.graph.initializer)}
+    rename = {}
+    for n in converted.graph.node:
+        for new, old in zip(n.output, was.get(n.name, [])):
+            if new != old and new and old and old not in used:
+                rename[new] = old
+                used.add(old)
+    if not rename:
+        return 0
+    for n in converted.graph.node:
+        n.input[:] = [rename.get(t, t) for t in n.input]
+        n.output[:] = [rename.get(t, t) for t in n.output]
+    for v in (*converted.graph.output, *converted.graph.value_info):
+        v.name = rename.get(v.name, v.name)
+    return len(rename)
 
 
 def _remove_noop_casts(model: onnx.ModelProto) -> set[str]:

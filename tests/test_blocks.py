@@ -69,3 +69,54 @@ def test_adopt_new_nodes_moves_them_into_the_served_block():
     # Unnamed: first named after its op and index, then moved to its producer's scope.
     assert unnamed.name == "/enc/layers.0/Identity_10"
     assert default_block_id(dq.name) == "/enc/layers.1"
+
+
+
+def _weighted_nodes(names: list[str], sizes: list[int], namespaces: list[str] | None = None) -> onnx.ModelProto:
+    """A graph of MatMuls (never run: only its blocks are read), node `i` named `names[i]` with a weight of
+    `sizes[i]` elements, and `namespaces[i]` as its `namespace` metadata where given."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        inits.append(numpy_helper.from_array(np.zeros((1, size), np.float32), f"w{i}"))
+        node = helper.make_node("MatMul", ["x", f"w{i}"], [f"t{i}"], name=name)
+        if namespaces:
+            node.metadata_props.add(key="namespace", value=namespaces[i])
+        nodes.append(node)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info(f"t{i}", TensorProto.FLOAT, None)
+                               for i in range(len(nodes))], inits)
+    return helper.make_model(graph)
+
+
+def test_default_blocks_from_the_dynamo_exporters_namespace_equal_the_named_scopes():
+    # The dynamo exporter names nodes `node_<fx name>` and writes the module path as `namespace` metadata
+    # (torch/onnx/_internal/exporter/_core.py, `_get_node_namespace`): `: <root class>/<qualified name>: <class>/...`.
+    scoped = ["/enc_p/encoder/attn_layers.3/conv_q/MatMul", "/enc_p/emb/MatMul", "/dec/ups.0/MatMul", "/Gather"]
+    namespaces = [": Voice/enc_p: Enc/enc_p.encoder: Encoder/enc_p.encoder.attn_layers.3: Attn/"
+                  "enc_p.encoder.attn_layers.3.conv_q: Conv1d/conv1d: aten.conv1d.default",
+                  ": Voice/enc_p: Enc/enc_p.emb: Embedding/embedding: aten.embedding.default",
+                  ": Voice/dec: Generator/dec.ups.0: ConvTranspose1d/conv_transpose1d: aten.conv_transpose1d.input",
+                  "gather: aten.gather.default"]
+    by_name = BlockPartition(_weighted_nodes(scoped, [1, 1, 1, 1]))
+    by_namespace = BlockPartition(_weighted_nodes([f"node_{i}" for i in range(4)], [1, 1, 1, 1], namespaces))
+    assert by_namespace.ids() == by_name.ids() == ["/enc_p/encoder/attn_layers.3", "/enc_p", "/dec/ups.0", "/"]
+
+
+def test_a_block_holding_most_of_the_weights_is_split_down_to_modules_that_mean_something():
+    # No indexed module anywhere: the default would be one block, `/model`, holding everything.
+    names = ["/model/encoder/conv/MatMul", "/model/decoder/pre/MatMul", "/model/decoder/post/MatMul", "/model/Mul"]
+    p = BlockPartition(_weighted_nodes(names, [10, 45, 45, 0]))
+    # `/model` splits; `/model/decoder` (90%) would split only into single modules (pre, post): it is the unit.
+    assert p.ids() == ["/model/encoder", "/model/decoder", "/model"]
+    assert p.blocks["/model/decoder"].params == 90
+
+
+def test_an_indexed_module_or_a_small_block_is_never_split():
+    layer = BlockPartition(_weighted_nodes(["/h.0/attn/c_attn/MatMul", "/h.0/mlp/c_fc/MatMul", "/ln_f/MatMul"],
+                                           [40, 50, 10]))
+    assert layer.ids() == ["/h.0", "/ln_f"]  # a one-layer graph's layer holds 90%: it stays the layer
+    spread = BlockPartition(_weighted_nodes(["/enc/a/x/MatMul", "/enc/b/y/MatMul", "/dec/c/z/MatMul"], [25, 25, 50]))
+    assert spread.ids() == ["/enc", "/dec"]  # 50% is not most

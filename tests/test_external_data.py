@@ -84,3 +84,38 @@ def test_a_model_set_shares_weights_its_graphs_hold_alike(tmp_path):
     assert (tmp_path / "weights.bin").stat().st_mtime_ns == written
     lone = ModelSet(tmp_path, [GraphFile("c", "c.onnx")])
     assert lone.share_weights() == []
+
+
+def test_the_check_maps_each_models_weights_once_and_measures_the_same(tmp_path):
+    """compare_graphs writes a model that holds its weights itself into a scratch folder once (FP16 values kept in
+    int32_data as raw bytes), so its sessions map them; the numbers are those of the models compared in memory,
+    and nothing is written beside the inputs."""
+    from onnxconverter_common import float16
+    from tiny import save
+
+    from pipeline.core.onnx_io import is_light, load_mapped
+    from pipeline.evaluation.blockwise import compare_models
+    from pipeline.evaluation.evaluate import compare_graphs
+
+    reference = conv_net(seed=1, channels=32)
+    candidate = float16.convert_float_to_float16(conv_net(seed=1, channels=32), keep_io_types=True)
+    for t in candidate.graph.initializer:  # as a writer that fills the typed field would
+        if t.data_type == onnx.TensorProto.FLOAT16:
+            values = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.helper.make_tensor(t.name, t.data_type, t.dims, values.flatten(), raw=False))
+    assert any(not t.HasField("raw_data") and t.int32_data for t in candidate.graph.initializer)
+    ref_path, cand_path = save(reference, tmp_path / "in" / "ref.onnx"), save(candidate, tmp_path / "in" / "cand.onnx")
+    light, folder = load_mapped(cand_path, tmp_path / "scratch")
+    assert is_light(light) and folder == tmp_path / "scratch"
+    assert {f.name for f in folder.iterdir()} == {"cand.onnx", "cand.onnx.data"}
+    x = np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32)
+    np.testing.assert_array_equal(session(light, weights_dir=folder).run(None, {"x": x})[0],
+                                  session(candidate).run(None, {"x": x})[0])
+
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 4, 16)).astype(np.float32)} for i in range(3)]
+    mapped = compare_graphs(ref_path, cand_path, feeds, None, [])
+    in_memory = compare_models(reference, candidate, feeds)
+    assert [b.isolated.sqnr_db for b in mapped.blocks] == [b.isolated.sqnr_db for b in in_memory.blocks]
+    assert [b.accumulated.sqnr_db for b in mapped.blocks] == [b.accumulated.sqnr_db for b in in_memory.blocks]
+    assert mapped.outputs[0].sqnr_db == in_memory.outputs[0].sqnr_db
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["cand.onnx", "ref.onnx"]

@@ -1,9 +1,13 @@
 """Blocks: named groups of nodes that passes and the error check share.
 
 A block is either what a recipe's `blocks` patterns say (capture groups form
-the id) or, by default, the node-name scope up to the first indexed module
+the id) or, by default, the module scope up to the first indexed module
 (`/enc_p/encoder/attn_layers.3`, `/dec/ups.0`), else the first scope
-(`/enc_p`), which is how PyTorch's exporter names the nodes of submodules.
+(`/enc_p`). The scope is the node name's (`/enc_p/encoder/attn_layers.3/conv_q/Conv`,
+how the TorchScript exporter names the nodes of submodules), or, for a node
+whose name has none, its `namespace` metadata (the dynamo exporter's). Where a
+default block still holds most of the model's weights, it is split one scope
+deeper until none does (`SPLIT_SHARE`), so no block stands for the model.
 """
 from __future__ import annotations
 
@@ -19,19 +23,52 @@ from pipeline.core.graph import consumers, producers
 from pipeline.core.recipe import BlockSpec, Scope, user_pattern
 
 GRAPH_LEVEL = "/"  # nodes at the root scope (`/Exp`) or with no scope at all
+SPLIT_SHARE = 0.5  # a default block holding more of the weights than this is split one scope deeper
 _INDEXED = re.compile(r"^[^/]*\.\d+$")
 
 
 def default_block_id(node_name: str) -> str:
     """`/enc_p/encoder/attn_layers.3/conv_q/Conv` -> `/enc_p/encoder/attn_layers.3`."""
+    return _scope_id(_name_scopes(node_name), _default_depth(_name_scopes(node_name)))
+
+
+def module_scopes(node: onnx.NodeProto) -> list[str]:
+    """The modules a node was exported from, outermost first: its name's scopes (`/enc_p/encoder/attn_layers.3/
+    conv_q/Conv` -> enc_p, encoder, attn_layers.3, conv_q), else, for a name without any, its `namespace`
+    metadata's innermost module (`enc_p.encoder.attn_layers.3.conv_q`, split the same way)."""
+    scopes = _name_scopes(node.name)
+    return scopes if scopes or node.name.startswith("/") else _namespace_scopes(_namespace(node))
+
+
+def _name_scopes(node_name: str) -> list[str]:
     parts = node_name.split("/")
-    if len(parts) < 3 or parts[0] != "":
-        return GRAPH_LEVEL
-    scopes = parts[1:-1]
-    for i, part in enumerate(scopes):
-        if _INDEXED.match(part):
-            return "/" + "/".join(scopes[: i + 1])
-    return "/" + scopes[0]
+    return parts[1:-1] if len(parts) >= 3 and parts[0] == "" else []
+
+
+def _namespace_scopes(namespace: str) -> list[str]:
+    """The dynamo exporter writes `: <root class>/<module>: <class>/.../<fx node>: <target>`, each module by its
+    qualified name (`enc_p.encoder.attn_layers.3`). An index joins the name before it (`attn_layers.3`), as the
+    TorchScript exporter's scopes have it, so both exports of one model get the same blocks."""
+    parts = namespace.split("/")
+    if len(parts) < 3:
+        return []
+    qualified = parts[-2].split(":", 1)[0].strip()
+    scopes: list[str] = []
+    for part in qualified.split(".") if qualified else []:
+        if part.isdigit() and scopes:
+            scopes[-1] += f".{part}"
+        else:
+            scopes.append(part)
+    return scopes
+
+
+def _default_depth(scopes: list[str]) -> int:
+    """How many scopes the default block keeps: up to the first indexed module, else the first."""
+    return next((i + 1 for i, part in enumerate(scopes) if _INDEXED.match(part)), min(1, len(scopes)))
+
+
+def _scope_id(scopes: list[str], depth: int) -> str:
+    return "/" + "/".join(scopes[:depth]) if depth else GRAPH_LEVEL
 
 
 def _namespace(node: onnx.NodeProto) -> str:
@@ -42,9 +79,11 @@ def _namespace(node: onnx.NodeProto) -> str:
 
 
 def block_of(node: onnx.NodeProto, spec: BlockSpec | None, patterns: list[re.Pattern]) -> str:
-    """The block id of one node under `spec` (compiled as `patterns`), or the default."""
+    """The block id of one node under `spec` (compiled as `patterns`), or the default (before any split of a
+    block that holds most of the model: `BlockPartition` makes those)."""
     if spec is None:
-        return default_block_id(node.name)
+        scopes = module_scopes(node)
+        return _scope_id(scopes, _default_depth(scopes))
     text = node.name if spec.on == "name" else _namespace(node)
     for pattern in patterns:
         m = pattern.search(text)
@@ -71,9 +110,9 @@ class BlockPartition:
         self.blocks: dict[str, Block] = {}
         patterns = [user_pattern(p) for p in spec.patterns] if spec else []
         initializers = {t.name: t for t in model.graph.initializer}
+        ids = [block_of(n, spec, patterns) for n in model.graph.node] if spec else _split_defaults(model)
         counted: set[str] = set()
-        for node in model.graph.node:
-            block_id = block_of(node, spec, patterns)
+        for node, block_id in zip(model.graph.node, ids):
             block = self.blocks.setdefault(block_id, Block(block_id))
             block.nodes.append(node.name)
             block.op_types[node.op_type] += 1
@@ -124,6 +163,45 @@ class BlockPartition:
             if pattern not in hits:
                 raise PipelineError(f"{where}: nodes pattern {pattern!r} matches no node in the chosen blocks")
         return nodes
+
+
+def _split_defaults(model: onnx.ModelProto) -> list[str]:
+    """Every node's default block id, after splitting any block that holds more than SPLIT_SHARE of the model's
+    weights and is no indexed module one scope deeper, again while one does and holds modules that hold modules.
+    A model exported with
+    few indexed modules (a `/model/decoder/...` tree) would otherwise be checked as one block that says
+    nothing."""
+    scopes = [module_scopes(n) for n in model.graph.node]
+    depth = [_default_depth(s) for s in scopes]
+    weights = _node_weights(model)
+    total = sum(weights) or 1
+    while True:
+        ids = [_scope_id(s, d) for s, d in zip(scopes, depth)]
+        share: Counter = Counter()
+        for block_id, w in zip(ids, weights):
+            share[block_id] += w
+        # An indexed module (`layers.3`) is a unit however much it holds (a one-layer graph's layer).
+        big = next((b for b, w in share.items()
+                    if w > SPLIT_SHARE * total and b != GRAPH_LEVEL and not _INDEXED.match(b.rsplit("/", 1)[-1])), None)
+        deeper = [i for i, b in enumerate(ids) if b == big and len(scopes[i]) > depth[i]]
+        if not any(len(scopes[i]) > depth[i] + 1 for i in deeper):
+            # Nothing too big, or its parts are single modules (a decoder layer's own `/mlp`, cut into
+            # `down_proj` and `up_proj`): the block is already the unit that means something.
+            return ids
+        for i in deeper:
+            depth[i] += 1
+
+
+def _node_weights(model: onnx.ModelProto) -> list[int]:
+    """Each node's weight elements, a weight shared by several counted for the first (as `Block.params`)."""
+    sizes = {t.name: int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer}
+    counted: set[str] = set()
+    out = []
+    for node in model.graph.node:
+        mine = [t for t in node.input if t in sizes and t not in counted]
+        counted.update(mine)
+        out.append(sum(sizes[t] for t in mine))
+    return out
 
 
 def _compile(pattern: str) -> re.Pattern:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -25,6 +25,9 @@ LARGE_BYTES = int(1.8 * 1024**3)
 ORT_RUN_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in
                        ("Fail", "RuntimeException", "InvalidArgument", "NotImplemented"))
 EXTERNAL_MIN_BYTES = 1024  # a large model's tensors of at least this size go to its external-data file
+# A proto holding this many bytes of weights is not serialized whole where that can be avoided: shape inference
+# reads a view without them, a session given `inline_limit=HEAVY_BYTES` maps them from a scratch file.
+HEAVY_BYTES = 16 * 1024**2
 _ALIGN = 4096  # external tensors start on a page: ONNX Runtime maps them instead of copying
 
 
@@ -118,6 +121,28 @@ def load_light(path: Path) -> onnx.ModelProto:
     if missing:
         raise PipelineError(f"{path}: its weights file {missing[0]} is missing")
     return model
+
+
+def load_mapped(path: Path, folder: Path) -> tuple[onnx.ModelProto, Path]:
+    """A model file's proto, light, and the folder its weights lie in: sessions given that folder
+    (`session(..., weights_dir=)`) map the weights, so several sessions of one model (the check's whole,
+    isolated and pinned runs) share one copy of them, and no proto holds them besides. A file whose weights lie
+    in external data already is read from its own folder; one holding them itself is written once into
+    `folder` (a scratch folder the caller removes), the weights page-aligned in a data file beside it."""
+    model = load_light(path)
+    if is_light(model):
+        return model, path.parent
+    for k, t in enumerate(model.graph.initializer):
+        # Values some writers keep in typed fields (float_data; FP16 in int32_data) can be mapped as raw bytes.
+        if not t.HasField("raw_data") and t.data_location != onnx.TensorProto.EXTERNAL \
+                and _nbytes(t) >= EXTERNAL_MIN_BYTES \
+                and np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)) in _MAPPABLE:
+            model.graph.initializer[k].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), t.name))
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / path.name
+    _save_external(model, staged, folder, move_inline=True)
+    del model
+    return parse_graph(staged), folder
 
 
 def _external(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -226,13 +251,17 @@ def share_one_thread_pool(threads: int) -> None:
 
 def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
             optimization: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            arena: bool = True, spinning: bool = True, weights_dir: Path | None = None,
+            arena: bool | Literal["shared"] = True, spinning: bool = True, weights_dir: Path | None = None,
             inline_limit: int | None = None, in_graph_order: bool = False) -> ort.InferenceSession:
     """A CPU session with a fixed thread count, so timings compare.
 
     `arena=False` returns freed activation memory to the system instead of keeping
     ORT's high-water mark cached, and plans no memory pattern (which caches one
     per input shape): for sessions that expose many intermediates.
+    `arena=SHARED`: the session allocates from the process's one shared CPU arena, for sessions that run one
+    after another (the check's reference, candidate and isolated runs): each reuses the memory the last freed,
+    where sessions with arenas of their own would each keep their high-water mark, and sessions without one
+    leave glibc's heap fragmented (a float Kokoro's check: 1.6 GB peak RSS shared, 2.3 GB and more without).
     `spinning=False` stops idle worker threads from busy-waiting: for runtimes that
     chain many sessions, whose thread pools would otherwise fight over the cores.
     After `share_one_thread_pool`, the process's pool replaces both `threads` and `spinning`.
@@ -246,8 +275,11 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
     which protobuf could not serialize, goes through a temporary file with external data (`_file_session`).
     """
     opts = ort.SessionOptions()
-    opts.enable_cpu_mem_arena = arena
-    opts.enable_mem_pattern = arena
+    opts.enable_cpu_mem_arena = bool(arena)
+    opts.enable_mem_pattern = bool(arena)
+    if arena == SHARED:
+        _register_shared_arena()
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     if _shared_pool_threads is not None:
         opts.use_per_session_threads = False
     else:
@@ -278,6 +310,19 @@ def session(model: onnx.ModelProto | bytes | str | Path, threads: int = 2,
     return sess
 
 
+SHARED = "shared"  # `session(arena=SHARED)`
+_shared_arena = False
+
+
+def _register_shared_arena() -> None:
+    """Register ONNX Runtime's process-wide CPU arena (ORT's defaults), once; sessions opt in to it."""
+    global _shared_arena
+    if not _shared_arena:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _shared_arena = True
+
+
 # One read-only map per weights file for the whole process (dropped with the last session that reads it). Every
 # session that maps a file itself adds it to the process's RSS once more, though the pages are shared: the
 # check's candidate and isolated-candidate sessions would count a 2 GB model twice.
@@ -306,13 +351,13 @@ def _mapped_initializers(model: onnx.ModelProto, weights_dir: Path) -> dict[str,
 
 
 def _file_session(model: onnx.ModelProto, opts: ort.SessionOptions, weights_dir: Path | None) -> ort.InferenceSession:
-    """A session over a proto too large to serialize: written into a scratch folder, its weights as external data
-    (beside the weights files it already reads, linked in), and loaded from there. The folder lives as long as
-    the session (ONNX Runtime maps the weights)."""
+    """A session over a proto past `inline_limit`: written into a scratch folder, every weight it holds in a data
+    file (beside the weights files it already reads, linked in), and loaded from there: no serialized copy, and
+    ONNX Runtime maps the weights instead of holding a copy. The folder lives as long as the session."""
     import tempfile
 
     folder = tempfile.TemporaryDirectory(prefix="pipeline-session-")
-    path = stage_model(model, weights_dir, Path(folder.name), "model.onnx")
+    path = stage_model(model, weights_dir, Path(folder.name), "model.onnx", every_weight=True)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     sess._pipeline_scratch = folder  # removed when the session is
     return sess
@@ -362,10 +407,25 @@ def tensor_types(model: onnx.ModelProto, infer: bool = True) -> dict[str, int]:
     return types
 
 
+def infer_value_info(model: onnx.ModelProto) -> None:
+    """Set the model's value_info (and its outputs' types) to what shape inference finds, in place, inferred on a
+    view without the weights' bytes: `infer_shapes` on the model itself would serialize it and parse back a
+    second whole copy (a float Kokoro: 0.9 GB more at the peak). A model it fails on is left as it was."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_shape_view(model)).graph
+    except Exception:  # inference is a help; ORT checks the types anyway
+        return
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.value_info)
+    for out, found in zip(model.graph.output, inferred.output):
+        out.CopyFrom(found)
+
+
 def _shape_view(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model itself, or for one holding too many weights to serialize, a copy with their bytes left out
-    (names, types and shapes kept): all that shape inference reads of a weight."""
-    if inline_bytes(model, EXTERNAL_MIN_BYTES) < LARGE_BYTES:
+    """The model itself, or for one holding weights of MB, a copy with their bytes left out (names, types and
+    shapes kept): all that shape inference reads of a weight, without serializing them (once more in memory, or
+    past protobuf's 2 GB)."""
+    if inline_bytes(model, EXTERNAL_MIN_BYTES) < HEAVY_BYTES:
         return model
     view = _without_initializers(model)
     for t in model.graph.initializer:
@@ -434,14 +494,14 @@ def _nbytes(t: onnx.TensorProto) -> int:
     return itemsize * int(np.prod(t.dims, dtype=np.int64))
 
 
-def _save_external(model: onnx.ModelProto, path: Path, weights_dir: Path) -> None:
+def _save_external(model: onnx.ModelProto, path: Path, weights_dir: Path, move_inline: bool = False) -> None:
     """Write `model` with every weight of EXTERNAL_MIN_BYTES or more in `<file>.data`, page-aligned, one tensor
     at a time: those the proto holds from it, light ones copied from their files in `weights_dir`. Files already
     beside `path` are pointed at, not copied, and the weights the proto holds then stay in it unless they are too
     many (a model whose weights lie in a shared file keeps its small ones, as it always did). The proto given is
     not changed (a new one points at the data); the data file is renamed into place first, then the graph."""
     keep = weights_dir.resolve() == path.parent.resolve()
-    move_inline = not keep or inline_bytes(model, EXTERNAL_MIN_BYTES) >= LARGE_BYTES
+    move_inline = move_inline or not keep or inline_bytes(model, EXTERNAL_MIN_BYTES) >= LARGE_BYTES
     kept = {e.value for t in _external(model) for e in t.external_data if e.key == "location"} if keep else set()
     data = path.with_name(f"{path.name}.data")
     while data.name in kept:  # never write over a file the model still reads
@@ -550,11 +610,13 @@ def tensor_array(t: onnx.TensorProto, weights_dir: Path | None = None) -> np.nda
     return numpy_helper.to_array(t)
 
 
-def stage_model(model: onnx.ModelProto, weights_dir: Path | None, folder: Path, name: str) -> Path:
+def stage_model(model: onnx.ModelProto, weights_dir: Path | None, folder: Path, name: str,
+                every_weight: bool = False) -> Path:
     """Write a (light) model into `folder` for a tool that reads files (ONNX Runtime, onnxsim): the external-data
     files it points at are hard-linked there from `weights_dir` (copied across file systems; the onnx package
     itself refuses to read through a link), weights it holds go to a data file of its own when they are too
-    many for one proto (`save_onnx`). Returns the model's path."""
+    many for one proto (`save_onnx`), or, with `every_weight`, whenever they reach EXTERNAL_MIN_BYTES.
+    Returns the model's path."""
     import shutil
 
     for t in _external(model):
@@ -567,5 +629,8 @@ def stage_model(model: onnx.ModelProto, weights_dir: Path | None, folder: Path, 
             except OSError:
                 shutil.copyfile(file, target)
     path = folder / name
-    save_onnx(model, path, weights_dir=folder)
+    if every_weight:
+        _save_external(model, path, folder, move_inline=True)
+    else:
+        save_onnx(model, path, weights_dir=folder)
     return path

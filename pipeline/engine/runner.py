@@ -34,6 +34,7 @@ from pipeline.core.feeds import Feeds
 from pipeline.core.hashing import content_hash, feeds_hash
 from pipeline.core.modelset import ModelSet, graph_sha256
 from pipeline.core.onnx_io import (check_loads, external_files, input_caster, is_light, load_light, parse_graph, set_provenance)
+from pipeline.core.procinfo import release_free_memory
 from pipeline.engine.plan import Plan, PlannedStep, reference_step, refuse_large, refuse_old, selected_graphs
 from pipeline.engine.runfolder import require_held
 from pipeline.engine.sources import materialize_base
@@ -89,6 +90,7 @@ class Runner:
             with during(f"step {planned.index:02d} {planned.step.label}"):
                 record = self._step(planned, current, steps_dir, applied)
             records.append(record)
+            release_free_memory()  # a pass's freed protos stay resident otherwise: 0.8 GB after Kokoro's dequantize
             current = ModelSet.read(steps_dir / record.folder)
             self.references.setdefault(tuple(current.names()), current)
         with during(f"writing {self.out_dir / 'final'}"):

@@ -34,10 +34,10 @@ from pipeline.core.blocks import BlockPartition, name_all_nodes
 from pipeline.core.errors import PipelineError, few, one_line
 from pipeline.core.feeds import Feeds
 from pipeline.core.graph import cleanup, intermediate_names, length_setters, producers, toposort, with_outputs
-from pipeline.core.onnx_io import (ORT_RUN_ERRORS, as_ort_type, copy_model, is_light, session, stored_bytes,
+from pipeline.core.onnx_io import (ORT_RUN_ERRORS, SHARED, as_ort_type, copy_model, is_light, session, stored_bytes,
                                    tensor_types)
 from pipeline.core.precision import block_compute_mix
-from pipeline.core.procinfo import peak_rss_mb
+from pipeline.core.procinfo import peak_rss_mb, release_free_memory
 from pipeline.core.recipe import BlockSpec
 from pipeline.evaluation.results import (BlockResult, CheckReport, ErrorStats, LengthChange, OutputResult,
                                         Sensitivity)
@@ -269,6 +269,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
                                 f"them was given")
 
     t0 = time.perf_counter()
+    release_free_memory()  # what loading the models freed (whole protos, checker copies): not on top of the runs
     ref_in, ref_out = _interface(reference)
     heard = heard_output(sample_metrics, ref_out)
     cand_in, cand_out = _interface(candidate)
@@ -305,7 +306,7 @@ def compare_models(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds
     # hundreds of MB, and each session holds its own weights besides.
     # (Sensitivity splices the protos later: they stay whole, and outputs are added to copies.)
     ref_sess = session(with_outputs(reference, [*captured, *durations], in_place=owned and not sensitivity),
-                       threads=threads, arena=False, weights_dir=weights_dirs[0])
+                       threads=threads, arena=SHARED, weights_dir=weights_dirs[0])
     if sensitivity:
         feeds = list(feeds)  # iterated again, once per block
     elif owned:
@@ -472,14 +473,14 @@ def _with_missing_producers(incoming: list[onnx.NodeProto], keep: list[onnx.Node
 
 def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, output, audio, threads, progress) -> None:
     """For each block that differs: end-output error with only that block in candidate precision."""
-    ref_sess = session(reference, threads=threads, arena=False)
+    ref_sess = session(reference, threads=threads, arena=SHARED)
     ref_outs = [ref_sess.run([output], f)[0] for f in feeds]
     del ref_sess
     for r in reports:
         if not r.matched or r.isolated.sqnr_db == float("inf") or r.isolated.samples == 0:
             continue
         progress(f"sensitivity of {r.id}")
-        sess = session(splice_block(reference, candidate, ref_part, cand_part, r.id), threads=threads, arena=False)
+        sess = session(splice_block(reference, candidate, ref_part, cand_part, r.id), threads=threads, arena=SHARED)
         stats = Pooled()
         mels = []
         for f, ref_out in zip(feeds, ref_outs):
@@ -495,11 +496,11 @@ def _sensitivity(reference, candidate, ref_part, cand_part, reports, feeds, outp
 def _candidate_sessions(candidate, cand_part, present, cand_types, threads, weights_dir, durations):
     """The candidate's sessions: whole (accumulated error), and with every edge between blocks fed the
     reference's values (isolated error)."""
-    acc_sess = session(with_outputs(candidate, [*present, *durations]), threads=threads, arena=False,
+    acc_sess = session(with_outputs(candidate, [*present, *durations]), threads=threads, arena=SHARED,
                        weights_dir=weights_dir)
     iso_model, fed = isolate_blocks(candidate, cand_part, set(present), cand_types, pinned=durations)
     iso_model = with_outputs(iso_model, [*present, *durations])
-    iso_sess = session(iso_model, threads=threads, arena=False, weights_dir=weights_dir)
+    iso_sess = session(iso_model, threads=threads, arena=SHARED, weights_dir=weights_dir)
     return acc_sess, iso_sess, fed
 
 
@@ -558,7 +559,7 @@ class Lengths:
             return None
         if self._session is None:  # every reader of a durations tensor reads the reference's value instead
             pinned, self._fed = isolate_blocks(self._candidate, self._partition, set(), self._types, self.durations)
-            self._session = session(with_outputs(pinned, self._outputs), threads=self._threads, arena=False,
+            self._session = session(with_outputs(pinned, self._outputs), threads=self._threads, arena=SHARED,
                                     weights_dir=self._weights_dir)
             self._candidate = None
             self._input_types = {i.name: i.type for i in self._session.get_inputs()}

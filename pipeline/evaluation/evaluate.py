@@ -18,6 +18,7 @@ user hears: the graph's first output, or the whole chain's.
 """
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 from pipeline.core import progress as progress_display
 from pipeline.core.feeds import Feeds
 from pipeline.core.modelset import ModelSet
-from pipeline.core.onnx_io import is_light, load_light, load_onnx
+from pipeline.core.onnx_io import load_mapped, load_onnx
 from pipeline.core.recipe import BlockSpec
 from pipeline.evaluation.blockwise import Pooled, compare_models
 from pipeline.evaluation.metrics import AudioMetric, Metric, metrics_for
@@ -82,14 +83,21 @@ def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], block
     """Per-block report of one candidate graph file against one reference graph file (`durations`: see
     `blockwise.compare_models`).
 
-    A model kept with external data is loaded light (`load_light`): its sessions map the weights from its own
-    folder, so a model over 2 GB works and none is held in memory twice (sensitivity needs them loaded)."""
-    load = load_onnx if sensitivity else load_light
-    ref, cand = load(reference), load(candidate)
-    dirs = (reference.parent if is_light(ref) else None, candidate.parent if is_light(cand) else None)
-    return compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
-                          candidate_label=_label(candidate), sensitivity=sensitivity, weights_dirs=dirs,
-                          durations=durations, owned=True, progress=progress)
+    Both are loaded light (`load_mapped`): their sessions map the weights from a data file, so each model's weights
+    are in memory once, however many sessions of it the check runs (a model holding its weights itself is written
+    out once into a scratch folder for this). Sensitivity splices the two graphs' weights: it loads them whole."""
+    if sensitivity:
+        ref, cand = load_onnx(reference), load_onnx(candidate)
+        return compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
+                              candidate_label=_label(candidate), sensitivity=True, durations=durations, owned=True,
+                              progress=progress)
+    with tempfile.TemporaryDirectory(prefix="pipeline-check-") as scratch:
+        progress("mapping the weights")
+        ref, ref_dir = load_mapped(reference, Path(scratch) / "reference")
+        cand, cand_dir = load_mapped(candidate, Path(scratch) / "candidate")
+        return compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
+                              candidate_label=_label(candidate), weights_dirs=(ref_dir, cand_dir),
+                              durations=durations, owned=True, progress=progress)
 
 
 def _chain(monolithic: ModelSet, reference: ModelSet, candidate: ModelSet, entry_feeds: list[Feeds],
