@@ -27,6 +27,7 @@ from pipeline.core import progress as progress_display
 from pipeline.core.feeds import Feeds
 from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import load_mapped, load_onnx
+from pipeline.core.procinfo import release_free_memory
 from pipeline.core.recipe import BlockSpec
 from pipeline.evaluation.blockwise import Pooled, compare_models
 from pipeline.evaluation.metrics import AudioMetric, Metric, metrics_for
@@ -91,6 +92,7 @@ def compare_graphs(reference: Path, candidate: Path, samples: list[Feeds], block
         return compare_models(ref, cand, samples, blocks, metrics=metrics, reference_label=_label(reference),
                               candidate_label=_label(candidate), sensitivity=True, durations=durations, owned=True,
                               progress=progress)
+    release_free_memory()  # what the work before freed (a run's last step, its final/): not under the loading
     with tempfile.TemporaryDirectory(prefix="pipeline-check-") as scratch:
         progress("mapping the weights")
         ref, ref_dir = load_mapped(reference, Path(scratch) / "reference")
