@@ -74,7 +74,7 @@ from pipeline.core.blocks import replaced_name
 from pipeline.core.errors import PipelineError, one_line
 from pipeline.core.precision import INTEGER_OPS
 
-from pipeline.core.onnx_io import copy_model
+from pipeline.core.onnx_io import EXTERNAL_MIN_BYTES, HEAVY_BYTES, copy_model, inline_bytes, stage_model
 
 from .base import Params, Pass, PassContext, PassResult
 
@@ -197,8 +197,10 @@ class Quantize(Pass):
         level = root.level
         root.setLevel(logging.ERROR)
         large = ctx.weights_dir is not None  # a light model: ORT reads its weights from their files (ort_light)
+        staged = (not large and params.mode != "weight_only"
+                  and inline_bytes(model, EXTERNAL_MIN_BYTES) >= HEAVY_BYTES)  # see `_source`
         try:
-            with _source(model, ctx) as source:
+            with _source(model, ctx, staged) as source:
                 if params.mode == "weight_only":
                     _weight_only(onnx.load(source, load_external_data=False) if large else source, out_path,
                                  params, nodes, ctx)
@@ -239,7 +241,7 @@ class Quantize(Pass):
         stats = {"mode": params.mode, "nodes_quantized": count, "quantized_per_block": per_block,
                  "blocks_changed": dict(per_block),
                  "quantize_linear": _count(quantized, "QuantizeLinear"),
-                 "dequantize_linear": _count(quantized, "DequantizeLinear")}
+                 "dequantize_linear": _count(quantized, "DequantizeLinear"), "weights_staged": staged}
         if params.mode == "weight_only":
             stats.update(method=params.method, bits=params.bits, block_size=params.block_size,
                          accuracy_level=params.accuracy_level)
@@ -247,19 +249,29 @@ class Quantize(Pass):
 
 
 @contextlib.contextmanager
-def _source(model: onnx.ModelProto, ctx: PassContext):
+def _source(model: onnx.ModelProto, ctx: PassContext, staged: bool):
     """What ORT's quantizer is given: a copy of the model (ORT may re-save the proto it gets with external data, in
     place, leaving it pointing at a deleted temp file), or for a light model, the light proto's file in the scratch
-    folder, with ORT patched to read the weights from their files in ctx.weights_dir (`passes.ort_light`)."""
-    if ctx.weights_dir is None:
-        yield copy_model(model)
-        return
+    folder, with ORT patched to read the weights from their files in ctx.weights_dir (`passes.ort_light`).
+
+    `staged`, for a model held in memory with HEAVY_BYTES of weights or more: it is made light first, its weights
+    written once to a data file in the scratch folder, beside the proto's file and the quantizer's output, which
+    then reads the weights it did not change from there. ORT's dynamic and static quantizers hold the model 3-4 times over (copies
+    for shape inference and calibration, a session): on the float Kokoro (325 MB) static QDQ peaked 3.0 GB over
+    its input, over the bound of 4x the file + 1 GB."""
     from .ort_light import light_quantizers
 
-    path = ctx.workdir / f"{ctx.graph_name}.input.onnx"
-    onnx.save(model, str(path))  # the proto alone (megabytes): its external tensors hold no bytes to move
-    with light_quantizers(ctx.weights_dir):
-        yield str(path)
+    if ctx.weights_dir is not None:
+        path = ctx.workdir / f"{ctx.graph_name}.input.onnx"
+        onnx.save(model, str(path))  # the proto alone (megabytes): its external tensors hold no bytes to move
+        with light_quantizers(ctx.weights_dir):
+            yield str(path)
+    elif staged:
+        path = stage_model(model, None, ctx.workdir, f"{ctx.graph_name}.input.onnx", every_weight=True)
+        with light_quantizers(ctx.workdir):
+            yield str(path)
+    else:
+        yield copy_model(model)
 
 
 def _check_weight_only(model: onnx.ModelProto, params: QuantizeParams, ctx: PassContext) -> None:

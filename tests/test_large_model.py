@@ -264,3 +264,51 @@ def test_a_model_over_2_gb_runs_end_to_end_under_3x_its_size_in_memory(big_folde
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["samples"] == 2
     assert fingerprint(inputs) == before
+
+
+def test_quantize_stages_the_weights_of_a_heavy_model_in_memory_and_gives_what_ort_gives(tmp_path):
+    """A model held in memory with HEAVY_BYTES of weights or more goes to ORT's dynamic and static quantizers light,
+    its weights written once to the scratch folder (ORT holds a model 3-4 times over otherwise: 3 GB over a 325 MB
+    Kokoro). The result is what ORT's own quantizers make of the model's file."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
+
+    from passes import get_pass
+    from passes.base import PassContext
+    from pipeline.core.blocks import BlockPartition
+
+    path = matmul_chain(tmp_path / "user", n=1100, layers=4)  # 19 MB of weights: over HEAVY_BYTES
+    model = load_onnx(path)
+    assert not is_light(model) and onnx_io.inline_bytes(model) >= onnx_io.HEAVY_BYTES
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 1100)).astype(np.float32)} for i in range(3)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(feeds)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    quantize = get_pass("quantize")
+    for mode in ("dynamic", "static"):
+        work = tmp_path / mode
+        work.mkdir()
+        params = quantize.Params.model_validate({"mode": mode, "op_types": ["MatMul"], "per_channel": True})
+        ctx = PassContext("model", BlockPartition(model), None, work, calibration=lambda: iter(feeds))
+        result = quantize.apply(model, params, ctx)
+        assert result.stats["weights_staged"] is True and result.stats["nodes_quantized"] == 4
+        assert not is_light(result.model)  # every weight back in the proto: the scratch folder goes
+        want = tmp_path / f"{mode}.ort.onnx"
+        common = dict(op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+        if mode == "dynamic":
+            quantize_dynamic(path, want, **common)
+        else:
+            quantize_static(path, want, Reader(), activation_type=QuantType.QUInt8,
+                            extra_options={"ActivationSymmetric": False}, **common)
+        expected = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(want)).graph.initializer}
+        got = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+        assert got.keys() == expected.keys(), mode
+        for name, value in got.items():  # integer weights bit for bit; activation ranges to float rounding
+            if value.dtype.kind in "iu":  # (its calibration session maps the weights, unpacked: ulp-level sums)
+                assert np.array_equal(value, expected[name]), (mode, name)
+            else:
+                np.testing.assert_allclose(value, expected[name], rtol=1e-6, err_msg=f"{mode} {name}")
