@@ -119,3 +119,21 @@ def test_the_check_maps_each_models_weights_once_and_measures_the_same(tmp_path)
     assert [b.accumulated.sqnr_db for b in mapped.blocks] == [b.accumulated.sqnr_db for b in in_memory.blocks]
     assert mapped.outputs[0].sqnr_db == in_memory.outputs[0].sqnr_db
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["cand.onnx", "ref.onnx"]
+
+
+def test_listing_a_self_contained_files_external_data_does_not_parse_it(tmp_path, monkeypatch):
+    """Hashing a graph and `load_light` ask which data files a graph reads; for a self-contained file the answer
+    comes from a scan of its bytes, not a parse that holds every weight (a float Kokoro: 325 MB more, twice)."""
+    from pipeline.core import onnx_io
+
+    inline = tmp_path / "inline.onnx"
+    onnx.save(conv_net(channels=8, layers=2), str(inline))
+    external = tmp_path / "ext" / "model.onnx"
+    external.parent.mkdir()
+    onnx.save(conv_net(channels=8, layers=2), str(external), save_as_external_data=True, location="w.bin",
+              size_threshold=0)
+    parsed = []
+    parse = onnx_io.parse_graph
+    monkeypatch.setattr(onnx_io, "parse_graph", lambda path: parsed.append(path) or parse(path))
+    assert external_files(inline) == [] and parsed == []
+    assert external_files(external) == [external.parent / "w.bin"] and parsed == [external]

@@ -46,10 +46,11 @@ def test_each_recipe_runs_checks_and_reports_audio_lengths_and_blocks(runs, name
     # Per-block isolated and accumulated error on the graph's own scopes (decode.N, resblocks.N, ...).
     blocks = {b["block"]: b for b in report["blocks"]}
     assert len(blocks) >= 30 and "/decoder/decoder/generator/resblocks.0" in blocks
-    # (FP16's converter renames the boundary tensors of blocks it leaves FP32, behind Cast pairs: the check lists
-    # those as unmatched, 19 of 36 in kokoro_fp16; every block a recipe changes is measured.)
+    # Against the float model every block is found and measured (fp16 gives the boundary tensors its converter
+    # renamed their names back: 19 of 36 were unmatched before). Against the INT8 export, 29 of 36: dequantize
+    # makes other tensors of the quantized ops' chains.
     measured = [b for b in blocks.values() if b["matched"] and b["isolated"]["samples"]]
-    assert len(measured) >= 15
+    assert len(measured) == len(blocks) if name != "kokoro_float" else len(measured) >= 25
     assert "/decoder/decoder/generator/resblocks.0" in {b["block"] for b in measured}
     # Which samples changed length, and where the durations that changed are computed.
     changed = [s for s in audio["per_sample"] if s["length_change"]]

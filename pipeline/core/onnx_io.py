@@ -113,10 +113,10 @@ def load_light(path: Path) -> onnx.ModelProto:
     (sessions read them through `session(..., weights_dir=path.parent)`)."""
     if not path.is_file():
         return load_onnx(path)
+    if not external_files(path):  # (a scan of its bytes: a self-contained file is parsed once, by load_onnx)
+        return load_onnx(path)
     model = parse_graph(path)
     data = external_files(path, model)
-    if not data:
-        return load_onnx(path)
     missing = [f.name for f in data if not f.is_file()]
     if missing:
         raise PipelineError(f"{path}: its weights file {missing[0]} is missing")
@@ -151,9 +151,25 @@ def _external(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def external_files(path: Path, model: onnx.ModelProto | None = None) -> list[Path]:
     """The external-data files a model file's initializers live in (none for a self-contained file)."""
+    if model is None and not _mentions_location(path):
+        return []  # self-contained: not parsed (that would hold all its weights: 325 MB for a float Kokoro)
     model = model if model is not None else parse_graph(path)
     names = dict.fromkeys(e.value for t in _external(model) for e in t.external_data if e.key == "location")
     return [path.parent / n for n in names]
+
+
+def _mentions_location(path: Path, chunk: int = 8 << 20) -> bool:
+    """Whether the file's bytes hold b"location", the key every external-data reference writes: read in chunks,
+    so checking a self-contained file costs one buffer, not its weights in memory."""
+    key = b"location"
+    with open(path, "rb") as f:
+        tail = b""
+        while block := f.read(chunk):
+            window = tail + block  # (the key may straddle two reads)
+            if key in window:
+                return True
+            tail = window[-(len(key) - 1):]
+    return False
 
 
 def _require_external_files(model: onnx.ModelProto, path: Path) -> None:

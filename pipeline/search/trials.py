@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -48,15 +49,49 @@ class TrialSpec:
     output: str | None = None  # the output measured (a declared audio output); None: the first
 
 
-_GRAPHS: dict[str, tuple[onnx.ModelProto, Any]] = {}  # sha256 -> (model, partition), per process
+_GRAPHS: dict[str, tuple[onnx.ModelProto, Any]] = {}  # sha256 -> (light model, partition), per process
+_WEIGHTS: list[Any] = []  # this process's scratch folder: every graph's weights, one subfolder per sha256
+
+
+def _weights_root() -> Path:
+    """Where this process's trials map their graphs' weights from: a scratch folder removed when it exits."""
+    if not _WEIGHTS:
+        import tempfile
+
+        _WEIGHTS.append(tempfile.TemporaryDirectory(prefix="pipeline-trials-"))
+    return Path(_WEIGHTS[0].name)
+
+
+def release_graphs() -> None:
+    """Forget the graphs this process parsed and remove their weights (a worker's go when it exits; the search's
+    own process, which runs the verification trials, calls this when the search ends)."""
+    _GRAPHS.clear()
+    if _WEIGHTS:
+        _WEIGHTS.pop().cleanup()
 
 
 def _graph(sha: str, source: bytes | str, blocks: dict[str, Any] | None):
+    """The graph with that hash, light: its weights written once into `_weights_root()/<sha>`, each external
+    tensor's location rooted there, so a splice of two graphs reads both from one folder. Held whole, a worker
+    kept the base, every menu item's graph, the spliced copy and the session's own copy of the weights: 3.5 GB
+    on a 325 MB Kokoro, over the 4x file + 1 GB that a pass or check may take."""
     if sha not in _GRAPHS:
         from pipeline.core.blocks import BlockPartition
+        from pipeline.core.onnx_io import load_mapped, stage_model
         from pipeline.core.recipe import BlockSpec
 
-        model = onnx.load_from_string(source) if isinstance(source, bytes) else onnx.load(source)
+        folder = _weights_root() / sha[:32]
+        if isinstance(source, bytes):  # (through Ray's object store)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "received.onnx").write_bytes(source)
+            source = str(folder / "received.onnx")
+        model, weights = load_mapped(Path(source), folder)
+        if weights != folder:  # a file whose weights were external already: its data files linked in
+            stage_model(model, weights, folder, "linked.onnx")
+        for t in model.graph.initializer:
+            for entry in t.external_data if t.data_location == onnx.TensorProto.EXTERNAL else ():
+                if entry.key == "location":
+                    entry.value = f"{folder.name}/{entry.value}"
         _GRAPHS[sha] = (model, BlockPartition(model, BlockSpec.model_validate(blocks) if blocks else None))
     return _GRAPHS[sha]
 
@@ -77,7 +112,7 @@ def run_trial(spec: TrialSpec, reference: bytes | str, candidate: bytes | str, s
     else:
         ref_model, ref_part = _graph(spec.reference, reference, spec.blocks)
         model = splice_block(ref_model, cand_model, ref_part, cand_part, spec.block)
-    sess = session(model, threads=spec.threads, arena=False)
+    sess = session(model, threads=spec.threads, arena=False, weights_dir=_weights_root())
     output = spec.output or sess.get_outputs()[0].name
     pooled, log_mels, lengths = Pooled(), [], []
     for feeds, ref in zip(samples, ref_outputs):
@@ -133,9 +168,14 @@ class LocalExecutor(Executor):
         futures = {self._pool.submit(run_trial, s, sources[s.reference], sources[s.candidate], samples,
                                      ref_outputs): s for s in specs}
         from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
 
-        for f in as_completed(futures):
-            yield futures[f], f.result()
+        try:
+            for f in as_completed(futures):
+                yield futures[f], f.result()
+        except BrokenProcessPool:
+            raise PipelineError(f"tune: a trial worker process died (the system ends one that runs out of memory "
+                                f"first); try fewer workers than {self.workers} (tune.workers)") from None
 
     def close(self):
         if self._pool is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -51,14 +52,14 @@ from pipeline.core.blocks import BlockPartition
 from pipeline.core.errors import PipelineError, few
 from pipeline.search.derive import derive, write_resolved
 from pipeline.core.modelset import ModelSet
-from pipeline.core.onnx_io import load_onnx
+from pipeline.core.onnx_io import load_mapped, load_onnx
 from pipeline.core.recipe import CalibrationSpec, Recipe, Scope, Step, TuneSpec, parse_params, user_pattern
 from pipeline.evaluation.results import TuneCandidate, TuneSummary
 from pipeline.engine.plan import Plan, plan_recipe, replan
 from pipeline.engine.runfolder import RESOLVED_RECIPE
 from pipeline.engine.runner import Runner, RunResult
 from pipeline.core.hashing import content_hash, feeds_hash  # the cache keys of steps, for trials alike
-from pipeline.search.trials import TrialSpec, make_executor
+from pipeline.search.trials import TrialSpec, make_executor, release_graphs
 
 TUNE_DIR = "tune"
 FP32 = "fp32"  # the choice every block has: no menu item
@@ -180,20 +181,27 @@ class Tuner:
 
         self.family = declare_audio(family_of(base), self.recipe.model.audio)
         validate_tune(self.recipe, self.family, where)
-        self.base_model = load_onnx(self.base_path)
-        self.partition = BlockPartition(self.base_model, self.recipe.blocks)
-        self.searched = self._searched_blocks(where)
-        self.samples, self.samples_desc = self._samples(base, where)
-        self.audio = self.family.audio(base)
-        self.ref_outputs = self._reference_outputs()
-        self.executor = make_executor(self.spec.executor, self.spec.address, self.spec.workers,
-                                      self.spec.threads, self.log)
+        # The base stays light while every item and candidate is built: its weights mapped from one scratch file,
+        # not held by this process beside each build's own (a float Kokoro's search peaked at 2.9 GB holding it).
+        scratch = tempfile.TemporaryDirectory(dir=self.dir, prefix=".base-weights-")
         try:
-            items = {m.name: self._item(m) for m in self.spec.menu}
-            options = self._screen(items, where)
-            verified = self._search(options)
+            self.base_model, self.base_weights = load_mapped(self.base_path, Path(scratch.name))
+            self.partition = BlockPartition(self.base_model, self.recipe.blocks)
+            self.searched = self._searched_blocks(where)
+            self.samples, self.samples_desc = self._samples(base, where)
+            self.audio = self.family.audio(base)
+            self.ref_outputs = self._reference_outputs()
+            self.executor = make_executor(self.spec.executor, self.spec.address, self.spec.workers,
+                                          self.spec.threads, self.log)
+            try:
+                items = {m.name: self._item(m) for m in self.spec.menu}
+                options = self._screen(items, where)
+                verified = self._search(options)
+            finally:
+                self.executor.close()
         finally:
-            self.executor.close()
+            release_graphs()
+            scratch.cleanup()
         chosen = self._choose(verified)
         (self.dir / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.log_rows))
         resolved = self._resolved(chosen.assignment if chosen else {})
@@ -261,7 +269,7 @@ class Tuner:
     def _reference_outputs(self) -> list[np.ndarray]:
         from pipeline.core.onnx_io import session
 
-        sess = session(self.base_model, threads=self.spec.threads, arena=False)
+        sess = session(self.base_model, threads=self.spec.threads, arena=False, weights_dir=self.base_weights)
         name = (self.audio.output if self.audio else None) or sess.get_outputs()[0].name
         return [sess.run([name], f)[0] for f in self.samples]
 
@@ -560,7 +568,7 @@ class Tuner:
             from pipeline.evaluation.blockwise import compare_models
 
             report = compare_models(self.base_model, load_onnx(path), self.samples, self.recipe.blocks,
-                                    threads=LATENCY_THREADS)
+                                    threads=LATENCY_THREADS, weights_dirs=(self.base_weights, None))
             r["upstream"] = [b.block for b in report.blocks if b.accumulated.samples and not b.accumulated.shape_mismatches]
         shutil.rmtree(folder, ignore_errors=True)  # the numbers are kept; the resolved recipe rebuilds the model
         return r
