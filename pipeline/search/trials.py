@@ -57,8 +57,11 @@ def _weights_root() -> Path:
     """Where this process's trials map their graphs' weights from: a scratch folder removed when it exits."""
     if not _WEIGHTS:
         import tempfile
+        from multiprocessing import util
 
-        _WEIGHTS.append(tempfile.TemporaryDirectory(prefix="pipeline-trials-"))
+        folder = tempfile.TemporaryDirectory(prefix="pipeline-trials-")
+        util.Finalize(None, folder.cleanup, exitpriority=10)  # a pool worker ends in os._exit: no atexit there
+        _WEIGHTS.append(folder)
     return Path(_WEIGHTS[0].name)
 
 
@@ -71,29 +74,33 @@ def release_graphs() -> None:
 
 
 def _graph(sha: str, source: bytes | str, blocks: dict[str, Any] | None):
-    """The graph with that hash, light: its weights written once into `_weights_root()/<sha>`, each external
-    tensor's location rooted there, so a splice of two graphs reads both from one folder. Held whole, a worker
-    kept the base, every menu item's graph, the spliced copy and the session's own copy of the weights: 3.5 GB
-    on a 325 MB Kokoro, over the 4x file + 1 GB that a pass or check may take."""
+    """The graph with that hash. From a file (this machine's workers): light, its weights written once into
+    `_weights_root()/<sha>`, each external tensor's location rooted there, so a splice of two graphs reads both
+    from one folder. Held whole, a worker kept the base, every menu item's graph, the spliced copy and the
+    session's own copy of the weights: 3.5 GB on a 325 MB Kokoro, over the 4x file + 1 GB a pass or check may
+    take. From bytes (a Ray task): whole, as received; Ray ends its workers without letting them clean up, so
+    they write no files."""
     if sha not in _GRAPHS:
         from pipeline.core.blocks import BlockPartition
-        from pipeline.core.onnx_io import load_mapped, stage_model
         from pipeline.core.recipe import BlockSpec
 
-        folder = _weights_root() / sha[:32]
-        if isinstance(source, bytes):  # (through Ray's object store)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "received.onnx").write_bytes(source)
-            source = str(folder / "received.onnx")
-        model, weights = load_mapped(Path(source), folder)
-        if weights != folder:  # a file whose weights were external already: its data files linked in
-            stage_model(model, weights, folder, "linked.onnx")
-        for t in model.graph.initializer:
-            for entry in t.external_data if t.data_location == onnx.TensorProto.EXTERNAL else ():
-                if entry.key == "location":
-                    entry.value = f"{folder.name}/{entry.value}"
+        model = onnx.load_from_string(source) if isinstance(source, bytes) else _mapped(sha, Path(source))
         _GRAPHS[sha] = (model, BlockPartition(model, BlockSpec.model_validate(blocks) if blocks else None))
     return _GRAPHS[sha]
+
+
+def _mapped(sha: str, path: Path) -> onnx.ModelProto:
+    from pipeline.core.onnx_io import load_mapped, stage_model
+
+    folder = _weights_root() / sha[:32]
+    model, weights = load_mapped(path, folder)
+    if weights != folder:  # a file whose weights were external already: its data files linked in
+        stage_model(model, weights, folder, "linked.onnx")
+    for t in model.graph.initializer:
+        for entry in t.external_data if t.data_location == onnx.TensorProto.EXTERNAL else ():
+            if entry.key == "location":
+                entry.value = f"{folder.name}/{entry.value}"
+    return model
 
 
 def run_trial(spec: TrialSpec, reference: bytes | str, candidate: bytes | str, samples: list[Feeds],
@@ -112,7 +119,8 @@ def run_trial(spec: TrialSpec, reference: bytes | str, candidate: bytes | str, s
     else:
         ref_model, ref_part = _graph(spec.reference, reference, spec.blocks)
         model = splice_block(ref_model, cand_model, ref_part, cand_part, spec.block)
-    sess = session(model, threads=spec.threads, arena=False, weights_dir=_weights_root())
+    mapped = isinstance(candidate, str)  # (see `_graph`)
+    sess = session(model, threads=spec.threads, arena=False, weights_dir=_weights_root() if mapped else None)
     output = spec.output or sess.get_outputs()[0].name
     pooled, log_mels, lengths = Pooled(), [], []
     for feeds, ref in zip(samples, ref_outputs):
