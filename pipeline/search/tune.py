@@ -574,14 +574,11 @@ class Tuner:
         return r
 
     def _latency_ratio(self, path: Path) -> float:
-        """Candidate / base latency over the tune samples, 2 threads, the two timed in turns."""
-        from pipeline.engine.bench import time_interleaved
-        from pipeline.core.onnx_io import session
+        """Candidate / base latency over the tune samples, 2 threads, the two timed in turns in a process of
+        their own (its sessions' memory does not land on the search's)."""
+        from pipeline.engine.bench import time_interleaved_apart
 
-        sessions = [session(self.base_path, threads=LATENCY_THREADS), session(path, threads=LATENCY_THREADS)]
-        for s in sessions:
-            s.run(None, self.samples[0])  # warm-up
-        base, candidate = time_interleaved(sessions, self.samples, repeat=5)
+        base, candidate = time_interleaved_apart([self.base_path, path], self.samples, LATENCY_THREADS, repeat=5)
         return candidate / base
 
     def _misses(self, r: dict[str, Any], size: float) -> list[str]:
