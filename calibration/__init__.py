@@ -58,6 +58,12 @@ class CalibrationSource:
     def feeds(self) -> Iterator[Feeds]:
         raise NotImplementedError
 
+    def texts(self) -> list[str] | None:
+        """The text each feed speaks, in the order the last `feeds()` yielded them, where the source knows it
+        (sentences; an npz folder with a texts.txt): what an ASR check scores transcripts against. None where
+        it does not (tensors, a vocoder's chunks of mel)."""
+        return None
+
     def describe(self) -> str:
         return self.name
 
@@ -73,9 +79,16 @@ class SentencesParams(SourceParams):
 
 
 class SentenceSource(CalibrationSource):
-    """A source made from sentences: a text file (`sentences`), or the shipped `default_sentences`."""
+    """A source made from sentences: a text file (`sentences`), or the shipped `default_sentences`.
+
+    `feeds()` records in `spoken` the sentence behind each feed it yields (a sentence without phonemes yields
+    none), which `texts()` returns."""
 
     default_sentences: ClassVar[str]  # a file in calibration/data
+    spoken: list[str] | None = None
+
+    def texts(self) -> list[str] | None:
+        return self.spoken
 
     def check(self) -> None:
         self.sentences()
@@ -158,12 +171,16 @@ def check_feeds(feeds: Feeds, model: onnx.ModelProto, where: str) -> None:
                                 f"{list(value.shape)}), the graph wants {dims[axis]} there (shape {shape})")
 
 
-def checked_feeds(source: CalibrationSource, model: onnx.ModelProto, where: str = "calibration") -> list[Feeds]:
-    """All feeds of a source, each checked against `model`; an empty source is an error."""
+def checked_feeds(source: CalibrationSource, model: onnx.ModelProto, where: str = "calibration",
+                  limit: int | None = None) -> list[Feeds]:
+    """All feeds of a source (the first `limit`: the source makes no more, so a vocoder's source speaks only
+    the sentences a check uses), each checked against `model`; an empty source is an error."""
     feeds = []
     for i, f in enumerate(source.feeds()):
         check_feeds(f, model, f"{where} ({source.describe()}), sample {i}")
         feeds.append(f)
+        if limit is not None and len(feeds) >= limit:
+            break
     if not feeds:
         raise PipelineError(f"{where}: source {source.describe()} yields no samples")
     return feeds

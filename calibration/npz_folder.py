@@ -31,16 +31,49 @@ class NpzParams(SourceParams):
         return pattern
 
 
+TEXTS = "texts.txt"
+
+
 class NpzFolder(CalibrationSource):
+    """A folder of `.npz` feed files, read in name order. A `texts.txt` beside them, one line per `.npz` file
+    of the folder in name order, gives the text each one speaks (for the ASR check of a model with declared
+    audio)."""
+
     name = "npz"
     Params = NpzParams
+    spoken: list[str] | None = None
 
-    def feeds(self) -> Iterator[Feeds]:
+    def _folder(self):
         folder = package_file(self.params.package, self.params.folder, folder=True) if self.params.package \
             else self.ctx.resolve(self.params.folder)
         if not folder.is_dir():
             raise PipelineError(f"calibration folder not found: {folder}")
-        for path in sorted(folder.glob(self.params.pattern)):
+        return folder
+
+    def texts(self) -> list[str] | None:
+        return self.spoken
+
+    def _texts(self, folder, files) -> list[str] | None:
+        """Each chosen file's line of texts.txt; None without one. A count that does not match is an error."""
+        path = folder / TEXTS
+        if not path.is_file():
+            return None
+        try:
+            lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise PipelineError(f"cannot read {path}: {e}") from None
+        every = sorted(folder.glob("*.npz"))
+        if len(lines) != len(every):
+            raise PipelineError(f"{path}: {len(lines)} lines of text for {len(every)} .npz files; give one line "
+                                f"per .npz file, in name order")
+        line_of = dict(zip(every, lines))
+        return [line_of.get(f, "") for f in files]
+
+    def feeds(self) -> Iterator[Feeds]:
+        folder = self._folder()
+        files = sorted(folder.glob(self.params.pattern))
+        self.spoken = self._texts(folder, files)
+        for path in files:
             try:
                 # allow_pickle=False: an .npz must hold plain arrays, never objects.
                 with np.load(path, allow_pickle=False) as data:

@@ -136,9 +136,12 @@ class PiperMels(SentenceSource):
         sentences = self.sentences()
         spoken = speech_mels(sentences, voice, p.threads, p.length_scale)
         if p.chunk_frames is None:
-            for _, _, feeds in spoken:
+            self.spoken = []
+            for text, _, feeds in spoken:
+                self.spoken.append(text)
                 yield feeds
             return
+        self.spoken = None  # chunks of mel speak no whole sentence
         mels = [f["mel"] for _, _, f in spoken]
         chunks = chunk_mels(mels, p.chunk_frames)
         if not chunks:

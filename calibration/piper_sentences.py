@@ -77,9 +77,11 @@ class PiperSentences(SentenceSource):
     def feeds(self) -> Iterator[Feeds]:
         voice = load_phonemizer(self._config_path())
         p = self.params
+        self.spoken = []
         for text in self.sentences():
             ids = phoneme_ids(voice, text)
             if ids:
+                self.spoken.append(text)
                 yield piper_feeds(ids, p.noise_scale, p.length_scale, p.noise_w)
 
     def describe(self) -> str:

@@ -186,6 +186,22 @@ def tree(folder: Path) -> set[str]:
 
 
 @pytest.fixture
+def acoustic_files(tmp_path: Path) -> tuple[Path, Path]:
+    """The tiny acoustic model (tests/tiny_acoustic.py: phonemes in, audio out, a durations tensor) and a folder
+    of its four phoneme feeds, 0.npz to 3.npz."""
+    import numpy as np
+
+    from tiny_acoustic import acoustic, phonemes
+
+    model = tiny.save(acoustic(), tmp_path / "acoustic.onnx")
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    for i, f in enumerate(phonemes()):
+        np.savez(feeds / f"{i}.npz", **f)
+    return model, feeds
+
+
+@pytest.fixture
 def tiny_model(tmp_path: Path) -> Path:
     return tiny.save(tiny.conv_net(), tmp_path / "models" / "tiny.onnx")
 

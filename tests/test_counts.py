@@ -135,8 +135,8 @@ def test_check_samples_all_or_exactly_that_many(tmp_path, tiny_model, tiny_feeds
     recipe = tmp_path / "r.yaml"
     recipe.write_text(TINY.format(model=tiny_model, feeds=tiny_feeds, check=check))
     r = load_recipe(recipe)
-    feeds, _ = eval_feeds(tiny_model, r.check.samples, detect_family(tiny_model), r, r.check)
-    assert len(feeds) == expect
+    inputs = eval_feeds(tiny_model, r.check.samples, detect_family(tiny_model), r, r.check)
+    assert len(inputs.feeds) == expect and inputs.texts is None  # .npz files without a texts.txt
 
 
 def test_check_samples_is_a_positive_number_or_all(tmp_path, tiny_model, tiny_feeds):

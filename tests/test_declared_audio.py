@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from conftest import cli, one_line
@@ -12,7 +11,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.recipe import AudioSpec
 from pipeline.families import declare_audio, get_family
 from tiny import save
-from tiny_acoustic import DURATIONS, acoustic, phonemes
+from tiny_acoustic import DURATIONS, acoustic
 
 RECIPE = """
 name: acoustic_fp16
@@ -27,16 +26,6 @@ check:
   samples: all
   max_log_mel: 5.0
 """
-
-
-@pytest.fixture
-def acoustic_files(tmp_path):
-    model = save(acoustic(), tmp_path / "acoustic.onnx")
-    feeds = tmp_path / "feeds"
-    feeds.mkdir()
-    for i, f in enumerate(phonemes()):
-        np.savez(feeds / f"{i}.npz", **f)
-    return model, feeds
 
 
 def recipe(tmp_path, acoustic_files, audio: str):

@@ -24,6 +24,7 @@ SOURCES = [p for folder in ("pipeline", "passes", "calibration") for p in sorted
 # Raised on purpose, yet meaning a bug of ours if it ever reaches the CLI (so it keeps its traceback).
 BUGS = {
     ("pipeline/evaluation/metrics.py", "NotImplementedError"): "an abstract Metric method",
+    ("pipeline/evaluation/asr.py", "NotImplementedError"): "AsrEngine.transcribe, abstract",
     ("pipeline/search/trials.py", "NotImplementedError"): "an abstract executor method",
     ("pipeline/core/progress.py", "ValueError"): "a Display made with a mode no caller passes",
     ("pipeline/formats/gguf.py", "ValueError"): "a GGUF type or plan the family's own code built wrongly",

@@ -43,8 +43,9 @@ _KEY = hashlib.sha256(repr((TORTOISE, PACKAGES, TORCHAUDIO_STUB)).encode()).hexd
 
 
 def cache_root() -> Path:
-    base = os.environ.get("TTS_PIPELINE_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "tts-onnx-pipeline") / "tortoise-upstream"
+    from pipeline.core.hashing import cache_home
+
+    return cache_home() / "tortoise-upstream"
 
 
 def _pip(*args: str) -> None:

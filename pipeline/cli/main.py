@@ -103,6 +103,23 @@ out_option = click.option("--out", "out_dir",
 THREADS = click.IntRange(1, 1024)
 
 
+class CountOrAll(click.ParamType):
+    """A positive number, or `all` (as a recipe's `samples: all`)."""
+
+    name = "N|all"
+
+    def convert(self, value, param, ctx) -> int | str:
+        if value == "all" or isinstance(value, int):
+            return value
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if number < 1:
+            self.fail(f"{value!r}: give a positive number or 'all'", param, ctx)
+        return number
+
+
 def audio_options(command):
     """--sample-rate, --audio-output, --durations: what a recipe's `model.audio` says, as options."""
     options = [
@@ -449,12 +466,15 @@ def _inspect_folder(folder: Path) -> None:
               "(default: node-name scopes such as /enc_p/encoder/attn_layers.3).")
 @click.option("--on", type=click.Choice(["name", "namespace"]), default="name", show_default=True,
               help="Match --blocks against node names or the `namespace` metadata.")
-@click.option("--samples", type=click.IntRange(min=1),
-              help="How many input samples to compare on (default: up to 8; more than the "
+@click.option("--samples", type=CountOrAll(),
+              help="How many input samples to compare on, or `all` (default: up to 8; more than the "
               "inputs hold is an error).")
 @click.option("--npz", type=click.Path(path_type=Path), help="Folder of .npz feed dicts to use as inputs.")
 @click.option("--sensitivity", is_flag=True, help="Also measure, per block, the end-output error with only "
               "that block in candidate precision (one extra session per differing block).")
+@click.option("--asr", is_flag=True, help="Transcribe both models' speech with the offline ASR engine "
+              "(Moonshine base-en; pip install 'tts-onnx-pipeline[asr]') and report WER and CER against the "
+              "evaluation text, and the increase.")
 @click.option("--json", "json_path", type=OutputPath("a file name"),
               help="Write the report as JSON (into a folder that exists; never onto an input).")
 @click.option("--html", "html_path", type=OutputPath("a file name"),
@@ -465,7 +485,8 @@ def _inspect_folder(folder: Path) -> None:
 @quiet_option
 @all_blocks_option
 def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern: str | None, on: str,
-            samples: int | None, npz: Path | None, sensitivity: bool, json_path: Path | None, html_path: Path | None,
+            samples: int | str | None, npz: Path | None, sensitivity: bool, asr: bool, json_path: Path | None,
+            html_path: Path | None,
             md_path: Path | None, sample_rate: int | None, audio_output: str | None, durations: str | None,
             quiet: bool, all_blocks: bool) -> None:
     """Attribute CANDIDATE's error vs REFERENCE to blocks: isolated and accumulated, per block.
@@ -477,7 +498,8 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
     """
     from pydantic import ValidationError
 
-    from pipeline.engine.comparison import eval_feeds, family_of_file, input_files, model_file, run_compare
+    from pipeline.engine.comparison import asr_texts, eval_feeds, family_of_file, input_files, model_file, \
+        run_compare
     from pipeline.core.recipe import BlockSpec, load_recipe
     from pipeline.report.render import outputs_lines, terminal_table
     from pipeline.engine.runfolder import check_report_paths
@@ -501,14 +523,14 @@ def compare(reference: Path, candidate: Path, recipe_path: Path | None, pattern:
             spec = BlockSpec(patterns=[pattern], on=on)
         except ValidationError as e:
             raise PipelineError(f"--blocks: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
-    feeds, _ = eval_feeds(model_file(reference), 8 if samples is None else samples, family, recipe,
-                          recipe.check if recipe else None, npz,
-                          strict=samples is not None)
+    inputs = eval_feeds(model_file(reference), 8 if samples is None else samples, family, recipe,
+                        recipe.check if recipe else None, npz, strict=samples is not None)
+    texts = asr_texts(inputs, family, True, "--asr") if asr else None
     from pipeline.core.progress import status
 
     with _display(quiet):
-        result = run_compare(reference, candidate, feeds, spec, family, sensitivity=sensitivity,
-                             progress=status("comparing"))
+        result = run_compare(reference, candidate, inputs.feeds, spec, family, sensitivity=sensitivity,
+                             asr_texts=texts, progress=status("comparing"))
     if not quiet:
         out.print(terminal_table(result, limit=None if all_blocks else 8))
     for line in result.notes + outputs_lines(result):
@@ -548,11 +570,14 @@ def _write_compare_pages(result: CheckReport, html_path: Path | None, md_path: P
 @click.option("--no-rss", is_flag=True, help="Skip the per-variant peak-RSS child processes.")
 @click.option("--npz", type=click.Path(path_type=Path), help="Folder of .npz feed dicts to run on, in place of "
               "the family's evaluation inputs (any model).")
+@click.option("--asr", is_flag=True, help="Transcribe every variant's speech with the offline ASR engine "
+              "(pip install 'tts-onnx-pipeline[asr]') and add WER columns: against the sentences spoken (an --npz "
+              "folder needs a texts.txt), and the increase over the reference's.")
 @click.option("--json", "json_path", type=OutputPath("a file name"), help="Write the results as JSON here.")
 @audio_options
 @quiet_option
 def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sentences_file: Path | None, repeat: int,
-          threads: int, no_rss: bool, npz: Path | None, json_path: Path | None, sample_rate: int | None,
+          threads: int, no_rss: bool, npz: Path | None, asr: bool, json_path: Path | None, sample_rate: int | None,
           audio_output: str | None, durations: str | None, quiet: bool) -> None:
     """Compare CANDIDATES with REFERENCE (.onnx files or run folders' final/, one graph each).
 
@@ -578,6 +603,15 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sent
     for i, v in enumerate(variants):  # two final/ folders of different runs must stay apart
         if labels.count(v.label) > 1:
             v.label = f"{v.label}#{i}"
+    if asr:
+        from pipeline.evaluation.asr import require_installed
+
+        require_installed("--asr")
+        if family.audio(None) is None:
+            raise PipelineError(f"--asr: a {family.name!r} model's outputs are not audio: nothing to transcribe")
+        if npz is not None and not (npz / "texts.txt").is_file():
+            raise PipelineError(f"--asr: {npz} has no texts.txt (one line per .npz file, in name order): no text "
+                                f"to score the transcripts against")
     texts, feeds = npz_inputs(variants[0], npz, count or 5) if npz is not None else \
         family.bench_inputs(variants[0].path, count or 5, sentences_file)
     if count is not None and len(feeds) < count:  # a number the user gave is held to; the default is "up to"
@@ -588,7 +622,7 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sent
     with _display(quiet):
         result = run_bench(variants, feeds, texts, repeat=repeat, threads=threads, measure_rss=not no_rss,
                            progress=status("benchmarking"),
-                           audio=family.audio(as_modelset(variants[0].path, family)))
+                           audio=family.audio(as_modelset(variants[0].path, family)), asr=asr)
     result["family"] = family.name
     out.print(results_table(result))
     out.print(BENCH_NOTE)

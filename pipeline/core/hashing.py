@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -38,3 +39,13 @@ def write_joined(sources: Iterable[Path], dest: Path) -> str:
                     digest.update(chunk)
                     out.write(chunk)
     return digest.hexdigest()
+
+
+CACHE_ENV = "TTS_PIPELINE_CACHE"
+
+
+def cache_home() -> Path:
+    """The user's cache folder for what outlives a run (ASR transcripts, a test's upstream environment):
+    $TTS_PIPELINE_CACHE, else ~/.cache/tts-onnx-pipeline."""
+    base = os.environ.get(CACHE_ENV)
+    return Path(base) if base else Path.home() / ".cache" / "tts-onnx-pipeline"

@@ -229,6 +229,12 @@ class CheckSpec(Strict):
     decode_steps: int = Field(default=16, ge=1)  # token families: tokens generated per prompt for the token metrics
     min_top1_agreement: float | None = Field(default=None, ge=0, le=1)  # token families, teacher-forced
     thresholds: dict[str, float] = Field(default_factory=dict)  # thresholds of a family's own metrics, by name
+    asr: bool | None = Field(None, description="transcribe both models' speech with the offline ASR engine and "
+                             "report WER/CER against the evaluation text: unset, where the asr extra is installed "
+                             "and the inputs carry text; true: always (what is missing is an error); false: never")
+    max_wer_increase: float | None = Field(None, ge=0, description="the candidate's WER minus the reference's, "
+                                           "points, pooled over the evaluation sentences' words (needs the asr "
+                                           "extra)")
     fallback: FallbackSpec | None = None
     reference: PlainName | None = Field(None, description="the step (its name, or its pass where unnamed) whose "
                                         "output the final model is measured against; default: the base model. "
@@ -261,6 +267,10 @@ class TuneTarget(Strict):
                                                             "(0: every sample keeps its length)")
     max_size_ratio: float | None = Field(None, gt=0, description="bound on final bytes / base bytes")
     max_latency_ratio: float | None = Field(None, gt=0, description="bound on latency / base latency (2 threads)")
+    max_wer_increase: float | None = Field(None, ge=0, description="bound on the candidate's WER minus the FP32 "
+                                           "model's, points, on the tune samples' text through the ASR engine "
+                                           "(needs the asr extra): checked on each verified candidate only, too "
+                                           "slow for every screening trial")
     thresholds: dict[str, float] = Field(default_factory=dict, description="bounds on a family's own metrics")
 
     def model_post_init(self, __context: Any) -> None:

@@ -96,6 +96,7 @@ class VariantResult:
     latency_ratio: float
     peak_rss_mb: float
     sentences: list[SentenceQuality] = field(default_factory=list)
+    asr: dict[str, float] | None = None  # with --asr: WER and CER against the sentences, and the WER increase
 
     @property
     def max_abs_length_diff(self) -> float:
@@ -133,12 +134,12 @@ def resolve_variant(path: Path, label: str | None = None) -> Variant:
 
 def npz_inputs(reference: Variant, folder: Path, count: int) -> tuple[list[str], list[Feeds]]:
     """(labels, feeds) of `bench --npz`: the first `count` feed files of the folder, checked against the
-    reference's entry graph and labelled by file name."""
+    reference's entry graph and labelled by the text each speaks (the folder's texts.txt), else by file name."""
     from pipeline.families import draw_samples
 
-    feeds, _ = draw_samples("npz", {"folder": str(folder)}, SourceContext(None), reference.entry_model(),
-                            "bench --npz")
-    return [p.name for p in sorted(folder.glob("*.npz"))][:count], feeds[:count]
+    feeds, source = draw_samples("npz", {"folder": str(folder)}, SourceContext(None), reference.entry_model(),
+                                 "bench --npz", limit=count)
+    return source.texts() or [p.name for p in sorted(folder.glob("*.npz"))][:count], feeds
 
 
 def _audio(sess, feeds: Feeds, output: str | None = None) -> np.ndarray:
@@ -198,10 +199,12 @@ def time_interleaved(sessions: list, feeds: list[Feeds], repeat: int, progress=l
 
 def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], repeat: int = 5,
               threads: int = 2, measure_rss: bool = True, progress=lambda msg: None,
-              audio: AudioOutput | None = None) -> dict[str, Any]:
+              audio: AudioOutput | None = None, asr: bool = False) -> dict[str, Any]:
     """Reference is variants[0]. Returns a JSON-ready dict with per-variant results.
 
-    `audio` (the family's audio output) adds audio metrics, and pins durations where a length changed."""
+    `audio` (the family's audio output) adds audio metrics, and pins durations where a length changed; `asr`
+    adds each variant's WER and CER against `texts` (the sentences spoken) and the increase over the
+    reference's."""
     sessions = []
     for v in variants:
         model = v.entry_model()
@@ -232,6 +235,13 @@ def run_bench(variants: list[Variant], feeds: list[Feeds], texts: list[str], rep
             sentences.append(quality)
         results.append(VariantResult(v.label, str(v.path), v.bytes, v.bytes / ref.bytes, latencies[vi],
                                      latencies[vi] / latencies[0], rss[vi], sentences))
+        if asr and audio is not None:
+            from pipeline.evaluation.asr import measure_asr
+
+            progress(f"transcribing {v.label}")
+            a = measure_asr(list(zip(outputs[0], outputs[vi])), texts, audio.sample_rate)
+            results[-1].asr = {"wer_reference": a.wer_reference, "wer": a.wer_candidate,
+                               "wer_increase": a.wer_increase, "cer": a.cer_candidate}
     return {
         "machine": {**cpu_description(), "platform": platform.platform(), "threads": threads},
         "repeat": repeat,
@@ -283,9 +293,12 @@ def results_table(result: dict[str, Any]):
                         f"{m['threads']} threads, {m['cpus']} CPUs ({m['model']}; {', '.join(m['extensions'])})")
     cols = ("variant", "MB", "size x", "latency ms", "latency x", "peak RSS MB", "max |len| %",
             "total len %", "log-mel mean", "log-mel max", "pinned max", "MCD dB", "min SNR dB")
-    for col in cols:
+    asr = any(v.get("asr") for v in result["variants"])
+    for col in cols + (("WER %", "WER +pts") if asr else ()):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for v in result["variants"]:
+        wer = ((f"{v['asr']['wer']:.1f}", f"{v['asr']['wer_increase']:+.1f}") if v.get("asr") else ("-", "-")) \
+            if asr else ()
         snrs = [s["snr_db"] for s in v["sentences"] if s["snr_db"] is not None]
         min_snr = "-" if len(snrs) < len(v["sentences"]) else f"{min(snrs):.1f}"
         pinned = [s["pinned_log_mel_distance"] for s in v["sentences"] if s["pinned_log_mel_distance"] is not None]
@@ -294,5 +307,5 @@ def results_table(result: dict[str, Any]):
                       f"{v['max_abs_length_diff'] * 100:.2f}", f"{v['total_length_diff'] * 100:+.2f}",
                       _fmt(v["mean_log_mel"], 4), _fmt(v["max_log_mel"], 4), f"{max(pinned):.4f}" if pinned else "-",
                       _fmt(np.mean(mcds) if (mcds := [s["mcd_db"] for s in v["sentences"] if s["mcd_db"] is not None])
-                           else None, 2), min_snr)
+                           else None, 2), min_snr, *wer)
     return table

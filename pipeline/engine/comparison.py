@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -61,9 +62,19 @@ def as_modelset(path: Path, family: Family) -> ModelSet:
     return ModelSet(path.parent, [GraphFile("model", path.name)], {p.name: "model" for p in family.sidecars(path)})
 
 
+@dataclass
+class EvalInputs:
+    """A comparison's inputs: the feeds, what they are (for the report), and the text each speaks where the
+    source knows it (None otherwise), for the ASR check."""
+
+    feeds: list[Feeds]
+    description: str
+    texts: list[str] | None
+
+
 def eval_feeds(reference: Path, samples: int | Literal["all"], family: Family, recipe: Recipe | None = None,
                check: CheckSpec | None = None, npz: Path | None = None,
-               ms: ModelSet | None = None, strict: bool = False) -> tuple[list[Feeds], str]:
+               ms: ModelSet | None = None, strict: bool = False) -> EvalInputs:
     """Inputs for a comparison, checked against `reference` (the entry graph), and what they are: --npz,
     the check's source, the family's evaluation inputs, or the recipe's calibration source.
 
@@ -85,9 +96,10 @@ def eval_feeds(reference: Path, samples: int | Literal["all"], family: Family, r
         raise PipelineError(f"{reference}: no inputs to compare on; give --npz DIR, or --recipe with a "
                             f"calibration or check source (a {family.name!r} model has no default inputs)")
     feeds, source = draw_samples(name, params, SourceContext(reference, resolve), model, where, family, ms,
-                                 check_where="compare inputs")
+                                 check_where="compare inputs", limit=None if samples == "all" else samples)
+    texts = source.texts()
     if samples == "all":
-        return feeds, source.describe()
+        return EvalInputs(feeds, source.describe(), texts)
     # Only a count the user wrote is held to: the default 8 has always meant "up to 8" (a folder of 6 .npz
     # files checks on 6).
     asked = strict or (check is not None and "samples" in check.model_fields_set and samples == check.samples)
@@ -96,14 +108,15 @@ def eval_feeds(reference: Path, samples: int | Literal["all"], family: Family, r
         fix = "ask for" if strict else "use samples: all or"
         raise PipelineError(f"{what}: {samples} samples asked, but the evaluation inputs ({source.describe()}) "
                             f"hold {len(feeds)}; {fix} at most {len(feeds)}")
-    return feeds[:samples], source.describe()
+    return EvalInputs(feeds[:samples], source.describe(), None if texts is None else texts[:samples])
 
 
 def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: BlockSpec | None,
-                family: Family, sensitivity: bool = False,
+                family: Family, sensitivity: bool = False, asr_texts: list[str] | None = None,
                 progress: Callable[[str], None] = lambda m: None) -> CheckReport:
-    """Per-block report of two one-graph models (files or final/ folders), with the family's output metrics."""
-    from pipeline.evaluation.evaluate import compare_graphs, declared_durations, keep_audio_examples
+    """Per-block report of two one-graph models (files or final/ folders), with the family's output metrics
+    (and the ASR check, given the text each sample speaks)."""
+    from pipeline.evaluation.evaluate import add_asr, compare_graphs, declared_durations, keep_audio_examples
     from pipeline.evaluation.metrics import metrics_for
 
     reference, candidate = model_file(reference), model_file(candidate)
@@ -112,4 +125,27 @@ def run_compare(reference: Path, candidate: Path, feeds: list[Feeds], blocks: Bl
                             sensitivity=sensitivity, durations=declared_durations(family, ms), progress=progress)
     report.family = family.name
     keep_audio_examples(report, metrics, report.outputs[0].name)  # the worst and a typical sample, to hear
+    if asr_texts is not None:
+        add_asr(report, metrics, asr_texts, progress)
     return report
+
+
+def asr_texts(inputs: EvalInputs, family: Family, asked: bool | None, where: str) -> list[str] | None:
+    """The texts to score transcripts against, when the ASR check runs: `asked` True (--asr, check.asr: true,
+    a WER threshold) needs the extra, audio and text, and says which is missing; None (unset) runs it where
+    all three are there; False never."""
+    from pipeline.evaluation.asr import installed, require_installed
+
+    if asked is False:
+        return None
+    if asked is None:
+        return inputs.texts if installed() and inputs.texts is not None and family.audio(None) is not None \
+            else None
+    require_installed(where)
+    if family.audio(None) is None:
+        raise PipelineError(f"{where}: a {family.name!r} model's outputs are not audio: nothing to transcribe")
+    if inputs.texts is None:
+        raise PipelineError(f"{where}: the evaluation inputs ({inputs.description}) carry no text to score the "
+                            f"transcripts against (sentences do; an npz folder needs a texts.txt, one line per "
+                            f".npz file)")
+    return inputs.texts

@@ -194,6 +194,13 @@ def _check_thresholds(check, family, where: str) -> None:
 
     metrics = metrics_for(family, None)
     require_measurable(check_limits(check), metrics, family, f"{where}: check")
+    if check.max_wer_increase is not None or check.asr:
+        from pipeline.evaluation.asr import require_installed
+
+        if check.asr is False:
+            raise PipelineError(f"{where}: check.max_wer_increase needs the ASR check, which check.asr: false "
+                                f"turns off")
+        require_installed(f"{where}: check.asr" if check.asr else f"{where}: check.max_wer_increase")
     if check.fallback is not None:
         require_measurable(check_limits(check.fallback), metrics, family, f"{where}: check.fallback")
 

@@ -126,22 +126,26 @@ class Runner:
     def _check(self, base: ModelSet, final: ModelSet, targets: list[dict[str, Any]]) -> CheckReport:
         """Per-block error of final vs base and the family's output metrics, then every format beside ONNX
         against the same base on the same inputs; cached by content like a step."""
-        from pipeline.engine.comparison import eval_feeds
+        from pipeline.engine.comparison import asr_texts, eval_feeds
         from pipeline.evaluation.evaluate import evaluate
         from pipeline.evaluation.metrics import check_limits, failures, metrics_for
         from pipeline.report.render import write_reports
 
         check, family = self.plan.recipe.check, self.plan.family
         entry = family.entry_graph(base)
-        feeds, inputs = eval_feeds(base.path(entry), check.samples, family, self.plan.recipe, check, ms=base)
+        inputs = eval_feeds(base.path(entry), check.samples, family, self.plan.recipe, check, ms=base)
+        feeds = inputs.feeds
+        texts = asr_texts(inputs, family, True if check.max_wer_increase is not None else check.asr, "check.asr")
         blocks, audio = self.plan.recipe.blocks, self.plan.recipe.model.audio
         # Newer keys only where set (check.reference, model.audio): the key of a recipe without them stays.
-        spec = check.model_dump(mode="json", exclude={"fallback"} | ({"reference"} if check.reference is None else set()))
+        unset = {name for name in ("reference", "asr", "max_wer_increase") if getattr(check, name) is None}
+        spec = check.model_dump(mode="json", exclude={"fallback"} | unset)
         key = content_hash({"version": __version__, "base": base.content_hash(), "final": final.content_hash(),
                      "check": spec, "family": family.name,
                      "blocks": blocks.model_dump(mode="json") if blocks else None, "feeds": feeds_hash(feeds),
                      "targets": [t["key"] for t in targets],
-                     **({"audio": audio.model_dump(mode="json")} if audio else {})})
+                     **({"audio": audio.model_dump(mode="json")} if audio else {}),
+                     **({"asr": texts} if texts is not None else {})})
         cached = self._cached_report(key)
         if cached is not None:
             return cached
@@ -149,10 +153,10 @@ class Runner:
         with progress.activity("check"):
             report = evaluate(base, final, feeds, family, blocks=blocks,
                               fp32_twin=self.references[tuple(final.names())], sensitivity=check.sensitivity,
-                              decode_steps=check.decode_steps, progress=progress.status("check"))
+                              decode_steps=check.decode_steps, asr_texts=texts, progress=progress.status("check"))
         report.formats = self._check_formats(base, feeds, targets) or None
         report.key = key
-        report.notes.append(f"inputs: {inputs}")
+        report.notes.append(f"inputs: {inputs.description}")
         report.failures = failures(report, check_limits(check), metrics_for(family, base))
         write_reports(report, self.out_dir)
         return report

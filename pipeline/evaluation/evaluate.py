@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.core import progress as progress_display
+from pipeline.core.errors import PipelineError
 from pipeline.core.feeds import Feeds
 from pipeline.core.modelset import ModelSet
 from pipeline.core.onnx_io import load_mapped, load_onnx
@@ -39,11 +40,13 @@ if TYPE_CHECKING:
 
 def evaluate(reference: ModelSet, candidate: ModelSet, samples: list[Feeds], family: Family, *,
              blocks: BlockSpec | None = None, fp32_twin: ModelSet | None = None, sensitivity: bool = False,
-             decode_steps: int = 16, progress: Callable[[str], None] = lambda m: None) -> CheckReport:
+             decode_steps: int = 16, asr_texts: list[str] | None = None,
+             progress: Callable[[str], None] = lambda m: None) -> CheckReport:
     """Candidate vs reference on `samples` (the entry graph's feeds), as a typed report.
 
     `fp32_twin` is the FP32 ModelSet with the candidate's graph names (what a split made of the
-    reference): a chain's downstream graphs are fed from it."""
+    reference): a chain's downstream graphs are fed from it. `asr_texts` (what each sample speaks) adds the
+    ASR check of the audio a user hears (`report.asr`)."""
     # The metrics of the output a user hears, which the audio examples come from: one graph's first output,
     # or the whole chain's entry (appended last).
     heard: list[Metric] = []
@@ -61,7 +64,21 @@ def evaluate(reference: ModelSet, candidate: ModelSet, samples: list[Feeds], fam
     report.family = family.name
     if heard:
         keep_audio_examples(report, heard, report.outputs[heard_entry].name)
+    if asr_texts is not None:
+        add_asr(report, heard, asr_texts, progress)
     return report
+
+
+def add_asr(report: CheckReport, metrics: list[Metric], texts: list[str],
+            progress: Callable[[str], None] = lambda m: None) -> None:
+    """The ASR check (`asr.measure_asr`) of the waveforms the audio metric among `metrics` kept, into
+    `report.asr`; a model without audio is an error naming its family."""
+    from pipeline.evaluation.asr import measure_asr
+
+    audio = next((m for m in metrics if isinstance(m, AudioMetric) and m.comparisons), None)
+    if audio is None:
+        raise PipelineError(f"asr: a {report.family or 'this'} model's outputs are not audio: nothing to transcribe")
+    report.asr = measure_asr(audio.waveforms, texts, audio.spec.sample_rate, progress=progress)
 
 
 def keep_audio_examples(report: CheckReport, metrics: list[Metric], output: str) -> None:

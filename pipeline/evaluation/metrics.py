@@ -179,7 +179,24 @@ class TokenMetric(Metric):
         return [f"teacher-forced top-1 agreement {agreement:.3f} < {limit}"]
 
 
-BUILT_IN: tuple[type[Metric], ...] = (BlockSQNR, OutputSQNR, AudioMetric, TokenMetric)
+class AsrMetric(Metric):
+    """Whether the words survive: WER of both models' speech through an offline ASR engine (`asr.measure_asr`,
+    run on the audio metric's waveforms once the evaluation is done; the report's `asr`)."""
+
+    key = "asr"
+    needs = "an audio output"
+    thresholds = {"max_wer_increase": "the candidate's WER minus the reference's, points"}
+
+    def failures(self, report, limits):
+        limit = limits.get("max_wer_increase")
+        if limit is None or report.asr is None:
+            return []
+        a = report.asr
+        return [] if a.wer_increase <= limit else \
+            [f"WER {a.wer_reference:.1f}% -> {a.wer_candidate:.1f}%: +{a.wer_increase:.1f} points > {limit}"]
+
+
+BUILT_IN: tuple[type[Metric], ...] = (BlockSQNR, OutputSQNR, AudioMetric, AsrMetric, TokenMetric)
 
 
 def choose_examples(log_mels: list[float]) -> list[tuple[int, str]]:
@@ -209,7 +226,7 @@ def metrics_for(family: Family, ms: ModelSet | None) -> list[Metric]:
     found: list[Metric] = [BlockSQNR(), OutputSQNR()]
     audio = family.audio(ms)
     if audio is not None:
-        found.append(AudioMetric(audio))
+        found += [AudioMetric(audio), AsrMetric()]
     if family.tokens(ms):
         found.append(TokenMetric())
     return found + list(family.metrics(ms))

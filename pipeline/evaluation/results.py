@@ -136,6 +136,58 @@ class AudioExample(_Strict):
     spectrogram: str = Field(description="file name of the PNG of both mel spectrograms and their difference")
 
 
+class AsrSentence(_Strict):
+    """One evaluation sentence through the ASR engine: its text, both transcripts, and their errors against it."""
+
+    text: str = Field(description="the sentence the models were asked to speak")
+    reference_transcript: str = Field(description="what the ASR engine heard in the reference's audio")
+    candidate_transcript: str = Field(description="what it heard in the candidate's audio")
+    words: int = Field(description="words of the normalised text")
+    chars: int = Field(description="characters of the normalised text")
+    word_errors_reference: int = Field(description="substitutions + deletions + insertions, reference transcript")
+    word_errors_candidate: int
+    char_errors_reference: int
+    char_errors_candidate: int
+
+    @property
+    def wer_increase(self) -> float:
+        """This sentence's WER increase, points."""
+        return 100 * (self.word_errors_candidate - self.word_errors_reference) / max(self.words, 1)
+
+
+class AsrSummary(_Strict):
+    """Intelligibility: word and character error rates of both models' speech against the evaluation text,
+    through an offline ASR engine (`pipeline.evaluation.asr`), pooled over all sentences' words (percent)."""
+
+    engine: str = Field(description="the ASR engine and its version")
+    wer_reference: float = Field(description="WER of the reference's audio, percent, pooled over all words")
+    wer_candidate: float = Field(description="WER of the candidate's audio, percent")
+    wer_increase: float = Field(description="candidate minus reference, points of WER")
+    cer_reference: float = Field(description="CER of the reference's audio, percent")
+    cer_candidate: float
+    wer_increase_max: float = Field(description="the largest one sentence's WER increase, points")
+    cached_references: int = Field(0, description="reference transcripts taken from the transcript cache")
+    sentences: list[AsrSentence] = Field(description="each sentence, in sample order")
+
+    @classmethod
+    def of(cls, sentences: list[AsrSentence], engine: str, cached_references: int = 0) -> AsrSummary:
+        words, chars = max(sum(s.words for s in sentences), 1), max(sum(s.chars for s in sentences), 1)
+        wer_ref = 100 * sum(s.word_errors_reference for s in sentences) / words
+        wer_cand = 100 * sum(s.word_errors_candidate for s in sentences) / words
+        return cls(engine=engine, wer_reference=round(wer_ref, 3), wer_candidate=round(wer_cand, 3),
+                   wer_increase=round(wer_cand - wer_ref, 3),
+                   cer_reference=round(100 * sum(s.char_errors_reference for s in sentences) / chars, 3),
+                   cer_candidate=round(100 * sum(s.char_errors_candidate for s in sentences) / chars, 3),
+                   wer_increase_max=round(max((s.wer_increase for s in sentences), default=0.0), 3),
+                   cached_references=cached_references, sentences=sentences)
+
+    def line(self) -> str:
+        """One line for a terminal: both WERs, the increase, both CERs."""
+        return (f"ASR ({self.engine}, {len(self.sentences)} sentences): WER {self.wer_reference:.1f}% -> "
+                f"{self.wer_candidate:.1f}% ({self.wer_increase:+.1f} points), CER {self.cer_reference:.1f}% -> "
+                f"{self.cer_candidate:.1f}%")
+
+
 class _EndOutput(_Strict):
     output: str = Field(description="the output measured")
 
@@ -222,6 +274,8 @@ class TuneCandidate(_Strict):
     log_mel_max: float | None = Field(description="worst tune sample's log-mel distance (audio families)")
     sqnr_db: float | None = Field(description="first output's pooled SQNR, dB")
     length_change_max: float = Field(description="largest output length change, as a fraction")
+    wer_increase: float | None = Field(None, description="WER minus the FP32 model's, points, on the tune samples "
+                                                         "(where the target bounds it)")
     predicted: dict[str, float] = Field(description="what the additive model predicted for its quality terms")
     met: bool = Field(description="every target bound holds")
     misses: list[str] = Field(description="the bounds it misses, with numbers")
@@ -282,6 +336,8 @@ class CheckReport(_Strict):
     formats: list[FormatResult] | None = Field(None, description="the formats beside ONNX, checked the same way")
     length_changes: list[LengthChange] | None = Field(None, description="samples whose lengths changed: which "
                                                       "durations or outputs, in which block, by how much")
+    asr: AsrSummary | None = Field(None, description="intelligibility: WER/CER of both models' speech through an "
+                                                     "offline ASR engine (audio families with evaluation text)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     # The examples' waveforms by WAV file name, while this report is the check's own (not read back from JSON).

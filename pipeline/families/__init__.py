@@ -210,9 +210,10 @@ class Family:
         name, params = spec
         if sentences is not None:
             params = {**params, "sentences": str(sentences)}
-        feeds, _ = draw_samples(name, params, SourceContext(entry), load_onnx(entry), "bench inputs")
-        feeds = feeds[:count]
-        return [f"sample {i}" for i in range(len(feeds))], feeds
+        feeds, source = draw_samples(name, params, SourceContext(entry), load_onnx(entry), "bench inputs",
+                                     limit=count)
+        # The sentences spoken, where the source knows them (`bench --asr` scores transcripts against them).
+        return source.texts() or [f"sample {i}" for i in range(len(feeds))], feeds
 
     def generate(self, ms: ModelSet, request: GenerateRequest) -> Generated:
         raise PipelineError(f"family {self.name!r} has no generation (pipeline generate is for token families)")
@@ -507,14 +508,14 @@ def make_source(name: str, params: dict[str, Any], ctx: SourceContext, where: st
 
 def draw_samples(name: str, params: dict[str, Any], ctx: SourceContext, graph: onnx.ModelProto, where: str,
                  family: Family | None = None, ms: ModelSet | None = None,
-                 check_where: str | None = None) -> tuple[list[Feeds], CalibrationSource]:
+                 check_where: str | None = None, limit: int | None = None) -> tuple[list[Feeds], CalibrationSource]:
     """The one way samples are drawn, for calibration, checks, compare, bench and tune: the source made with its
     params checked (`where` names them), fitted to an exported model set by its family, and every sample checked
-    against the graph it feeds (`check_where` names that, default `where`)."""
+    against the graph it feeds (`check_where` names that, default `where`); the first `limit`, where given."""
     source = make_source(name, params, ctx, where=where)
     if family is not None and ms is not None:
         family.fit_source(source, ms, params)
-    return checked_feeds(source, graph, where=check_where or where), source
+    return checked_feeds(source, graph, where=check_where or where, limit=limit), source
 
 
 def files_key(params: BaseModel, files: list[Path]) -> str:

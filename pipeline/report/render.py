@@ -153,6 +153,8 @@ def outputs_lines(report: Report) -> list[str]:
                      f"length change max {a.length_diff_max_abs:.2%} "
                      f"({a.samples_with_length_change} of {report.samples} samples)")
         lines.append(line)
+    if report.asr is not None:
+        lines.append(report.asr.line())
     return lines + [_format_line(f) for f in report.formats or []]
 
 
@@ -430,6 +432,10 @@ def _audio_markdown(report: CheckReport, audio_dir: str | None) -> list[str]:
         links = f"[reference]({audio_dir}/{e.reference_wav}), [candidate]({audio_dir}/{e.candidate_wav})"
         picture = f"mel spectrograms of sample {e.sample}: reference, candidate, difference"
         lines += [f"- {_example_line(e)}: {links}", "", f"  ![{picture}]({audio_dir}/{e.spectrogram})", ""]
+        if report.asr is not None and e.sample < len(report.asr.sentences):
+            s = report.asr.sentences[e.sample]
+            lines += [f"  text: {s.text}", f"  reference heard: {s.reference_transcript}",
+                      f"  candidate heard: {s.candidate_transcript}", ""]
     return lines
 
 
@@ -479,7 +485,8 @@ th[aria-sort=ascending]::after{content:" \\25B2"} th[aria-sort=descending]::afte
 tr.worst{background:#fde2e2} img{max-width:100%} .seeded{font-weight:bold;color:#a00}
 .wide{overflow-x:auto} .wide img{max-width:none}
 .example{border-top:1px solid #ddd;padding-top:.5em} .players{display:flex;gap:2em;flex-wrap:wrap}
-.players figure{margin:0} .missing{color:#a00}"""
+.players figure{margin:0} .missing{color:#a00}
+.transcripts dt{font-weight:600;margin-top:.3em} .transcripts dd{margin-left:1em} mark{background:#fcc}"""
 
 
 def html_page(report: Report, png: bytes | None = None, tune: bytes | None = None,
@@ -541,8 +548,25 @@ def _audio_html(report: CheckReport, audio_dir: Path | None) -> str:
              "frames, red louder, blue quieter.")
     parts = [f"<h2>{AUDIO_HEADING}</h2><p>{intro}</p>"]
     parts += [f'<section class="example"><h3>{html.escape(_example_line(e))}</h3>{_example_media(e, audio_dir)}'
-              "</section>" for e in examples]
+              f"{_transcripts_html(report, e.sample)}</section>" for e in examples]
     return "".join(parts) + "\n"
+
+
+def _transcripts_html(report: CheckReport, sample: int) -> str:
+    """What the ASR engine heard in the sample's two renderings, the candidate's words that differ from the
+    reference's marked; nothing without an ASR check."""
+    from pipeline.evaluation.asr import differing_words
+
+    if report.asr is None or sample >= len(report.asr.sentences):
+        return ""
+    s = report.asr.sentences[sample]
+    marked = " ".join(f"<mark>{html.escape(w)}</mark>" if differs else html.escape(w)
+                      for w, differs in differing_words(s.reference_transcript, s.candidate_transcript))
+    return ('<dl class="transcripts">'
+            f"<dt>text</dt><dd>{html.escape(s.text)}</dd>"
+            f"<dt>reference heard ({s.word_errors_reference} word errors)</dt><dd>{html.escape(s.reference_transcript)}</dd>"
+            f"<dt>candidate heard ({s.word_errors_candidate} word errors; marked: words the reference's transcript "
+            f"lacks)</dt><dd>{marked or '<em>(nothing)</em>'}</dd></dl>")
 
 
 def _example_media(e: AudioExample, audio_dir: Path | None) -> str:

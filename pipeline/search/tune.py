@@ -67,6 +67,7 @@ FP32 = "fp32"  # the choice every block has: no menu item
 WEIGHTINGS = {"size": [(1.0, 1e-3)], "latency": [(1e-3, 1.0)], "both": [(1.0, 1e-3), (1.0, 1.0), (1e-3, 1.0)]}
 LATENCY_THREADS = 2  # what latency is measured (and profiled) with, as `pipeline bench` does
 SEARCHED_BOUNDS = ("max_log_mel", "min_output_sqnr_db")  # quality bounds a trial measures (quality_terms)
+VERIFIED_BOUNDS = ("max_wer_increase",)  # bounds only a verification measures (ASR is too slow for every trial)
 
 
 def validate_tune(recipe: Recipe, family, where: str) -> None:
@@ -123,11 +124,15 @@ def _check_target(spec: TuneSpec, family, where: str) -> None:
 
     limits = check_limits(spec.target)
     require_measurable(limits, metrics_for(family, None), family, f"{where}: tune.target")
-    unsupported = [k for k in limits if k not in SEARCHED_BOUNDS]
+    unsupported = [k for k in limits if k not in SEARCHED_BOUNDS + VERIFIED_BOUNDS]
     if unsupported:
         raise PipelineError(f"{where}: tune.target.{unsupported[0]}: the search measures "
                             f"{', '.join(SEARCHED_BOUNDS)} and max_length_change on a one-graph model, "
                             f"not {unsupported[0]}")
+    if spec.target.max_wer_increase is not None:
+        from pipeline.evaluation.asr import require_installed
+
+        require_installed(f"{where}: tune.target.max_wer_increase")
 
 
 @dataclass
@@ -264,6 +269,11 @@ class Tuner:
         n = len(feeds) if asked == "all" else min(asked, len(feeds))  # the default 8 takes at most what there is
         picked = sorted(np.random.default_rng(self.spec.seed).choice(len(feeds), n, replace=False).tolist())
         self.log(f"tune: {n} tune samples of {len(feeds)} from {source.describe()} (seed {self.spec.seed})")
+        texts = source.texts()
+        if self.spec.target.max_wer_increase is not None and texts is None:
+            raise PipelineError(f"{where}: tune.target.max_wer_increase: the tune samples ({source.describe()}) "
+                                f"carry no text to score transcripts against")
+        self.sample_texts = None if texts is None else [texts[i] for i in picked]
         return [feeds[i] for i in picked], f"{n} of {source.describe()}, seed {self.spec.seed}, samples {picked}"
 
     def _reference_outputs(self) -> list[np.ndarray]:
@@ -528,7 +538,8 @@ class Tuner:
                            "steps": [s.model_dump(mode="json", by_alias=True) for s in steps],
                            "blocks": self.recipe.blocks.model_dump(mode="json") if self.recipe.blocks else None,
                            "calibration": self.recipe.calibration.model_dump(mode="json")
-                           if self.recipe.calibration else None, "threads": self.spec.threads})
+                           if self.recipe.calibration else None, "threads": self.spec.threads,
+                           **({"asr": self.sample_texts} if self._wants_asr() else {})})
         cache = self.dir / "trials" / f"{trial_key}.json"
         try:
             r, cached = json.loads(cache.read_text()), True
@@ -564,6 +575,8 @@ class Tuner:
                       self.ref_outputs)
         r["size_ratio"] = result.final.total_bytes() / self.base_path.stat().st_size
         r["latency_ratio"] = self._latency_ratio(path)
+        if self._wants_asr():
+            r.update(self._asr(path))
         if r["length_change_max"] > self.spec.target.max_length_change:
             from pipeline.evaluation.blockwise import compare_models
 
@@ -572,6 +585,22 @@ class Tuner:
             r["upstream"] = [b.block for b in report.blocks if b.accumulated.samples and not b.accumulated.shape_mismatches]
         shutil.rmtree(folder, ignore_errors=True)  # the numbers are kept; the resolved recipe rebuilds the model
         return r
+
+    def _wants_asr(self) -> bool:
+        return self.spec.target.max_wer_increase is not None
+
+    def _asr(self, path: Path) -> dict[str, float]:
+        """WER of the FP32 model's and the candidate's speech of the tune samples (the FP32 transcripts come from
+        the transcript cache after the first candidate)."""
+        from pipeline.core.onnx_io import session
+        from pipeline.evaluation.asr import measure_asr
+
+        sess = session(path, threads=LATENCY_THREADS)
+        name = (self.audio.output if self.audio else None) or sess.get_outputs()[0].name
+        pairs = [(np.asarray(r, np.float32).reshape(-1), np.asarray(sess.run([name], f)[0], np.float32).reshape(-1))
+                 for r, f in zip(self.ref_outputs, self.samples)]
+        a = measure_asr(pairs, self.sample_texts, self.audio.mel.sample_rate)
+        return {"wer_reference": a.wer_reference, "wer_candidate": a.wer_candidate, "wer_increase": a.wer_increase}
 
     def _latency_ratio(self, path: Path) -> float:
         """Candidate / base latency over the tune samples, 2 threads, the two timed in turns in a process of
@@ -595,6 +624,9 @@ class Tuner:
             misses.append(f"size {size:.3f}x > {t.max_size_ratio}")
         if t.max_latency_ratio is not None and r["latency_ratio"] > t.max_latency_ratio:
             misses.append(f"latency {r['latency_ratio']:.2f}x > {t.max_latency_ratio}")
+        if t.max_wer_increase is not None and r.get("wer_increase", 0.0) > t.max_wer_increase:
+            misses.append(f"WER {r['wer_reference']:.1f}% -> {r['wer_candidate']:.1f}% "
+                          f"(+{r['wer_increase']:.1f} points > {t.max_wer_increase})")
         return misses
 
     def _choose(self, verified: list[Verified]) -> Verified | None:
@@ -626,6 +658,7 @@ class Tuner:
         cands = [TuneCandidate(key=v.key[:16], choices=_counts(v.assignment), size_ratio=v.size_ratio,
                                latency_ratio=v.latency_ratio, log_mel_max=v.result.get("log_mel_max"),
                                sqnr_db=_float_or_none(v.result["sqnr_db"]), length_change_max=v.result["length_change_max"],
+                               wer_increase=v.result.get("wer_increase"),
                                predicted=v.predicted, met=v.met, misses=v.misses, pareto=v.key in front,
                                chosen=v is chosen)
                  for v in verified]
