@@ -82,6 +82,18 @@ def hold(folder: Path, resume_hint: str | None = None, log: Callable[[str], None
         os.close(fd)
 
 
+@contextlib.contextmanager
+def held_by_parent(folder: Path) -> Iterator[None]:
+    """In a child process of `folder`'s holder, which keeps the lock and waits for it to end: runners may work
+    there (`pipeline.search.apart`). Taking the lock here would wait on the parent forever."""
+    key = folder.resolve()
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+
+
 def require_held(folder: Path) -> None:
     """A runner works only in a folder its owner holds (the folder, or a run folder above it)."""
     path = folder.resolve()

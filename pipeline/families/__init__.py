@@ -375,7 +375,15 @@ def declare_audio(family: Family, spec: AudioSpec | None, where: str = "model.au
     def audio(self, ms):
         return merged_audio(own.audio(self, ms), spec)
 
-    return type(own.__name__, (own,), {"audio": audio, "__module__": own.__module__, "__doc__": own.__doc__})()
+    def __reduce__(self):  # pickled as the family it declares audio for, and the declaration (a run apart)
+        plain = own.__new__(own)
+        plain.__dict__.update(self.__dict__)
+        return declare_audio, (plain, spec)
+
+    declared = type(own.__name__, (own,), {"audio": audio, "__reduce__": __reduce__, "__module__": own.__module__,
+                                           "__doc__": own.__doc__})()
+    declared.__dict__.update(family.__dict__)  # what detection set on it (a generic model's `lacks`)
+    return declared
 
 
 def check_declared_audio(spec: AudioSpec, model: onnx.ModelProto, where: str) -> None:

@@ -59,6 +59,7 @@ from pipeline.engine.plan import Plan, plan_recipe, replan
 from pipeline.engine.runfolder import RESOLVED_RECIPE
 from pipeline.engine.runner import Runner, RunResult
 from pipeline.core.hashing import content_hash, feeds_hash  # the cache keys of steps, for trials alike
+from pipeline.search.apart import run_apart
 from pipeline.search.trials import TrialSpec, make_executor, release_graphs
 
 TUNE_DIR = "tune"
@@ -218,13 +219,9 @@ class Tuner:
                                 + (f" (closest: {'; '.join(best.misses)})" if best else "")
                                 + f"; trials log in {self.dir / 'trials.jsonl'}")
         self.log(f"tune: chosen {self._describe(chosen)}; resolved recipe {resolved_path}")
-        result = Runner(replan(self.plan, resolved), self.out_dir, log=self.log).run()
-        if result.report is not None:
-            from pipeline.report.render import write_reports
-
-            result.report.tune = self._summary(verified, chosen)
-            write_reports(result.report, self.out_dir)
-        return result
+        # Built and checked in a process of its own: the check does not start on the search's leftovers.
+        return run_apart(replan(self.plan, resolved), self.out_dir, self.log,
+                         finish=WithSummary(self._summary(verified, chosen), self.out_dir))
 
     def _without_tune(self, recipe: Recipe, steps: list[Step] | None = None, model: dict | None = None,
                       check: bool = True, targets: bool = False) -> Recipe:
@@ -826,6 +823,21 @@ def _sha(path: Path) -> str:
     from pipeline.core.modelset import file_sha256
 
     return file_sha256(path)
+
+
+@dataclass
+class WithSummary:
+    """What the chosen recipe's run does last (in its own process): the search's summary into its report."""
+
+    summary: TuneSummary
+    out_dir: Path
+
+    def __call__(self, result: RunResult) -> None:
+        if result.report is not None:
+            from pipeline.report.render import write_reports
+
+            result.report.tune = self.summary
+            write_reports(result.report, self.out_dir)
 
 
 def run_tune(plan: Plan, out_dir: Path, log: Callable[[str], None] = print) -> RunResult:
