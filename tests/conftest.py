@@ -185,6 +185,29 @@ def tree(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
+def rounded_voice(piper_model: Path, folder: Path, bits: int) -> Path:
+    """A copy of the Piper voice (with its .onnx.json) with every float weight rounded to `bits` bits, symmetric,
+    one scale per tensor: speech that degrades with fewer bits, made without any pass of ours."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(piper_model)
+    levels = 2 ** (bits - 1) - 1
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2:
+            continue
+        w = numpy_helper.to_array(t)
+        scale = float(np.abs(w).max()) / levels or 1.0
+        t.CopyFrom(numpy_helper.from_array((np.round(w / scale) * scale).astype(np.float32), t.name))
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / piper_model.name
+    onnx.save(model, out)
+    config = piper_model.with_name(piper_model.name + ".json")
+    (folder / config.name).write_bytes(config.read_bytes())
+    return out
+
+
 @pytest.fixture
 def acoustic_files(tmp_path: Path) -> tuple[Path, Path]:
     """The tiny acoustic model (tests/tiny_acoustic.py: phonemes in, audio out, a durations tensor) and a folder

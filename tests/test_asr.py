@@ -1,19 +1,17 @@
 """The ASR intelligibility check: the text normaliser and error rates, the Moonshine engine on real Piper speech,
 the transcript cache, `compare --asr` / `bench --asr` / a check's WER threshold, the HTML transcripts, and the
 errors of bad input. The proof that WER tells a 4-bit voice from the shipped INT8 one over the whole
-evaluation set is end to end (`test_wer_tells_a_four_bit_voice_from_piper_int8`)."""
+evaluation set is end to end, beside the shipped recipes' other tests (tests/test_recipes.py)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from calibration import DATA_DIR, read_sentences
-from conftest import cli, one_line
+from conftest import cli, one_line, rounded_voice
 from pipeline.core.hashing import CACHE_ENV
 from pipeline.evaluation.asr import (TranscriptCache, align, char_errors, differing_words, load_engine, normalize,
                                      resample, score_sentence, word_errors)
@@ -25,25 +23,6 @@ def transcript_cache(tmp_path, monkeypatch):
     """A transcript cache of this test's own (the session's is shared: tests/conftest.py)."""
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache" / "asr"
-
-
-def rounded_voice(piper_model: Path, folder: Path, bits: int) -> Path:
-    """A copy of the Piper voice (with its .onnx.json) with every float weight rounded to `bits` bits, symmetric,
-    one scale per tensor: speech that degrades with fewer bits, made without any pass of ours."""
-    model = onnx.load(piper_model)
-    levels = 2 ** (bits - 1) - 1
-    for t in model.graph.initializer:
-        if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) < 2:
-            continue
-        w = numpy_helper.to_array(t)
-        scale = float(np.abs(w).max()) / levels or 1.0
-        t.CopyFrom(numpy_helper.from_array((np.round(w / scale) * scale).astype(np.float32), t.name))
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / piper_model.name
-    onnx.save(model, out)
-    config = piper_model.with_name(piper_model.name + ".json")
-    (folder / config.name).write_bytes(config.read_bytes())
-    return out
 
 
 def speak(piper_model: Path, text: str) -> np.ndarray:
@@ -197,23 +176,47 @@ def test_a_wer_threshold_with_asr_turned_off_fails_before_any_work(tmp_path, pip
     assert "check.asr: false" in one_line(result.stderr)
 
 
-# -- the proof: WER tells good audio from bad ---------------------------------------------------------------------
+TUNE = """
+name: piper_wer_tune
+model: {{path: {voice}}}
+calibration: {{source: piper, params: {{count: 8}}}}
+tune:
+  menu:
+    - {{name: int8-weights, pass: compress_weights, params: {{dtype: int8}}}}
+  blocks: {{include: ['/dec/ups\\.0', '/flow/flows\\.2']}}
+  target: {{max_log_mel: 0.5, max_wer_increase: {bound}}}
+  samples: 2
+  budget: {{verify_rounds: 1}}
+check: {{samples: 2}}
+"""
+
 
 @pytest.mark.e2e
-def test_wer_tells_a_four_bit_voice_from_piper_int8(piper_model, tmp_path):
-    """Over the whole evaluation set: a copy with every weight rounded to 4 bits loses at least 50 points of WER;
-    the shipped piper_int8 recipe's voice at most 2."""
-    run = tmp_path / "run"
-    built = cli("run", "piper_int8", "--out", str(run), "--quiet")
-    assert built.exit_code == 0, built.output
-    increase = {}
-    for name, candidate in (("int8", run / "final"), ("4-bit", rounded_voice(piper_model, tmp_path / "4bit", 4))):
-        out = tmp_path / f"{name}.json"
-        result = cli("compare", str(piper_model), str(candidate), "--samples", "all", "--asr", "--json", str(out),
-                     "--quiet")
-        assert result.exit_code == 0, result.output
-        got = json.loads(out.read_text())["asr"]
-        assert len(got["sentences"]) == len(read_sentences(DATA_DIR / "eval_en.txt")) >= 50
-        increase[name] = got["wer_increase"]
-        print(f"{name}: WER {got['wer_reference']:.1f}% -> {got['wer_candidate']:.1f}% ({got['wer_increase']:+.1f})")
-    assert increase["4-bit"] >= 50 and increase["int8"] <= 2, increase
+def test_tune_checks_the_wer_bound_on_its_verified_candidates(piper_model, tmp_path):
+    recipe = tmp_path / "tune.yaml"
+    recipe.write_text(TUNE.format(voice=piper_model, bound=5))
+    result = cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    chosen = [c for c in report["tune"]["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["met"] and chosen[0]["wer_increase"] <= 5
+    assert report["asr"]["wer_increase"] == pytest.approx(report["asr"]["wer_candidate"]
+                                                          - report["asr"]["wer_reference"], abs=2e-3)
+
+
+def test_a_wer_bound_on_tune_samples_without_text_is_one_line(acoustic_files, tmp_path):
+    model, feeds = acoustic_files
+    recipe = tmp_path / "tune.yaml"
+    recipe.write_text(f"""
+name: t
+model: {{path: {model}, audio: {{sample_rate: 8000}}}}
+calibration: {{source: npz, params: {{folder: {feeds}}}}}
+tune:
+  menu: [{{name: fp16, pass: fp16}}]
+  target: {{max_log_mel: 1.0, max_wer_increase: 2}}
+  samples: 2
+""")
+    result = cli("run", str(recipe), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    last = result.stderr.strip().splitlines()[-1]  # after the tune's progress lines
+    assert last.startswith("error: ") and "tune.target.max_wer_increase" in last and "carry no text" in last

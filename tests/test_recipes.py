@@ -1,12 +1,13 @@
 """Every shipped recipe runs as shipped, and the shrunk Piper voices still speak in Piper."""
 from __future__ import annotations
 
+import json
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, cli
+from conftest import REPO, cli, rounded_voice
 
 from pipeline.core.audio import compare_audio
 from pipeline.core.modelset import ModelSet
@@ -75,6 +76,36 @@ def test_quality_and_size_targets_on_eval_sentences(runs, piper_model, name):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(TARGETS))
+def test_the_check_reports_wer_on_the_evaluation_sentences(runs, name):
+    """With the asr extra installed, every Piper check transcribes both voices (tests/test_asr.py holds the
+    whole evaluation set to 2 points; 8 sentences are noisier)."""
+    asr = json.loads((runs[name] / "report.json").read_text())["asr"]
+    assert len(asr["sentences"]) == 8 and asr["wer_increase"] <= 5, asr
+    assert asr["sentences"][0]["text"] == "Good morning, this is your captain speaking from the flight deck."
+
+
+@pytest.mark.e2e
+def test_wer_tells_a_four_bit_voice_from_piper_int8(runs, piper_model, tmp_path):
+    """Over the whole evaluation set (58 sentences), through the ASR engine: a copy of the voice with every weight
+    rounded to 4 bits loses at least 50 points of WER; the shipped piper_int8 voice at most 2."""
+    from pipeline.engine.bench import resolve_variant, run_bench
+    from pipeline.families.piper import PiperFamily
+
+    texts, feeds = PiperFamily().bench_inputs(piper_model, 1000, None)
+    assert len(texts) >= 50
+    four_bit = rounded_voice(piper_model, tmp_path / "4bit", bits=4)
+    result = run_bench([resolve_variant(piper_model), resolve_variant(runs["piper_int8"] / "final"),
+                        resolve_variant(four_bit)], feeds, texts, repeat=1, measure_rss=False,
+                       audio=PiperFamily().audio(None), asr=True)
+    fp32, int8, broken = (v["asr"] for v in result["variants"])
+    print(f"WER on {len(texts)} sentences: FP32 {fp32['wer']:.1f}%, piper_int8 {int8['wer']:.1f}% "
+          f"({int8['wer_increase']:+.1f}), 4-bit {broken['wer']:.1f}% ({broken['wer_increase']:+.1f})")
+    assert fp32["wer_increase"] == 0 and fp32["wer"] < 10
+    assert broken["wer_increase"] >= 50 and int8["wer_increase"] <= 2
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", sorted(TARGETS))
 def test_shrunk_voice_speaks_in_piper(runs, piper_model, tmp_path, name):
     final = ModelSet.read(runs[name] / "final")
     model = final.path("model")
@@ -104,8 +135,6 @@ def test_piper_recipes_leave_the_installed_voice_untouched(runs, piper_model):
 
 @pytest.mark.e2e
 def test_int8_recipe_report_attributes_error_to_blocks(runs):
-    import json
-
     from pipeline.report.render import as_float, worst_blocks
 
     report = json.loads((runs["piper_int8"] / "report.json").read_text())
@@ -131,8 +160,6 @@ def wav_roundtrip(audio: np.ndarray, path: Path) -> np.ndarray:
 def test_streaming_recipe_splits_and_the_shrunk_chain_still_speaks(runs, piper_model, tmp_path):
     """piper_streaming_int8: encoder | decoder with their own precisions; the chain, streamed and written
     to WAV, against the original voice on evaluation sentences; the check covers both graphs."""
-    import json
-
     from pipeline.families.piper import PiperFamily
     from pipeline.core.onnx_io import session
     from pipeline.families.piper.streaming import PiperStreaming
@@ -172,7 +199,6 @@ HIFIGAN_TARGETS = {"hifigan_fp16": {"size": 0.51, "log_mel": 0.02}, "hifigan_int
 @pytest.mark.parametrize("name", sorted(HIFIGAN_TARGETS))
 def test_hifigan_recipes_run_as_shipped_and_meet_their_targets(tmp_path, name):
     """The trained universal vocoder, exported, shrunk and checked on mels of real Piper speech."""
-    import json
 
     from pipeline.core.onnx_io import load_onnx
 
@@ -189,6 +215,9 @@ def test_hifigan_recipes_run_as_shipped_and_meet_their_targets(tmp_path, name):
     assert audio["log_mel_max"] <= HIFIGAN_TARGETS[name]["log_mel"] and audio["length_diff_max_abs"] == 0
     blocks = {b["block"]: b for b in report["blocks"]}
     assert {"/conv_pre", "/ups.0", "/resblocks.11", "/conv_post"} <= set(blocks)
+    # The ASR check ran on the sentences whose speech gave the mels: the words survive (the whole evaluation
+    # set's bound, 2 points, is tests/test_asr.py's; 5 sentences are noisier).
+    assert len(report["asr"]["sentences"]) == 5 and report["asr"]["wer_increase"] <= 5, report["asr"]
     if name == "hifigan_int8":
         assert all(blocks[f"/resblocks.{i}"]["precision"].get("int8", 0) > 0 for i in range(6))
         assert all("int8" not in blocks[f"/resblocks.{i}"]["precision"] for i in range(6, 12))

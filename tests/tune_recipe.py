@@ -23,6 +23,7 @@ def assert_tuned_recipe_runs(recipe: Path, out: Path, max_size: float, max_log_m
     audio = report["outputs"][0]["audio"]
     assert audio["samples_with_length_change"] == 0
     assert audio["log_mel_max"] <= max_log_mel, audio
+    assert report["asr"]["wer_increase"] <= 5, report["asr"]  # the words survive (tests/test_asr.py: 2 on all)
     final = sum(p.stat().st_size for p in (out / "final").glob("*.onnx"))
     base = sum(p.stat().st_size for p in (out / "steps" / "00-base").glob("*.onnx"))
     assert final / base <= max_size
