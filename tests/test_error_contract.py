@@ -38,6 +38,7 @@ BUGS = {
     ("pipeline/core/rewrite.py", "NotImplementedError"): "a Rule's abstract methods",
     ("pipeline/engine/plan.py", "ValueError"): "a search replanning a recipe of another model (plan_recipe's job)",
     ("pipeline/engine/runfolder.py", "RuntimeError"): "a runner in a folder no owner holds, or a folder held twice",
+    ("pipeline/search/apart.py", "RuntimeError"): "a bug in the chosen recipe's run in its own process: its traceback",
     # A matcher's Mismatch is caught by the rule driver (pipeline/core/rewrite.py), which makes it a NoMatch.
     **{(f"passes/attention_rules/{name}.py", "Mismatch"): "a pattern that did not match, caught by the driver"
        for name in ("attention", "group_query", "heads", "rotary")},
