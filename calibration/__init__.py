@@ -58,11 +58,14 @@ class CalibrationSource:
     def feeds(self) -> Iterator[Feeds]:
         raise NotImplementedError
 
+    # What `feeds()` records as it yields: the text behind each feed, where the source knows it.
+    spoken: list[str] | None = None
+
     def texts(self) -> list[str] | None:
         """The text each feed speaks, in the order the last `feeds()` yielded them, where the source knows it
         (sentences; an npz folder with a texts.txt): what an ASR check scores transcripts against. None where
         it does not (tensors, a vocoder's chunks of mel)."""
-        return None
+        return self.spoken
 
     def describe(self) -> str:
         return self.name
@@ -85,10 +88,6 @@ class SentenceSource(CalibrationSource):
     none), which `texts()` returns."""
 
     default_sentences: ClassVar[str]  # a file in calibration/data
-    spoken: list[str] | None = None
-
-    def texts(self) -> list[str] | None:
-        return self.spoken
 
     def check(self) -> None:
         self.sentences()

@@ -41,7 +41,6 @@ class NpzFolder(CalibrationSource):
 
     name = "npz"
     Params = NpzParams
-    spoken: list[str] | None = None
 
     def _folder(self):
         folder = package_file(self.params.package, self.params.folder, folder=True) if self.params.package \
@@ -49,9 +48,6 @@ class NpzFolder(CalibrationSource):
         if not folder.is_dir():
             raise PipelineError(f"calibration folder not found: {folder}")
         return folder
-
-    def texts(self) -> list[str] | None:
-        return self.spoken
 
     def _texts(self, folder, files) -> list[str] | None:
         """Each chosen file's line of texts.txt; None without one. A count that does not match is an error."""

@@ -604,11 +604,9 @@ def bench(reference: Path, candidates: tuple[Path, ...], count: int | None, sent
         if labels.count(v.label) > 1:
             v.label = f"{v.label}#{i}"
     if asr:
-        from pipeline.evaluation.asr import require_installed
+        from pipeline.engine.comparison import require_transcribable
 
-        require_installed("--asr")
-        if family.audio(None) is None:
-            raise PipelineError(f"--asr: a {family.name!r} model's outputs are not audio: nothing to transcribe")
+        require_transcribable(family, "--asr")
         if npz is not None and not (npz / "texts.txt").is_file():
             raise PipelineError(f"--asr: {npz} has no texts.txt (one line per .npz file, in name order): no text "
                                 f"to score the transcripts against")

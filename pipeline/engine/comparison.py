@@ -134,18 +134,25 @@ def asr_texts(inputs: EvalInputs, family: Family, asked: bool | None, where: str
     """The texts to score transcripts against, when the ASR check runs: `asked` True (--asr, check.asr: true,
     a WER threshold) needs the extra, audio and text, and says which is missing; None (unset) runs it where
     all three are there; False never."""
-    from pipeline.evaluation.asr import installed, require_installed
+    from pipeline.evaluation.asr import installed
 
     if asked is False:
         return None
     if asked is None:
         return inputs.texts if installed() and inputs.texts is not None and family.audio(None) is not None \
             else None
-    require_installed(where)
-    if family.audio(None) is None:
-        raise PipelineError(f"{where}: a {family.name!r} model's outputs are not audio: nothing to transcribe")
+    require_transcribable(family, where)
     if inputs.texts is None:
         raise PipelineError(f"{where}: the evaluation inputs ({inputs.description}) carry no text to score the "
                             f"transcripts against (sentences do; an npz folder needs a texts.txt, one line per "
                             f".npz file)")
     return inputs.texts
+
+
+def require_transcribable(family: Family, where: str) -> None:
+    """The ASR check can run on this family's models: the extra is installed and the outputs are audio."""
+    from pipeline.evaluation.asr import require_installed
+
+    require_installed(where)
+    if family.audio(None) is None:
+        raise PipelineError(f"{where}: a {family.name!r} model's outputs are not audio: nothing to transcribe")
