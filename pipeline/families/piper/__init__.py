@@ -23,7 +23,7 @@ from calibration import read_sentences
 from pipeline.core.audio import SAMPLE_RATE, MelSettings
 from pipeline.core.errors import PipelineError
 from pipeline.core.modelset import ModelSet
-from .. import AudioOutput, Family
+from .. import AudioOutput, Family, SpeechBatch
 
 # Piper's VITS rounds its predicted durations up here (w_ceil): frames per phoneme.
 DURATIONS = "/Ceil_output_0"
@@ -80,3 +80,16 @@ class PiperFamily(Family):
             raise PipelineError("bench: no evaluation sentences")
         voice = load_phonemizer(config)
         return texts, [piper_feeds(phoneme_ids(voice, t)) for t in texts]
+
+    def speech(self, ms: ModelSet, text: str, voice: str | None) -> list[SpeechBatch]:
+        if voice is not None:
+            raise PipelineError(f"--voice {voice}: a Piper voice is one speaker, its own model; give another "
+                                f"voice's .onnx instead")
+        configs = [ms.root / f for f in ms.sidecars if f.endswith(".onnx.json")]
+        if not configs:
+            raise PipelineError(f"{ms.root}: no Piper voice config (.onnx.json) in this model set; pipeline say "
+                                f"needs its phoneme map")
+        ids = phoneme_ids(load_phonemizer(configs[0]), text)
+        if not ids:
+            raise PipelineError(f"text {text!r} has no phonemes: nothing to speak")
+        return [SpeechBatch(f"{len(ids)} phoneme ids", piper_feeds(ids))]
