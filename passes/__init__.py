@@ -8,6 +8,7 @@ from pipeline.core.errors import PipelineError
 
 from .base import Pass
 from .compress_weights import CompressWeights
+from .convtranspose_to_conv import ConvTransposeToConv
 from .dequantize import Dequantize
 from .fp16 import Fp16
 from .fuse_attention import FuseAttention
@@ -17,8 +18,9 @@ from .quantize import Quantize
 from .simplify import Simplify
 from .split import Split
 
-PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Dequantize, Simplify, FuseAttention, FuseMatmuls, Fp16, Quantize,
-                                                            CompressWeights, Split, Pin)}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (Dequantize, Simplify, FuseAttention, FuseMatmuls,
+                                                            ConvTransposeToConv, Fp16, Quantize, CompressWeights, Split,
+                                                            Pin)}
 
 
 def get_pass(name: str, where: str = "step") -> Pass:

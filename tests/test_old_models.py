@@ -44,6 +44,7 @@ STEPS = {
     "quantize weight_only hqq": "{pass: quantize, params: {mode: weight_only, method: hqq, bits: 4, block_size: 32}}",
     "quantize weight_only gptq": "{pass: quantize, params: {mode: weight_only, method: gptq, bits: 4, block_size: 16}}",
     "fuse_matmuls": "{pass: fuse_matmuls}",
+    "convtranspose_to_conv": "{pass: convtranspose_to_conv}",
     "fuse_attention": "{pass: fuse_attention}",
     "split": "{pass: split}",
     "pin": "{pass: pin, params: {tensors: [/enc_p/Relu_output_0]}}",

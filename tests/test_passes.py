@@ -183,6 +183,27 @@ def test_compress_weights_int8_is_per_channel():
     assert onnx.numpy_helper.to_array(q).dtype == np.int8
 
 
+def test_compress_weights_stores_an_lstms_w_and_r_in_int8_per_gate_row(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    hidden, inputs = 16, 8
+    w = numpy_helper.from_array(rng.normal(size=(2, 4 * hidden, inputs)).astype(np.float32), "W")
+    r = numpy_helper.from_array(rng.normal(size=(2, 4 * hidden, hidden)).astype(np.float32) * 0.1, "R")
+    lstm = helper.make_node("LSTM", ["x", "W", "R"], ["y"], name="/rnn/LSTM", hidden_size=hidden,
+                            direction="bidirectional")
+    graph = helper.make_graph([lstm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, inputs])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, r])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = apply("compress_weights", model, tmp_path, {"dtype": "int8", "min_elements": 64})
+    assert result.stats["tensors"] == 2
+    scales = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer if t.name.endswith("_scale")}
+    assert {k: v.shape for k, v in scales.items()} == {"W_scale": (2, 4 * hidden, 1), "R_scale": (2, 4 * hidden, 1)}
+    x = rng.normal(size=(5, 1, inputs)).astype(np.float32)
+    ref, out = (session(m).run(None, {"x": x})[0] for m in (model, result.model))
+    assert 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - out)) > 35
+
+
 def test_compress_weights_expectation(tmp_path):
     with pytest.raises(PipelineError, match="expected at least 9 weights, found"):
         apply("compress_weights", tiny.conv_net(), tmp_path, {"dtype": "int8", "expect_min_tensors": 9})
