@@ -1,4 +1,4 @@
-"""`pipeline tune` on Kokoro-82M from its PyPI wheels, with no plug-in (recipes/kokoro_tune.yaml): the recipe's own
+"""`pipeline tune` on Kokoro-82M from its PyPI wheels (recipes/kokoro_tune.yaml, the kokoro family): the recipe's own
 dequantize step runs first, the search chooses every block's weight precision to a log-mel target on calibration
 sentences, and the check on the 8 held-out sentences holds what the recipe asks."""
 from __future__ import annotations
