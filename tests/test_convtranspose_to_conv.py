@@ -11,6 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from pass_checks import Applied, check_input_unchanged, check_scope, check_stats
 
+from tiny import two_upsamplers
+
 from passes import get_pass
 from passes.base import PassContext
 from pipeline.core.blocks import BlockPartition
@@ -33,25 +35,6 @@ def upsampler(c_in: int, c_out: int, k: int, s: int, pads=(0, 0), output_padding
     graph = helper.make_graph([node], "ups", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c_in, "T"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c_out, "T_out"])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def two_upsamplers(stride_1: int = 5) -> onnx.ModelProto:
-    """x -> /dec/ups.0 (s 2) -> LeakyRelu -> /dec/ups.1 (s `stride_1`) -> y: two blocks, each one ConvTranspose."""
-    rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
-             [("ups.0.weight", (6, 4, 4)), ("ups.0.bias", (4,)), ("ups.1.weight", (4, 2, 2 * stride_1))]]
-    node = helper.make_node
-    nodes = [node("ConvTranspose", ["x", "ups.0.weight", "ups.0.bias"], ["u0"], name="/dec/ups.0/ConvTranspose",
-                  strides=[2], pads=[1, 1]),
-             node("LeakyRelu", ["u0"], ["a0"], name="/dec/LeakyRelu", alpha=0.1),
-             node("ConvTranspose", ["a0", "ups.1.weight"], ["y"], name="/dec/ups.1/ConvTranspose",
-                  strides=[stride_1], pads=[stride_1 // 2, stride_1 - stride_1 // 2])]
-    graph = helper.make_graph(nodes, "ups2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, "T"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, "T_out"])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model

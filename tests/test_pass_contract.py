@@ -30,7 +30,6 @@ import tiny
 from conftest import REPO
 from onnx import TensorProto, helper, numpy_helper
 from pass_checks import Applied, check_input_unchanged, check_scope, check_stats
-from test_convtranspose_to_conv import two_upsamplers
 from pydantic import Field, ValidationError
 
 from passes import PASSES, markdown_table
@@ -163,7 +162,7 @@ CASES: dict[str, list[Case]] = {
     "fuse_attention": [Case(attention_layer, {"expect": {"MultiHeadAttention": 1, "RotaryEmbedding": 2}}),
                        Case(attention_layer, {"kv_cache": "in_place", "expect": {"GroupQueryAttention": 1}})],
     "fuse_matmuls": [Case(attention_layer, {"expect_min_groups": 1}, block="/mlp")],
-    "convtranspose_to_conv": [Case(two_upsamplers, {"expect_min_nodes": 1}, block="/dec/ups.1")],
+    "convtranspose_to_conv": [Case(tiny.two_upsamplers, {"expect_min_nodes": 1}, block="/dec/ups.1")],
     "fp16": [Case(conv_net, {}, block="/enc/layers.1", feeds=conv_feeds)],
     "quantize": [Case(conv_net, {"mode": "dynamic"}, block="/enc/layers.1"),
                  Case(conv_net, {"mode": "static", "op_types": ["Conv"]}, block="/enc/layers.1", feeds=conv_feeds),

@@ -17,7 +17,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.families import detect_family, families, get_family, plugin_problems, reload
 
 MODULE = "fake_family_plugin"
-BUILT_INS = {"piper", "hifigan", "chattts", "tortoise", "generic"}
+BUILT_INS = {"piper", "hifigan", "chattts", "tortoise", "kokoro", "generic"}
 
 FAMILIES = '''
 from pipeline.families import Family

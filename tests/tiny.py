@@ -60,3 +60,22 @@ def write_npz_feeds(folder: Path, count: int = 6, seed: int = 1, lengths=(16, 24
         t = lengths[i % len(lengths)]
         np.savez(folder / f"sample_{i:02d}.npz", x=rng.standard_normal((1, 4, t)).astype(np.float32))
     return folder
+
+
+def two_upsamplers(stride_1: int = 5) -> onnx.ModelProto:
+    """x -> /dec/ups.0 (s 2) -> LeakyRelu -> /dec/ups.1 (s `stride_1`) -> y: two blocks, each one ConvTranspose."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in
+             [("ups.0.weight", (6, 4, 4)), ("ups.0.bias", (4,)), ("ups.1.weight", (4, 2, 2 * stride_1))]]
+    node = helper.make_node
+    nodes = [node("ConvTranspose", ["x", "ups.0.weight", "ups.0.bias"], ["u0"], name="/dec/ups.0/ConvTranspose",
+                  strides=[2], pads=[1, 1]),
+             node("LeakyRelu", ["u0"], ["a0"], name="/dec/LeakyRelu", alpha=0.1),
+             node("ConvTranspose", ["a0", "ups.1.weight"], ["y"], name="/dec/ups.1/ConvTranspose",
+                  strides=[stride_1], pads=[stride_1 // 2, stride_1 - stride_1 // 2])]
+    graph = helper.make_graph(nodes, "ups2", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, "T_out"])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
