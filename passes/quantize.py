@@ -100,8 +100,8 @@ class QuantizeParams(Params):
     activation_type: Literal["int8", "uint8"] = Field("uint8", description="`static` only: integer type of "
                                                       "quantized activations.")
     calibration_method: Literal["minmax", "entropy", "percentile", "distribution"] = Field(
-        "minmax", description="`static` only: how activation ranges are set from the calibration data; all but "
-                              "`minmax` need calibration samples of one shape.")
+        "minmax", description="`static` only: how activation ranges are set from the calibration data "
+                              "(the histogram methods take samples of any shape: sentences of any length).")
     symmetric_activations: bool = Field(False, description="`static` only: symmetric activation ranges "
                                         "(ORT's `ActivationSymmetric`, unless `extra_options` sets it).")
     # Passed through to onnxruntime.quantization (e.g. CalibMovingAverage, QuantizeBias).
@@ -131,6 +131,33 @@ class _Reader(CalibrationDataReader):
 
     def get_next(self) -> Feeds | None:
         return next(self._feeds, None)
+
+
+class _OneSample(CalibrationDataReader):
+    def __init__(self, feeds: Feeds):
+        self._feeds: Feeds | None = feeds
+
+    def get_next(self) -> Feeds | None:
+        feeds, self._feeds = self._feeds, None
+        return feeds
+
+
+@contextlib.contextmanager
+def _histograms_per_sample():
+    """ORT's histogram calibrators (entropy, percentile, distribution) run every sample, then stack all their
+    activations into one array per tensor: samples of different shapes (sentences of different lengths) fail, and
+    every activation of every sample is held at once. Their collector merges histograms from call to call, so
+    collecting one sample a call gives the same histogram from samples of any shape, holding one at a time."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    whole = HistogramCalibrater.collect_data
+
+    def per_sample(self, data_reader: CalibrationDataReader) -> None:
+        while (feeds := data_reader.get_next()) is not None:
+            whole(self, _OneSample(feeds))
+
+    with mock.patch.object(HistogramCalibrater, "collect_data", per_sample):
+        yield
 
 
 class _ListReader(CalibrationDataReader):
@@ -210,23 +237,20 @@ class Quantize(Pass):
                     if ctx.calibration is None:
                         raise PipelineError("quantize mode 'static' needs calibration data (recipe 'calibration')")
                     extra.setdefault("ActivationSymmetric", params.symmetric_activations)
-                    quantize_static(source, out_path, _Reader(ctx.calibration()),
-                                    quant_format=QuantFormat.QDQ if params.format == "qdq" else QuantFormat.QOperator,
-                                    activation_type=_TYPES[params.activation_type],
-                                    calibrate_method=_CALIBRATION[params.calibration_method],
-                                    extra_options=extra, **common)
+                    with _histograms_per_sample():
+                        quantize_static(source, out_path, _Reader(ctx.calibration()),
+                                        quant_format=QuantFormat.QDQ if params.format == "qdq"
+                                        else QuantFormat.QOperator,
+                                        activation_type=_TYPES[params.activation_type],
+                                        calibrate_method=_CALIBRATION[params.calibration_method],
+                                        extra_options=extra, **common)
             # A large result keeps pointing at the weights it did not change, in their files (ctx.weights_dir).
             quantized = onnx.load(str(out_path), load_external_data=not large)
         except PipelineError:
             raise
         except Exception as e:
-            hint = ""
-            if "inhomogeneous" in str(e) and params.calibration_method != "minmax":
-                # ORT's histogram calibrators stack samples, so they need one shape for all.
-                hint = (f" (calibration_method {params.calibration_method!r} needs calibration samples of one "
-                        f"shape; use 'minmax' for variable-length inputs such as sentences)")
             raise PipelineError(f"quantize ({params.mode}) failed on {ctx.graph_name!r}: "
-                                f"{one_line(e, 400)}{hint}") from None
+                                f"{one_line(e, 400)}") from None
         finally:
             root.setLevel(level)
             if out_path.exists():

@@ -77,6 +77,21 @@ def test_static_quantize_uses_calibration_and_is_close(tmp_path):
     assert 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - out)) > 24
 
 
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_samples_of_different_lengths(tmp_path, method):
+    """ORT stacks every sample's activations for its histogram methods (one shape for all); the pass feeds them
+    one sample a call, so sentences of any length calibrate (the feeds here are 16, 24 and 32 frames long)."""
+    model = tiny.conv_net()
+    samples = feeds()
+    assert len({f["x"].shape for f in samples}) == 3
+    result = apply("quantize", model, tmp_path, {"mode": "static", "op_types": ["Conv"],
+                                                  "calibration_method": method}, feeds=samples)
+    assert result.stats["nodes_quantized"] == 4
+    x = feeds(1, seed=9)[0]["x"]
+    ref, out = run(model, x), run(result.model, x)
+    assert 20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - out)) > 20
+
+
 def test_static_quantize_without_calibration_is_an_error(tmp_path):
     with pytest.raises(PipelineError, match="needs calibration data"):
         apply("quantize", tiny.conv_net(), tmp_path, {"mode": "static"})
