@@ -154,7 +154,8 @@ def _histograms_per_sample():
 
     def per_sample(self, data_reader: CalibrationDataReader) -> None:
         while (feeds := data_reader.get_next()) is not None:
-            whole(self, _OneSample(feeds))
+            with contextlib.redirect_stdout(io.StringIO()):  # its "Collecting tensor data ..." print, each call
+                whole(self, _OneSample(feeds))
 
     with mock.patch.object(HistogramCalibrater, "collect_data", per_sample):
         yield
