@@ -1,6 +1,6 @@
 """Kokoro-82M: every variant side by side in one run, each in its own process, in turn.
 
-    python benchmarks/bench_kokoro.py [--out runs/bench_kokoro] [--sentences 8] [--repeat 3] [--json FILE]
+    python benchmarks/bench_kokoro.py [--out runs/bench_kokoro] [--sentences 8] [--repeat 3] [--rounds 2] [--json FILE]
                                      [--recipes kokoro_fp16 kokoro_int8 kokoro_tune]
 
 Variants, all measured against FP32 (kokoro-onnx's INT8 export turned back into float by `dequantize`):
@@ -11,8 +11,9 @@ Variants, all measured against FP32 (kokoro-onnx's INT8 export turned back into 
 
 Each variant is loaded in a fresh process, warmed up on the first sentence and timed over the held-out sentences
 (the first N of calibration/data/eval_en.txt, which no recipe calibrates or searches on), `--repeat` passes, 2
-threads; the process reports its passes, its audio and its peak RSS, and the next variant starts. Latency is the
-median pass. Quality is each variant's audio against FP32's on the same sentences: log-mel distance (mean, max),
+threads; the process reports its passes, its audio and its peak RSS, and the next variant starts. `--rounds` goes
+over all variants that many times, every other round in reverse order, so that a slower stretch of the machine
+lands on all of them; latency is the median of all of a variant's passes. Quality is each variant's audio against FP32's on the same sentences: log-mel distance (mean, max),
 MCD, the sentences whose length changed, and WER (Moonshine, the `asr` extra) and its increase over FP32's.
 Ratios are only comparable within one run: the machine line says where it ran.
 """
@@ -153,7 +154,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_kokoro", help="folder for the runs")
     ap.add_argument("--sentences", type=int, default=8, help="held-out sentences (first N of eval_en.txt)")
-    ap.add_argument("--repeat", type=int, default=3, help="timed passes over the sentences per variant")
+    ap.add_argument("--repeat", type=int, default=3, help="timed passes over the sentences per variant and round")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds over all variants, every other one in reverse "
+                    "order; latency is the median of every round's passes")
     ap.add_argument("--no-asr", action="store_true", help="leave out WER (the asr extra)")
     ap.add_argument("--json", type=Path, help="write one object per variant here")
     ap.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES),
@@ -170,10 +173,17 @@ def main() -> int:
                                             "count": args.sentences}, SourceContext(None), load_onnx(found[0][1]),
                                  "bench inputs")
     texts = source.texts()
-    measured = []
-    for label, path in found:
-        console.print(f"measuring {label} ({path.name}) in its own process ...")
-        measured.append(measure(label, path, feeds, args.repeat))
+    measured = {label: None for label, _ in found}
+    for r in range(args.rounds):  # every other round in reverse: a drift of the machine lands on all variants
+        for label, path in (found if r % 2 == 0 else found[::-1]):
+            console.print(f"round {r + 1}/{args.rounds}: measuring {label} ({path.name}) in its own process ...")
+            m = measure(label, path, feeds, args.repeat)
+            if measured[label] is None:
+                measured[label] = m
+            else:
+                measured[label].passes += m.passes
+                measured[label].peak_rss_mb = max(measured[label].peak_rss_mb, m.peak_rss_mb)
+    measured = list(measured.values())
     ref = measured[0]
     ref_latency = statistics.median(ref.passes)
     audio_s = sum(a.size for a in ref.audio) / 24000
@@ -186,7 +196,8 @@ def main() -> int:
                      "latency_ratio": latency / ref_latency, "rtf": latency / audio_s, "peak_rss_mb": m.peak_rss_mb,
                      **quality(ref, m, texts, not args.no_asr)})
     console.print(table(rows, f"Kokoro-82M, {len(feeds)} held-out sentences ({audio_s:.1f} s of FP32 audio), "
-                              f"median of {args.repeat} passes, {THREADS} threads, each variant in its own process"))
+                              f"median of {args.rounds} x {args.repeat} passes, {THREADS} threads, each variant in its own process, "
+                              f"in turn"))
     by_label = {r["label"]: r for r in rows}
     for label, key, bound, text in TARGETS:
         if label not in by_label:
