@@ -47,7 +47,7 @@ NOT_REPO_FILES = {
     # target writes inside the .pt
     ".onnx.json", "pipeline.json",
     # files a user names on the command line in the README's examples
-    "before.json", "out.json", "cmp.json",
+    "before.json", "out.json", "cmp.json", "kokoro.json",
     # what a user puts beside an npz folder's feeds: the text each speaks (calibration/npz_folder.py)
     "texts.txt",
     # other projects' files: Tortoise's api.py and tokenizer.json, a sharded Hugging Face checkpoint's index
