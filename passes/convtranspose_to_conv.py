@@ -44,7 +44,7 @@ from pipeline.core.graph import attribute, drop_unused_initializers, unused_name
 from pipeline.core.onnx_io import copy_model
 from pipeline.core.rewrite import GraphView, Mismatch, Rule, apply_rules
 
-from .base import Params, Pass, PassContext, PassResult, default_opset
+from .base import Params, Pass, PassContext, PassResult, default_opset, op_counts
 
 # Slice's "to the end" (ONNX clamps it to the axis' length).
 TO_END = np.iinfo(np.int64).max
@@ -225,9 +225,6 @@ class ConvTransposeToConv(Pass):
             raise PipelineError(f"{self.name} on {ctx.graph_name!r}: expected at least {params.expect_min_nodes} "
                                 f"rewritten ConvTransposes, got {len(rule.rewritten)} ({why})")
         return PassResult.of(ctx, out, changed=bool(rule.rewritten), placed=rule.placed, stats={
-            "rewritten": rule.rewritten, "skipped": skipped, "convtranspose_before": _count(model, "ConvTranspose"),
-            "convtranspose_after": _count(out, "ConvTranspose")})
-
-
-def _count(model: onnx.ModelProto, op: str) -> int:
-    return sum(n.op_type == op for n in model.graph.node)
+            "rewritten": rule.rewritten, "skipped": skipped,
+            "convtranspose_before": op_counts(model).get("ConvTranspose", 0),
+            "convtranspose_after": op_counts(out).get("ConvTranspose", 0)})

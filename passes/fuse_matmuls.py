@@ -30,7 +30,7 @@ from pipeline.core.graph import cleanup, consumers, drop_unused_initializers, pr
 
 from pipeline.core.onnx_io import copy_model
 
-from .base import Params, Pass, PassContext, PassResult
+from .base import Params, Pass, PassContext, PassResult, op_counts
 
 
 class FuseMatmulsParams(Params):
@@ -64,11 +64,7 @@ class FuseMatmuls(Pass):
                                 f"weights, all in the step's scope)")
         return PassResult.of(ctx, out, changed=bool(fused), placed=placed, stats={
             "groups": fused, "packed_attention": packed,
-            "matmuls_before": _count(model, "MatMul"), "matmuls_after": _count(out, "MatMul")})
-
-
-def _count(model: onnx.ModelProto, op: str) -> int:
-    return sum(n.op_type == op for n in model.graph.node)
+            "matmuls_before": op_counts(model).get("MatMul", 0), "matmuls_after": op_counts(out).get("MatMul", 0)})
 
 
 def _groups(model: onnx.ModelProto, ctx: PassContext) -> list[list[onnx.NodeProto]]:

@@ -76,7 +76,7 @@ from pipeline.core.precision import INTEGER_OPS
 
 from pipeline.core.onnx_io import EXTERNAL_MIN_BYTES, HEAVY_BYTES, copy_model, inline_bytes, stage_model
 
-from .base import Params, Pass, PassContext, PassResult
+from .base import Params, Pass, PassContext, PassResult, op_counts
 
 from pipeline.core.feeds import Feeds
 
@@ -263,10 +263,11 @@ class Quantize(Pass):
             raise PipelineError(f"quantize on {ctx.graph_name!r}: expected at least {params.expect_min_nodes} "
                                 f"quantized nodes, got {count} (op_types {params.op_types or 'all'}, "
                                 f"scope of {len(nodes) if nodes is not None else 'all'} nodes)")
+        ops = op_counts(quantized)
         stats = {"mode": params.mode, "nodes_quantized": count, "quantized_per_block": per_block,
                  "blocks_changed": dict(per_block),
-                 "quantize_linear": _count(quantized, "QuantizeLinear"),
-                 "dequantize_linear": _count(quantized, "DequantizeLinear"), "weights_staged": staged}
+                 "quantize_linear": ops.get("QuantizeLinear", 0), "dequantize_linear": ops.get("DequantizeLinear", 0),
+                 "weights_staged": staged}
         if params.mode == "weight_only":
             stats.update(method=params.method, bits=params.bits, block_size=params.block_size,
                          accuracy_level=params.accuracy_level)
