@@ -36,8 +36,8 @@ from rich.table import Table
 
 from pipeline.core.audio import compare_audio
 from pipeline.core.feeds import Feeds
-from pipeline.core.modelset import ModelSet
 from pipeline.core.procinfo import machine_line
+from pipeline.engine.comparison import model_file
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = ("kokoro_fp16", "kokoro_int8", "kokoro_tune")
@@ -84,11 +84,6 @@ def measure(label: str, path: Path, feeds: list[Feeds], repeat: int) -> Measured
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         passes, audio, rss = pool.submit(_measure_child, str(path), feeds, repeat).result()
     return Measured(label, path, passes, audio, rss)
-
-
-def model_file(folder: Path) -> Path:
-    ms = ModelSet.read(folder)
-    return ms.path(ms.names()[0])
 
 
 def run_recipe(name: str, out: Path, console: Console) -> Path:

@@ -154,12 +154,18 @@ def phonemize(text: str, vocab: dict[str, int]) -> str:
     return " ".join("".join(c for c in "".join(pieces) if c in vocab).split())
 
 
-def token_ids(text: str, vocab: dict[str, int]) -> list[int]:
-    """Kokoro's ids of the phonemes of `text`, without the 0 at either end: one batch, so at most 510 of them
-    (calibration and checks speak a sentence a feed; `speech_batches` splits a longer text)."""
+def spoken_phonemes(text: str, vocab: dict[str, int]) -> str:
+    """`phonemize`, refusing a text with nothing in Kokoro's vocab to speak."""
     phonemes = phonemize(text, vocab)
     if not phonemes:
         raise PipelineError(f"text {text!r} has no phonemes in Kokoro's vocab: nothing to speak")
+    return phonemes
+
+
+def token_ids(text: str, vocab: dict[str, int]) -> list[int]:
+    """Kokoro's ids of the phonemes of `text`, without the 0 at either end: one batch, so at most 510 of them
+    (calibration and checks speak a sentence a feed; `speech_batches` splits a longer text)."""
+    phonemes = spoken_phonemes(text, vocab)
     if len(phonemes) > MAX_PHONEMES:
         raise PipelineError(f"text {text!r} has {len(phonemes)} phonemes, more than the {MAX_PHONEMES} Kokoro "
                             f"speaks in one pass: refused here (one feed a sentence); shorten it")
@@ -201,10 +207,7 @@ def _atoms(phonemes: str, limit: int, level: int):
 
 def speech_batches(text: str, vocab: dict[str, int]) -> list[list[int]]:
     """The ids of each batch Kokoro speaks `text` in: one for up to 510 phonemes, more for a longer text."""
-    phonemes = phonemize(text, vocab)
-    if not phonemes:
-        raise PipelineError(f"text {text!r} has no phonemes in Kokoro's vocab: nothing to speak")
-    return [[vocab[p] for p in batch] for batch in split_phonemes(phonemes)]
+    return [[vocab[p] for p in batch] for batch in split_phonemes(spoken_phonemes(text, vocab))]
 
 
 def kokoro_feeds(ids: list[int], voice: np.ndarray, speed: float = SPEED) -> dict[str, np.ndarray]:

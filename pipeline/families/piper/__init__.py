@@ -34,6 +34,11 @@ def voice_config(model_path: Path) -> Path:
     return model_path.with_name(model_path.name + ".json")
 
 
+def _config_of(ms: ModelSet) -> Path | None:
+    """The voice config a model set carries as its sidecar, if it does."""
+    return next((ms.root / f for f in ms.sidecars if f.endswith(".onnx.json")), None)
+
+
 def _sample_rate(config: Path | None) -> int:
     if config is None or not config.is_file():
         return SAMPLE_RATE
@@ -64,8 +69,7 @@ class PiperFamily(Family):
         return [p for p in [voice_config(model_path)] if p.is_file()]
 
     def audio(self, ms: ModelSet | None) -> AudioOutput:
-        configs = [ms.root / f for f in ms.sidecars if f.endswith(".onnx.json")] if ms is not None else []
-        return AudioOutput(mel=MelSettings(sample_rate=_sample_rate(configs[0] if configs else None)),
+        return AudioOutput(mel=MelSettings(sample_rate=_sample_rate(_config_of(ms) if ms is not None else None)),
                            durations=DURATIONS)
 
     def eval_source(self, model_path, ms):
@@ -85,11 +89,11 @@ class PiperFamily(Family):
         if voice is not None:
             raise PipelineError(f"--voice {voice}: a Piper voice is one speaker, its own model; give another "
                                 f"voice's .onnx instead")
-        configs = [ms.root / f for f in ms.sidecars if f.endswith(".onnx.json")]
-        if not configs:
+        config = _config_of(ms)
+        if config is None:
             raise PipelineError(f"{ms.root}: no Piper voice config (.onnx.json) in this model set; pipeline say "
                                 f"needs its phoneme map")
-        ids = phoneme_ids(load_phonemizer(configs[0]), text)
+        ids = phoneme_ids(load_phonemizer(config), text)
         if not ids:
             raise PipelineError(f"text {text!r} has no phonemes: nothing to speak")
         return [SpeechBatch(f"{len(ids)} phoneme ids", piper_feeds(ids))]
