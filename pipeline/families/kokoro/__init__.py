@@ -88,8 +88,7 @@ class KokoroFamily(Family):
     def speech(self, ms: ModelSet, text: str, voice: str | None) -> list[SpeechBatch]:
         from calibration.kokoro_inputs import VOICE, kokoro_feeds, load_vocab, load_voice, speech_batches
 
-        voices = [ms.root / name for name in ms.sidecars] or [None]
-        name = voice or VOICE
-        style = load_voice(name, voices[0])
+        voices = next((ms.root / name for name in ms.sidecars), None)  # a voices file carried beside the model
+        style = load_voice(voice or VOICE, voices)
         return [SpeechBatch(f"{len(ids)} phonemes", kokoro_feeds(ids, style)) for ids in
                 speech_batches(text, load_vocab())]
